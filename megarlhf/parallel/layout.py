@@ -1,0 +1,175 @@
+"""The parallel layout of one role (tp, pp, vpp, cp, dp) and the process groups it owns.
+
+megatron-core keeps its process groups in module globals (``parallel_state``). megarlhf touches
+those globals only here: :func:`initialize_parallel` sets them up for a layout and returns a
+:class:`ParallelContext` — ranks and group handles — that our code receives explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How one role's model is split over its ranks.
+
+    ``world_size = tp * pp * cp * dp``. Megatron orders ranks tp-fastest: ranks of one TP group
+    are consecutive (so a TP group stays inside a node), then cp, dp and pp.
+
+    Attributes:
+        tp: tensor-parallel size (attention heads, MLP columns and the vocabulary are split).
+        pp: pipeline-parallel size (layers are split into ``pp`` stages).
+        vpp: virtual pipeline chunks per stage (interleaved schedule); 1 disables it.
+        cp: context-parallel size (the sequence is split across ranks in attention).
+        dp: data-parallel size (replicas that see different micro-batches).
+        sequence_parallel: shard LayerNorm/dropout activations along the sequence over TP ranks.
+    """
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    cp: int = 1
+    dp: int = 1
+    sequence_parallel: bool = False
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "vpp", "cp", "dp"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"parallel.{name} must be a positive integer, got {v!r}")
+        if self.vpp > 1 and self.pp < 2:
+            raise ValueError(
+                f"parallel.vpp={self.vpp} needs pipeline parallelism: set parallel.pp >= 2 "
+                "or parallel.vpp=1"
+            )
+        if self.sequence_parallel and self.tp < 2:
+            raise ValueError(
+                "parallel.sequence_parallel=true needs parallel.tp >= 2 (it shards activations "
+                "over tensor-parallel ranks); set it to false or raise tp"
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp * self.cp
+
+    def describe(self) -> str:
+        s = f"TP{self.tp}/PP{self.pp}"
+        if self.vpp > 1:
+            s += f"/VPP{self.vpp}"
+        if self.cp > 1:
+            s += f"/CP{self.cp}"
+        s += f"/DP{self.dp}"
+        if self.sequence_parallel:
+            s += "+SP"
+        return s
+
+    @classmethod
+    def for_world(cls, world_size: int, tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1,
+                  sequence_parallel: bool = False) -> "ParallelLayout":
+        """The layout with data parallelism filling the rest of ``world_size``."""
+        mp = tp * pp * cp
+        if world_size % mp:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp} = {mp}"
+            )
+        return cls(tp=tp, pp=pp, vpp=vpp, cp=cp, dp=world_size // mp,
+                   sequence_parallel=sequence_parallel)
+
+
+@dataclass
+class ParallelContext:
+    """Ranks and process groups of this process for one role's layout.
+
+    Our code receives this object instead of reading megatron's globals. ``pg_collection`` is
+    megatron's own :class:`ProcessGroupCollection`, passed to the models it builds.
+    """
+
+    layout: ParallelLayout
+    rank: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    cp_rank: int
+    tp_group: Any
+    pp_group: Any
+    dp_group: Any
+    cp_group: Any
+    dp_cp_group: Any
+    mp_group: Any
+    pg_collection: Any = field(repr=False, default=None)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.layout.pp - 1
+
+    @property
+    def is_output_rank(self) -> bool:
+        """The rank whose outputs represent its DP replica: last stage, tp rank 0, cp rank 0."""
+        return self.is_last_stage and self.tp_rank == 0 and self.cp_rank == 0
+
+    def pp_stage_rank(self, stage: int) -> int:
+        """Global rank of pipeline stage ``stage`` in this rank's pipeline group."""
+        return torch.distributed.get_global_rank(self.pp_group, stage)
+
+
+def initialize_parallel(layout: ParallelLayout, seed: int = 1234) -> ParallelContext:
+    """Initialises megatron's process groups for ``layout`` on the current world.
+
+    ``torch.distributed`` must already be initialised with ``layout.world_size`` ranks.
+    Also seeds megatron's tensor-parallel RNG tracker (``seed`` + pipeline offset, as megatron
+    does), so that dropout and initialisation are reproducible.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    world = torch.distributed.get_world_size()
+    if world != layout.world_size:
+        raise ValueError(
+            f"layout {layout.describe()} needs {layout.world_size} ranks "
+            f"(tp*pp*cp*dp), but the process group has {world}"
+        )
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        context_parallel_size=layout.cp,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    ctx = ParallelContext(
+        layout=layout,
+        rank=torch.distributed.get_rank(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        cp_rank=ps.get_context_parallel_rank(),
+        tp_group=ps.get_tensor_model_parallel_group(),
+        pp_group=ps.get_pipeline_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        cp_group=ps.get_context_parallel_group(),
+        dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
+        mp_group=ps.get_model_parallel_group(),
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+    )
+    return ctx
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()

@@ -1,0 +1,65 @@
+"""Device and backend selection: cuda + nccl on a GPU machine, cpu + gloo everywhere else.
+
+On CPU, :func:`init_platform` installs :mod:`megarlhf.platform.cpu_compat` so that
+megatron-core's real code runs unchanged; it is the only place that decides this.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Platform:
+    """Where this process computes and how it communicates.
+
+    Attributes:
+        device: ``torch.device`` the process's tensors live on (``cuda:<local_rank>`` or ``cpu``).
+        backend: torch.distributed backend name (``nccl`` or ``gloo``).
+    """
+
+    device: torch.device
+    backend: str
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+_PLATFORM: Platform | None = None
+
+
+def init_platform(force_cpu: bool | None = None, local_rank: int | None = None) -> Platform:
+    """Picks the device and backend for this process and prepares torch for it (idempotent).
+
+    Args:
+        force_cpu: run on CPU even if CUDA is present. Defaults to the environment variable
+            ``MEGARLHF_FORCE_CPU=1``. (Forcing CPU on a CUDA machine only works in a process that
+            hides its GPUs with ``CUDA_VISIBLE_DEVICES=""``, since the compatibility layer
+            refuses to install next to a live CUDA runtime.)
+        local_rank: GPU index on this node; defaults to ``LOCAL_RANK`` or 0.
+    """
+    global _PLATFORM
+    if _PLATFORM is not None:
+        return _PLATFORM
+    if force_cpu is None:
+        force_cpu = os.environ.get("MEGARLHF_FORCE_CPU", "0") == "1"
+    if torch.cuda.is_available() and not force_cpu:
+        if local_rank is None:
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        _PLATFORM = Platform(device=torch.device("cuda", local_rank), backend="nccl")
+    else:
+        from megarlhf.platform import cpu_compat
+
+        cpu_compat.install()
+        _PLATFORM = Platform(device=torch.device("cpu"), backend="gloo")
+    return _PLATFORM
+
+
+def current_platform() -> Platform:
+    """The platform chosen by :func:`init_platform` (initialising it on first use)."""
+    return _PLATFORM if _PLATFORM is not None else init_platform()

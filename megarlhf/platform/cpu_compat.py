@@ -1,0 +1,213 @@
+"""Run megatron-core's real code on CPU with gloo.
+
+megatron-core (0.16.x) hard-codes CUDA in the code paths megarlhf needs: tensors are created
+with ``device=torch.cuda.current_device()`` or ``device="cuda"``, p2p communication calls
+``torch.cuda.synchronize``, the tensor-parallel RNG tracker reads and writes CUDA RNG state, and
+optimizers compare ``tensor.type()`` with ``'torch.cuda.FloatTensor'``. This module redirects
+exactly those calls to the CPU so that the *same* Megatron code runs in tests, in the CPU demo
+and when a user debugs a config on a laptop. It is installed once per process by
+:func:`megarlhf.platform.init_platform` and only when no CUDA device is present.
+
+What is redirected (and nothing else):
+
+* a ``TorchFunctionMode`` rewrites CUDA device arguments (``"cuda"``, ``"cuda:N"``,
+  ``torch.device("cuda")`` and bare integers, which torch reads as CUDA ordinals) to ``"cpu"``;
+  ``Tensor.cuda()`` and ``Tensor.pin_memory()`` return the tensor itself; ``Tensor.type()``
+  reports CPU tensors under their CUDA type name so megatron's dtype checks pass;
+* ``torch.cuda.current_device/synchronize/empty_cache/get_rng_state/set_rng_state/manual_seed``
+  and the NVTX range functions;
+* megatron's private ``_get_cuda_rng_state`` / ``_set_cuda_rng_state``, which then save and
+  restore the CPU generator: the tensor-parallel RNG tracker keeps working, with the same
+  semantics (dropout in TP regions draws from the forked, per-TP-rank stream).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_INSTALLED = False
+_LOCK = threading.Lock()
+_CPU = torch.device("cpu")
+
+
+def _is_cuda_device(d: Any) -> bool:
+    if isinstance(d, bool):  # bool is an int subclass; never a device
+        return False
+    if isinstance(d, int):
+        return True
+    if isinstance(d, str):
+        return d.startswith("cuda")
+    if isinstance(d, torch.device):
+        return d.type == "cuda"
+    return False
+
+
+def _fix_device(d: Any) -> Any:
+    return _CPU if _is_cuda_device(d) else d
+
+
+_TENSOR_TO = torch.Tensor.to
+_TENSOR_CUDA = torch.Tensor.cuda
+_TENSOR_TYPE = torch.Tensor.type
+_TENSOR_PIN = torch.Tensor.pin_memory
+_TENSOR_IS_PINNED = torch.Tensor.is_pinned
+_TENSOR_RECORD_STREAM = torch.Tensor.record_stream
+
+
+class CPUDeviceMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to the CPU for every torch call made under it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _TENSOR_CUDA:
+            return args[0]
+        if func is _TENSOR_PIN:
+            return args[0]
+        if func is _TENSOR_IS_PINNED:
+            return False
+        if func is _TENSOR_RECORD_STREAM:
+            return None
+        if func is _TENSOR_TYPE:
+            if len(args) == 1 and not kwargs:
+                name = func(*args)
+                if name.startswith("torch.") and not name.startswith("torch.cuda."):
+                    return "torch.cuda." + name[len("torch.") :]
+                return name
+            # x.type(torch.cuda.FloatTensor) / x.type('torch.cuda.FloatTensor')
+            target = args[1] if len(args) > 1 else kwargs.get("dtype")
+            if isinstance(target, str) and target.startswith("torch.cuda."):
+                target = "torch." + target[len("torch.cuda.") :]
+                return func(args[0], target)
+            return func(*args, **kwargs)
+        if "device" in kwargs:
+            kwargs["device"] = _fix_device(kwargs["device"])
+        if func is _TENSOR_TO and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU) + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stand-in for ``torch.cuda.Stream`` / ``torch.cuda.current_stream()`` on CPU."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        return None
+
+    def wait_event(self, *args, **kwargs):
+        return None
+
+    def record_event(self, *args, **kwargs):
+        return _NullEvent()
+
+    def synchronize(self):
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _NullEvent:
+    """Stand-in for ``torch.cuda.Event`` on CPU (records nothing; waits return at once)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        return None
+
+    def wait(self, *args, **kwargs):
+        return None
+
+    def synchronize(self):
+        return None
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def _null_stream_ctx(stream=None):
+    return _NullStream()
+
+
+def _cpu_get_rng_state(device: Any = "cuda", *args, **kwargs) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device: Any = -1, *args, **kwargs) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _cpu_manual_seed(seed: int) -> None:
+    torch.default_generator.manual_seed(int(seed))
+
+
+def _noop(*args, **kwargs):
+    return None
+
+
+def _zero(*args, **kwargs):
+    return 0
+
+
+def install() -> None:
+    """Installs the redirections in this process (idempotent). Refuses when CUDA is present."""
+    global _INSTALLED
+    with _LOCK:
+        if _INSTALLED:
+            return
+        if torch.cuda.is_available():
+            raise RuntimeError(
+                "megarlhf.platform.cpu_compat must not be installed when CUDA is available; "
+                "use init_platform(), which picks cuda+nccl on a GPU machine."
+            )
+
+        cuda = torch.cuda
+        cuda.current_device = _zero
+        cuda.synchronize = _noop
+        cuda.empty_cache = _noop
+        cuda.get_rng_state = _cpu_get_rng_state
+        cuda.set_rng_state = _cpu_set_rng_state
+        cuda.manual_seed = _cpu_manual_seed
+        cuda.manual_seed_all = _cpu_manual_seed
+        cuda.random.get_rng_state = _cpu_get_rng_state
+        cuda.random.set_rng_state = _cpu_set_rng_state
+        cuda.random.manual_seed = _cpu_manual_seed
+        cuda.memory_allocated = _zero
+        cuda.max_memory_allocated = _zero
+        cuda.memory_reserved = _zero
+        cuda.reset_peak_memory_stats = _noop
+        cuda.Stream = _NullStream
+        cuda.Event = _NullEvent
+        cuda.current_stream = _null_stream_ctx
+        cuda.default_stream = _null_stream_ctx
+        cuda.stream = _null_stream_ctx
+        cuda.set_stream = _noop
+        cuda.nvtx.range_push = _noop
+        cuda.nvtx.range_pop = _noop
+        cuda.nvtx.mark = _noop
+
+        # megatron's private RNG helpers (the tensor-parallel RNG tracker goes through these).
+        from megatron.core.tensor_parallel import random as mrandom
+
+        mrandom._get_cuda_rng_state = _cpu_get_rng_state
+        mrandom._set_cuda_rng_state = _cpu_set_rng_state
+
+        # Pushed once per process and never popped: every later torch call sees it.
+        CPUDeviceMode().__enter__()
+        _INSTALLED = True
+
+
+def installed() -> bool:
+    return _INSTALLED
