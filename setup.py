@@ -24,7 +24,7 @@ EXTRAS = {
     # The GPU stack. transformer-engine comes with the NGC PyTorch base image (see Dockerfile);
     # it is listed for bare-metal installs. vLLM is pinned: megarlhf/rollout/vllm_engine.py follows
     # this version's API exactly.
-    "gpu": ["vllm==0.11.0", "transformer-engine[pytorch]>=2.6"],
+    "gpu": ["vllm==0.30.0", "transformer-engine[pytorch]>=2.6"],
     "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "matplotlib"],
 }
 

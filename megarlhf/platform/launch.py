@@ -86,7 +86,7 @@ def _rank_main(fn, rank, world_size, port, args, kwargs, queue, threads, env, pg
             except Exception:  # noqa: BLE001 - best effort cleanup
                 pass
             torch.distributed.destroy_process_group()
-        queue.put((rank, "ok", result))
+        queue.put((rank, "ok", _dumps(result)))
     except BaseException:  # noqa: BLE001 - reported to the parent
         queue.put((rank, "error", traceback.format_exc()))
 
@@ -151,7 +151,10 @@ def run_distributed(
                     _drain(queue, results, errors, 2.0)
                     break
                 continue
-            (results if status == "ok" else errors)[rank] = payload
+            if status == "ok":
+                results[rank] = _loads(payload)
+            else:
+                errors[rank] = payload
             if errors:
                 _drain(queue, results, errors, 2.0)
                 break
@@ -190,4 +193,27 @@ def _drain(queue, results, errors, seconds):
             rank, status, payload = queue.get(timeout=0.1)
         except Exception:
             continue
-        (results if status == "ok" else errors)[rank] = payload
+        if status == "ok":
+            results[rank] = _loads(payload)
+        else:
+            errors[rank] = payload
+
+
+def _dumps(obj: Any) -> bytes:
+    # torch.save, not the multiprocessing pickler: the latter passes tensors as shared-memory
+    # handles that die with the rank process.
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _loads(data: bytes) -> Any:
+    import io
+
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=False)

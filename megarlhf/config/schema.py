@@ -1,0 +1,401 @@
+"""The typed configs, one dataclass per component, and the job config that holds them.
+
+Each field's comment is its documentation; single-component rules live in ``__post_init__``;
+rules that relate several components (a role's layout against its GPUs, batch divisibility,
+the model's heads against tp) live in :mod:`megarlhf.config.validate`. Configs are never
+rewritten at run time: derived values (data-parallel size, micro-batch counts) are computed by
+methods, not stored back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from megarlhf.config.base import ConfigError, check
+from megarlhf.parallel.layout import ParallelLayout
+
+Dtype = Literal["bf16", "fp16", "fp32"]
+JobKind = Literal["sft", "rm", "ppo", "grpo", "dpo", "bon"]
+
+
+@dataclass
+class ModelConfig:
+    """Which network a role runs and where its weights come from."""
+
+    # Hugging Face model directory (config.json, *.safetensors, tokenizer files). The architecture
+    # is read from its config.json; weights are loaded unless `checkpoint` is set.
+    hf_dir: str | None = None
+    # Architecture as HF config.json fields (e.g. {model_type: llama, hidden_size: 64, ...}) for a
+    # model trained from scratch; exclusive with hf_dir.
+    arch: dict[str, Any] | None = None
+    # A megarlhf checkpoint directory (megatron distributed checkpoint) to load weights from.
+    checkpoint: str | None = None
+    # Tokenizer: an HF tokenizer directory or a sentencepiece .model file. Default: hf_dir.
+    tokenizer: str | None = None
+    # Parameter dtype for training and scoring. fp32 on CPU.
+    dtype: Dtype = "bf16"
+    # FP8 GEMMs through Transformer Engine recipes (H100 and newer); null disables FP8.
+    fp8: Literal["hybrid", "e4m3"] | None = None
+    # Layer implementation: Transformer Engine when importable (auto), or megatron's local spec.
+    transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
+    # Activation recomputation: none, selective (attention core), or full (every layer).
+    recompute: Literal["none", "selective", "full"] = "none"
+    # The vocabulary is padded to a multiple of vocab_multiple * tp (padding removed on export).
+    vocab_multiple: int = 128
+
+    def __post_init__(self):
+        check(
+            (self.hf_dir is None) != (self.arch is None),
+            "model: give exactly one of model.hf_dir (a Hugging Face model directory) or "
+            "model.arch (HF config fields for a model built from scratch)",
+        )
+        check(self.vocab_multiple >= 1, "model.vocab_multiple must be >= 1")
+        if self.fp8 is not None:
+            check(self.dtype != "fp32",
+                  "model.fp8 needs model.dtype=bf16 (or fp16): FP8 GEMMs run with bf16 weights")
+
+
+@dataclass
+class ParallelConfig:
+    """How a role's model is split over its GPUs (see ParallelLayout)."""
+
+    tp: int = 1  # tensor parallel
+    pp: int = 1  # pipeline parallel
+    vpp: int = 1  # virtual pipeline chunks per stage (interleaved schedule); 1 = off
+    cp: int = 1  # context parallel
+    # Data parallel; null = num_gpus / (tp * pp * cp). When given, tp*pp*cp*dp must equal num_gpus.
+    dp: int | None = None
+    sequence_parallel: bool = False
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "vpp", "cp"):
+            check(getattr(self, name) >= 1, f"parallel.{name} must be >= 1")
+        check(self.dp is None or self.dp >= 1, "parallel.dp must be >= 1 (or null)")
+        check(self.vpp == 1 or self.pp >= 2,
+              f"parallel.vpp={self.vpp} needs parallel.pp >= 2 (or set parallel.vpp=1)")
+        check(not self.sequence_parallel or self.tp >= 2,
+              "parallel.sequence_parallel=true needs parallel.tp >= 2")
+
+    def layout(self, num_gpus: int) -> ParallelLayout:
+        """The ParallelLayout on ``num_gpus`` GPUs (validated by config.validate first)."""
+        mp = self.tp * self.pp * self.cp
+        dp = self.dp if self.dp is not None else max(1, num_gpus // mp)
+        return ParallelLayout(tp=self.tp, pp=self.pp, vpp=self.vpp, cp=self.cp, dp=dp,
+                              sequence_parallel=self.sequence_parallel)
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer and learning-rate schedule of a trained role."""
+
+    name: Literal["adam", "sgd"] = "adam"
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # global grad-norm clip; 0 disables
+    lr_warmup_steps: int = 0
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    lr_decay_steps: int | None = None  # null = the job's total optimizer steps
+    # megatron's DistributedOptimizer (optimizer state sharded over data-parallel ranks).
+    use_distributed_optimizer: bool = True
+
+    def __post_init__(self):
+        check(self.lr > 0, "optimizer.lr must be > 0")
+        check(0 <= self.min_lr <= self.lr, "optimizer.min_lr must be in [0, optimizer.lr]")
+        check(self.clip_grad >= 0, "optimizer.clip_grad must be >= 0 (0 disables clipping)")
+        check(self.lr_warmup_steps >= 0, "optimizer.lr_warmup_steps must be >= 0")
+
+
+@dataclass
+class RoleConfig:
+    """One model role (actor, critic, reference, reward model): model, layout, optimizer."""
+
+    # null for `reference` and `critic` means "the actor's model" (the reference is the frozen
+    # starting policy; the critic starts from the actor's backbone with a fresh value head).
+    model: ModelConfig | None = None
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # GPUs given to this role (on CPU: ranks). Colocated roles share the same GPUs.
+    num_gpus: int = 1
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    # Sequences per micro-batch per data-parallel rank (a memory knob; never changes the math).
+    micro_batch_size_per_rank: int = 1
+    # With sequence packing: tokens per micro-batch per rank; null packs nothing.
+    max_tokens_per_micro_batch: int | None = None
+    # Move weights, grads and optimizer state to host memory between phases (colocation).
+    offload: bool = False
+
+    def __post_init__(self):
+        check(self.num_gpus >= 1, "num_gpus must be >= 1")
+        check(self.micro_batch_size_per_rank >= 1, "micro_batch_size_per_rank must be >= 1")
+        check(self.max_tokens_per_micro_batch is None or self.max_tokens_per_micro_batch >= 1,
+              "max_tokens_per_micro_batch must be >= 1 (or null)")
+
+    def layout(self) -> ParallelLayout:
+        return self.parallel.layout(self.num_gpus)
+
+
+@dataclass
+class RolloutConfig:
+    """The generation engine and its sampling parameters."""
+
+    # vllm on GPU, hf (transformers) on CPU; auto picks by platform.
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    tp: int = 1  # tensor parallel per rollout replica (independent of the trainer's layout)
+    num_gpus: int = 1  # GPUs for all replicas; replicas = num_gpus / tp
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 disables
+    max_new_tokens: int = 256
+    stop_token_ids: list[int] = field(default_factory=list)
+    gpu_memory_utilization: float = 0.5  # vLLM KV-cache share of GPU memory
+    # Weight sync streams HF-named tensors in buckets of at most this many MiB.
+    weight_sync_bucket_mib: int = 512
+    # After each sync the actor re-scores a probe batch the engine generated; over the threshold
+    # (max |logp_rollout - logp_actor|) the run warns or stops.
+    logprob_check_samples: int = 4
+    logprob_check_threshold: float = 0.1
+    logprob_check_action: Literal["warn", "stop", "off"] = "warn"
+
+    def __post_init__(self):
+        check(self.tp >= 1 and self.num_gpus >= 1, "rollout.tp and rollout.num_gpus must be >= 1")
+        check(self.temperature >= 0, "rollout.temperature must be >= 0 (0 = greedy)")
+        check(0 < self.top_p <= 1, "rollout.top_p must be in (0, 1]")
+        check(self.top_k == -1 or self.top_k >= 1, "rollout.top_k must be -1 (off) or >= 1")
+        check(self.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
+        check(0 < self.gpu_memory_utilization < 1,
+              "rollout.gpu_memory_utilization must be in (0, 1)")
+        check(self.weight_sync_bucket_mib >= 1, "rollout.weight_sync_bucket_mib must be >= 1")
+
+    @property
+    def num_replicas(self) -> int:
+        return self.num_gpus // self.tp
+
+
+@dataclass
+class AlgorithmConfig:
+    """RL math: reward processing (methods.md 2.2), advantages (2.3), losses (2.4)."""
+
+    # null = gae for ppo, grpo for grpo.
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] | None = None
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = False
+    reward_clip: float | None = None  # clip raw rewards to [-c, c]
+    # Normalize rewards over the N responses of a prompt ("group"), the batch, or not at all.
+    reward_norm: Literal["group", "batch", "none"] = "group"
+    reward_norm_eps: float = 1e-6
+    # Asymmetric shrinking: negative (normalized) rewards are multiplied by this (alpha <= 1).
+    negative_reward_scale: float = 1.0
+    kl_coef: float = 0.0
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_in_reward: bool = False  # fold KL into per-token rewards (true) or add it to the loss
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    dual_clip: float | None = None  # cap c > 1 for negative advantages; null disables
+    value_clip_eps: float = 0.2
+    value_loss_coef: float = 1.0
+    entropy_coef: float = 0.0
+    loss_agg_mode: Literal[
+        "token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"
+    ] = "token_mean"
+    ppo_epochs: int = 1
+    dpo_beta: float = 0.1
+    # Truncated importance sampling between behaviour (rollout) and learner log-probs; null = off.
+    tis_cap: float | None = None
+    # logp_old = the rollout engine's log-probs (behaviour policy). Required when asynchronous.
+    use_behaviour_logprobs: bool = False
+
+    def __post_init__(self):
+        check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1,
+              "algorithm.gamma and algorithm.lam must be in [0, 1]")
+        check(0 < self.negative_reward_scale <= 1,
+              "algorithm.negative_reward_scale (alpha) must be in (0, 1]")
+        check(self.reward_clip is None or self.reward_clip > 0, "algorithm.reward_clip must be > 0")
+        check(self.kl_coef >= 0, "algorithm.kl_coef must be >= 0")
+        check(self.clip_eps_low > 0 and self.clip_eps_high > 0,
+              "algorithm.clip_eps_low and clip_eps_high must be > 0")
+        check(self.dual_clip is None or self.dual_clip > 1, "algorithm.dual_clip must be > 1")
+        check(self.ppo_epochs >= 1, "algorithm.ppo_epochs must be >= 1")
+        check(self.tis_cap is None or self.tis_cap >= 1, "algorithm.tis_cap must be >= 1")
+
+
+@dataclass
+class BatchConfig:
+    """Batch semantics of methods.md 2.1 (RL jobs)."""
+
+    rollout_prompts_global: int = 8  # prompts per rollout phase
+    train_prompts_global: int = 8  # prompts per optimizer step
+    n_samples_per_prompt: int = 4  # N
+
+    def __post_init__(self):
+        check(self.rollout_prompts_global >= 1 and self.train_prompts_global >= 1
+              and self.n_samples_per_prompt >= 1, "batch sizes must be >= 1")
+        check(self.rollout_prompts_global % self.train_prompts_global == 0,
+              f"batch.rollout_prompts_global ({self.rollout_prompts_global}) must be a multiple "
+              f"of batch.train_prompts_global ({self.train_prompts_global})")
+
+    @property
+    def train_samples_global(self) -> int:
+        return self.train_prompts_global * self.n_samples_per_prompt
+
+    @property
+    def steps_per_rollout(self) -> int:
+        return self.rollout_prompts_global // self.train_prompts_global
+
+
+@dataclass
+class TrainConfig:
+    """Length of the run (and the batch of SFT / reward-model jobs)."""
+
+    steps: int = 10  # RL: rollout iterations; sft/rm: optimizer steps
+    global_batch_size: int = 32  # sft/rm: sequences per optimizer step
+    max_seq_len: int = 2048  # sft/rm: longest sequence (prompt + response)
+    eval_every: int = 0  # greedy evaluation on held-out prompts every K steps; 0 = off
+    eval_prompts: int = 64
+
+    def __post_init__(self):
+        check(self.steps >= 1, "train.steps must be >= 1")
+        check(self.global_batch_size >= 1, "train.global_batch_size must be >= 1")
+
+
+@dataclass
+class RewardConfig:
+    """Where rewards come from: a reward model, verifiers, or a weighted mix."""
+
+    # Weights of the reward sources: "rm" (the reward_model role), "math" (answer verifier),
+    # "code" (tests in a sandbox). E.g. {math: 1.0} or {rm: 1.0, math: 0.5}.
+    sources: dict[str, float] = field(default_factory=lambda: {"math": 1.0})
+    # Reward model kind: outcome (score at the last token) or process (score at each step).
+    rm_type: Literal["orm", "prm"] = "orm"
+    prm_step_delimiter: str = "\n"
+    prm_aggregation: Literal["last", "min", "prod"] = "last"
+    code_timeout_s: float = 5.0
+
+    def __post_init__(self):
+        known = {"rm", "math", "code"}
+        for k, w in self.sources.items():
+            check(k in known, f"reward.sources: unknown source {k!r}; use one of {sorted(known)}")
+            check(w > 0, f"reward.sources.{k}: weight must be > 0 (remove the source instead)")
+        check(len(self.sources) >= 1, "reward.sources must name at least one source")
+
+
+@dataclass
+class DataConfig:
+    """Datasets (jsonl or parquet) and how rows become tokens."""
+
+    train_path: str | None = None
+    eval_path: str | None = None
+    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    response_key: str = "response"
+    label_key: str = "label"
+    apply_chat_template: bool = True
+    max_prompt_len: int = 1024
+    overlong_prompt: Literal["error", "truncate_left", "skip"] = "error"
+    shuffle: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming the full training state."""
+
+    dir: str | None = None  # default: <output_dir>/checkpoints
+    save_every: int = 0  # steps; 0 = only at the end and on SIGTERM
+    keep_last: int = 2
+    resume: bool = False  # continue from <dir>/latest when it exists
+
+    def __post_init__(self):
+        check(self.save_every >= 0, "checkpoint.save_every must be >= 0")
+        check(self.keep_last >= 1, "checkpoint.keep_last must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    """TensorBoard and console output."""
+
+    tensorboard: bool = True  # writes to <output_dir>/tensorboard
+    log_every: int = 1
+    progress_bar: bool = True
+
+
+@dataclass
+class ClusterConfig:
+    """The machines the job runs on."""
+
+    num_nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_memory_gib: float = 80.0
+    # colocate_all: every role time-shares the same GPUs; colocate_pairs: actor+reference+rollout
+    # and critic+reward model; split: every role on its own GPUs.
+    placement: Literal["colocate_all", "colocate_pairs", "split"] = "colocate_all"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    ray_address: str | None = None  # null starts a local Ray cluster
+
+    def __post_init__(self):
+        check(self.num_nodes >= 1 and self.gpus_per_node >= 1,
+              "cluster.num_nodes and cluster.gpus_per_node must be >= 1")
+        check(self.gpu_memory_gib > 0, "cluster.gpu_memory_gib must be > 0")
+
+    @property
+    def total_gpus(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+
+@dataclass
+class AsyncConfig:
+    """Asynchronous off-policy training (methods.md section 3)."""
+
+    enabled: bool = False
+    max_staleness: int = 1  # K: generation uses weights at most K updates old
+
+    def __post_init__(self):
+        check(self.max_staleness >= 0, "asynchronous.max_staleness must be >= 0")
+
+
+@dataclass
+class JobConfig:
+    """A whole megarlhf job."""
+
+    kind: JobKind = "grpo"
+    name: str = "megarlhf"
+    output_dir: str = "outputs/run"
+    seed: int = 1234
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    actor: RoleConfig = field(default_factory=RoleConfig)
+    critic: RoleConfig | None = None
+    reference: RoleConfig | None = None
+    reward_model: RoleConfig | None = None
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    asynchronous: AsyncConfig = field(default_factory=AsyncConfig)
+
+    def __post_init__(self):
+        if self.actor.model is None:
+            raise ConfigError("actor.model is required (model.hf_dir or model.arch)")
+
+    # Resolved views (computed, never stored back into the config).
+    def role_model(self, role: str) -> ModelConfig:
+        """The model config of ``role``, falling back to the actor's where the role gives none."""
+        r = getattr(self, role)
+        if r is None or r.model is None:
+            return self.actor.model
+        return r.model
+
+    @property
+    def advantage_estimator(self) -> str:
+        if self.algorithm.advantage_estimator is not None:
+            return self.algorithm.advantage_estimator
+        return "gae" if self.kind == "ppo" else "grpo"

@@ -1,0 +1,189 @@
+"""Rules that relate several config components, checked before any process starts.
+
+:func:`validate` collects every violation and raises one :class:`ConfigError` listing them all,
+each naming the field and the change that fixes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megarlhf.config.base import ConfigError
+from megarlhf.config.schema import JobConfig, ModelConfig, RoleConfig
+
+
+def active_roles(job: JobConfig) -> dict[str, RoleConfig]:
+    """The model roles this job runs, by name (actor first)."""
+    roles: dict[str, RoleConfig] = {"actor": job.actor}
+    if job.kind == "ppo":
+        if job.critic is not None:
+            roles["critic"] = job.critic
+    if job.kind in ("ppo", "grpo", "dpo") and (
+        job.kind == "dpo" or job.algorithm.kl_coef > 0
+    ):
+        roles["reference"] = job.reference or RoleConfig(
+            parallel=job.actor.parallel, num_gpus=job.actor.num_gpus
+        )
+    if job.kind in ("ppo", "grpo", "dpo", "bon") and "rm" in job.reward.sources:
+        if job.reward_model is not None:
+            roles["reward_model"] = job.reward_model
+    return roles
+
+
+def trained_roles(job: JobConfig) -> list[str]:
+    if job.kind in ("sft", "rm"):
+        return ["actor"]
+    if job.kind == "ppo":
+        return ["actor", "critic"]
+    if job.kind in ("grpo", "dpo"):
+        return ["actor"]
+    return []
+
+
+def global_batch_sequences(job: JobConfig) -> int:
+    """Sequences per optimizer step for the trained roles."""
+    if job.kind in ("sft", "rm"):
+        return job.train.global_batch_size
+    if job.kind == "dpo":
+        # Online DPO trains on one (chosen, rejected) pair per prompt.
+        return job.batch.train_prompts_global * 2
+    return job.batch.train_samples_global
+
+
+def _arch_numbers(model: ModelConfig) -> dict[str, Any] | None:
+    """Heads, query groups and layers of a model, read from its HF config (cheap, no weights)."""
+    from megarlhf.models.arch import ArchError, arch_summary
+
+    try:
+        return arch_summary(model)
+    except ArchError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_role(name: str, role: RoleConfig, model: ModelConfig, errors: list[str],
+                batch_sequences: int | None) -> None:
+    p = role.parallel
+    mp = p.tp * p.pp * p.cp
+    if p.dp is not None:
+        if mp * p.dp != role.num_gpus:
+            errors.append(
+                f"{name}.parallel: tp*pp*cp*dp = {p.tp}*{p.pp}*{p.cp}*{p.dp} = {mp * p.dp} but "
+                f"{name}.num_gpus = {role.num_gpus}; they must be equal (set {name}.parallel.dp="
+                f"{role.num_gpus // mp if role.num_gpus % mp == 0 else 'null'} or change "
+                f"{name}.num_gpus)"
+            )
+            return
+    elif role.num_gpus % mp:
+        errors.append(
+            f"{name}.num_gpus = {role.num_gpus} is not divisible by tp*pp*cp = {p.tp}*{p.pp}*{p.cp}"
+            f" = {mp}; give the role a multiple of {mp} GPUs or shrink its tp/pp/cp"
+        )
+        return
+    dp = p.dp if p.dp is not None else role.num_gpus // mp
+
+    arch = _arch_numbers(model)
+    if arch is not None:
+        heads, groups, layers = arch["num_attention_heads"], arch["num_query_groups"], \
+            arch["num_layers"]
+        if heads % p.tp:
+            errors.append(
+                f"{name}.parallel.tp = {p.tp} does not divide the model's {heads} attention heads;"
+                f" choose tp from {_divisors(heads)}"
+            )
+        if groups % p.tp:
+            errors.append(
+                f"{name}.parallel.tp = {p.tp} does not divide the model's {groups} query groups "
+                f"(key/value heads); choose tp from {_divisors(groups)}"
+            )
+        if layers % (p.pp * p.vpp):
+            errors.append(
+                f"{name}: the model's {layers} layers are not divisible by pp*vpp = "
+                f"{p.pp}*{p.vpp} = {p.pp * p.vpp}; choose pp*vpp from {_divisors(layers)}"
+            )
+    if batch_sequences is not None:
+        per_step = dp * role.micro_batch_size_per_rank
+        if role.max_tokens_per_micro_batch is None and batch_sequences % per_step:
+            errors.append(
+                f"{name}: the global batch of {batch_sequences} sequences is not divisible by "
+                f"dp*micro_batch_size_per_rank = {dp}*{role.micro_batch_size_per_rank} = "
+                f"{per_step}; change {name}.micro_batch_size_per_rank or the batch size"
+            )
+        elif batch_sequences % dp:
+            errors.append(
+                f"{name}: the global batch of {batch_sequences} sequences is not divisible by "
+                f"the data-parallel size {dp}"
+            )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def validate(job: JobConfig) -> JobConfig:
+    """Checks every cross-component rule; raises one ConfigError listing all violations."""
+    errors: list[str] = []
+    trained = trained_roles(job)
+    batch_seqs = global_batch_sequences(job)
+
+    if job.kind == "ppo" and job.critic is None:
+        errors.append("kind=ppo needs a critic: add a `critic:` section (e.g. critic: "
+                      "{num_gpus: 1}); its model defaults to the actor's")
+    if "rm" in job.reward.sources and job.kind in ("ppo", "grpo", "dpo", "bon") \
+            and job.reward_model is None:
+        errors.append("reward.sources uses 'rm' but there is no `reward_model:` section; add one "
+                      "(reward_model.model.hf_dir or .checkpoint) or drop 'rm' from the sources")
+    if job.kind == "rm" and job.reward.rm_type not in ("orm", "prm"):
+        errors.append("kind=rm needs reward.rm_type orm or prm")
+
+    roles = active_roles(job)
+    for name, role in roles.items():
+        model = job.role_model(name) if role.model is None else role.model
+        _check_role(name, role, model, errors, batch_seqs if name in trained else None)
+
+    if job.kind in ("ppo", "grpo", "dpo", "bon"):
+        r = job.rollout
+        if r.num_gpus % r.tp:
+            errors.append(f"rollout.num_gpus = {r.num_gpus} is not divisible by rollout.tp = "
+                          f"{r.tp}; each replica needs rollout.tp GPUs")
+        arch = _arch_numbers(job.actor.model)
+        if arch is not None and arch["num_attention_heads"] % r.tp:
+            errors.append(f"rollout.tp = {r.tp} does not divide the model's "
+                          f"{arch['num_attention_heads']} attention heads")
+        if job.kind == "dpo" and job.batch.n_samples_per_prompt < 2:
+            errors.append("kind=dpo ranks several samples per prompt: set "
+                          "batch.n_samples_per_prompt >= 2")
+
+    # GPU budget by placement.
+    c = job.cluster
+    rl = job.kind in ("ppo", "grpo", "dpo", "bon")
+    sizes = {n: r.num_gpus for n, r in roles.items()}
+    if rl:
+        sizes["rollout"] = job.rollout.num_gpus
+    if c.placement == "colocate_all":
+        need = max(sizes.values())
+    elif c.placement == "split":
+        need = sum(sizes.values())
+    else:
+        first = max(sizes.get(n, 0) for n in ("actor", "reference", "rollout"))
+        second = max([sizes.get(n, 0) for n in ("critic", "reward_model")] + [0])
+        need = first + second
+    if need > c.total_gpus:
+        errors.append(
+            f"placement {c.placement} needs {need} GPUs ({sizes}) but the cluster has "
+            f"num_nodes*gpus_per_node = {c.num_nodes}*{c.gpus_per_node} = {c.total_gpus}; "
+            "add nodes, shrink the roles' num_gpus, or colocate roles"
+        )
+
+    if job.asynchronous.enabled:
+        if job.kind not in ("ppo", "grpo", "dpo"):
+            errors.append("asynchronous.enabled applies to ppo, grpo and dpo jobs only")
+        if c.placement == "colocate_all":
+            errors.append("asynchronous.enabled overlaps generation and training on separate "
+                          "GPUs: set cluster.placement=split (or colocate_pairs)")
+        if not job.algorithm.use_behaviour_logprobs:
+            errors.append("asynchronous.enabled needs algorithm.use_behaviour_logprobs=true "
+                          "(PPO ratios must use the generator's log-probs off-policy)")
+
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+    return job

@@ -1,0 +1,75 @@
+"""Reading a model's architecture: an HF config (from a directory or a dict of its fields).
+
+The HF config is the single description of an architecture in megarlhf: models built from
+scratch give its fields under ``model.arch``; pretrained ones bring ``config.json``. It is read
+through transformers so every family sees the same normalised view (transformers 5 moves
+``rope_theta`` / ``rope_scaling`` into ``rope_parameters``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from megarlhf.config.schema import ModelConfig
+
+
+class ArchError(ValueError):
+    """The architecture cannot be read or is not supported; the message says what to change."""
+
+
+def _raw_config(model: ModelConfig) -> dict[str, Any]:
+    if model.arch is not None:
+        return dict(model.arch)
+    path = os.path.join(model.hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ArchError(f"model.hf_dir={model.hf_dir!r} has no config.json; point model.hf_dir at "
+                        "a Hugging Face model directory")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ArchError(f"{path}: not valid JSON ({e})") from None
+
+
+def hf_config_from_dict(raw: dict[str, Any]):
+    """A transformers ``PretrainedConfig`` for the config fields in ``raw`` (offline)."""
+    from transformers import AutoConfig
+
+    from megarlhf.models.families import supported_model_types
+
+    raw = dict(raw)
+    model_type = raw.pop("model_type", None)
+    if model_type is None:
+        raise ArchError("the model config has no model_type; add e.g. model_type: llama "
+                        f"(supported: {', '.join(supported_model_types())})")
+    if model_type not in supported_model_types():
+        raise ArchError(f"model_type {model_type!r} is not supported; supported families: "
+                        f"{', '.join(supported_model_types())}")
+    raw.pop("architectures", None)
+    raw.pop("transformers_version", None)
+    try:
+        return AutoConfig.for_model(model_type, **raw)
+    except Exception as e:  # noqa: BLE001 - transformers raises several types for bad fields
+        raise ArchError(f"model config ({model_type}) is invalid: {e}") from None
+
+
+def load_hf_config(model: ModelConfig):
+    """The normalised HF config of ``model`` (no weights are read)."""
+    return hf_config_from_dict(_raw_config(model))
+
+
+def arch_summary(model: ModelConfig) -> dict[str, Any]:
+    """Numbers the config validator needs: heads, query groups, layers, hidden, vocab."""
+    raw = _raw_config(model)
+    cfg = hf_config_from_dict(raw)
+    heads = cfg.num_attention_heads
+    return {
+        "model_type": cfg.model_type,
+        "num_layers": cfg.num_hidden_layers,
+        "num_attention_heads": heads,
+        "num_query_groups": getattr(cfg, "num_key_value_heads", None) or heads,
+        "hidden_size": cfg.hidden_size,
+        "vocab_size": cfg.vocab_size,
+    }

@@ -1,0 +1,289 @@
+"""Builders for the models every role runs, all on megatron-core's GPTModel.
+
+* ``head="lm"``: a causal LM (actor, reference): logits over the (TP-sharded, padded) vocabulary.
+* ``head="scalar"``: the same backbone with the LM head replaced by a scalar head (critic: a
+  value per token; reward model: the score read at the last response token; PRM: read at each
+  step-delimiter token). The head is a plain linear layer replicated on every TP rank, applied
+  to the final hidden states (gathered from the sequence-parallel region when SP is on).
+
+A model is a list of chunks: one per virtual pipeline stage (a single chunk without VPP). The
+layer spec is Transformer Engine's when TE is importable (and ``transformer_impl`` allows it),
+megatron's local spec otherwise (always on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from megarlhf.config.schema import ModelConfig
+from megarlhf.models.arch import load_hf_config
+from megarlhf.models.families import ArchSpec, arch_spec, hf_inv_freq
+from megarlhf.parallel.layout import ParallelContext
+
+Head = Literal["lm", "scalar"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class ModelBuildError(ValueError):
+    """The model cannot be built as configured; the message says what to change."""
+
+
+def te_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        return False
+    return torch.cuda.is_available()
+
+
+def use_transformer_engine(model_cfg: ModelConfig) -> bool:
+    if model_cfg.transformer_impl == "local":
+        return False
+    if model_cfg.transformer_impl == "transformer_engine":
+        if not te_available():
+            raise ModelBuildError(
+                "model.transformer_impl=transformer_engine but Transformer Engine is not usable "
+                "here (not installed, or no CUDA); install it (the Dockerfile's NGC base has it) or "
+                "set model.transformer_impl=auto"
+            )
+        return True
+    return te_available()
+
+
+def check_fp8(model_cfg: ModelConfig) -> None:
+    """Refuses FP8 where Transformer Engine or an FP8-capable GPU (sm_89+) is missing."""
+    if model_cfg.fp8 is None:
+        return
+    if not te_available():
+        raise ModelBuildError(
+            f"model.fp8={model_cfg.fp8} needs Transformer Engine and a CUDA GPU; neither is "
+            "usable here. Set model.fp8=null (or run on an H100 with TE installed)"
+        )
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        raise ModelBuildError(
+            f"model.fp8={model_cfg.fp8} needs an FP8-capable GPU (compute capability >= 8.9, e.g. "
+            f"H100); this GPU is sm_{major}{minor}. Set model.fp8=null"
+        )
+    if model_cfg.transformer_impl == "local":
+        raise ModelBuildError("model.fp8 needs model.transformer_impl=auto or transformer_engine")
+
+
+def transformer_config(spec: ArchSpec, model_cfg: ModelConfig, ctx: ParallelContext,
+                       *, te: bool, init_weights: bool, cpu: bool):
+    """The megatron TransformerConfig for ``spec`` on ``ctx``'s layout."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    lay = ctx.layout
+    dtype = torch.float32 if cpu else _DTYPES[model_cfg.dtype]
+    kw: dict[str, Any] = dict(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_query_groups,
+        kv_channels=spec.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.norm_eps,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=spec.qkv_bias,
+        qk_layernorm=spec.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=spec.init_std,
+        tensor_model_parallel_size=lay.tp,
+        pipeline_model_parallel_size=lay.pp,
+        virtual_pipeline_model_parallel_size=lay.vpp if lay.vpp > 1 else None,
+        context_parallel_size=lay.cp,
+        sequence_parallel=lay.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=cpu,
+        perform_initialization=init_weights,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        attention_softmax_in_fp32=True,
+        # Losses are normalized by a global token/sequence count computed by the driver, so
+        # megatron must not rescale them per micro-batch nor average grads over DP (see engine).
+        calculate_per_token_loss=True,
+        # Micro-batches of one step may differ in length (packing, dynamic batching).
+        variable_seq_lengths=lay.pp > 1,
+    )
+    if model_cfg.recompute == "full":
+        kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif model_cfg.recompute == "selective":
+        kw.update(recompute_granularity="selective")
+    if model_cfg.fp8 is not None:
+        check_fp8(model_cfg)
+        kw.update(fp8=model_cfg.fp8, fp8_recipe="delayed")
+    return TransformerConfig(**kw)
+
+
+class ScalarHead(torch.nn.Module):
+    """A linear hidden -> 1 head, replicated on TP ranks, with ColumnParallelLinear's call shape.
+
+    Called as ``head(hidden (s, b, h), weight=None, runtime_gather_output=None)`` and returns
+    ``(values (s, b, 1), None)`` so GPTModel's post-processing can use it unchanged.
+    """
+
+    def __init__(self, hidden_size: int, sequence_parallel: bool, tp_group, dtype, seed: int):
+        super().__init__()
+        # Identical on every TP rank: drawn from a dedicated generator, not the TP-forked RNG.
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(1, hidden_size, generator=g) / math.sqrt(hidden_size + 1)
+        self.weight = torch.nn.Parameter(w.to(dtype))
+        self.sequence_parallel = sequence_parallel
+        self._tp_group = tp_group
+
+    def forward(self, hidden, weight=None, runtime_gather_output=None):
+        if self.sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            hidden = gather_from_sequence_parallel_region(hidden, group=self._tp_group)
+        out = torch.matmul(hidden, self.weight.t())  # (s, b, 1)
+        return out, None
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        sd = {"weight": self.weight}
+        return make_sharded_tensors_for_checkpoint(sd, prefix, {}, sharded_offsets)
+
+
+@dataclass
+class ModelBundle:
+    """A role's megatron model on this rank, and what was needed to build it."""
+
+    chunks: list[torch.nn.Module]  # one per VPP chunk; DDP-wrapped when built for training
+    spec: ArchSpec
+    config: Any  # megatron TransformerConfig
+    head: Head
+    padded_vocab_size: int
+    te: bool
+    ctx: ParallelContext
+
+    def unwrapped(self) -> list[torch.nn.Module]:
+        """The GPTModel of each chunk, without DDP / Float16Module wrappers."""
+        out = []
+        for c in self.chunks:
+            while hasattr(c, "module") and not hasattr(c, "decoder"):
+                c = c.module
+            out.append(c)
+        return out
+
+
+def build_model(model_cfg: ModelConfig, ctx: ParallelContext, *, head: Head = "lm",
+                for_training: bool = False, init_weights: bool = True, seed: int = 1234,
+                use_distributed_optimizer: bool = True) -> ModelBundle:
+    """Builds this rank's chunks of the model described by ``model_cfg``.
+
+    Args:
+        model_cfg: the role's model config (architecture from ``hf_dir`` or ``arch``).
+        ctx: the role's parallel context (megatron's groups initialised for its layout).
+        head: ``"lm"`` or ``"scalar"``.
+        for_training: wrap each chunk in megatron's DistributedDataParallel (grad buffers).
+        init_weights: initialise weights randomly; pass False when they will be loaded.
+        seed: seed of the scalar head's initialisation.
+        use_distributed_optimizer: DDP buffer layout for megatron's DistributedOptimizer.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    from megarlhf.platform import current_platform
+
+    platform = current_platform()
+    cpu = not platform.is_cuda
+    spec = arch_spec(load_hf_config(model_cfg))
+    if head == "scalar" and spec.tie_word_embeddings:
+        # A scalar model has no LM head to tie.
+        spec = _untied(spec)
+    te = use_transformer_engine(model_cfg)
+    if model_cfg.fp8 is not None:
+        check_fp8(model_cfg)
+    lay = ctx.layout
+    if spec.num_layers % (lay.pp * lay.vpp):
+        raise ModelBuildError(
+            f"{spec.num_layers} layers are not divisible by pp*vpp = {lay.pp * lay.vpp}")
+    config = transformer_config(spec, model_cfg, ctx, te=te, init_weights=init_weights, cpu=cpu)
+    if te:
+        layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
+    else:
+        layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=spec.qk_norm)
+    padded_vocab = spec.padded_vocab_size(lay.tp, model_cfg.vocab_multiple)
+    inv_freq = hf_inv_freq(spec)
+
+    chunks = []
+    for vp in range(lay.vpp):
+        vp_stage = vp if lay.vpp > 1 else None
+        pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        m = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec,
+            vocab_size=padded_vocab,
+            max_sequence_length=spec.max_position_embeddings,
+            pre_process=pre,
+            post_process=post,
+            parallel_output=True,
+            share_embeddings_and_output_weights=spec.tie_word_embeddings and head == "lm",
+            position_embedding_type="rope",
+            rotary_percent=1.0,
+            rotary_base=int(spec.rope_theta) if float(spec.rope_theta).is_integer()
+            else spec.rope_theta,
+            pg_collection=ctx.pg_collection,
+            vp_stage=vp_stage,
+        )
+        if inv_freq is not None:
+            m.rotary_pos_emb.inv_freq = inv_freq.to(m.rotary_pos_emb.inv_freq.device)
+        if head == "scalar" and post:
+            m.output_layer = ScalarHead(spec.hidden_size, lay.sequence_parallel, ctx.tp_group,
+                                        config.params_dtype, seed)
+            if platform.is_cuda:
+                m.output_layer.cuda()
+        if platform.is_cuda:
+            m.cuda(torch.cuda.current_device())
+        chunks.append(m)
+
+    if config.bf16 or config.fp16:
+        from megatron.core.transformer.module import Float16Module
+
+        chunks = [Float16Module(config, c) for c in chunks]
+
+    if for_training:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=use_distributed_optimizer,
+            check_for_nan_in_grad=False,
+        )
+        chunks = [
+            DistributedDataParallel(config=config, ddp_config=ddp_config, module=c,
+                                    disable_bucketing=i > 0, pg_collection=ctx.pg_collection)
+            for i, c in enumerate(chunks)
+        ]
+    return ModelBundle(chunks=chunks, spec=spec, config=config, head=head,
+                       padded_vocab_size=padded_vocab, te=te, ctx=ctx)
+
+
+def _untied(spec: ArchSpec) -> ArchSpec:
+    from dataclasses import replace
+
+    return replace(spec, tie_word_embeddings=False)
