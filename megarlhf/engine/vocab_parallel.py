@@ -49,11 +49,11 @@ def _group_size_rank(tp_group) -> tuple[int, int]:
     return dist.get_world_size(tp_group), dist.get_rank(tp_group)
 
 
-def _chunks(n_rows: int, n_cols: int, chunk_tokens: int | None):
+def _chunk_rows(n_rows: int, n_cols: int, chunk_tokens: int | None) -> int:
+    """Tokens per fp32 work chunk."""
     if chunk_tokens is None:
-        chunk_tokens = max(1, DEFAULT_CHUNK_ELEMENTS // max(n_cols, 1))
-    for i in range(0, n_rows, chunk_tokens):
-        yield i, min(i + chunk_tokens, n_rows)
+        chunk_tokens = DEFAULT_CHUNK_ELEMENTS // max(n_cols, 1)
+    return max(1, min(chunk_tokens, max(n_rows, 1)))
 
 
 class _VocabParallelLogprobEntropy(torch.autograd.Function):
@@ -76,19 +76,24 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         a_r = torch.zeros(n, **f32)
         z_r = torch.zeros(n, **f32)
         if n_valid > 0:
-            for i, j in _chunks(n, n_valid, chunk_tokens):
-                x = logits[i:j, :n_valid].to(torch.float32, copy=True)  # (c, V_r) own buffer
+            rows = _chunk_rows(n, n_valid, chunk_tokens)
+            buf_x = torch.empty(min(rows, n), n_valid, **f32)  # reused work buffers
+            buf_e = torch.empty_like(buf_x)
+            for i in range(0, n, rows):
+                j = min(i + rows, n)
+                x = buf_x[:j - i]
+                x.copy_(logits[i:j, :n_valid])  # (c, V_r) fp32
                 if temperature != 1.0:
                     x.div_(temperature)
                 m = x.amax(dim=-1)  # (c,)
                 x.sub_(m.unsqueeze(-1))  # x - m_r
                 z_r[i:j] = x.gather(-1, local_t[i:j].unsqueeze(-1)).squeeze(-1) + m
-                e = torch.exp(x)  # (c, V_r)
+                e = torch.exp(x, out=buf_e[:j - i])  # (c, V_r)
                 s_r[i:j] = e.sum(-1)
                 if compute_entropy:
                     a_r[i:j] = e.mul_(x).sum(-1)
                 m_r[i:j] = m
-                del x, e
+            del buf_x, buf_e
         z_r = torch.where(owns, z_r, torch.zeros_like(z_r))
 
         m_glob = m_r.clone()
@@ -125,18 +130,28 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
     def backward(ctx, grad_logp: Tensor | None, grad_entropy: Tensor | None):
         logits, local_t, owns, logz, expect_x = ctx.saved_tensors
         n, vp = logits.shape
-        grad = torch.zeros_like(logits)
+        nv = ctx.n_valid
+        grad = torch.empty_like(logits)
+        grad[:, nv:] = 0  # padded columns
         if not ctx.compute_entropy:
             grad_entropy = None
-        if ctx.n_valid == 0 or (grad_logp is None and grad_entropy is None):
+        if nv == 0 or (grad_logp is None and grad_entropy is None):
+            grad[:, :nv] = 0
             return grad, None, None, None, None, None, None
         g_lp = grad_logp.float() if grad_logp is not None else None
         g_h = grad_entropy.float() if grad_entropy is not None else None
-        for i, j in _chunks(n, ctx.n_valid, ctx.chunk_tokens):
-            x = logits[i:j, :ctx.n_valid].to(torch.float32, copy=True)  # (c, V_r)
+        rows = _chunk_rows(n, nv, ctx.chunk_tokens)
+        in_place = grad.dtype == torch.float32  # then the gradient itself is the work buffer
+        buf_x = None if in_place else torch.empty(min(rows, n), nv, dtype=torch.float32,
+                                                  device=logits.device)
+        buf_p = torch.empty(min(rows, n), nv, dtype=torch.float32, device=logits.device)
+        for i in range(0, n, rows):
+            j = min(i + rows, n)
+            x = grad[i:j, :nv] if in_place else buf_x[:j - i]
+            x.copy_(logits[i:j, :nv])  # (c, V_r) fp32
             if ctx.temperature != 1.0:
                 x.div_(ctx.temperature)
-            p = torch.exp(x - logz[i:j].unsqueeze(-1))  # (c, V_r) softmax probabilities
+            p = torch.sub(x, logz[i:j].unsqueeze(-1), out=buf_p[:j - i]).exp_()  # softmax
             # d/dx_j of (g_lp * logp + g_h * H) = g_lp (1[j = y] - p_j) - g_h p_j (x_j - E[x])
             if g_h is not None:
                 x.sub_(expect_x[i:j].unsqueeze(-1)).mul_(g_h[i:j].unsqueeze(-1))
@@ -144,14 +159,14 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
                     x.add_(g_lp[i:j].unsqueeze(-1))
                 x.mul_(p).neg_()
             else:
-                x = p.mul_(-g_lp[i:j].unsqueeze(-1))
+                torch.mul(p, -g_lp[i:j].unsqueeze(-1), out=x)
             if g_lp is not None:
-                rows = torch.arange(j - i, device=x.device)
-                x[rows, local_t[i:j]] += torch.where(owns[i:j], g_lp[i:j], 0.0)
+                r = torch.arange(j - i, device=x.device)
+                x[r, local_t[i:j]] += torch.where(owns[i:j], g_lp[i:j], 0.0)
             if ctx.temperature != 1.0:
                 x.div_(ctx.temperature)
-            grad[i:j, :ctx.n_valid] = x.to(grad.dtype)
-            del x, p
+            if not in_place:
+                grad[i:j, :nv] = x
         return grad, None, None, None, None, None, None
 
 
