@@ -1,0 +1,313 @@
+"""The one interface every rollout engine implements, and the log-prob definition they share.
+
+A rollout engine turns prompts (token ids) into sampled responses, and takes new weights from
+the trainer after every update. Two engines implement it: :mod:`megarlhf.rollout.vllm_engine`
+(GPU) and :mod:`megarlhf.rollout.hf_engine` (transformers; CPU and debugging).
+
+Log-prob definition (shared by all engines, and what the learner computes)
+-------------------------------------------------------------------------
+For a response token ``y_t`` sampled after context ``x, y_<t``, the engine returns::
+
+    logp_t = log_softmax(z_t / T)[y_t]        z_t = the model's logits, full vocabulary, fp32
+
+* ``T`` is the request's temperature; greedy requests (``T == 0``) use ``T = 1`` here, so
+  their log-probs are those of the untempered model.
+* It is taken over the **full vocabulary, before top-k/top-p filtering**: filtering changes
+  which tokens can be *drawn*, not the number reported. This is exactly what the learner
+  computes from its own forward pass (``log_softmax(logits / T)`` gathered at the sampled
+  tokens, see :func:`token_logprobs`), so rollout and learner log-probs can be compared
+  token by token: after a weight sync they differ only by numerics (kernels, dtype, batch
+  shape), which the log-prob consistency check measures.
+* vLLM is configured to return the same number: ``logprobs_mode="processed_logprobs"`` (the
+  log-softmax of the logits *after* temperature) and ``SamplingParams.logprobs=0`` (only the
+  sampled token). vLLM's "processed" log-probs are also taken after top-k/top-p masking, where
+  they would no longer match this definition, so the vLLM engine refuses to return log-probs
+  for requests that use top-k/top-p (see :mod:`megarlhf.rollout.vllm_engine`).
+
+Weight-update contract
+----------------------
+``update_weights`` takes an iterable of ``(hf_name, tensor)`` pairs: Hugging Face parameter
+names (``model.layers.0.self_attn.q_proj.weight``) and Hugging Face layouts, each tensor full
+(not sharded). The trainer's resharder produces this stream in bounded buckets; the engine
+shards and fuses on its side (vLLM fuses q/k/v and gate/up and splits over its own TP ranks).
+An engine consumes the iterable lazily and holds at most one bounded piece of it at a time.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+FinishReason = Literal["stop", "length"]
+FINISH_REASONS: tuple[str, ...] = ("stop", "length")
+
+# vLLM clamps 0 < T < 1e-2 up to 1e-2 and rejects T > 2; every engine follows the same range so
+# that a config that works on CPU works unchanged on GPU.
+MIN_SAMPLING_TEMPERATURE = 1e-2
+MAX_TEMPERATURE = 2.0
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample the responses of one ``generate`` call (the same for every prompt in it).
+
+    Attributes:
+        n: samples per prompt.
+        temperature: softmax temperature ``T``; 0 means greedy (argmax), which needs ``n == 1``.
+            Otherwise ``0.01 <= T <= 2``. Log-probs are ``log_softmax(logits / T)`` (``T = 1``
+            when greedy), see the module docstring.
+        top_p: nucleus sampling: draw only from the smallest set of most likely tokens whose
+            probability (after temperature and top-k) reaches ``top_p``; 1 disables it.
+        top_k: draw only from the ``top_k`` most likely tokens; 0 or -1 disables it.
+        max_new_tokens: most response tokens per sample; a sample that reaches it without a
+            stop token finishes with ``"length"``.
+        stop_token_ids: a sampled token in this set ends the sample with ``"stop"``; the stop
+            token is part of the response (and has a log-prob). The model's EOS is *not* added
+            implicitly: list it here.
+        seed: makes the call reproducible on one engine: sample ``i`` of prompt ``j`` draws from
+            a generator seeded with ``seed + j * n + i``. None draws fresh randomness.
+            Different engines do not draw the same samples from the same seed.
+        logprobs: return the per-token log-probs of the sampled tokens.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    logprobs: bool = True
+
+    def __post_init__(self):
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not is_int(self.n) or self.n < 1:
+            raise ValueError(f"sampling.n must be a positive integer, got {self.n!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise ValueError(f"sampling.temperature must be a finite number, got {t!r}")
+        if t < 0 or t > MAX_TEMPERATURE:
+            raise ValueError(
+                f"sampling.temperature must be in [0, {MAX_TEMPERATURE}], got {t} (0 means greedy)"
+            )
+        if 0 < t < MIN_SAMPLING_TEMPERATURE:
+            raise ValueError(
+                f"sampling.temperature={t} is below {MIN_SAMPLING_TEMPERATURE}: vLLM would "
+                "silently raise it to that value and the log-probs would no longer match the "
+                "learner's; use temperature=0 for greedy or a value >= 0.01"
+            )
+        if t == 0 and self.n != 1:
+            raise ValueError(
+                f"sampling.temperature=0 (greedy) gives {self.n} identical samples; set "
+                "sampling.n=1 or a temperature > 0"
+            )
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1] (1 disables it), got {p!r}")
+        if not is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(
+                f"sampling.top_k must be an integer >= 1, or 0 / -1 to disable it, "
+                f"got {self.top_k!r}"
+            )
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(
+                f"sampling.max_new_tokens must be a positive integer, got {self.max_new_tokens!r}"
+            )
+        stop = self.stop_token_ids
+        if isinstance(stop, (str, bytes)) or not isinstance(stop, Iterable):
+            raise ValueError(f"sampling.stop_token_ids must be a list of token ids, got {stop!r}")
+        stop = tuple(stop)
+        if not all(is_int(s) and s >= 0 for s in stop):
+            raise ValueError(
+                f"sampling.stop_token_ids must be non-negative integers, got {list(stop)}"
+            )
+        object.__setattr__(self, "stop_token_ids", tuple(dict.fromkeys(stop)))
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**62):
+            raise ValueError(
+                f"sampling.seed must be None or an integer in [0, 2**62), got {self.seed!r}"
+            )
+        if not isinstance(self.logprobs, bool):
+            raise ValueError(f"sampling.logprobs must be true or false, got {self.logprobs!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The ``T`` of the log-prob definition: the temperature, or 1 for greedy requests."""
+        return 1.0 if self.greedy else float(self.temperature)
+
+    @property
+    def top_k_enabled(self) -> bool:
+        return self.top_k > 0
+
+    @property
+    def filters_vocabulary(self) -> bool:
+        """True when top-k or top-p can exclude tokens from sampling (never for greedy)."""
+        return not self.greedy and (self.top_k_enabled or self.top_p < 1)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled response.
+
+    Attributes:
+        token_ids: the response tokens (a stop token, if any, is the last one).
+        logprobs: ``log_softmax(logits / T)`` at each response token (see the module docstring),
+            one per token; None when the request asked for no log-probs.
+        finish_reason: ``"stop"`` (a stop token was sampled) or ``"length"`` (max_new_tokens).
+    """
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] | None
+    finish_reason: FinishReason
+
+    def __post_init__(self):
+        object.__setattr__(self, "token_ids", tuple(int(t) for t in self.token_ids))
+        if self.logprobs is not None:
+            object.__setattr__(self, "logprobs", tuple(float(v) for v in self.logprobs))
+            if len(self.logprobs) != len(self.token_ids):
+                raise ValueError(
+                    f"a sample has {len(self.token_ids)} tokens but {len(self.logprobs)} "
+                    "log-probs; an engine must return exactly one per token"
+                )
+        if self.finish_reason not in FINISH_REASONS:
+            raise ValueError(
+                f"finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}"
+            )
+
+
+@dataclass(frozen=True)
+class RolloutOutput:
+    """The ``n`` samples of one prompt, in sample order."""
+
+    prompt_token_ids: tuple[int, ...]
+    samples: tuple[Sample, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "prompt_token_ids", tuple(int(t) for t in self.prompt_token_ids))
+        object.__setattr__(self, "samples", tuple(self.samples))
+
+
+@dataclass(frozen=True)
+class WeightUpdateStats:
+    """What one ``update_weights`` call moved, and how fast.
+
+    Attributes:
+        tensors: tensors received from the stream.
+        bytes: their total size in bytes.
+        seconds: wall time of the call, producing the stream included (that is the sync cost).
+        buckets: how many pieces the engine loaded them in (the HF engine copies one tensor at a
+            time: one per tensor; vLLM: one per RPC bucket).
+        missing: the engine's parameters that this call did not cover, in the engine's own names
+            (HF names for the HF engine; vLLM's fused names for vLLM); None if the engine cannot
+            tell. An empty tuple means every parameter was written.
+    """
+
+    tensors: int
+    bytes: int
+    seconds: float
+    buckets: int
+    missing: tuple[str, ...] | None = field(default=None)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+
+    def summary(self) -> str:
+        return (
+            f"{self.tensors} tensors, {self.bytes / 2**20:.1f} MiB in {self.buckets} buckets, "
+            f"{self.seconds:.3f} s, {self.gb_per_s:.2f} GB/s"
+        )
+
+
+def token_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """The shared log-prob definition: ``log_softmax(logits / T)`` gathered at ``token_ids``.
+
+    Args:
+        logits: ``(..., V)`` logits over the full vocabulary (any float dtype; computed in fp32).
+        token_ids: ``(...)`` the tokens whose log-probs are wanted.
+        temperature: ``T``; 0 (greedy) is treated as 1.
+
+    Returns:
+        ``(...)`` fp32 log-probs.
+    """
+    t = 1.0 if temperature == 0 else float(temperature)
+    logp = torch.log_softmax(logits.float() / t, dim=-1)  # (..., V)
+    return logp.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
+
+
+def validate_prompts(prompt_token_ids: Sequence[Sequence[int]], vocab_size: int | None) -> None:
+    """Raise a clear error for an empty batch, an empty prompt or an out-of-vocabulary id."""
+    if isinstance(prompt_token_ids, (str, bytes)) or not isinstance(prompt_token_ids, Sequence):
+        raise TypeError("prompt_token_ids must be a list of token-id lists, one per prompt")
+    for i, prompt in enumerate(prompt_token_ids):
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
+            raise TypeError(f"prompt {i} must be a list of token ids, got {type(prompt).__name__}")
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        for t in prompt:
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise ValueError(f"prompt {i} has an invalid token id {t!r}")
+            if vocab_size is not None and t >= vocab_size:
+                raise ValueError(
+                    f"prompt {i} has token id {t}, outside the model's vocabulary "
+                    f"(size {vocab_size})"
+                )
+
+
+class RolloutEngine(abc.ABC):
+    """A generation engine the driver talks to; one instance per rollout replica.
+
+    Lifecycle when colocated with training: ``sleep()`` before the trainer runs (the engine
+    gives back its accelerator memory), ``update_weights(stream)`` with the new actor weights,
+    ``wake_up()``, then ``generate``. Engines may accept ``update_weights`` while asleep (vLLM
+    first retakes only its weight memory, and retakes its KV cache in ``wake_up``).
+    """
+
+    @abc.abstractmethod
+    def generate(
+        self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[RolloutOutput]:
+        """Sample ``params.n`` responses for each prompt.
+
+        Args:
+            prompt_token_ids: one list of token ids per prompt (non-empty).
+            params: the sampling parameters of every prompt in this call.
+
+        Returns:
+            One :class:`RolloutOutput` per prompt, in prompt order.
+        """
+
+    @abc.abstractmethod
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]]
+    ) -> WeightUpdateStats:
+        """Load new weights: full, unsharded tensors under Hugging Face names and layouts.
+
+        The iterable is consumed lazily, so the caller may produce it on the fly (the resharder
+        gathers one bucket at a time). Unknown names, or shapes that do not fit, raise an error
+        that names the tensor.
+        """
+
+    @abc.abstractmethod
+    def sleep(self) -> None:
+        """Give back accelerator memory (weights offloaded, KV cache dropped) until wake_up."""
+
+    @abc.abstractmethod
+    def wake_up(self) -> None:
+        """Retake the memory given back by sleep; generate works again afterwards."""
+
+    @abc.abstractmethod
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prompt prefixes (their KV was computed with the previous weights)."""

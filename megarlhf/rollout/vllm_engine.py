@@ -1,0 +1,576 @@
+"""The vLLM rollout engine (GPU): a thin adapter over one in-process ``vllm.LLM`` per replica.
+
+It follows vLLM ``PINNED_VLLM_VERSION`` exactly; the APIs it relies on, as found in that
+version's source:
+
+* ``vllm.LLM(model, tensor_parallel_size=..., enable_sleep_mode=True,
+  worker_extension_cls=..., logprobs_mode="processed_logprobs", skip_tokenizer_init=True, ...)``
+  (``vllm/entrypoints/llm.py``; the extra keywords are ``EngineArgs`` fields,
+  ``vllm/engine/arg_utils.py``).
+* ``LLM.generate(prompts, sampling_params, use_tqdm=False)`` with ``{"prompt_token_ids": [...]}``
+  prompts (``vllm/inputs/llm.py: TokensPrompt``) and one ``vllm.SamplingParams`` per prompt
+  (``vllm/sampling_params.py``); it returns ``RequestOutput``s in prompt order, each with ``n``
+  ``CompletionOutput``s (``vllm/outputs.py``: ``index``, ``token_ids``, ``logprobs``,
+  ``finish_reason`` as the strings "stop" / "length" / "abort" ...).
+* ``LLM.sleep(level=1)`` / ``LLM.wake_up(tags=None | ["weights"] | ["kv_cache"])``: level 1
+  offloads the weights to host memory and drops the KV cache; a partial wake keeps scheduling
+  paused until every tag is awake again (``vllm/v1/engine/core.py``).
+* ``LLM.collective_rpc(method_name, args=...)`` runs a method of the worker extension class on
+  every worker (``vllm/v1/worker/worker_base.py`` mixes ``worker_extension_cls`` into the
+  worker; its attribute names must not clash with the worker's own).
+* Weight loading inside a worker: ``self.model_runner.get_model().load_weights(weights=...)``
+  (``get_model()`` unwraps the CUDA-graph wrapper that ``model_runner.model`` may be), framed
+  by ``initialize_layerwise_reload(model)`` / ``finalize_layerwise_reload(model, model_config)``
+  from ``vllm/model_executor/model_loader/reload`` — the same sequence vLLM's own
+  ``GPUModelRunner.reload_weights`` and its IPC/NCCL weight-transfer engines use, so layers are
+  re-processed (quantization, fused layouts) once all of their tensors have arrived.
+* ``LLM.reset_prefix_cache()`` returns False when it could not reset.
+
+Weights travel as HF-named full tensors (the engine contract); vLLM's ``load_weights`` fuses
+q/k/v and gate/up and takes each TP rank's shard. The stream is cut into buckets of at most
+``weight_bucket_bytes`` (a larger tensor travels alone), each packed into one byte payload
+(:func:`pack_bucket`: names, dtypes, shapes, offsets and the raw bytes) and sent with one
+``collective_rpc`` per bucket, so host memory holds one bucket (and its packed copy) at a time,
+whatever the model size. Tensors are not passed as tensors: between the ``LLM`` and its
+engine-core process vLLM encodes RPC arguments with msgpack and decodes them without type
+information (``vllm/v1/serial_utils.py``, ``EngineCoreProc``'s generic decoder), so a tensor
+would arrive as ``[dtype, shape, buffer]``; bytes arrive as bytes, also through the multiprocess
+executor's pickled message queue. This path copies through host memory; vLLM's CUDA-IPC weight
+transfer is the faster path for colocated replicas.
+
+Log-probs: the LLM is built with ``logprobs_mode="processed_logprobs"`` and each request asks
+for ``logprobs=0`` (the sampled token only). In this mode vLLM returns the log-softmax of the
+logits after temperature (``Sampler.sample`` / ``TopKTopPSampler``, ``vllm/v1/sample/``; model
+runner V2: ``vllm/v1/worker/gpu/sample/sampler.py``); greedy requests skip the temperature, so
+they get ``log_softmax(logits)``. That is :mod:`megarlhf.rollout.base`'s definition as long as
+no top-k/top-p filter is active: with one, vLLM reports the log-prob under the filtered,
+renormalised distribution, which no setting of the pinned version turns back into the
+full-vocabulary number ("raw_logprobs" is taken before temperature). So a request with top-k/top-p
+and ``logprobs=True`` is refused; sample without them, or ask for ``logprobs=False`` and let
+the learner compute them.
+
+Only this module imports vLLM, and only inside functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from megarlhf.rollout.base import (
+    RolloutEngine,
+    RolloutOutput,
+    Sample,
+    SamplingParams,
+    WeightUpdateStats,
+    validate_prompts,
+)
+
+logger = logging.getLogger(__name__)
+
+PINNED_VLLM_VERSION = "0.30.0"
+WORKER_EXTENSION_CLS = f"{__name__}.VLLMWorkerExtension"
+LOGPROBS_MODE = "processed_logprobs"
+DEFAULT_WEIGHT_BUCKET_BYTES = 256 * 2**20
+# msgpack's bin type holds < 4 GiB: a bucket's bytes travel in frames of at most this size.
+_FRAME_BYTES = 2**30
+_ALIGN_BYTES = 16
+
+# Keywords the adapter must own: its output conversion and weight sync depend on them.
+_OWNED_LLM_KWARGS = ("logprobs_mode", "worker_extension_cls", "skip_tokenizer_init", "model")
+
+
+def check_vllm_version(installed: str, *, allow_mismatch: bool = False) -> None:
+    """Raise (or warn, with ``allow_mismatch``) unless ``installed`` is the pinned version."""
+    if installed == PINNED_VLLM_VERSION:
+        return
+    message = (
+        f"vLLM {installed} is installed, but megarlhf's vLLM engine follows the API of vLLM "
+        f"{PINNED_VLLM_VERSION} exactly (logprobs_mode, sleep tags, worker extensions, weight "
+        f"reload). Install it with `pip install vllm=={PINNED_VLLM_VERSION}` (the `gpu` extra)"
+    )
+    if not allow_mismatch:
+        raise RuntimeError(message + ", or pass allow_version_mismatch=True to try anyway.")
+    warnings.warn(message + "; going on because allow_version_mismatch=True.", stacklevel=2)
+
+
+def build_llm_kwargs(
+    model: str,
+    *,
+    tensor_parallel_size: int = 1,
+    dtype: str = "bfloat16",
+    gpu_memory_utilization: float = 0.5,
+    enable_sleep_mode: bool = True,
+    seed: int = 0,
+    max_model_len: int | None = None,
+    enforce_eager: bool = False,
+    enable_prefix_caching: bool = True,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The keyword arguments of ``vllm.LLM`` for one rollout replica.
+
+    Args:
+        model: local HF directory (config, and weights unless ``load_format="dummy"`` is passed
+            in ``extra``: the first weight sync overwrites them anyway).
+        tensor_parallel_size: this replica's TP size (independent of the trainer's layout).
+        dtype: vLLM's weight/activation dtype.
+        gpu_memory_utilization: fraction of the GPU this replica may take (weights + KV cache);
+            leave room for the trainer when colocated.
+        enable_sleep_mode: needed for ``sleep()`` / ``wake_up()`` (colocation).
+        seed: the engine's base seed (requests with a seed use their own).
+        max_model_len: prompt + response limit; None takes the model config's.
+        enforce_eager: disable CUDA graphs (debugging).
+        enable_prefix_caching: reuse the KV of shared prompt prefixes (reset after every sync).
+        extra: further ``vllm.LLM`` / ``EngineArgs`` keywords, passed through.
+    """
+    owned = [k for k in _OWNED_LLM_KWARGS if k in extra]
+    if owned:
+        raise ValueError(
+            f"vLLM engine: {owned} are set by the adapter (log-prob definition, weight sync, "
+            "token-id I/O) and cannot be overridden"
+        )
+    if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+        raise ValueError(
+            f"rollout tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}"
+        )
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(
+            f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}"
+        )
+    kwargs: dict[str, Any] = dict(
+        model=model,
+        tensor_parallel_size=tensor_parallel_size,
+        dtype=dtype,
+        gpu_memory_utilization=gpu_memory_utilization,
+        enable_sleep_mode=enable_sleep_mode,
+        seed=seed,
+        enforce_eager=enforce_eager,
+        enable_prefix_caching=enable_prefix_caching,
+        logprobs_mode=LOGPROBS_MODE,
+        worker_extension_cls=WORKER_EXTENSION_CLS,
+        skip_tokenizer_init=True,  # token ids in, token ids out
+    )
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    kwargs.update(extra)
+    return kwargs
+
+
+def to_vllm_sampling_kwargs(params: SamplingParams, prompt_index: int) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.SamplingParams`` for prompt ``prompt_index`` of a call.
+
+    vLLM gives child ``i`` of an ``n``-sample request the seed ``seed + i``; prompt ``j`` gets
+    ``seed + j * n`` so that every sample of the call has its own seed (``seed + j*n + i``, as
+    in the HF engine). ``ignore_eos`` makes ``stop_token_ids`` the only stop condition besides
+    the length (our contract: the caller lists EOS itself); without it vLLM would also stop at
+    the EOS ids of the model's generation config.
+    """
+    if params.logprobs and params.filters_vocabulary:
+        raise ValueError(
+            f"vLLM engine: top_k={params.top_k} / top_p={params.top_p} with logprobs=True: vLLM "
+            f"{PINNED_VLLM_VERSION} reports log-probs of the top-k/top-p *filtered* distribution, "
+            "not log_softmax(logits / T) over the full vocabulary that the learner computes. "
+            "Sample without top-k/top-p (top_k=-1, top_p=1), or set sampling logprobs=False and "
+            "let the learner compute the old log-probs."
+        )
+    kwargs: dict[str, Any] = dict(
+        n=params.n,
+        temperature=float(params.temperature),
+        top_p=float(params.top_p),
+        top_k=params.top_k if params.top_k_enabled else 0,
+        max_tokens=params.max_new_tokens,
+        stop_token_ids=list(params.stop_token_ids),
+        ignore_eos=True,
+        detokenize=False,
+        logprobs=0 if params.logprobs else None,
+        flat_logprobs=True,
+        seed=None if params.seed is None else params.seed + prompt_index * params.n,
+    )
+    return kwargs
+
+
+def iter_weight_buckets(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group a weight stream into buckets of at most ``bucket_bytes`` each.
+
+    A tensor larger than ``bucket_bytes`` travels alone. Order is preserved (vLLM processes a
+    layer once all its tensors arrived, so a layer-ordered stream keeps its buffers small).
+    """
+    if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+        raise ValueError(
+            f"weight bucket size must be a positive number of bytes, got {bucket_bytes!r}"
+        )
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for item in named_tensors:
+        name, tensor = item
+        if not isinstance(name, str):
+            raise TypeError(f"update_weights: tensor names must be strings, got {name!r}")
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"update_weights: {name!r} is a {type(tensor).__name__}, not a tensor")
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+        item = tensor = None
+    if bucket:
+        yield bucket
+
+
+def pack_bucket(bucket: Sequence[tuple[str, torch.Tensor]]) -> dict[str, Any]:
+    """One bucket of tensors -> a payload of plain Python values that survives vLLM's RPC.
+
+    ``data`` is the concatenated raw bytes of the tensors, cut into frames below msgpack's
+    4 GiB limit; ``offsets[i]`` is where tensor ``i`` starts in it.
+    """
+    names, dtypes, shapes, offsets = [], [], [], []
+    offset = 0
+    raw = []
+    for name, tensor in bucket:
+        tensor = tensor.detach().to("cpu").contiguous()
+        pad = -offset % _ALIGN_BYTES  # every tensor starts aligned, so the worker can view it
+        if pad:
+            raw.append(torch.zeros(pad, dtype=torch.uint8))
+            offset += pad
+        names.append(name)
+        dtypes.append(str(tensor.dtype).removeprefix("torch."))
+        shapes.append(list(tensor.shape))
+        offsets.append(offset)
+        raw.append(tensor.reshape(-1).view(torch.uint8))
+        offset += raw[-1].numel()
+    packed = torch.cat(raw) if raw else torch.empty(0, dtype=torch.uint8)  # (bytes,)
+    raw = None
+    frames = [
+        packed[i : i + _FRAME_BYTES].numpy().tobytes()
+        for i in range(0, packed.numel(), _FRAME_BYTES)
+    ]
+    return dict(names=names, dtypes=dtypes, shapes=shapes, offsets=offsets, data=frames)
+
+
+def unpack_bucket(payload: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    """The inverse of :func:`pack_bucket` (runs in the vLLM worker): ``(name, tensor)`` pairs."""
+    data = payload["data"]
+    buffer = bytearray(data[0]) if len(data) == 1 else bytearray().join(data)
+    flat = torch.empty(0, dtype=torch.uint8)
+    if buffer:
+        flat = torch.frombuffer(buffer, dtype=torch.uint8)
+    out = []
+    for name, dtype_name, shape, offset in zip(
+        payload["names"], payload["dtypes"], payload["shapes"], payload["offsets"], strict=True
+    ):
+        dtype = getattr(torch, dtype_name)
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * dtype.itemsize
+        out.append((str(name), flat[offset : offset + nbytes].view(dtype).view(shape)))
+    return out
+
+
+def _sampled_logprobs(logprobs: Any, token_ids: list[int], where: str) -> list[float]:
+    """The log-prob of each sampled token from vLLM's per-position sample logprobs.
+
+    ``logprobs`` is vLLM's ``FlatLogprobs`` (``flat_logprobs=True``: flat ``token_ids`` /
+    ``logprobs`` lists cut by ``start_indices`` / ``end_indices``, read directly here) or a list
+    of ``{token_id: Logprob}`` dicts, one per position.
+    """
+    if logprobs is None or len(logprobs) != len(token_ids):
+        got = None if logprobs is None else len(logprobs)
+        raise RuntimeError(
+            f"vLLM returned {got} log-prob positions for {len(token_ids)} tokens ({where})"
+        )
+    flat = all(hasattr(logprobs, a) for a in ("start_indices", "end_indices", "token_ids"))
+    values = []
+    for t, tok in enumerate(token_ids):
+        value = None
+        if flat:
+            for i in range(logprobs.start_indices[t], logprobs.end_indices[t]):
+                if logprobs.token_ids[i] == tok:
+                    value = logprobs.logprobs[i]
+                    break
+        else:
+            entry = logprobs[t]
+            if entry is not None and tok in entry:
+                value = entry[tok].logprob
+        if value is None:
+            raise RuntimeError(
+                f"vLLM returned no log-prob for the sampled token {tok} ({where}, token {t})"
+            )
+        values.append(float(value))
+    return values
+
+
+def convert_request_outputs(
+    request_outputs: Sequence[Any],
+    prompt_token_ids: Sequence[Sequence[int]],
+    params: SamplingParams,
+) -> list[RolloutOutput]:
+    """vLLM ``RequestOutput``s (one per prompt, in order) -> our :class:`RolloutOutput`s.
+
+    Checks what the adapter relies on: one output per prompt in prompt order, ``n`` samples
+    each (sorted by ``CompletionOutput.index``), finish reasons "stop"/"length" only, and one
+    log-prob per response token (with ``logprobs=0`` each position holds the sampled token).
+    """
+    if len(request_outputs) != len(prompt_token_ids):
+        raise RuntimeError(
+            f"vLLM returned {len(request_outputs)} outputs for {len(prompt_token_ids)} prompts"
+        )
+    results = []
+    for j, (out, prompt) in enumerate(zip(request_outputs, prompt_token_ids, strict=True)):
+        echoed = getattr(out, "prompt_token_ids", None)
+        if echoed is not None and list(echoed) != list(prompt):
+            raise RuntimeError(f"vLLM output {j} belongs to another prompt (outputs out of order)")
+        completions = sorted(out.outputs, key=lambda c: c.index)
+        if len(completions) != params.n:
+            raise RuntimeError(
+                f"vLLM returned {len(completions)} samples for prompt {j}, expected n={params.n}"
+            )
+        samples = []
+        for c in completions:
+            where = f"prompt {j}, sample {c.index}"
+            if c.finish_reason not in ("stop", "length"):
+                raise RuntimeError(
+                    f"vLLM sample finished with {c.finish_reason!r} ({where}); expected 'stop' "
+                    "or 'length' (was the request aborted, or the engine put to sleep?)"
+                )
+            token_ids = [int(t) for t in c.token_ids]
+            logprobs = None
+            if params.logprobs:
+                logprobs = _sampled_logprobs(c.logprobs, token_ids, where)
+            samples.append(
+                Sample(token_ids=token_ids, logprobs=logprobs, finish_reason=c.finish_reason)
+            )
+        results.append(RolloutOutput(prompt_token_ids=prompt, samples=tuple(samples)))
+    return results
+
+
+class VLLMWorkerExtension:
+    """Mixed into every vLLM worker (``worker_extension_cls``); reached via ``collective_rpc``.
+
+    ``self`` is the vLLM worker: ``self.model_runner``, ``self.model_config`` and
+    ``self.device`` are the worker's. Method names carry a ``megarlhf_`` prefix because vLLM
+    refuses extension attributes that clash with the worker's own (it has ``update_weights``).
+    """
+
+    def megarlhf_begin_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model_runner.get_model())
+        self._megarlhf_loaded: set[str] = set()
+
+    def megarlhf_load_weights(self, payload: dict) -> int:
+        """Load one :func:`pack_bucket` payload of HF-named full tensors; vLLM fuses and shards."""
+        weights = unpack_bucket(payload)
+        try:
+            loaded = self.model_runner.get_model().load_weights(weights=weights)
+        except Exception as e:
+            names = [name for name, _ in weights]
+            raise RuntimeError(f"vLLM could not load the weight bucket {names}: {e!r}") from e
+        self._megarlhf_loaded.update(loaded or ())
+        return len(weights)
+
+    def megarlhf_finish_weight_update(self) -> list[str]:
+        """Process the loaded layers; return the model parameters this update did not load."""
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        model = self.model_runner.get_model()
+        finalize_layerwise_reload(model, self.model_config)
+        torch.accelerator.synchronize()
+        loaded = getattr(self, "_megarlhf_loaded", set())
+        self._megarlhf_loaded = set()
+        return sorted(name for name, _ in model.named_parameters() if name not in loaded)
+
+
+class VLLMRolloutEngine(RolloutEngine):
+    """:class:`RolloutEngine` over one ``vllm.LLM``; build it with :meth:`create`.
+
+    Args:
+        llm: a ``vllm.LLM`` built with :func:`build_llm_kwargs` (the adapter checks that its
+            ``logprobs_mode`` is ``"processed_logprobs"`` when it can see it).
+        weight_bucket_bytes: most bytes of weights per ``collective_rpc`` call.
+        sleep_level: vLLM sleep level for :meth:`sleep`: 1 keeps the weights in host memory,
+            2 drops them (every update must then carry all of them).
+        sampling_params_factory: builds a vLLM ``SamplingParams`` from keywords; defaults to
+            ``vllm.SamplingParams``.
+    """
+
+    def __init__(
+        self,
+        llm: Any,
+        *,
+        weight_bucket_bytes: int = DEFAULT_WEIGHT_BUCKET_BYTES,
+        sleep_level: int = 1,
+        sampling_params_factory: Callable[..., Any] | None = None,
+    ):
+        if sleep_level not in (1, 2):
+            raise ValueError(f"vLLM sleep_level must be 1 or 2, got {sleep_level!r}")
+        if not isinstance(weight_bucket_bytes, int) or weight_bucket_bytes < 1:
+            raise ValueError(
+                f"weight_bucket_bytes must be a positive integer, got {weight_bucket_bytes!r}"
+            )
+        model_config = getattr(llm, "model_config", None)
+        mode = getattr(model_config, "logprobs_mode", LOGPROBS_MODE)
+        if mode != LOGPROBS_MODE:
+            raise ValueError(
+                f"the vLLM LLM was built with logprobs_mode={mode!r}; the rollout contract needs "
+                f"{LOGPROBS_MODE!r} (build it with build_llm_kwargs / VLLMRolloutEngine.create)"
+            )
+        self._llm = llm
+        self._sleep_mode_enabled = bool(getattr(model_config, "enable_sleep_mode", True))
+        self._vocab_size = None
+        if model_config is not None and hasattr(model_config, "get_vocab_size"):
+            self._vocab_size = int(model_config.get_vocab_size())
+        self.weight_bucket_bytes = weight_bucket_bytes
+        self.sleep_level = sleep_level
+        self._sampling_params_factory = sampling_params_factory
+        self._state = "awake"  # "awake" | "asleep" | "weights_awake" (KV cache still asleep)
+
+    @classmethod
+    def create(
+        cls,
+        model: str,
+        *,
+        weight_bucket_bytes: int = DEFAULT_WEIGHT_BUCKET_BYTES,
+        sleep_level: int = 1,
+        allow_version_mismatch: bool = False,
+        **llm_kwargs: Any,
+    ) -> VLLMRolloutEngine:
+        """Build the ``vllm.LLM`` for one replica (see :func:`build_llm_kwargs`) and wrap it."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = version("vllm")
+        except PackageNotFoundError:
+            raise RuntimeError(
+                f"the vLLM rollout engine needs vLLM {PINNED_VLLM_VERSION} (a CUDA build): "
+                f"`pip install vllm=={PINNED_VLLM_VERSION}` or install megarlhf[gpu]; on CPU "
+                "use the 'hf' rollout engine"
+            ) from None
+        check_vllm_version(installed, allow_mismatch=allow_version_mismatch)
+        import vllm
+
+        llm = vllm.LLM(**build_llm_kwargs(model, **llm_kwargs))
+        return cls(
+            llm,
+            weight_bucket_bytes=weight_bucket_bytes,
+            sleep_level=sleep_level,
+            sampling_params_factory=vllm.SamplingParams,
+        )
+
+    # --------------------------------------------------------------- generation
+
+    def _make_sampling_params(self, **kwargs: Any) -> Any:
+        if self._sampling_params_factory is None:
+            from vllm import SamplingParams as VLLMSamplingParams
+
+            self._sampling_params_factory = VLLMSamplingParams
+        return self._sampling_params_factory(**kwargs)
+
+    def generate(
+        self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[RolloutOutput]:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be megarlhf SamplingParams, got {type(params).__name__}")
+        if self._state != "awake":
+            raise RuntimeError(f"vLLM engine: generate() while {self._state}; call wake_up() first")
+        validate_prompts(prompt_token_ids, self._vocab_size)
+        prompts = [{"prompt_token_ids": [int(t) for t in p]} for p in prompt_token_ids]
+        sampling = [
+            self._make_sampling_params(**to_vllm_sampling_kwargs(params, j))
+            for j in range(len(prompts))
+        ]
+        outputs = self._llm.generate(prompts, sampling, use_tqdm=False)
+        return convert_request_outputs(outputs, prompt_token_ids, params)
+
+    # ------------------------------------------------------------------ weights
+
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]]
+    ) -> WeightUpdateStats:
+        """Stream HF-named full tensors into every worker, one bounded bucket per RPC.
+
+        While asleep, only the weight memory is woken first (the KV cache stays asleep until
+        :meth:`wake_up`). Afterwards the prefix cache is reset: its KV came from the old
+        weights. ``missing`` in the returned stats lists vLLM (fused) parameter names no bucket
+        wrote.
+        """
+        start = time.perf_counter()
+        if self._state == "asleep":
+            self._llm.wake_up(tags=["weights"])
+            self._state = "weights_awake"
+        count = nbytes = buckets = 0
+        self._llm.collective_rpc("megarlhf_begin_weight_update")
+        try:
+            for bucket in iter_weight_buckets(named_tensors, self.weight_bucket_bytes):
+                count += len(bucket)
+                nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+                payload = pack_bucket(bucket)
+                bucket = None
+                self._llm.collective_rpc("megarlhf_load_weights", args=(payload,))
+                payload = None
+                buckets += 1
+        except BaseException:
+            # Finish anyway: vLLM then puts back the layers the partial stream left incomplete.
+            try:
+                self._llm.collective_rpc("megarlhf_finish_weight_update")
+            except Exception:
+                logger.exception("vLLM engine: finishing the failed weight update also failed")
+            raise
+        per_worker = self._llm.collective_rpc("megarlhf_finish_weight_update")
+        missing = tuple(sorted({name for names in per_worker for name in names}))
+        if missing and self.sleep_level == 2:
+            raise RuntimeError(
+                f"vLLM engine: sleep_level=2 dropped the weights, but this update did not write "
+                f"{list(missing)}; stream every weight, or use sleep_level=1"
+            )
+        self.reset_prefix_cache()
+        stats = WeightUpdateStats(
+            tensors=count,
+            bytes=nbytes,
+            seconds=time.perf_counter() - start,
+            buckets=buckets,
+            missing=missing,
+        )
+        logger.info("vLLM engine: weight update: %s", stats.summary())
+        return stats
+
+    # --------------------------------------------------------------- lifecycle
+
+    def sleep(self) -> None:
+        if not self._sleep_mode_enabled:
+            raise RuntimeError(
+                "vLLM engine: sleep() needs the LLM built with enable_sleep_mode=True"
+            )
+        if self._state == "asleep":
+            return
+        if self._state == "weights_awake":
+            # vLLM ignores sleep() while any tag still sleeps; wake the KV cache first.
+            logger.warning(
+                "vLLM engine: sleep() right after a weight update; waking the KV "
+                "cache first so that the weights can be offloaded again"
+            )
+            self._llm.wake_up(tags=["kv_cache"])
+        self._llm.sleep(level=self.sleep_level)
+        self._state = "asleep"
+
+    def wake_up(self) -> None:
+        if self._state == "asleep":
+            self._llm.wake_up()
+        elif self._state == "weights_awake":
+            self._llm.wake_up(tags=["kv_cache"])
+        self._state = "awake"
+
+    def reset_prefix_cache(self) -> None:
+        if self._llm.reset_prefix_cache() is False:
+            raise RuntimeError(
+                "vLLM engine: reset_prefix_cache() failed (requests still running?); cached "
+                "prefixes would carry KV from the previous weights"
+            )
