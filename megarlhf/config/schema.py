@@ -108,6 +108,9 @@ class OptimizerConfig:
         check(0 <= self.min_lr <= self.lr, "optimizer.min_lr must be in [0, optimizer.lr]")
         check(self.clip_grad >= 0, "optimizer.clip_grad must be >= 0 (0 disables clipping)")
         check(self.lr_warmup_steps >= 0, "optimizer.lr_warmup_steps must be >= 0")
+        check(not (self.name == "sgd" and self.use_distributed_optimizer),
+              "optimizer.name=sgd cannot use megatron's DistributedOptimizer (Adam only); set "
+              "optimizer.use_distributed_optimizer=false or optimizer.name=adam")
 
 
 @dataclass

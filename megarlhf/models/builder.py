@@ -118,8 +118,16 @@ def transformer_config(spec: ArchSpec, model_cfg: ModelConfig, ctx: ParallelCont
         # Losses are normalized by a global token/sequence count computed by the driver, so
         # megatron must not rescale them per micro-batch nor average grads over DP (see engine).
         calculate_per_token_loss=True,
-        # Micro-batches of one step may differ in length (packing, dynamic batching).
-        variable_seq_lengths=lay.pp > 1,
+        # Micro-batches of one step may differ in length (packing, dynamic batching); the
+        # interleaved schedule does not support it, so the engine pads to one shape there.
+        variable_seq_lengths=lay.pp > 1 and lay.vpp == 1,
+        # Batched p2p issues "send to prev" and "send to next" in one batch; with pp=2 both go to
+        # the same peer and are matched by issue order, which swaps activations and gradients in
+        # the interleaved schedule. Unbatched p2p puts the two directions on different
+        # communicators (megatron's even/odd scheme).
+        batch_p2p_comm=lay.vpp == 1,
+        # Dense models only; megatron refuses variable lengths with its default MoE dispatcher.
+        moe_token_dispatcher_type="alltoall",
     )
     if model_cfg.recompute == "full":
         kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -258,6 +266,7 @@ def build_model(model_cfg: ModelConfig, ctx: ParallelContext, *, head: Head = "l
                 m.output_layer.cuda()
         if platform.is_cuda:
             m.cuda(torch.cuda.current_device())
+        _ensure_tp_attributes(m)
         chunks.append(m)
 
     if config.bf16 or config.fp16:
@@ -281,6 +290,36 @@ def build_model(model_cfg: ModelConfig, ctx: ParallelContext, *, head: Head = "l
         ]
     return ModelBundle(chunks=chunks, spec=spec, config=config, head=head,
                        padded_vocab_size=padded_vocab, te=te, ctx=ctx)
+
+
+def _ensure_tp_attributes(model: torch.nn.Module) -> None:
+    """Marks TP-sharded weights as such even when initialisation was skipped.
+
+    megatron-core 0.16 sets ``tensor_model_parallel`` / ``partition_dim`` on a parallel layer's
+    weight only inside its initialisers, so a model built with ``perform_initialization=False``
+    (weights to be loaded) would count every shard as a TP duplicate: the grad norm (and so grad
+    clipping) would miss all shards but TP rank 0's.
+    """
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for mod in model.modules():
+        if isinstance(mod, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(mod, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        w = getattr(mod, "weight", None)
+        if w is not None and not getattr(w, "tensor_model_parallel", False):
+            for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+                if hasattr(w, attr):
+                    delattr(w, attr)
+            set_tensor_model_parallel_attributes(w, True, dim, 1)
 
 
 def _untied(spec: ArchSpec) -> ArchSpec:
