@@ -319,6 +319,12 @@ class MegatronEngine:
                           num_micro_batches=len(mbs), seconds=time.perf_counter() - t0,
                           skipped=not ok)
 
+    def train(self, batch: TokenBatch, spec) -> StepResult:
+        """One optimizer step with the loss described by ``spec`` (see engine.loss_fns)."""
+        from megarlhf.engine.loss_fns import loss_needs, make_loss_fn
+
+        return self.train_step(batch, make_loss_fn(spec), **loss_needs(spec))
+
     # ------------------------------------------------------------------ offload / onload
     def _offloadable_tensors(self) -> list[Tensor]:
         tensors: list[Tensor] = []

@@ -1,0 +1,25 @@
+"""``megarlhf validate CONFIG [overrides]``: check a job config without starting anything."""
+
+from __future__ import annotations
+
+from megarlhf.commands import add_config_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser("validate", help="check a job config (types, layouts, batch sizes) and "
+                                        "print the resolved YAML")
+    add_config_args(p)
+    p.add_argument("--quiet", action="store_true", help="print nothing when the config is valid")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from omegaconf import OmegaConf
+
+    from megarlhf.config import load_config, to_dict
+
+    job = load_config(args.config, args.overrides)
+    if not args.quiet:
+        print(OmegaConf.to_yaml(OmegaConf.create(to_dict(job))), end="")
+        print(f"# valid: {job.kind} job {job.name!r}")
+    return 0

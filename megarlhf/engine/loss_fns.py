@@ -1,0 +1,270 @@
+"""RL losses as engine loss functions, described by small picklable specs.
+
+The driver computes advantages, returns and reference log-probs (``megarlhf.rl``), puts them in
+the batch's fields, and sends the engine (in-process or a Ray worker) a *spec*: which loss, its
+hyper-parameters and the *global* normalisers it computed once for the whole batch.
+:func:`make_loss_fn` turns a spec into ``loss_fn(outputs, micro_batch) -> (loss, metrics)``.
+
+Every metric is made additive: a per-micro-batch mean over ``n`` items is reported as
+``mean * n / N_global``, so the engine's sum over micro-batches and data-parallel ranks is the
+global mean. (Maxima are not additive and are not reported here.)
+
+Batch fields each loss reads (per token ``(B, S)`` aligned with the tokens, per sequence ``(B,)``):
+
+============  ===============================================================================
+policy        response_mask, advantages, logp_old; logp_ref (kl_coef > 0); logp_behaviour
+              (tis_cap set)
+value         response_mask, values_old, returns
+dpo           response_mask, ref_logp_sum (per seq); rows in (chosen, rejected) pairs
+sft           loss_mask
+orm           last_index (per seq: the token whose score counts), kind (per seq), label
+prm           step_mask, step_labels; plus the orm fields for preference rows (optional)
+============  ===============================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from megarlhf.engine.batch import MicroBatch
+from megarlhf.rl import kl as rl_kl
+from megarlhf.rl import losses as L
+from megarlhf.rl import rm_losses as R
+
+AggMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
+                  "seq_mean_token_sum_norm"]
+
+
+@dataclass(frozen=True)
+class PolicyLossSpec:
+    """PPO/GRPO clipped surrogate (+ optional entropy bonus, KL loss, truncated IS)."""
+
+    normalizer: float  # global count for agg_mode (tokens, or sequences for seq_* modes)
+    num_tokens: float  # global number of response tokens (metrics)
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = None
+    agg_mode: AggMode = "token_mean"
+    length_constant: float | None = None  # seq_mean_token_sum_norm (Dr.GRPO)
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.0  # KL to the reference as a loss term (when not in the reward)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    tis_cap: float | None = None
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True)
+class ValueLossSpec:
+    normalizer: float
+    num_tokens: float
+    clip_eps: float | None = 0.2
+    coef: float = 1.0
+    agg_mode: AggMode = "token_mean"
+    length_constant: float | None = None
+
+
+@dataclass(frozen=True)
+class DPOLossSpec:
+    num_pairs: float  # global
+    beta: float = 0.1
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True)
+class SFTLossSpec:
+    normalizer: float  # global number of loss tokens (token_mean) or sequences
+    num_tokens: float
+    agg_mode: AggMode = "token_mean"
+
+
+@dataclass(frozen=True)
+class ORMLossSpec:
+    num_pairs: float
+    num_binary: float
+
+
+@dataclass(frozen=True)
+class PRMLossSpec:
+    num_steps: float
+    num_pairs: float = 0.0
+    label_type: Literal["soft", "hard"] = "soft"
+
+
+LossSpec = PolicyLossSpec | ValueLossSpec | DPOLossSpec | SFTLossSpec | ORMLossSpec | PRMLossSpec
+
+
+def _scaled(metrics: dict[str, Tensor], local: float, total: float,
+            keys: tuple[str, ...]) -> dict[str, Tensor]:
+    w = local / max(total, 1.0)
+    return {k: metrics[k].detach().float() * w for k in keys if k in metrics}
+
+
+def _policy(spec: PolicyLossSpec):
+    def fn(out: dict[str, Tensor], mb: MicroBatch):
+        f = mb.fields
+        mask = f["response_mask"].bool()
+        logp = out["logp"]
+        n_local = float(mask.sum())
+        is_w = None
+        extra: dict[str, Tensor] = {}
+        if spec.tis_cap is not None:
+            is_w, tis_m = L.truncated_is_weights(logp.detach(), f["logp_behaviour"], mask,
+                                                 cap=spec.tis_cap)
+            extra.update({f"tis_{k}": v for k, v in tis_m.items()})
+        loss, m = L.policy_loss(logp, f["logp_old"], f["advantages"], mask,
+                                eps_low=spec.eps_low, eps_high=spec.eps_high,
+                                dual_clip=spec.dual_clip, is_weights=is_w,
+                                agg_mode=spec.agg_mode, normalizer=spec.normalizer,
+                                segment_ids=mb.segment_ids, length_constant=spec.length_constant)
+        metrics = _scaled(m, n_local, spec.num_tokens,
+                          ("clip_frac", "clip_frac_low", "clip_frac_high", "dual_clip_frac",
+                           "approx_kl", "ratio_mean"))
+        metrics["pg_loss"] = loss.detach()
+        total = loss
+        if "entropy" in out:
+            ent = L.aggregate(out["entropy"], mask, spec.agg_mode, spec.normalizer,
+                              segment_ids=mb.segment_ids, length_constant=spec.length_constant)
+            metrics["entropy"] = (torch.where(mask, out["entropy"].detach(), 0.0).sum()
+                                  / max(spec.num_tokens, 1.0))
+            if spec.entropy_coef:
+                total = total - spec.entropy_coef * ent
+        if spec.kl_coef:
+            kl = rl_kl.kl_estimate(logp, f["logp_ref"], spec.kl_estimator)
+            kl_term = L.aggregate(kl, mask, spec.agg_mode, spec.normalizer,
+                                  segment_ids=mb.segment_ids,
+                                  length_constant=spec.length_constant)
+            metrics["kl_loss"] = kl_term.detach()
+            total = total + spec.kl_coef * kl_term
+        for k in ("tis_is_weight_mean", "tis_is_truncated_frac"):
+            if k in extra:
+                metrics[k] = extra[k].detach().float() * n_local / max(spec.num_tokens, 1.0)
+        metrics["loss"] = total.detach()
+        return total, metrics
+
+    return fn
+
+
+def _value(spec: ValueLossSpec):
+    def fn(out: dict[str, Tensor], mb: MicroBatch):
+        f = mb.fields
+        mask = f["response_mask"].bool()
+        loss, m = L.value_loss(out["values"], f["values_old"], f["returns"], mask,
+                               clip_eps=spec.clip_eps, agg_mode=spec.agg_mode,
+                               normalizer=spec.normalizer, segment_ids=mb.segment_ids,
+                               length_constant=spec.length_constant)
+        metrics = _scaled(m, float(mask.sum()), spec.num_tokens,
+                          tuple(k for k in m if k not in ("num_tokens",)
+                                and m[k].dim() == 0 and not k.endswith("_max")))
+        metrics["value_loss"] = loss.detach()
+        metrics["loss"] = (spec.coef * loss).detach()
+        return spec.coef * loss, metrics
+
+    return fn
+
+
+def _seq_logp(out: dict[str, Tensor], mb: MicroBatch, mask: Tensor) -> Tensor:
+    """Per-sequence sum of log-probs over ``mask``, in placement order (n_seq,)."""
+    return L.sequence_logprobs(out["logp"], mask, segment_ids=mb.segment_ids)
+
+
+def _dpo(spec: DPOLossSpec):
+    def fn(out: dict[str, Tensor], mb: MicroBatch):
+        f = mb.fields
+        mask = f["response_mask"].bool()
+        seq = _seq_logp(out, mb, mask)  # (n_seq,)
+        ref = f["ref_logp_sum"].float()
+        loss, m = L.dpo_loss(seq[0::2], seq[1::2], ref[0::2], ref[1::2], beta=spec.beta,
+                             normalizer=spec.num_pairs)
+        n = float(seq[0::2].numel())
+        metrics = _scaled(m, n, spec.num_pairs,
+                          ("reward_accuracy", "reward_margin", "chosen_reward",
+                           "rejected_reward"))
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+    return fn
+
+
+def _sft(spec: SFTLossSpec):
+    def fn(out: dict[str, Tensor], mb: MicroBatch):
+        mask = mb.fields["loss_mask"].bool()
+        nll = -out["logp"]
+        loss = L.aggregate(nll, mask, spec.agg_mode, spec.normalizer,
+                           segment_ids=mb.segment_ids)
+        metrics = {"loss": loss.detach(),
+                   "nll_token_mean": torch.where(mask, nll.detach(), 0.0).sum()
+                   / max(spec.num_tokens, 1.0)}
+        return loss, metrics
+
+    return fn
+
+
+def _orm(spec: ORMLossSpec):
+    def fn(out: dict[str, Tensor], mb: MicroBatch):
+        f = mb.fields
+        scores = mb.seq_values(out["values"], f["last_index"])  # (n_seq,)
+        loss, m = R.orm_multitask_loss(scores, f["kind"], f.get("label"),
+                                       pair_normalizer=spec.num_pairs,
+                                       binary_normalizer=spec.num_binary)
+        n_p, n_b = float(m["num_pairs"]), float(m["num_binary"])
+        metrics = {"loss": loss.detach(), "loss_pref": m["loss_pref"], "loss_bin": m["loss_bin"]}
+        metrics.update(_scaled(m, n_p, spec.num_pairs,
+                               ("pair_accuracy", "chosen_reward", "rejected_reward")))
+        metrics.update(_scaled(m, n_b, spec.num_binary, ("binary_accuracy",)))
+        return loss, metrics
+
+    return fn
+
+
+def _prm(spec: PRMLossSpec):
+    def fn(out: dict[str, Tensor], mb: MicroBatch):
+        f = mb.fields
+        loss, m = R.prm_step_loss(out["values"], f["step_mask"], f["step_labels"],
+                                  label_type=spec.label_type, normalizer=spec.num_steps)
+        metrics = {"loss_step": loss.detach()}
+        metrics.update(_scaled(m, float(m["num_steps"]), spec.num_steps,
+                               ("step_accuracy", "step_score")))
+        total = loss
+        if spec.num_pairs and "kind" in f:
+            scores = mb.seq_values(out["values"], f["last_index"])
+            lp, mp = R.orm_multitask_loss(scores, f["kind"], None,
+                                          pair_normalizer=spec.num_pairs, binary_normalizer=1)
+            total = total + lp
+            metrics["loss_pref"] = lp.detach()
+        metrics["loss"] = total.detach()
+        return total, metrics
+
+    return fn
+
+
+def make_loss_fn(spec: LossSpec):
+    """The engine loss function for ``spec``."""
+    if isinstance(spec, PolicyLossSpec):
+        return _policy(spec)
+    if isinstance(spec, ValueLossSpec):
+        return _value(spec)
+    if isinstance(spec, DPOLossSpec):
+        return _dpo(spec)
+    if isinstance(spec, SFTLossSpec):
+        return _sft(spec)
+    if isinstance(spec, ORMLossSpec):
+        return _orm(spec)
+    if isinstance(spec, PRMLossSpec):
+        return _prm(spec)
+    raise TypeError(f"unknown loss spec {type(spec).__name__}")
+
+
+def loss_needs(spec: LossSpec) -> dict:
+    """What a spec needs from the engine: entropy, temperature and sequence grouping."""
+    if isinstance(spec, PolicyLossSpec):
+        return {"entropy": True, "temperature": spec.temperature, "group_size": 1}
+    if isinstance(spec, DPOLossSpec):
+        return {"entropy": False, "temperature": spec.temperature, "group_size": 2}
+    if isinstance(spec, (ORMLossSpec, PRMLossSpec)):
+        return {"entropy": False, "temperature": 1.0, "group_size": 2
+                if getattr(spec, "num_pairs", 0) else 1}
+    return {"entropy": False, "temperature": 1.0, "group_size": 1}
