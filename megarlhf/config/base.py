@@ -41,14 +41,17 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             if type(None) in args:
                 return None
             raise ConfigError(f"{path}: must not be null; expected {_type_name(tp)}")
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1:  # Optional[X]: X's own message is the useful one
+            return _coerce(value, members[0], path)
+        for a in members:
+            if isinstance(value, dict) and dataclasses.is_dataclass(a):
+                return _coerce(value, a, path)
+        for a in members:
             try:
                 return _coerce(value, a, path)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = get_args(tp)

@@ -1,0 +1,201 @@
+"""Every config rule rejects a bad config with a message naming the field and the fix."""
+
+import subprocess
+import sys
+
+import pytest
+
+from megarlhf.config import ConfigError, JobConfig, from_dict, load_config, validate
+from megarlhf.models.tiny import tiny_arch
+
+ARCH = tiny_arch("llama", num_layers=4, num_heads=4, num_kv_heads=2)
+
+
+def job(**over) -> dict:
+    """A valid GRPO job dict with nested overrides applied (dotted keys)."""
+    d = {
+        "kind": "grpo",
+        "cluster": {"num_nodes": 1, "gpus_per_node": 8},
+        "actor": {"model": {"arch": dict(ARCH)}, "num_gpus": 2, "parallel": {"tp": 2},
+                  "micro_batch_size_per_rank": 2},
+        "rollout": {"num_gpus": 2, "tp": 1},
+        "batch": {"rollout_prompts_global": 8, "train_prompts_global": 4,
+                  "n_samples_per_prompt": 4},
+    }
+    for k, v in over.items():
+        node = d
+        parts = k.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return d
+
+
+def build(d):
+    return validate(from_dict(JobConfig, d))
+
+
+def rejects(d, *needles):
+    with pytest.raises(ConfigError) as e:
+        build(d)
+    msg = str(e.value)
+    for n in needles:
+        assert n in msg, f"{n!r} not in: {msg}"
+    return msg
+
+
+def test_valid_job_builds():
+    """If this fails, the reference config used by every rule test is itself invalid."""
+    j = build(job())
+    assert j.actor.layout().describe() == "TP2/PP1/DP1"
+
+
+def test_unknown_key_suggests_nearest():
+    """If this fails, a typo in a config key is silently ignored or gives no hint."""
+    rejects(job(**{"actor.paralel": {"tp": 2}}), "actor.paralel", "did you mean 'actor.parallel'")
+    rejects(job(**{"batch.n_sample_per_prompt": 4}), "batch.n_samples_per_prompt")
+
+
+def test_type_errors_name_the_field():
+    """If this fails, a wrong type (e.g. a string for an int) passes or the message is vague."""
+    rejects(job(**{"actor.parallel.tp": "two"}), "actor.parallel.tp", "integer")
+    rejects(job(**{"rollout.engine": "vlm"}), "rollout.engine", "did you mean 'vllm'")
+
+
+def test_layout_product_must_equal_gpus():
+    """If this fails, tp*pp*cp*dp != the GPUs given to the role goes unnoticed until launch."""
+    rejects(job(**{"actor.parallel.dp": 2, "actor.num_gpus": 2}), "tp*pp*cp*dp", "num_gpus = 2")
+    rejects(job(**{"actor.num_gpus": 3}), "actor.num_gpus = 3", "not divisible by tp*pp*cp")
+
+
+def test_heads_divisible_by_tp():
+    """If this fails, a tp that does not divide the attention heads reaches megatron."""
+    d = job(**{"actor.parallel.tp": 8, "actor.num_gpus": 8, "cluster.gpus_per_node": 8})
+    rejects(d, "does not divide the model's 4 attention heads", "choose tp from [1, 2, 4]")
+
+
+def test_query_groups_divisible_by_tp():
+    """If this fails, GQA key/value heads that do not split over tp reach megatron."""
+    d = job(**{"actor.parallel.tp": 4, "actor.num_gpus": 4})
+    rejects(d, "does not divide the model's 2 query groups", "choose tp from [1, 2]")
+
+
+def test_layers_divisible_by_pp_times_vpp():
+    """If this fails, layers that do not split into pp*vpp chunks reach megatron."""
+    d = job(**{"actor.parallel": {"tp": 1, "pp": 2, "vpp": 4}, "actor.num_gpus": 2})
+    rejects(d, "4 layers are not divisible by pp*vpp = 2*4 = 8")
+    d = job(**{"actor.parallel": {"tp": 1, "pp": 3}, "actor.num_gpus": 3})
+    rejects(d, "not divisible by pp*vpp = 3*1 = 3")
+
+
+def test_global_batch_divisible_by_dp_times_micro_batch():
+    """If this fails, a global batch that does not split into DP x micro-batches is rewritten
+    or silently truncated at run time."""
+    d = job(**{"actor.parallel.tp": 1, "actor.num_gpus": 2, "actor.micro_batch_size_per_rank": 3})
+    rejects(d, "global batch of 16 sequences", "dp*micro_batch_size_per_rank = 2*3 = 6")
+
+
+def test_rollout_batch_multiple_of_train_batch():
+    """If this fails, a rollout phase would not be a whole number of optimizer steps."""
+    rejects(job(**{"batch.rollout_prompts_global": 6}), "multiple of batch.train_prompts_global")
+
+
+def test_vpp_needs_pp_and_sp_needs_tp():
+    """If this fails, meaningless parallel settings reach megatron."""
+    rejects(job(**{"actor.parallel": {"vpp": 2}}), "parallel.vpp=2 needs parallel.pp >= 2")
+    rejects(job(**{"actor.parallel": {"tp": 1, "sequence_parallel": True}}),
+            "sequence_parallel=true needs parallel.tp >= 2")
+
+
+def test_rollout_tp_divides_gpus_and_heads():
+    """If this fails, rollout replicas cannot be formed from the rollout GPUs."""
+    rejects(job(**{"rollout.num_gpus": 3, "rollout.tp": 2}), "rollout.num_gpus = 3")
+    rejects(job(**{"rollout.num_gpus": 3, "rollout.tp": 3}), "rollout.tp = 3 does not divide")
+
+
+def test_cluster_must_hold_the_placement():
+    """If this fails, a job that needs more GPUs than the cluster has gets scheduled anyway."""
+    d = job(**{"cluster.placement": "split", "cluster.gpus_per_node": 3})
+    rejects(d, "placement split needs 4 GPUs", "cluster has")
+
+
+def test_ppo_needs_critic_and_rm_source_needs_reward_model():
+    """If this fails, a PPO job without critic or an RM reward without a model starts."""
+    rejects(job(kind="ppo"), "kind=ppo needs a critic")
+    rejects(job(**{"reward.sources": {"rm": 1.0}}), "there is no `reward_model:` section")
+
+
+def test_async_rules():
+    """If this fails, an async run without behaviour log-probs or on colocated GPUs starts."""
+    d = job(**{"asynchronous.enabled": True})
+    rejects(d, "set cluster.placement=split", "use_behaviour_logprobs=true")
+
+
+def test_model_source_exclusive_and_optimizer_rules():
+    """If this fails, ambiguous model sources or impossible optimizer settings pass."""
+    rejects(job(**{"actor.model": {"arch": dict(ARCH), "hf_dir": "/x"}}),
+            "exactly one of model.hf_dir")
+    rejects(job(**{"actor.optimizer": {"name": "sgd"}}), "use_distributed_optimizer=false")
+    rejects(job(**{"actor.optimizer": {"lr": 0.0}}), "optimizer.lr must be > 0")
+    rejects(job(**{"algorithm.negative_reward_scale": 1.5}), "negative_reward_scale")
+    rejects(job(**{"reward.sources": {"math": 1.0, "verifyer": 1.0}}), "unknown source")
+
+
+def test_unsupported_architecture_is_named():
+    """If this fails, an unsupported model family fails deep inside megatron."""
+    arch = dict(ARCH, model_type="gpt2")
+    rejects(job(**{"actor.model": {"arch": arch}}), "model_type 'gpt2' is not supported")
+
+
+def test_hf_dir_without_config(tmp_path):
+    """If this fails, a wrong hf_dir gives a file-not-found traceback instead of advice."""
+    rejects(job(**{"actor.model": {"hf_dir": str(tmp_path)}}), "has no config.json")
+
+
+def test_yaml_and_overrides(tmp_path):
+    """If this fails, YAML loading or dotted CLI overrides (typed, nested) are broken."""
+    import yaml
+
+    p = tmp_path / "job.yaml"
+    p.write_text(yaml.safe_dump(job()))
+    j = load_config(str(p), ["actor.parallel.tp=1", "batch.n_samples_per_prompt=8",
+                             "reward.sources={math: 1.0, code: 0.5}"])
+    assert j.actor.parallel.tp == 1 and j.batch.n_samples_per_prompt == 8
+    assert j.reward.sources == {"math": 1.0, "code": 0.5}
+    with pytest.raises(ConfigError, match="must look like key.path=value"):
+        load_config(str(p), ["actor.parallel.tp"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_configs_are_not_mutated_by_layout():
+    """If this fails, deriving a layout rewrites the user's config (verl #1043)."""
+    j = build(job())
+    assert j.actor.parallel.dp is None
+    j.actor.layout()
+    assert j.actor.parallel.dp is None
+
+
+def test_cli_help_lists_only_registered_commands():
+    """If this fails, `megarlhf --help` advertises a command that does not exist."""
+    from megarlhf.cli import COMMANDS
+
+    out = subprocess.run([sys.executable, "-m", "megarlhf.cli", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for name, _ in COMMANDS:
+        assert name in out
+        r = subprocess.run([sys.executable, "-m", "megarlhf.cli", name, "--help"],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, (name, r.stderr)
+
+
+def test_cli_validate_reports_config_errors(tmp_path):
+    """If this fails, `megarlhf validate` crashes with a traceback on a bad config."""
+    import yaml
+
+    p = tmp_path / "job.yaml"
+    p.write_text(yaml.safe_dump(job()))
+    r = subprocess.run([sys.executable, "-m", "megarlhf.cli", "validate", str(p),
+                        "actor.parallel.tp=3", "actor.num_gpus=3"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "config error" in r.stderr and "Traceback" not in r.stderr
