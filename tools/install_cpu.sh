@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# CPU install (development, CI, the CPU demo) into ./.venv. Idempotent.
+#
+# torch==2.13.0 is installed first: it is the local CPU build; any other torch spec, or a package
+# whose torch range admits a newer release, would download several GB of CUDA wheels. The rest is
+# then installed with constraints/cpu.txt, which keeps torch at 2.13.0.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints/cpu.txt -e ".[test]"
+.venv/bin/python -c "import torch, megatron.core, megarlhf; print('megarlhf CPU install ok:', 'torch', torch.__version__, '| megatron-core', megatron.core.__version__)"
