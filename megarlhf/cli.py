@@ -14,6 +14,7 @@ import sys
 # (command, module that registers it)
 COMMANDS: list[tuple[str, str]] = [
     ("validate", "megarlhf.commands.validate"),
+    ("score", "megarlhf.commands.score"),
 ]
 
 
