@@ -31,6 +31,27 @@ class Platform:
 
 _PLATFORM: Platform | None = None
 
+# Warnings megatron-core / torch print on every rank that say nothing actionable to a megarlhf
+# user (each one checked: Apex is optional, the CUDA connection hint does not apply to CPU/gloo,
+# megatron reads .grad of non-leaf activations internally, torch renamed two collectives).
+_BENIGN_WARNINGS = [
+    ("ignore", r"Apex is not installed"),
+    ("ignore", r"When using async grad allreduce it is recommended"),
+    ("ignore", r"full scope is deprecated"),
+    ("ignore", r"The \.grad attribute of a Tensor that is not a leaf Tensor"),
+    ("ignore", r"`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated"),
+    ("ignore", r"`torch.distributed._all_gather_base` is a private function"),
+    ("ignore", r"Transformer Engine and Apex are not installed"),
+]
+
+
+def quiet_known_warnings() -> None:
+    """Silences the benign upstream warnings listed in ``_BENIGN_WARNINGS`` (nothing else)."""
+    import warnings
+
+    for action, pattern in _BENIGN_WARNINGS:
+        warnings.filterwarnings(action, message=pattern)
+
 
 def init_platform(force_cpu: bool | None = None, local_rank: int | None = None) -> Platform:
     """Picks the device and backend for this process and prepares torch for it (idempotent).
@@ -45,6 +66,7 @@ def init_platform(force_cpu: bool | None = None, local_rank: int | None = None) 
     global _PLATFORM
     if _PLATFORM is not None:
         return _PLATFORM
+    quiet_known_warnings()
     if force_cpu is None:
         force_cpu = os.environ.get("MEGARLHF_FORCE_CPU", "0") == "1"
     if torch.cuda.is_available() and not force_cpu:
@@ -58,6 +80,11 @@ def init_platform(force_cpu: bool | None = None, local_rank: int | None = None) 
         cpu_compat.install()
         _PLATFORM = Platform(device=torch.device("cpu"), backend="gloo")
     return _PLATFORM
+
+
+# At import, so processes that import megatron before init_platform (fork-server preloads,
+# Ray workers) stay quiet too.
+quiet_known_warnings()
 
 
 def current_platform() -> Platform:

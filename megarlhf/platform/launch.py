@@ -26,7 +26,7 @@ import traceback
 from datetime import timedelta
 from typing import Any, Callable
 
-_PRELOAD = ["torch", "megatron.core", "megarlhf.platform"]
+_PRELOAD = ["megarlhf.platform", "torch", "megatron.core"]
 _CTX = None
 
 
