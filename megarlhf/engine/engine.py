@@ -110,7 +110,10 @@ class MegatronEngine:
         )
         # megatron's own process groups (set up by initialize_parallel); passing pg_collection
         # would disable the gloo groups the DistributedOptimizer uses for checkpointing.
-        self.optimizer = get_megatron_optimizer(mcfg, self.bundle.chunks)
+        from megarlhf.parallel.layout import uses_gloo_groups
+
+        self.optimizer = get_megatron_optimizer(mcfg, self.bundle.chunks,
+                                                use_gloo_process_groups=uses_gloo_groups())
         decay = cfg.lr_decay_steps or max(total_steps, 1)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,

@@ -142,12 +142,16 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234) -> ParallelCon
             f"(tp*pp*cp*dp), but the process group has {world}"
         )
     if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
+        destroy_parallel()
+    gloo_default = torch.distributed.get_backend() == "gloo"
     ps.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         context_parallel_size=layout.cp,
+        # With gloo as the default backend (CPU) megatron's extra gloo copies of every group
+        # are duplicates: each costs threads and sockets on every rank.
+        create_gloo_process_groups=not gloo_default,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     ctx = ParallelContext(
@@ -168,8 +172,30 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234) -> ParallelCon
     return ctx
 
 
+def uses_gloo_groups() -> bool:
+    """Whether megatron created separate gloo groups (False when gloo is the default backend)."""
+    return torch.distributed.get_backend() != "gloo"
+
+
 def destroy_parallel() -> None:
+    """Tears down megatron's groups *and* frees them.
+
+    megatron's ``destroy_model_parallel`` only drops its references; the process groups (and
+    their communication threads) stay alive in torch.distributed. A process that re-initialises
+    (tests, a worker switching layouts) would pile up ~50 threads per initialisation, so every
+    group except the default one is destroyed here.
+    """
     from megatron.core import parallel_state as ps
+    import torch.distributed.distributed_c10d as c10d
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    if not torch.distributed.is_initialized():
+        return
+    default = c10d._get_default_group()
+    for pg in list(c10d._world.pg_map.keys()):
+        if pg is not default:
+            try:
+                torch.distributed.destroy_process_group(pg)
+            except Exception:  # noqa: BLE001 - a group already torn down
+                pass

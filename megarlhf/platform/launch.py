@@ -80,9 +80,9 @@ def _rank_main(fn, rank, world_size, port, args, kwargs, queue, threads, env, pg
             result = fn(*args, **kwargs)
         finally:
             try:
-                from megatron.core import parallel_state
+                from megarlhf.parallel.layout import destroy_parallel
 
-                parallel_state.destroy_model_parallel()
+                destroy_parallel()
             except Exception:  # noqa: BLE001 - best effort cleanup
                 pass
             torch.distributed.destroy_process_group()
