@@ -1,0 +1,32 @@
+"""``megarlhf plan CONFIG [overrides]``: placement and per-GPU memory before any launch."""
+
+from __future__ import annotations
+
+import sys
+
+from megarlhf.commands import add_config_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="print where every role runs and its per-GPU memory "
+                                    "estimate; exit 1 if a layout does not fit the GPUs")
+    add_config_args(p)
+    p.add_argument("--overhead-gib", type=float, default=None,
+                   help="GPU memory per process for CUDA context/NCCL/allocator slack "
+                        "(default 1.0)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from megarlhf.config import load_config
+    from megarlhf.controller.plan import PROCESS_OVERHEAD_GIB, format_plan, make_plan
+
+    job = load_config(args.config, args.overrides)
+    overhead = PROCESS_OVERHEAD_GIB if args.overhead_gib is None else args.overhead_gib
+    plan = make_plan(job, overhead_gib=overhead)
+    print(format_plan(plan))
+    if not plan.fits:
+        print(f"megarlhf plan: refused: {len(plan.problems)} problem(s), listed above under "
+              "DOES NOT FIT", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,570 @@
+"""``megarlhf plan``: the placement and a per-GPU memory estimate of every role, before launch.
+
+Model sizes come from the HF config (``hf_dir``'s config.json or ``model.arch``); no weight is
+read. All numbers are per GPU, for the most loaded pipeline stage, in GiB (2^30 bytes).
+
+Parameters per GPU (megatron's sharding)
+    A layer has ``q, o: h*a*d`` each, ``k, v: h*g*d`` each (GQA, ``g`` query groups), the
+    SwiGLU MLP ``3*h*F``, qkv bias ``a*d + 2*g*d`` (when present), two RMSNorms ``2*h`` and
+    qk-norms ``2*d`` (when present). Linear weights are split over TP, norms replicated; a
+    stage holds ``L / pp`` layers. Stage 0 also holds the word embedding ``Vp*h/tp`` (``Vp`` =
+    vocab padded to a multiple of ``vocab_multiple * tp``); the last stage the final norm ``h``
+    and the LM head ``Vp*h/tp`` (untied, or tied with ``pp > 1``: megatron keeps a copy there)
+    or a scalar head ``h``.
+
+Bytes per parameter (``P`` = the stage's parameters; ``d`` = DP*CP, the group megatron's
+DistributedOptimizer shards over)
+    weights: 2 (bf16/fp16) or 4 (fp32). Trained roles add: grads 4 (megatron DDP's grad buffer
+    with ``grad_reduce_in_fp32``), and optimizer state = fp32 main params 4 (not for fp32 models)
+    + Adam moments 8 (SGD momentum 4), divided by ``d`` with the DistributedOptimizer. For bf16
+    + Adam + DistributedOptimizer that is megatron's ``6 + 12/d`` bytes per parameter (18 without
+    it). Frozen roles (reference, scoring reward model) hold weights only.
+
+Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+Models", generalised to GQA and SwiGLU; bf16 activations)
+    Per layer and micro-batch of ``b`` sequences of ``s`` tokens (``s / cp`` per CP rank)::
+
+        A = s*b*h * ( u + (c - u)/t  +  5*a*s/(h*t) )      bytes
+        c = 4 (two norm inputs) + 3 + 4*a*d/h + 4*g*d/h (attention: qkv input, q, k, v, context,
+            dropout mask) + 3 + 8*F/h (SwiGLU MLP: fc1 input, gate/up outputs, SiLU, product,
+            dropout mask)
+        u = 10 without sequence parallelism (norm inputs, qkv and fc1 inputs, two dropout masks
+            are not split over TP); 0 with it
+
+    which is the paper's ``34 + 5*a*s/h`` for a GPT layer (``g*d = a*d = h``, ``F = 4h``, GeLU
+    counted as 4F/h). The ``5*a*s/h`` softmax/score term is dropped with selective
+    recomputation and with fused (flash) attention, i.e. whenever Transformer Engine is used
+    (``model.transformer_impl`` auto or transformer_engine; only ``local`` stores scores).
+    Full recomputation keeps each layer's input ``2*s*b*h`` (``/t`` with SP) plus one layer's
+    ``A`` while it is recomputed. megarlhf trains with dropout 0, so the masks make this slightly
+    conservative.
+
+    Pipeline stage ``i`` of a training step holds ``min(pp - i, micro-batches)`` micro-batches in
+    flight (1F1B), times ``1 + (pp-1)/(pp*vpp)`` with the interleaved schedule; each of
+    ``L / pp`` layers. The last stage adds the logits ``s*b*Vp/t * 6`` bytes (bf16 logits and
+    fp32 log-softmax work/gradient). Scoring (forward only) holds one layer's ``A`` plus logits.
+
+Rollout engine
+    vLLM takes ``gpu_memory_utilization * gpu_memory_gib`` of each of its GPUs: weights (bf16,
+    ``params * 2 / rollout.tp``), a fixed 2 GiB for its profiled activations and CUDA graphs, and
+    the rest as KV cache, ``2 * L * ceil(g / tp) * d * 2`` bytes per token per GPU; it must hold
+    at least one sequence of ``data.max_prompt_len + rollout.max_new_tokens`` tokens. The
+    transformers engine (``rollout.engine=hf``) holds fp32 weights and the KV cache of its batch.
+
+Colocation
+    Roles sharing GPUs take turns. For each role's phase the GPU holds: the active role's whole
+    footprint (state + activations; the rollout's whole share), the *resident* state (weights,
+    grads, optimizer) of every colocated role with ``offload: false``, nothing of roles with
+    ``offload: true`` (their state waits in pinned host memory; the host total per node is
+    printed) and nothing of a colocated rollout engine (it sleeps between generations), plus
+    1 GiB per process on the GPU (CUDA context, NCCL buffers, allocator slack). Every phase must
+    fit ``cluster.gpu_memory_gib``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from megarlhf.config.base import ConfigError
+from megarlhf.config.schema import JobConfig, ModelConfig, OptimizerConfig
+from megarlhf.controller.placement import RL_KINDS, PlacementPlan, format_slots, plan_placement
+from megarlhf.parallel.layout import ParallelLayout
+
+GIB = 2**30
+PROCESS_OVERHEAD_GIB = 1.0
+VLLM_WORKSPACE_GIB = 2.0
+_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+class PlanError(ConfigError):
+    """The job does not fit the cluster; the message names the role, estimate, limit and fix."""
+
+
+# ------------------------------------------------------------------------------ model shape
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of an architecture the estimate needs."""
+
+    num_layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    kv_groups: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool
+    qk_norm: bool
+
+    @staticmethod
+    def from_model(model: ModelConfig) -> "ModelShape":
+        """Reads the HF config (config.json or ``arch``); no weights."""
+        from megarlhf.models.arch import load_hf_config
+        from megarlhf.models.families import arch_spec
+
+        s = arch_spec(load_hf_config(model))
+        return ModelShape(s.num_layers, s.hidden_size, s.ffn_hidden_size, s.num_attention_heads,
+                          s.num_query_groups, s.head_dim, s.vocab_size, s.tie_word_embeddings,
+                          s.qkv_bias, s.qk_norm)
+
+    def layer_params(self) -> tuple[int, int]:
+        """``(split over TP, replicated)`` parameters of one layer."""
+        h, a, g, d = self.hidden, self.heads, self.kv_groups, self.head_dim
+        split = 2 * h * a * d + 2 * h * g * d + 3 * h * self.ffn
+        if self.qkv_bias:
+            split += a * d + 2 * g * d
+        replicated = 2 * h + (2 * d if self.qk_norm else 0)
+        return split, replicated
+
+    def padded_vocab(self, tp: int, multiple: int) -> int:
+        m = multiple * tp
+        return -(-self.vocab // m) * m
+
+    def total_params(self, head: str = "lm") -> int:
+        """Parameters of the whole model (HF count: unpadded vocabulary, one tied copy)."""
+        split, rep = self.layer_params()
+        n = self.num_layers * (split + rep) + self.vocab * self.hidden + self.hidden
+        if head == "lm":
+            n += 0 if self.tied else self.vocab * self.hidden
+        else:
+            n += self.hidden
+        return n
+
+
+def stage_params(shape: ModelShape, head: str, layout: ParallelLayout,
+                 vocab_multiple: int = 128) -> list[int]:
+    """Parameters on one GPU of each pipeline stage."""
+    tp, pp = layout.tp, layout.pp
+    split, rep = shape.layer_params()
+    per_layer = split // tp + rep
+    layers = shape.num_layers // pp
+    emb = shape.padded_vocab(tp, vocab_multiple) * shape.hidden // tp
+    out = []
+    for i in range(pp):
+        n = layers * per_layer
+        if i == 0:
+            n += emb
+        if i == pp - 1:
+            n += shape.hidden  # final norm
+            if head == "lm":
+                n += emb if (not shape.tied or pp > 1) else 0
+            else:
+                n += shape.hidden  # scalar head, replicated
+        out.append(n)
+    return out
+
+
+def state_bytes(params: int, dtype: str, optimizer: OptimizerConfig | None,
+                dp_cp: int) -> tuple[float, float, float]:
+    """``(weights, grads, optimizer)`` bytes for ``params`` parameters on one GPU."""
+    w = params * _DTYPE_BYTES[dtype]
+    if optimizer is None:
+        return float(w), 0.0, 0.0
+    grads = params * 4
+    main = 0 if dtype == "fp32" else 4
+    moments = 8 if optimizer.name == "adam" else 4
+    opt = params * (main + moments)
+    if optimizer.use_distributed_optimizer:
+        opt /= dp_cp
+    return float(w), float(grads), float(opt)
+
+
+def layer_activation_bytes(shape: ModelShape, s: int, b: int, layout: ParallelLayout, *,
+                           recompute: str, flash: bool) -> float:
+    """``A``: one layer's stored activations for one micro-batch on one GPU (see module doc)."""
+    h, a, g, d, F = shape.hidden, shape.heads, shape.kv_groups, shape.head_dim, shape.ffn
+    t, cp = layout.tp, layout.cp
+    s_loc = s / cp
+    c = 4 + (3 + 4 * a * d / h + 4 * g * d / h) + (3 + 8 * F / h)
+    u = 0.0 if layout.sequence_parallel else 10.0
+    per = u + (c - u) / t
+    if not flash and recompute == "none":
+        per += 5 * a * s / (h * t)
+    return s_loc * b * h * per
+
+
+def logits_bytes(shape: ModelShape, s: int, b: int, layout: ParallelLayout,
+                 vocab_multiple: int) -> float:
+    return s / layout.cp * b * shape.padded_vocab(layout.tp, vocab_multiple) / layout.tp * 6
+
+
+# ------------------------------------------------------------------------------ estimates
+@dataclass
+class StageMemory:
+    stage: int
+    params: int
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+
+    @property
+    def resident(self) -> float:
+        return self.weights + self.grads + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.resident + self.activations
+
+
+@dataclass
+class RoleEstimate:
+    """One trainer role's memory per GPU (worst pipeline stage)."""
+
+    role: str
+    layout: ParallelLayout
+    head: str
+    trained: bool
+    offload: bool
+    model_params: int
+    seq_len: int
+    micro_batch: tuple[int, int]  # (sequences, tokens each)
+    in_flight: int
+    stages: list[StageMemory]
+    recompute: str
+    flash: bool
+
+    @property
+    def worst(self) -> StageMemory:
+        return max(self.stages, key=lambda st: st.total)
+
+    @property
+    def active(self) -> float:
+        return self.worst.total
+
+    @property
+    def resident(self) -> float:
+        return max(st.resident for st in self.stages)
+
+
+@dataclass
+class RolloutEstimate:
+    engine: str
+    replicas: int
+    tp: int
+    seq_len: int
+    model_params: int
+    share: float  # bytes per GPU the engine takes while generating
+    weights: float
+    kv: float
+    kv_tokens: float  # per replica
+
+    @property
+    def active(self) -> float:
+        return self.share
+
+
+@dataclass
+class Phase:
+    pool: int
+    active: str
+    parts: dict[str, float]  # what is on the GPU, by name
+    limit: float
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.limit
+
+
+@dataclass
+class Plan:
+    job: JobConfig
+    placement: PlacementPlan
+    roles: dict[str, RoleEstimate]
+    rollout: RolloutEstimate | None
+    phases: list[Phase]
+    problems: list[str] = field(default_factory=list)
+    host_bytes_per_node: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+
+def _seq_len(job: JobConfig) -> int:
+    if job.kind in RL_KINDS:
+        return job.data.max_prompt_len + job.rollout.max_new_tokens
+    return job.train.max_seq_len
+
+
+def _flash(model: ModelConfig) -> bool:
+    return model.transformer_impl != "local"
+
+
+def estimate_role(job: JobConfig, name: str) -> RoleEstimate:
+    """Memory of trainer role ``name`` per GPU, per pipeline stage."""
+    from megarlhf.config.validate import active_roles, global_batch_sequences, trained_roles
+
+    rc = active_roles(job)[name]
+    model = job.role_model(name) if rc.model is None else rc.model
+    shape = ModelShape.from_model(model)
+    head = "scalar" if name in ("critic", "reward_model") or job.kind == "rm" else "lm"
+    lay = rc.layout()
+    trained = name in trained_roles(job)
+    opt = rc.optimizer if trained else None
+    seq = _seq_len(job)
+    if rc.max_tokens_per_micro_batch is not None:
+        b, s = 1, rc.max_tokens_per_micro_batch
+        n_mb = lay.pp  # unknown before packing; assume the pipeline fills
+    else:
+        b, s = rc.micro_batch_size_per_rank, seq
+        n_mb = max(1, global_batch_sequences(job) // (lay.dp * b)) if trained else lay.pp
+    a_layer = layer_activation_bytes(shape, s, b, lay, recompute=model.recompute,
+                                     flash=_flash(model))
+    logits = logits_bytes(shape, s, b, lay, model.vocab_multiple) if head == "lm" else 0.0
+    layers = shape.num_layers // lay.pp
+    inter = 1 + (lay.pp - 1) / (lay.pp * lay.vpp) if lay.vpp > 1 else 1.0
+    stages = []
+    for i, p in enumerate(stage_params(shape, head, lay, model.vocab_multiple)):
+        w, g, o = state_bytes(p, model.dtype, opt, lay.dp * lay.cp)
+        last = i == lay.pp - 1
+        if trained:
+            flight = min(lay.pp - i, n_mb) * inter
+            if model.recompute == "full":
+                kept = 2 * s / lay.cp * b * shape.hidden / (
+                    lay.tp if lay.sequence_parallel else 1)
+                act = layers * kept * flight + a_layer
+            else:
+                act = layers * a_layer * flight
+        else:
+            act = a_layer  # forward only: one layer's tensors at a time
+        act += logits if last else 0.0
+        stages.append(StageMemory(i, p, w, g, o, act))
+    return RoleEstimate(name, lay, head, trained, rc.offload, shape.total_params(head), seq,
+                        (b, s), min(lay.pp, n_mb), stages, model.recompute, _flash(model))
+
+
+def estimate_rollout(job: JobConfig) -> RolloutEstimate:
+    r = job.rollout
+    model = job.actor.model
+    shape = ModelShape.from_model(model)
+    seq = _seq_len(job)
+    params = shape.total_params("lm")
+    replicas = r.num_replicas
+    kv_heads = math.ceil(shape.kv_groups / r.tp)
+    if r.engine == "hf":
+        weights = params * 4 / r.tp
+        rows = min(64, max(1, job.batch.rollout_prompts_global * job.batch.n_samples_per_prompt
+                           // max(replicas, 1)))
+        per_token = 2 * shape.num_layers * kv_heads * shape.head_dim * 4
+        kv = rows * seq * per_token
+        return RolloutEstimate("hf", replicas, r.tp, seq, params, weights + kv, weights, kv,
+                               kv / per_token)
+    share = r.gpu_memory_utilization * job.cluster.gpu_memory_gib * GIB
+    weights = params * _DTYPE_BYTES.get(model.dtype, 2) / r.tp
+    kv = share - weights - VLLM_WORKSPACE_GIB * GIB
+    per_token = 2 * shape.num_layers * kv_heads * shape.head_dim * 2
+    return RolloutEstimate("vllm", replicas, r.tp, seq, params, share, weights, kv,
+                           max(kv, 0.0) / per_token)
+
+
+def _advice(est: RoleEstimate, resident_others: list[str]) -> str:
+    """What to change when ``est``'s phase does not fit (most effective first)."""
+    n, w = est.role, est.worst
+    tips = []
+    if resident_others:
+        tips.append(f"set offload: true on {', '.join(resident_others)}")
+    if est.trained and w.optimizer > 0.25 * w.total:
+        tips.append(f"give {n} more GPUs (the DistributedOptimizer shards its "
+                    f"{w.optimizer / GIB:.1f} GiB of optimizer state over DP)")
+    tips.append(f"raise {n}.parallel.tp or {n}.parallel.pp (TP{est.layout.tp}/PP{est.layout.pp} "
+                "now)")
+    if est.trained and w.activations > 0.2 * w.total:
+        if est.recompute != "full":
+            tips.append(f"set {n}.model.recompute="
+                        f"{'selective' if est.recompute == 'none' else 'full'}")
+        tips.append(f"lower {n}.micro_batch_size_per_rank or {n}.max_tokens_per_micro_batch")
+        if est.layout.tp > 1 and not est.layout.sequence_parallel:
+            tips.append(f"set {n}.parallel.sequence_parallel=true")
+    elif not est.trained and w.activations > 0.2 * w.total:
+        tips.append(f"lower {n}.micro_batch_size_per_rank or {n}.max_tokens_per_micro_batch")
+    return "; ".join(tips)
+
+
+def make_plan(job: JobConfig, *, overhead_gib: float = PROCESS_OVERHEAD_GIB) -> Plan:
+    """Placement, per-role estimates and per-phase GPU totals of ``job`` (raises nothing on
+    misfit: see ``Plan.problems``; :func:`check_plan` raises)."""
+    placement = plan_placement(job)
+    roles = {n: estimate_role(job, n) for n in placement.roles if n != "rollout"}
+    rollout = estimate_rollout(job) if "rollout" in placement.roles else None
+    limit = job.cluster.gpu_memory_gib * GIB
+    phases: list[Phase] = []
+    problems: list[str] = []
+    if rollout is not None and rollout.engine == "vllm":
+        share = rollout.share / GIB
+        if rollout.kv <= 0:
+            problems.append(
+                f"rollout does not fit: vLLM's share of each GPU is {share:.1f} GiB "
+                f"(rollout.gpu_memory_utilization={job.rollout.gpu_memory_utilization} x "
+                f"{job.cluster.gpu_memory_gib} GiB) but its weights take "
+                f"{rollout.weights / GIB:.1f} GiB per GPU at rollout.tp={rollout.tp} plus "
+                f"{VLLM_WORKSPACE_GIB:g} GiB workspace; raise rollout.tp or "
+                "rollout.gpu_memory_utilization")
+        elif rollout.kv_tokens < rollout.seq_len:
+            problems.append(
+                f"rollout does not fit: its KV cache ({rollout.kv / GIB:.2f} GiB per GPU) holds "
+                f"{rollout.kv_tokens:.0f} tokens per replica, less than one sequence of "
+                f"{rollout.seq_len} (data.max_prompt_len + rollout.max_new_tokens); raise "
+                "rollout.gpu_memory_utilization or rollout.tp")
+    for pool in placement.pools:
+        members = pool.roles
+        shared = len(members) > 1
+        for active in members:
+            parts: dict[str, float] = {}
+            if active == "rollout":
+                parts["rollout (generating)"] = rollout.active
+            else:
+                parts[f"{active} (active)"] = roles[active].active
+            for other in members:
+                if other == active or other == "rollout":
+                    continue  # a colocated rollout engine sleeps outside generation
+                if not roles[other].offload:
+                    parts[f"{other} (resident)"] = roles[other].resident
+            parts[f"{len(members)} CUDA contexts"] = overhead_gib * GIB * len(members)
+            ph = Phase(pool.index, active, parts, limit)
+            phases.append(ph)
+            if ph.fits:
+                continue
+            resident = [o for o in members if o not in (active, "rollout")
+                        and not roles[o].offload]
+            parts_txt = " + ".join(f"{k} {v / GIB:.1f}" for k, v in parts.items())
+            if active == "rollout":
+                fix = (f"lower rollout.gpu_memory_utilization"
+                       + (f" or set offload: true on {', '.join(resident)}" if resident else ""))
+            else:
+                fix = _advice(roles[active], resident)
+            where = f" (colocated with {', '.join(o for o in members if o != active)})" \
+                if shared else ""
+            problems.append(
+                f"{active} does not fit{where}: its phase needs {ph.total / GIB:.1f} GiB per GPU "
+                f"({parts_txt}) but cluster.gpu_memory_gib = {job.cluster.gpu_memory_gib:g}; "
+                f"{fix}")
+    host: dict[int, float] = {}
+    for name, est in roles.items():
+        if est.offload:
+            for slot in placement.roles[name].slots:
+                host[slot.node] = host.get(slot.node, 0.0) + est.resident
+    return Plan(job, placement, roles, rollout, phases, problems, host)
+
+
+def check_plan(job: JobConfig) -> Plan:
+    """:func:`make_plan`, raising :class:`PlanError` when something does not fit."""
+    plan = make_plan(job)
+    if not plan.fits:
+        raise PlanError("the job does not fit the GPUs:\n  - " + "\n  - ".join(plan.problems))
+    return plan
+
+
+# ------------------------------------------------------------------------------ printing
+def _g(x: float) -> str:
+    return f"{x / GIB:.1f}"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+def _bytes_per_param(job: JobConfig, name: str, est: RoleEstimate) -> str:
+    """``weights 2 + grads 4 + optimizer 12/2 = 12 bytes per parameter`` for one role."""
+    from megarlhf.config.validate import active_roles
+
+    rc = active_roles(job)[name]
+    dtype = (job.role_model(name) if rc.model is None else rc.model).dtype
+    w = _DTYPE_BYTES[dtype]
+    if not est.trained:
+        return f"weights {w} ({dtype}) bytes per parameter, frozen (no grads or optimizer)"
+    opt = rc.optimizer
+    main = 0 if dtype == "fp32" else 4
+    moments = 8 if opt.name == "adam" else 4
+    d = est.layout.dp * est.layout.cp
+    if opt.use_distributed_optimizer:
+        o = f"{main + moments}/{d}"
+        total = w + 4 + (main + moments) / d
+        how = f"DistributedOptimizer over DP*CP = {d}"
+    else:
+        o = f"{main + moments}"
+        total = w + 4 + main + moments
+        how = "not sharded"
+    return (f"weights {w} ({dtype}) + grads 4 (fp32 DDP buffer) + optimizer {o} (fp32 main "
+            f"params {main} + {opt.name} state {moments}, {how}) = {total:g} bytes per parameter")
+
+
+def _table(rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(c.rjust(widths[i]) if i in right else c.ljust(widths[i])
+                             for i, c in enumerate(r)).rstrip() for r in rows]
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as printed by ``megarlhf plan``."""
+    job, pl = plan.job, plan.placement
+    out = [f"# {job.kind} job {job.name!r}: {job.cluster.num_nodes} node(s) x "
+           f"{job.cluster.gpus_per_node} GPUs of {job.cluster.gpu_memory_gib:g} GiB",
+           pl.describe(), "", "roles:"]
+    rows = [["role", "model", "GPUs", "layout", "colocated with", "offload"]]
+    for name, rp in pl.roles.items():
+        if name == "rollout":
+            r = job.rollout
+            model = _count(plan.rollout.model_params)
+            layout = f"{plan.rollout.engine} TP{r.tp} x {r.num_replicas} replicas"
+            off = "sleeps" if pl.colocated_with(name) else "-"
+        else:
+            est = plan.roles[name]
+            model = f"{_count(est.model_params)} {est.head}"
+            layout = est.layout.describe()
+            off = "yes" if est.offload else "no"
+        rows.append([name, model, format_slots(rp.slots), layout,
+                     ", ".join(pl.colocated_with(name)) or "-", off])
+    out += _table(rows)
+    out += ["", "memory per GPU, GiB (worst pipeline stage; formulas: megarlhf/controller/plan.py)"]
+    rows = [["role", "params/GPU", "weights", "grads", "optim", "activ", "total", "micro-batch"]]
+    for name, est in plan.roles.items():
+        w = est.worst
+        b, s = est.micro_batch
+        mb = (f"{b} x {s} tok, {est.in_flight} in flight, recompute {est.recompute}"
+              f"{', flash attn' if est.flash else ''}" if est.trained
+              else f"{b} x {s} tok, forward only")
+        rows.append([name, _count(w.params), _g(w.weights), _g(w.grads), _g(w.optimizer),
+                     _g(w.activations), _g(w.total), mb])
+    if plan.rollout is not None:
+        r = plan.rollout
+        if r.engine == "vllm":
+            note = (f"vLLM share = weights + {VLLM_WORKSPACE_GIB:g} workspace + KV "
+                    f"{_g(max(r.kv, 0))} (~{r.kv_tokens / 1e3:.0f}k tokens per replica, "
+                    f"{r.kv_tokens / r.seq_len:.0f} sequences of {r.seq_len})")
+        else:
+            note = f"transformers engine: weights + KV {_g(r.kv)}"
+        rows.append(["rollout", _count(int(r.model_params / r.tp)), _g(r.weights), "-", "-",
+                     "-", _g(r.share), note])
+    out += _table(rows, right={1, 2, 3, 4, 5, 6})
+    for name, est in plan.roles.items():
+        out.append(f"  {name}: {_bytes_per_param(job, name, est)}")
+    out += ["", f"phases (what one GPU holds while a role works; limit "
+                f"{job.cluster.gpu_memory_gib:g} GiB):"]
+    rows = []
+    for ph in plan.phases:
+        parts = " + ".join(f"{k} {_g(v)}" for k, v in ph.parts.items())
+        rows.append([f"pool {ph.pool}", ph.active, _g(ph.total),
+                     "ok" if ph.fits else "DOES NOT FIT", parts])
+    out += _table(rows, right={2})
+    if plan.host_bytes_per_node:
+        vals = sorted(plan.host_bytes_per_node.items())
+        if len({round(b) for _, b in vals}) == 1:
+            host = f"n{vals[0][0]}-{vals[-1][0]}: {_g(vals[0][1])} each" if len(vals) > 1 \
+                else f"n{vals[0][0]}: {_g(vals[0][1])}"
+        else:
+            host = ", ".join(f"n{n}: {_g(b)}" for n, b in vals)
+        out.append(f"  host memory (pinned) for offloaded roles, GiB per node: {host}")
+    out.append("")
+    if plan.fits:
+        peak = max((ph.total for ph in plan.phases), default=0.0)
+        out.append(f"fits: peak {_g(peak)} of {job.cluster.gpu_memory_gib:g} GiB per GPU")
+    else:
+        out.append("DOES NOT FIT:")
+        out += [f"  - {p}" for p in plan.problems]
+    return "\n".join(out)

@@ -1,0 +1,382 @@
+"""A Megatron role (actor, critic, reference, reward model) as Ray actors, one per rank.
+
+Each role's ranks form their own torch.distributed world (NCCL on GPU, gloo on CPU): rank 0
+publishes its node address and a free port, every rank initialises the process group with a
+bounded timeout, then megatron's groups for the role's layout
+(:func:`~megarlhf.parallel.layout.initialize_parallel`), the model
+(:func:`~megarlhf.models.builder.build_model`, weights from ``model.hf_dir`` or a random
+initialisation for ``model.arch``) and a :class:`~megarlhf.engine.engine.MegatronEngine`.
+
+:class:`WorkerGroup` drives them from the controller. Its methods, with their declared
+dispatch (see :mod:`megarlhf.workers.dispatch`):
+
+=========================  =================  ==============  ====================================
+method                     dispatch           collect         returns
+=========================  =================  ==============  ====================================
+forward(batch, ...)        DP_SPLIT(batch)    DP_CONCAT       {logp[, entropy] | values}: (B, S)
+train(batch, spec)         DP_SPLIT(batch)    OUTPUT_RANK0    StepResult (same on every rank)
+offload() / onload()       ONE_TO_ALL         ALL             bytes moved, per rank
+execute(fn, *a, **k)       ONE_TO_ALL         ALL             fn(worker, *a, **k), per rank
+status()                   ONE_TO_ALL         ALL             per-rank state (offloaded, memory)
+push_weights(...)          ONE_TO_ALL         RANK0           used by sync_weights_to
+=========================  =================  ==============  ====================================
+
+``execute`` is the generic broadcast for anything else that every rank must do together
+(saving or loading a checkpoint: ``group.execute(save_fn, path)`` with
+``save_fn(worker, path)`` using ``worker.engine`` and ``worker.ctx``).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal
+
+from megarlhf.config.schema import JobConfig, ModelConfig, OptimizerConfig
+from megarlhf.parallel.layout import ParallelLayout
+from megarlhf.workers.dispatch import Collect, Dispatch, RankInfo, register
+from megarlhf.workers.group import ActorGroup
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """Everything a rank needs to build its role's engine (picklable, sent to every worker).
+
+    Attributes:
+        role: the role's name.
+        model: the role's model config.
+        layout: its parallel layout (``world_size`` ranks).
+        head: ``"lm"`` (actor, reference) or ``"scalar"`` (critic, reward model).
+        optimizer: the optimizer of a trained role; None for frozen roles.
+        weights: ``"hf"`` loads ``model.hf_dir``; ``"init"`` initialises randomly (``arch``
+            models; a ``model.checkpoint`` is loaded afterwards through ``execute``).
+        total_steps: optimizer steps of the job (LR schedule length).
+        micro_batch_size: sequences per micro-batch per rank.
+        max_tokens_per_micro_batch: packing budget, or None.
+        pad_id: padding token id.
+        seed: megatron's RNG seed (and the scalar head's initialisation).
+    """
+
+    role: str
+    model: ModelConfig
+    layout: ParallelLayout
+    head: Literal["lm", "scalar"]
+    optimizer: OptimizerConfig | None
+    weights: Literal["hf", "init"]
+    total_steps: int = 1
+    micro_batch_size: int = 1
+    max_tokens_per_micro_batch: int | None = None
+    pad_id: int = 0
+    seed: int = 1234
+
+    @staticmethod
+    def from_job(job: JobConfig, role: str, *, total_steps: int | None = None,
+                 pad_id: int = 0) -> "RoleSpec":
+        """The spec of ``role`` in ``job`` (the config is read, never changed).
+
+        ``total_steps`` defaults to the job's optimizer steps: ``train.steps`` for sft/rm, and
+        ``train.steps * batch.steps_per_rollout * algorithm.ppo_epochs`` for RL jobs.
+        """
+        from megarlhf.config.validate import active_roles, trained_roles
+
+        roles = active_roles(job)
+        if role not in roles:
+            raise ValueError(f"role {role!r} is not part of this {job.kind} job; its roles: "
+                             f"{list(roles)}")
+        rc = roles[role]
+        model = job.role_model(role) if rc.model is None else rc.model
+        trained = role in trained_roles(job)
+        head = "scalar" if role in ("critic", "reward_model") or job.kind == "rm" else "lm"
+        if total_steps is None:
+            if job.kind in ("sft", "rm"):
+                total_steps = job.train.steps
+            else:
+                total_steps = (job.train.steps * job.batch.steps_per_rollout
+                               * job.algorithm.ppo_epochs)
+        return RoleSpec(
+            role=role, model=model, layout=rc.layout(), head=head,
+            optimizer=rc.optimizer if trained else None,
+            weights="hf" if model.hf_dir is not None else "init",
+            total_steps=total_steps, micro_batch_size=rc.micro_batch_size_per_rank,
+            max_tokens_per_micro_batch=rc.max_tokens_per_micro_batch, pad_id=pad_id,
+            seed=job.seed)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class RoleWorker:
+    """One rank of a Megatron role, hosted in a Ray actor (see the module docstring).
+
+    Attributes after :meth:`setup`: ``engine`` (MegatronEngine), ``ctx`` (ParallelContext),
+    ``spec`` (RoleSpec), ``rank``.
+    """
+
+    def __init__(self, role: str, rank: int, world_size: int, env: dict[str, str] | None = None,
+                 threads: int | None = None):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks on demand (hangs)
+        os.environ.update(env or {})
+        self.role = role
+        self.rank = rank
+        self.world_size = world_size
+        self.threads = threads
+        self.engine = None
+        self.ctx = None
+        self.spec: RoleSpec | None = None
+
+    # ------------------------------------------------------------------ bootstrap
+    @register(Dispatch.ONE_TO_ALL, Collect.RANK0)
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's address and a port free on it (rank 0's is the group's rendezvous)."""
+        import ray
+
+        return ray.util.get_node_ip_address(), _free_port()
+
+    @register(Dispatch.ONE_TO_ALL, Collect.ALL)
+    def setup(self, master_addr: str, master_port: int, spec: RoleSpec,
+              pg_timeout_s: float) -> RankInfo:
+        """Joins the role's torch.distributed world and builds the engine; returns where it is."""
+        import ray
+        import torch
+
+        from megarlhf.engine.engine import MegatronEngine
+        from megarlhf.models.builder import build_model
+        from megarlhf.parallel.layout import initialize_parallel
+        from megarlhf.platform import init_platform
+
+        if spec.layout.world_size != self.world_size:
+            raise ValueError(f"{spec.role}: layout {spec.layout.describe()} needs "
+                             f"{spec.layout.world_size} ranks, the group has {self.world_size}")
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        # Ray shows each process only its own GPU(s): the first visible one is ours.
+        platform = init_platform(local_rank=0)
+        torch.distributed.init_process_group(
+            backend=platform.backend, init_method=f"tcp://{master_addr}:{master_port}",
+            rank=self.rank, world_size=self.world_size,
+            timeout=timedelta(seconds=pg_timeout_s))
+        self.ctx = initialize_parallel(spec.layout, seed=spec.seed)
+        trained = spec.optimizer is not None
+        use_dist_opt = bool(trained and spec.optimizer.use_distributed_optimizer)
+        bundle = build_model(spec.model, self.ctx, head=spec.head, for_training=trained,
+                             init_weights=spec.weights == "init", seed=spec.seed,
+                             use_distributed_optimizer=use_dist_opt)
+        if spec.weights == "hf":
+            from megarlhf.weights.loader import load_hf_dir
+
+            load_hf_dir(bundle, spec.model.hf_dir)
+        self.engine = MegatronEngine(
+            bundle, spec.optimizer, total_steps=spec.total_steps,
+            micro_batch_size=spec.micro_batch_size,
+            max_tokens_per_micro_batch=spec.max_tokens_per_micro_batch, pad_id=spec.pad_id)
+        self.spec = spec
+        c = self.ctx
+        return RankInfo(rank=self.rank, dp_rank=c.dp_rank, dp_size=c.layout.dp,
+                        tp_rank=c.tp_rank, pp_rank=c.pp_rank, cp_rank=c.cp_rank,
+                        is_output_rank=c.is_output_rank,
+                        node_ip=ray.util.get_node_ip_address(), pid=os.getpid(),
+                        devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+
+    # ------------------------------------------------------------------ compute
+    @register(Dispatch.DP_SPLIT, Collect.DP_CONCAT, split=("batch",))
+    def forward(self, batch, temperature: float = 1.0, entropy: bool = False):
+        """Per-token log-probs (and entropy) or values of ``batch`` (this replica's shard)."""
+        return self.engine.forward(batch, temperature=temperature, entropy=entropy)
+
+    @register(Dispatch.DP_SPLIT, Collect.OUTPUT_RANK0, split=("batch",))
+    def train(self, batch, spec):
+        """One optimizer step with loss spec ``spec`` (megarlhf.engine.loss_fns)."""
+        return self.engine.train(batch, spec)
+
+    @register(Dispatch.ONE_TO_ALL, Collect.ALL)
+    def offload(self) -> int:
+        """Weights, grads and optimizer state to host memory; returns bytes moved."""
+        return self.engine.offload()
+
+    @register(Dispatch.ONE_TO_ALL, Collect.ALL)
+    def onload(self) -> int:
+        return self.engine.onload()
+
+    @register(Dispatch.ONE_TO_ALL, Collect.ALL)
+    def execute(self, fn: Callable, *args, **kwargs) -> Any:
+        """Runs ``fn(worker, *args, **kwargs)`` on every rank (checkpointing and the like)."""
+        return fn(self, *args, **kwargs)
+
+    @register(Dispatch.ONE_TO_ALL, Collect.ALL)
+    def status(self) -> dict[str, Any]:
+        """This rank's state: offloaded or not, accelerator memory in use."""
+        import torch
+
+        out: dict[str, Any] = {"rank": self.rank, "offloaded": self.engine.offloaded,
+                               "pid": os.getpid()}
+        if torch.cuda.is_available():
+            out["cuda_allocated_bytes"] = torch.cuda.memory_allocated()
+            out["cuda_reserved_bytes"] = torch.cuda.memory_reserved()
+        return out
+
+    # ------------------------------------------------------------------ weight sync
+    @register(Dispatch.ONE_TO_ALL, Collect.RANK0)
+    def push_weights(self, rollout_actors: list, rollout_ranks: list[RankInfo],
+                     bucket_bytes: int, source: Callable | None = None, dtype=None,
+                     replica_timeout_s: float = 600.0) -> dict[str, int]:
+        """Every rank runs the bucket ``source``; rank 0 pushes each bucket to every replica.
+
+        ``source(worker, bucket_bytes, dtype)`` is a collective generator every rank iterates in
+        step; on rank 0 it yields lists of ``(hf_name, tensor)`` (at most ``bucket_bytes`` each, a
+        larger tensor alone), elsewhere anything (ignored). The default is the resharder
+        (:func:`resharder_buckets`). Rank 0 puts each bucket in Ray's object store once and
+        calls ``load_weight_bucket`` on every replica; at most two buckets are in flight (the
+        one being loaded and the next being produced), so memory stays bounded whatever the
+        model size.
+        """
+        from megarlhf.workers.rollout_worker import RolloutWorker
+
+        source = source or resharder_buckets
+        dst = self.rank == 0
+        replicas = (ActorGroup("rollout", rollout_actors, rollout_ranks, RolloutWorker,
+                               call_timeout_s=replica_timeout_s) if dst else None)
+        pending = None
+        tensors = nbytes = buckets = 0
+        for bucket in source(self, bucket_bytes, dtype):
+            if not dst or not bucket:
+                continue
+            if pending is not None:
+                pending.result()  # the previous bucket is loaded everywhere
+            pending = replicas.submit("load_weight_bucket", list(bucket))
+            tensors += len(bucket)
+            nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            buckets += 1
+            bucket = None
+        if pending is not None:
+            pending.result()
+        return {"tensors": tensors, "bytes": nbytes, "buckets": buckets}
+
+
+def resharder_buckets(worker: RoleWorker, bucket_bytes: int, dtype=None) -> Iterator[list]:
+    """The default weight-sync source: the resharder's HF-named buckets, on rank 0, in host
+    memory (they travel through Ray's object store), cast to ``dtype``.
+
+    Uses ``megarlhf.weights.resharder.iter_hf_weights`` (issue 5): a collective generator every
+    rank of the role iterates, yielding ``[(hf_name, full_tensor), ...]`` on ``dst_rank`` and
+    ``[]`` elsewhere.
+    """
+    try:
+        from megarlhf.weights import resharder
+    except ImportError:
+        resharder = None
+    fn = getattr(resharder, "iter_hf_weights", None)
+    if fn is None:
+        raise NotImplementedError(
+            "WorkerGroup.sync_weights_to needs megarlhf.weights.resharder.iter_hf_weights("
+            "bundle, bucket_bytes=..., dtype=..., dst_rank=0, device='cpu') (the resharder, "
+            "issue 5), which is not importable here; pass source=... (a collective bucket "
+            "generator) to sync_weights_to meanwhile")
+    yield from fn(worker.engine.bundle, bucket_bytes=bucket_bytes, dtype=dtype, dst_rank=0,
+                  device="cpu")
+
+
+class WorkerGroup(ActorGroup):
+    """The ranks of one Megatron role, driven as one (methods: see the module docstring).
+
+    Build with :meth:`create` (or :meth:`from_job`); the constructor wraps existing actors.
+    """
+
+    spec: RoleSpec
+
+    @classmethod
+    def create(cls, placement, spec: RoleSpec, *, call_timeout_s: float = 1800.0,
+               startup_timeout_s: float = 1800.0, pg_timeout_s: float = 600.0,
+               threads: int | None = None, env: dict[str, str] | None = None,
+               poll_s: float = 0.5, grace_s: float = 3.0) -> "WorkerGroup":
+        """Starts one actor per rank of ``spec.role`` on its placement slots and builds it.
+
+        Args:
+            placement: a :class:`~megarlhf.controller.placement.ClusterPlacement` holding the
+                role.
+            spec: what to build.
+            call_timeout_s: default bound of every call.
+            startup_timeout_s: bound of the start (process group + model build + weights).
+            pg_timeout_s: torch.distributed timeout inside the role's world: a collective
+                waiting for a dead peer raises after this long on the surviving ranks.
+            threads: torch threads per rank on CPU; default cores / ranks of the role per node.
+            env: extra environment variables for the workers.
+        """
+        import ray
+
+        role = spec.role
+        world = spec.layout.world_size
+        rp = placement.plan.role(role)
+        if len(rp.slots) != world:
+            raise ValueError(f"{role}: the placement has {len(rp.slots)} slots, the layout "
+                             f"{spec.layout.describe()} needs {world}")
+        env = dict(env or {})
+        if placement.slot_resource == "CPU":
+            env.setdefault("MEGARLHF_FORCE_CPU", "1")  # CPU slots: no accelerator, even if present
+        if threads is None:
+            per_node = max(sum(1 for s in rp.slots if s.node == n) for n in rp.nodes)
+            threads = max(1, (os.cpu_count() or 1) // per_node)
+        remote = ray.remote(RoleWorker)
+        actors = [remote.options(**placement.actor_options(role, r)).remote(
+            role, r, world, env, threads) for r in range(world)]
+        boot = [RankInfo(rank=r, dp_rank=0, dp_size=1) for r in range(world)]
+        group = cls(role, actors, boot, RoleWorker, call_timeout_s=call_timeout_s,
+                    poll_s=poll_s, grace_s=grace_s)
+        group.spec = spec
+        group.placement = placement
+        try:
+            addr, port = group.rendezvous_address(timeout_s=startup_timeout_s)
+            group.ranks = group.setup(addr, port, spec, pg_timeout_s,
+                                      timeout_s=startup_timeout_s)
+        except BaseException:
+            group.shutdown()
+            raise
+        return group
+
+    @classmethod
+    def from_job(cls, job: JobConfig, role: str, placement, *, total_steps: int | None = None,
+                 pad_id: int = 0, **kwargs) -> "WorkerGroup":
+        """:meth:`create` with :meth:`RoleSpec.from_job`."""
+        return cls.create(placement, RoleSpec.from_job(job, role, total_steps=total_steps,
+                                                       pad_id=pad_id), **kwargs)
+
+    @property
+    def layout(self) -> ParallelLayout:
+        return self.spec.layout
+
+    def sync_weights_to(self, rollout, *, bucket_bytes: int | None = None,
+                        source: Callable | None = None, timeout_s: float | None = None):
+        """Streams this role's weights (HF names, full tensors) into every rollout replica.
+
+        Every rank runs the bucket source (default: the resharder, see
+        :func:`resharder_buckets`); rank 0 pushes each bucket through Ray's object store to all
+        replicas' ``load_weight_bucket`` with at most two buckets in flight. Returns each
+        replica's :class:`~megarlhf.rollout.base.WeightUpdateStats`.
+
+        Args:
+            rollout: a :class:`~megarlhf.workers.rollout_worker.RolloutGroup`.
+            bucket_bytes: bucket bound; default ``rollout.weight_sync_bucket_mib``.
+            source: a collective bucket generator ``source(worker, bucket_bytes, dtype)``
+                (``dtype``: the replicas' weight dtype).
+        """
+        bucket_bytes = bucket_bytes or rollout.bucket_bytes
+        timeout = self.call_timeout_s if timeout_s is None else timeout_s
+        dtype = rollout.weight_dtype(timeout_s=timeout)
+        rollout.begin_weight_update(timeout_s=timeout)
+        try:
+            self.push_weights(rollout.actors, rollout.ranks, bucket_bytes, source, dtype,
+                              timeout, timeout_s=timeout)
+        except BaseException:
+            if rollout.broken is None:
+                try:  # let the engines put back what a partial stream left (vLLM)
+                    rollout.finish_weight_update(timeout_s=60)
+                except Exception:  # noqa: BLE001 - the original error matters more
+                    pass
+            raise
+        return rollout.finish_weight_update(timeout_s=timeout)
