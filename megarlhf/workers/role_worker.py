@@ -267,6 +267,12 @@ def resharder_buckets(worker: RoleWorker, bucket_bytes: int, dtype=None) -> Iter
     rank of the role iterates, yielding ``[(hf_name, full_tensor), ...]`` on ``dst_rank`` and
     ``[]`` elsewhere.
     """
+    fn = _resharder()
+    yield from fn(worker.engine.bundle, bucket_bytes=bucket_bytes, dtype=dtype, dst_rank=0,
+                  device="cpu")
+
+
+def _resharder() -> Callable:
     try:
         from megarlhf.weights import resharder
     except ImportError:
@@ -278,8 +284,7 @@ def resharder_buckets(worker: RoleWorker, bucket_bytes: int, dtype=None) -> Iter
             "bundle, bucket_bytes=..., dtype=..., dst_rank=0, device='cpu') (the resharder, "
             "issue 5), which is not importable here; pass source=... (a collective bucket "
             "generator) to sync_weights_to meanwhile")
-    yield from fn(worker.engine.bundle, bucket_bytes=bucket_bytes, dtype=dtype, dst_rank=0,
-                  device="cpu")
+    return fn
 
 
 class WorkerGroup(ActorGroup):
@@ -365,6 +370,8 @@ class WorkerGroup(ActorGroup):
             source: a collective bucket generator ``source(worker, bucket_bytes, dtype)``
                 (``dtype``: the replicas' weight dtype).
         """
+        if source is None:
+            _resharder()  # fail here, not on every rank, when the resharder is missing
         bucket_bytes = bucket_bytes or rollout.bucket_bytes
         timeout = self.call_timeout_s if timeout_s is None else timeout_s
         dtype = rollout.weight_dtype(timeout_s=timeout)
