@@ -335,7 +335,12 @@ class MegatronEngine:
             buffers = getattr(c, "buffers", None)
             if buffers is not None and not callable(buffers):
                 for b in buffers:
-                    tensors.append(b.param_data)
+                    # Without the DistributedOptimizer megatron keeps no contiguous param buffer
+                    # (param_data is None): the parameters are separate tensors.
+                    if b.param_data is not None:
+                        tensors.append(b.param_data)
+                    else:
+                        tensors.extend(p.data for p in b.params)
                     tensors.append(b.grad_data)
             else:
                 tensors.extend(p.data for p in c.parameters())

@@ -270,6 +270,38 @@ def rank_offload(hf_lm, hf_rm, offload):
                                 optimizer="adam")
 
 
+def rank_offload_sgd(hf_lm, hf_rm):
+    """SGD without the DistributedOptimizer: no contiguous param buffer in megatron's DDP."""
+    ctx, eng = _engine(hf_lm, "lm", True, 1, 1, 1, False, optimizer="sgd")
+    batch = _make_batch(256)
+    n = int(batch.fields["response_mask"].sum())
+    eng.train_step(batch, _policy_loss_fn(n))
+    before = eng.forward(batch)["logp"]
+    moved = eng.offload()
+    assert eng.offloaded and moved > 0
+    eng.onload()
+    step = eng.train_step(batch, _policy_loss_fn(n))
+    return before, eng.forward(batch)["logp"], step.grad_norm
+
+
+def test_offload_without_distributed_optimizer(lm_rm_dirs):
+    """If this fails, offloading a role trained with SGD (no param buffer) crashes or corrupts."""
+    lm, rm = lm_rm_dirs
+    a = run_distributed(rank_offload_sgd, 1, lm, rm, timeout=120)[0]
+    b = run_distributed(rank_offload_sgd_ref, 1, lm, rm, timeout=120)[0]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+
+
+def rank_offload_sgd_ref(hf_lm, hf_rm):
+    ctx, eng = _engine(hf_lm, "lm", True, 1, 1, 1, False, optimizer="sgd")
+    batch = _make_batch(256)
+    n = int(batch.fields["response_mask"].sum())
+    eng.train_step(batch, _policy_loss_fn(n))
+    before = eng.forward(batch)["logp"]
+    step = eng.train_step(batch, _policy_loss_fn(n))
+    return before, eng.forward(batch)["logp"], step.grad_norm
+
+
 def test_offload_onload_is_bit_identical(lm_rm_dirs):
     """If this fails, offloading loses or corrupts weights, grads or optimizer state."""
     lm, rm = lm_rm_dirs
