@@ -211,6 +211,9 @@ class AlgorithmConfig:
     tis_cap: float | None = None
     # logp_old = the rollout engine's log-probs (behaviour policy). Required when asynchronous.
     use_behaviour_logprobs: bool = False
+    # Run the reference every step to log KL(policy || reference) even when kl_coef = 0
+    # (one reference forward per step; methods.md 2.5 logs it).
+    track_kl: bool = True
 
     def __post_init__(self):
         check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1,

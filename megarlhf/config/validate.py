@@ -19,10 +19,14 @@ def active_roles(job: JobConfig) -> dict[str, RoleConfig]:
         if job.critic is not None:
             roles["critic"] = job.critic
     if job.kind in ("ppo", "grpo", "dpo") and (
-        job.kind == "dpo" or job.algorithm.kl_coef > 0
+        job.kind == "dpo" or job.algorithm.kl_coef > 0 or job.algorithm.track_kl
     ):
+        # Without a `reference:` section the reference runs like the actor (same layout and
+        # micro-batching, frozen).
         roles["reference"] = job.reference or RoleConfig(
-            parallel=job.actor.parallel, num_gpus=job.actor.num_gpus
+            parallel=job.actor.parallel, num_gpus=job.actor.num_gpus,
+            micro_batch_size_per_rank=job.actor.micro_batch_size_per_rank,
+            max_tokens_per_micro_batch=job.actor.max_tokens_per_micro_batch,
         )
     if job.kind in ("ppo", "grpo", "dpo", "bon") and "rm" in job.reward.sources:
         if job.reward_model is not None:
@@ -149,6 +153,9 @@ def validate(job: JobConfig) -> JobConfig:
         if arch is not None and arch["num_attention_heads"] % r.tp:
             errors.append(f"rollout.tp = {r.tp} does not divide the model's "
                           f"{arch['num_attention_heads']} attention heads")
+        if job.kind in ("ppo", "grpo", "dpo") and r.temperature == 0:
+            errors.append("rollout.temperature = 0 (greedy) gives identical samples; RL needs "
+                          "sampling: set rollout.temperature > 0 (e.g. 1.0)")
         if job.kind == "dpo" and job.batch.n_samples_per_prompt < 2:
             errors.append("kind=dpo ranks several samples per prompt: set "
                           "batch.n_samples_per_prompt >= 2")

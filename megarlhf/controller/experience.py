@@ -87,7 +87,7 @@ def compute_advantages(batch: TokenBatch, raw_rewards: Tensor, algo: AlgorithmCo
     mask = batch.fields["response_mask"].bool()
     raw = raw_rewards.float()
     kl = None
-    if logp is not None and logp_ref is not None and algo.kl_coef > 0:
+    if logp is not None and logp_ref is not None:
         kl = rl.kl_estimate(logp, logp_ref, algo.kl_estimator) * mask
     if estimator == "rloo":
         seq = rl.clip_rewards(raw, algo.reward_clip)
@@ -100,7 +100,7 @@ def compute_advantages(batch: TokenBatch, raw_rewards: Tensor, algo: AlgorithmCo
                                  scale_by_std=estimator != "dr_grpo",
                                  eps=algo.reward_norm_eps,
                                  shrink_alpha=algo.negative_reward_scale)
-    kl_in_reward = kl is not None and algo.kl_in_reward
+    kl_in_reward = kl is not None and algo.kl_in_reward and algo.kl_coef > 0
     if estimator == "gae":
         if values is None:
             raise ValueError("advantage_estimator=gae needs the critic's values (kind=ppo)")

@@ -116,7 +116,7 @@ def test_rollout_tp_divides_gpus_and_heads():
 def test_cluster_must_hold_the_placement():
     """If this fails, a job that needs more GPUs than the cluster has gets scheduled anyway."""
     d = job(**{"cluster.placement": "split", "cluster.gpus_per_node": 3})
-    rejects(d, "placement split needs 4 GPUs", "cluster has")
+    rejects(d, "placement split needs 6 GPUs", "cluster has")  # actor 2 + reference 2 + rollout 2
 
 
 def test_ppo_needs_critic_and_rm_source_needs_reward_model():

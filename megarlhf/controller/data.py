@@ -1,0 +1,97 @@
+"""Datasets of a job as token ids: prompts for rollouts, SFT examples, held-out evaluation.
+
+Every row is read and validated up front (a bad row raises ``DatasetError`` naming the file,
+line and field) before any worker starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from megarlhf.config import ConfigError, JobConfig
+from megarlhf.controller.experience import PromptItem
+
+
+def load_job_tokenizer(job: JobConfig, model=None):
+    """The tokenizer of ``model`` (default: the actor's): ``model.tokenizer`` or ``hf_dir``."""
+    from megarlhf.data.tokenizer import load_tokenizer
+
+    m = model or job.actor.model
+    path = m.tokenizer or m.hf_dir
+    if path is None:
+        raise ConfigError("no tokenizer: set actor.model.tokenizer (a sentencepiece .model file "
+                          "or an HF tokenizer directory) for a model given as model.arch")
+    if not os.path.exists(path):
+        raise ConfigError(f"tokenizer path {path!r} does not exist (model.tokenizer / "
+                          "model.hf_dir)")
+    return load_tokenizer(path)
+
+
+def _paths(p: str | None, what: str) -> str:
+    if not p:
+        raise ConfigError(f"data.{what} is required for this job")
+    if not os.path.exists(p):
+        raise ConfigError(f"data.{what} = {p!r} does not exist")
+    return p
+
+
+def load_prompt_items(job: JobConfig, tokenizer, path: str | None = None,
+                      what: str = "train_path") -> list[PromptItem]:
+    """Prompts (with answers / test cases as metadata), tokenized through the chat template."""
+    from megarlhf.data.datasets import FieldNames, load_prompts, tokenize_prompt
+
+    d = job.data
+    fields = FieldNames.from_dict({"prompt": d.prompt_key, "answer": d.answer_key})
+    rows = load_prompts(_paths(path or getattr(d, what), what), fields)
+    items = []
+    for r in rows:
+        if d.apply_chat_template:
+            out = tokenize_prompt(tokenizer, r.prompt, d.max_prompt_len, d.overlong_prompt,
+                                  source=r.source)
+            if out is None:
+                continue
+            ids = out[0]
+        else:
+            text = r.prompt if isinstance(r.prompt, str) else r.messages()[-1]["content"]
+            ids = tokenizer.encode(text, add_bos=True)
+        items.append(PromptItem(ids=ids, text=r.prompt if isinstance(r.prompt, str) else "",
+                                answer=r.answer, metadata=r.metadata()))
+    if not items:
+        raise ConfigError(f"data.{what}: no usable prompts")
+    return items
+
+
+@dataclass
+class SFTSample:
+    ids: list[int]
+    loss_mask: list[int]
+
+
+def load_sft_samples(job: JobConfig, tokenizer, path: str | None = None) -> list[SFTSample]:
+    """Prompt + response + EOS with the loss on the response tokens; over-long rows refused."""
+    from megarlhf.data.datasets import DatasetError, FieldNames, load_sft, tokenize_prompt
+
+    d = job.data
+    fields = FieldNames.from_dict({"prompt": d.prompt_key, "response": d.response_key})
+    rows = load_sft(_paths(path or d.train_path, "train_path"), fields)
+    out = []
+    for r in rows:
+        if d.apply_chat_template:
+            p = tokenize_prompt(tokenizer, r.prompt, d.max_prompt_len, d.overlong_prompt,
+                                source=r.source)
+            if p is None:
+                continue
+            pids = p[0]
+        else:
+            pids = tokenizer.encode(r.prompt, add_bos=True)
+        rids = tokenizer.encode(r.response) + [tokenizer.eos_id]
+        if len(pids) + len(rids) > job.train.max_seq_len:
+            raise DatasetError(r.source.path, r.source.line, d.response_key,
+                               f"prompt + response are {len(pids) + len(rids)} tokens",
+                               f"raise train.max_seq_len (now {job.train.max_seq_len}) or "
+                               "shorten the example", line_kind=r.source.line_kind)
+        out.append(SFTSample(pids + rids, [0] * len(pids) + [1] * len(rids)))
+    if not out:
+        raise ConfigError("data.train_path: no usable SFT examples")
+    return out
