@@ -15,6 +15,7 @@ import sys
 COMMANDS: list[tuple[str, str]] = [
     ("validate", "megarlhf.commands.validate"),
     ("score", "megarlhf.commands.score"),
+    ("convert", "megarlhf.commands.convert"),
     ("plan", "megarlhf.commands.plan"),
 ]
 

@@ -1,10 +1,21 @@
-"""Reading Hugging Face safetensors checkpoints lazily (single file or sharded with an index)."""
+"""Hugging Face safetensors checkpoints: lazy reading, and writing the way transformers does.
+
+Reading (:class:`HFCheckpointReader`): ``model.safetensors`` or sharded
+``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``; a tensor (or a
+rectangular region of it) is read from disk only when asked for.
+
+Writing (:func:`write_safetensors_shard`, :func:`write_index`, :func:`shard_file_name`): the
+same file names, index layout and ``{"format": "pt"}`` metadata as ``save_pretrained``, so
+transformers and vLLM load the output unchanged. Each file is fsynced.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import re
+import shutil
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -73,6 +84,127 @@ class HFCheckpointReader:
             raise HFCheckpointError(f"{self.hf_dir}: tensor {name!r} is missing")
         return tuple(self._handle(self._where[name]).get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of ``name`` (read from the file header, no data)."""
+        if name not in self._where:
+            raise HFCheckpointError(f"{self.hf_dir}: tensor {name!r} is missing")
+        code = self._handle(self._where[name]).get_slice(name).get_dtype()
+        if code not in _SAFETENSORS_DTYPES:
+            raise HFCheckpointError(f"{self.hf_dir}: tensor {name!r} has dtype {code}, which "
+                                    "megarlhf does not convert")
+        return _SAFETENSORS_DTYPES[code]
+
+    def get_region(self, name: str, rows: tuple[int, int],
+                   cols: tuple[int, int] | None = None) -> torch.Tensor:
+        """``tensor[rows[0]:rows[1]]`` (and ``[:, cols[0]:cols[1]]``), reading only that region."""
+        if name not in self._where:
+            raise HFCheckpointError(f"{self.hf_dir}: tensor {name!r} is missing")
+        sl = self._handle(self._where[name]).get_slice(name)
+        if cols is None:
+            return sl[rows[0]: rows[1]]
+        return sl[rows[0]: rows[1], cols[0]: cols[1]]
+
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for n in self._where:
             yield n, self.get(n)
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+}
+
+# Files of an HF model directory that hold weights (everything else - config, generation config,
+# tokenizer files, chat template, README - travels with converted checkpoints).
+_WEIGHT_FILE = re.compile(
+    r"(\.safetensors|\.safetensors\.index\.json|\.bin|\.bin\.index\.json|\.pt|\.pth|\.ckpt|"
+    r"\.msgpack|\.h5|\.gguf|\.distcp)$")
+
+
+def shard_file_name(index: int, count: int) -> str:
+    """transformers' name of shard ``index`` (0-based) of ``count``; one shard is unsharded."""
+    if count == 1:
+        return "model.safetensors"
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes in ``"5GB"`` (10^9, as transformers' ``max_shard_size``), ``"2GiB"``, ``"500MB"``.
+
+    Raises:
+        ValueError: not a positive size.
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
+        if not m:
+            raise ValueError(f"size {size!r}: expected e.g. 5GB, 2GiB, 500MB or a byte count")
+        unit = (m.group(2) or "B").upper()
+        mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+        n = int(float(m.group(1)) * mult)
+    if n < 1:
+        raise ValueError(f"size {size!r} must be positive")
+    return n
+
+
+def fsync_path(path: str) -> None:
+    """Flushes a file or directory entry to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_safetensors_shard(path: str, tensors: Sequence[tuple[str, torch.Tensor]]) -> int:
+    """Writes ``tensors`` (on any device) to one safetensors file, fsynced; returns its bytes."""
+    from safetensors.torch import save_file
+
+    sd = {}
+    for name, t in tensors:
+        if name in sd:
+            raise ValueError(f"tensor {name!r} appears twice in one shard")
+        sd[name] = t.detach().to("cpu").contiguous()
+    save_file(sd, path, metadata={"format": "pt"})
+    fsync_path(path)
+    return sum(t.numel() * t.element_size() for t in sd.values())
+
+
+def write_index(out_dir: str, weight_map: dict[str, str], total_size: int) -> None:
+    """``model.safetensors.index.json`` as transformers writes it (sorted weight map)."""
+    index = {"metadata": {"total_size": total_size},
+             "weight_map": dict(sorted(weight_map.items()))}
+    path = os.path.join(out_dir, "model.safetensors.index.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def hf_asset_files(hf_dir: str) -> list[str]:
+    """Top-level files of an HF directory that are not weights (config, tokenizer, ...)."""
+    out = []
+    for name in sorted(os.listdir(hf_dir)):
+        path = os.path.join(hf_dir, name)
+        if os.path.isfile(path) and not _WEIGHT_FILE.search(name):
+            out.append(name)
+    return out
+
+
+def copy_hf_assets(src_dir: str, dst_dir: str, skip: Sequence[str] = ()) -> list[str]:
+    """Copies the non-weight files of ``src_dir`` (tokenizer, generation config, ...), fsynced.
+
+    Returns the names copied.
+    """
+    os.makedirs(dst_dir, exist_ok=True)
+    copied = []
+    for name in hf_asset_files(src_dir):
+        if name in skip:
+            continue
+        dst = os.path.join(dst_dir, name)
+        shutil.copyfile(os.path.join(src_dir, name), dst)
+        fsync_path(dst)
+        copied.append(name)
+    return copied

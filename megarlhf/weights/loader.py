@@ -1,8 +1,11 @@
 """HF tensors -> the shard each rank owns, at any TP/PP/VPP layout.
 
-Each rank reads only the HF tensors its own parameters need (lazily, from safetensors), turns
-them into megatron's layout with :mod:`megarlhf.weights.transforms` and copies its shard in place.
-Peak extra memory per rank is one full HF tensor group (e.g. q, k and v of one layer).
+Each rank fills only its own parameters: those of its pipeline stage, in every virtual-pipeline
+chunk (layer numbers are global, from megatron's ``layer_number``), each cut to its TP shard.
+From a safetensors directory (:func:`load_hf_dir`) a rank reads only the rows/columns its shard
+holds (:func:`megarlhf.weights.transforms.shard_pieces`), so the bytes read per rank are its
+share of the model and the extra memory is one shard. From an in-memory ``get`` (a state dict)
+the whole HF tensor is taken and cut.
 """
 
 from __future__ import annotations
@@ -12,8 +15,19 @@ from collections.abc import Callable, Iterable
 import torch
 
 from megarlhf.models.builder import ModelBundle
-from megarlhf.weights.mapping import expected_hf_names, local_params
-from megarlhf.weights.transforms import WeightLayoutError, hf_to_megatron_full, shard
+from megarlhf.weights.mapping import LocalParam, local_params
+from megarlhf.weights.transforms import (
+    WeightLayoutError,
+    hf_shapes,
+    hf_to_megatron_full,
+    megatron_full_shape,
+    shard,
+    shard_pieces,
+)
+from megarlhf.weights.validate import name_problems
+
+# get_region(name, rows, cols) -> the HF tensor's region [rows[0]:rows[1], cols[0]:cols[1]]
+RegionGetter = Callable[[str, tuple[int, int], "tuple[int, int] | None"], torch.Tensor]
 
 
 class WeightLoadError(ValueError):
@@ -22,20 +36,7 @@ class WeightLoadError(ValueError):
 
 def check_hf_names(bundle: ModelBundle, available: Iterable[str]) -> None:
     """Refuses a checkpoint with missing or unexpected tensors (never a silent partial load)."""
-    available = set(available)
-    expected = set(expected_hf_names(bundle))
-    tied_lm = bundle.head == "lm" and bundle.spec.tie_word_embeddings
-    if tied_lm:
-        available.discard("lm_head.weight")  # some tied checkpoints also store the copy
-    # Rotary caches some exporters leave behind carry no weights.
-    available = {n for n in available if not n.endswith("rotary_emb.inv_freq")}
-    missing = sorted(expected - available)
-    unexpected = sorted(available - expected)
-    if bundle.head == "scalar":
-        # A scalar model starting from an LM checkpoint: the LM head is dropped, the value head
-        # keeps its fresh initialisation.
-        unexpected = [n for n in unexpected if n != "lm_head.weight"]
-        missing = [n for n in missing if n != "score.weight"]
+    missing, unexpected = name_problems(bundle.spec, bundle.head, available)
     if missing or unexpected:
         parts = []
         if missing:
@@ -52,42 +53,82 @@ def check_hf_names(bundle: ModelBundle, available: Iterable[str]) -> None:
 
 @torch.no_grad()
 def load_hf_weights(bundle: ModelBundle, get: Callable[[str], torch.Tensor],
-                    names: Iterable[str]) -> int:
+                    names: Iterable[str], *, get_region: RegionGetter | None = None,
+                    get_shape: Callable[[str], tuple[int, ...]] | None = None,
+                    progress: Callable[[LocalParam], None] | None = None) -> int:
     """Copies HF tensors into this rank's shards; returns the number of parameters set.
 
     Args:
-        bundle: this rank's model.
-        get: returns the HF tensor of a name (e.g. ``HFCheckpointReader.get`` or ``dict.get``).
+        bundle: this rank's model (every VPP chunk is filled).
+        get: returns the whole HF tensor of a name (e.g. ``dict.get``).
         names: every HF tensor name available (checked against the architecture first).
+        get_region: reads a region of an HF tensor (``HFCheckpointReader.get_region``); when
+            given (with ``get_shape``), only this rank's rows/columns are read.
+        get_shape: the HF tensor's shape without reading it (``HFCheckpointReader.shape``).
+        progress: called after each parameter (e.g. to advance a progress bar).
     """
     check_hf_names(bundle, names)
     available = set(names)
-    lay = bundle.ctx.layout
     n = 0
     for lp in local_params(bundle):
         if bundle.head == "scalar" and lp.hf_names == ("score.weight",) \
                 and "score.weight" not in available:
-            continue
-        hf = [get(h) for h in lp.hf_names]
-        try:
-            full = hf_to_megatron_full(lp.kind, hf, bundle.spec, bundle.padded_vocab_size,
-                                       lp.hf_names)
-        except WeightLayoutError as e:
-            raise WeightLoadError(str(e)) from None
-        piece = shard(lp.kind, full, lay.tp, bundle.ctx.tp_rank)
-        if tuple(piece.shape) != tuple(lp.param.shape):
-            raise WeightLoadError(
-                f"{'+'.join(lp.hf_names)} -> megatron {lp.name}: shard shape "
-                f"{tuple(piece.shape)} does not match the parameter's {tuple(lp.param.shape)} "
-                "(the config and the weights disagree on the architecture)")
+            continue  # a scalar head on an LM checkpoint keeps its fresh initialisation
+        if get_region is not None and get_shape is not None:
+            piece = _read_shard(bundle, lp, get_region, get_shape)
+        else:
+            piece = _cut_shard(bundle, lp, get)
         lp.param.copy_(piece.to(lp.param.dtype))
         n += 1
+        if progress is not None:
+            progress(lp)
     return n
 
 
-def load_hf_dir(bundle: ModelBundle, hf_dir: str) -> int:
-    """Loads an HF safetensors directory into this rank's shards."""
+def _cut_shard(bundle: ModelBundle, lp: LocalParam, get) -> torch.Tensor:
+    """Reads the whole HF tensor(s) and cuts this rank's shard."""
+    hf = [get(h) for h in lp.hf_names]
+    try:
+        full = hf_to_megatron_full(lp.kind, hf, bundle.spec, bundle.padded_vocab_size,
+                                   lp.hf_names)
+    except WeightLayoutError as e:
+        raise WeightLoadError(str(e)) from None
+    piece = shard(lp.kind, full, bundle.ctx.layout.tp, bundle.ctx.tp_rank)
+    if tuple(piece.shape) != tuple(lp.param.shape):
+        raise WeightLoadError(
+            f"{'+'.join(lp.hf_names)} -> megatron {lp.name}: shard shape "
+            f"{tuple(piece.shape)} does not match the parameter's {tuple(lp.param.shape)} "
+            "(the config and the weights disagree on the architecture)")
+    return piece
+
+
+def _read_shard(bundle: ModelBundle, lp: LocalParam, get_region, get_shape) -> torch.Tensor:
+    """Builds this rank's shard from the HF regions it holds, reading nothing else."""
+    tp, tp_rank = bundle.ctx.layout.tp, bundle.ctx.tp_rank
+    full_shape = megatron_full_shape(lp.kind, lp.param.shape, tp)
+    want = hf_shapes(lp.kind, full_shape, bundle.spec)
+    for name, shape in zip(lp.hf_names, want):
+        got = tuple(get_shape(name))
+        if got != tuple(shape):
+            raise WeightLoadError(
+                f"{name}: shape {got} does not match the architecture's {tuple(shape)} (megatron "
+                f"{lp.name}; the config and the weights disagree)")
+    out = torch.zeros(lp.param.shape, dtype=lp.param.dtype)  # vocab padding rows stay zero
+    try:
+        pieces = shard_pieces(lp.kind, out, bundle.spec, tp, tp_rank)
+    except WeightLayoutError as e:
+        raise WeightLoadError(f"{'+'.join(lp.hf_names)}: {e}") from None
+    for p in pieces:
+        data = get_region(lp.hf_names[p.hf_index], p.rows, p.cols)
+        p.view.copy_(data.reshape(p.view.shape))
+    return out
+
+
+def load_hf_dir(bundle: ModelBundle, hf_dir: str,
+                progress: Callable[[LocalParam], None] | None = None) -> int:
+    """Loads an HF safetensors directory into this rank's shards (reading only its share)."""
     from megarlhf.weights.hf_io import HFCheckpointReader
 
     reader = HFCheckpointReader(hf_dir)
-    return load_hf_weights(bundle, reader.get, reader.names())
+    return load_hf_weights(bundle, reader.get, reader.names(), get_region=reader.get_region,
+                           get_shape=reader.shape, progress=progress)

@@ -9,7 +9,7 @@ import torch
 
 from megarlhf.models.builder import ModelBundle
 from megarlhf.models.families import (
-    ParamMap,
+    ArchSpec,
     embedding_param_map,
     final_norm_param_map,
     layer_param_maps,
@@ -77,12 +77,20 @@ def local_params(bundle: ModelBundle) -> list[LocalParam]:
 
 def expected_hf_names(bundle: ModelBundle) -> list[str]:
     """All HF tensor names of the full model (all stages), in HF order."""
-    spec = bundle.spec
+    return hf_names_for(bundle.spec, bundle.head)
+
+
+def hf_names_for(spec: ArchSpec, head: str) -> list[str]:
+    """All HF tensor names of a ``spec`` model with ``head`` ("lm" or "scalar"), in HF order.
+
+    A tied LM has no ``lm_head.weight`` (transformers does not store the tied copy). HF names do
+    not depend on the layer-spec flavour (local or Transformer Engine).
+    """
     names = list(embedding_param_map().hf)
     for layer in range(spec.num_layers):
-        for pm in layer_param_maps(spec, bundle.te):
+        for pm in layer_param_maps(spec, False):
             names.extend(h.replace("{L}", str(layer)) for h in pm.hf)
     names.extend(final_norm_param_map().hf)
-    if not (bundle.head == "lm" and spec.tie_word_embeddings):
-        names.extend(output_param_map(bundle.head).hf)
+    if not (head == "lm" and spec.tie_word_embeddings):
+        names.extend(output_param_map(head).hf)
     return names

@@ -1,0 +1,49 @@
+"""Atomic directory writes: build in ``<dir>.tmp-<pid>``, fsync, then rename into place.
+
+A reader never sees a half-written directory under the final name: either the previous content
+(or nothing) or the complete new one. A crash leaves a ``*.tmp-<pid>`` directory behind, which
+no loader accepts (checkpoints also carry a marker file written last) and which can be deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from megarlhf.weights.hf_io import fsync_path
+
+
+def temp_dir_for(final_dir: str, pid: int | None = None) -> str:
+    """The temporary sibling ``<final_dir>.tmp-<pid>`` a write builds in."""
+    return f"{os.path.abspath(final_dir).rstrip(os.sep)}.tmp-{pid or os.getpid()}"
+
+
+def fsync_tree(path: str) -> None:
+    """fsyncs every file and directory under ``path`` (and ``path`` itself)."""
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)
+
+
+def publish(tmp_dir: str, final_dir: str, overwrite: bool = False) -> None:
+    """Renames the complete ``tmp_dir`` to ``final_dir`` (fsynced first).
+
+    With ``overwrite``, an existing ``final_dir`` is first renamed aside and deleted after the
+    new one is in place (a crash in between leaves it as ``<final_dir>.old-<pid>``).
+
+    Raises:
+        FileExistsError: ``final_dir`` exists and ``overwrite`` is False.
+    """
+    final_dir = os.path.abspath(final_dir).rstrip(os.sep)
+    fsync_tree(tmp_dir)
+    old = None
+    if os.path.lexists(final_dir):
+        if not overwrite:
+            raise FileExistsError(f"{final_dir} exists; pass overwrite to replace it")
+        old = f"{final_dir}.old-{os.getpid()}"
+        os.rename(final_dir, old)
+    os.rename(tmp_dir, final_dir)
+    fsync_path(os.path.dirname(final_dir) or ".")
+    if old is not None:
+        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)

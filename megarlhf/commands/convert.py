@@ -1,0 +1,98 @@
+"""``megarlhf convert``: HF safetensors <-> megarlhf checkpoints (megatron dist checkpoints).
+
+    megarlhf convert hf-to-megatron --hf-dir D --out C --tp T --pp P [--vpp V]
+    megarlhf convert megatron-to-hf --ckpt C --out D [--dtype bf16|fp16|fp32] [--shard-size 5GB]
+
+Runs on T*P local ranks (gloo on CPU). The library is :mod:`megarlhf.weights.convert`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("convert", help="convert HF safetensors <-> megarlhf (megatron dist) "
+                                       "checkpoints")
+    conv = p.add_subparsers(dest="direction", metavar="DIRECTION")
+    conv.required = True
+
+    a = conv.add_parser("hf-to-megatron", help="HF model directory -> megarlhf checkpoint")
+    a.add_argument("--hf-dir", required=True, help="HF model directory (config.json, "
+                                                   "*.safetensors, tokenizer files)")
+    a.add_argument("--out", required=True, help="checkpoint directory to create")
+    a.add_argument("--tp", type=int, default=1, help="tensor parallel size to save at")
+    a.add_argument("--pp", type=int, default=1, help="pipeline parallel size to save at")
+    a.add_argument("--vpp", type=int, default=1, help="virtual pipeline chunks per stage")
+    a.add_argument("--head", choices=("auto", "lm", "scalar"), default="auto",
+                   help="lm (causal LM), scalar (reward model / critic), or auto: scalar when "
+                        "the weights have score.weight")
+    a.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="parameter dtype of the checkpoint (default: the HF weights')")
+    a.add_argument("--vocab-multiple", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this times tp")
+    _common(a)
+    a.set_defaults(func=_hf_to_megatron)
+
+    b = conv.add_parser("megatron-to-hf", help="megarlhf checkpoint -> HF safetensors directory")
+    b.add_argument("--ckpt", required=True, help="megarlhf checkpoint directory")
+    b.add_argument("--out", required=True, help="HF directory to create")
+    b.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="dtype of the HF weights (default: the checkpoint's)")
+    b.add_argument("--shard-size", default="5GB",
+                   help="largest safetensors file, e.g. 5GB (10^9 bytes), 2GiB, 500MB")
+    b.add_argument("--tp", type=int, default=None, help="load at this TP (default: as saved)")
+    b.add_argument("--pp", type=int, default=None, help="load at this PP (default: as saved)")
+    b.add_argument("--vpp", type=int, default=None, help="load at this VPP (default: as saved)")
+    _common(b)
+    b.set_defaults(func=_megatron_to_hf)
+
+
+def _common(p) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (only once the new one is complete)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--timeout", type=float, default=24 * 3600.0,
+                   help="seconds before the conversion is stopped")
+
+
+def _fail(e: Exception) -> int:
+    print(f"megarlhf convert: error: {e}", file=sys.stderr)
+    return 2
+
+
+def _hf_to_megatron(args) -> int:
+    from megarlhf.checkpoint.model import CheckpointError
+    from megarlhf.weights.convert import ConversionError, convert_hf_to_megatron
+    from megarlhf.weights.validate import HFValidationError
+
+    try:
+        meta = convert_hf_to_megatron(
+            args.hf_dir, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, head=args.head,
+            dtype=args.dtype, vocab_multiple=args.vocab_multiple, overwrite=args.overwrite,
+            progress=not args.quiet, timeout=args.timeout)
+    except (HFValidationError, ConversionError, CheckpointError) as e:
+        return _fail(e)
+    if not args.quiet:
+        lay = meta.layout
+        print(f"wrote {args.out}: {meta.hf_config.get('model_type')} ({meta.head} head, "
+              f"{meta.dtype}) at TP{lay['tp']}/PP{lay['pp']}"
+              + (f"/VPP{lay['vpp']}" if lay["vpp"] > 1 else ""))
+    return 0
+
+
+def _megatron_to_hf(args) -> int:
+    from megarlhf.checkpoint.model import CheckpointError
+    from megarlhf.weights.convert import ConversionError, convert_megatron_to_hf
+
+    try:
+        summary = convert_megatron_to_hf(
+            args.ckpt, args.out, dtype=args.dtype, shard_size=args.shard_size, tp=args.tp,
+            pp=args.pp, vpp=args.vpp, overwrite=args.overwrite, progress=not args.quiet,
+            timeout=args.timeout)
+    except (ConversionError, CheckpointError) as e:
+        return _fail(e)
+    if not args.quiet:
+        print(f"wrote {args.out}: {summary['tensors']} tensors, "
+              f"{summary['bytes'] / 2**20:.1f} MiB in {summary['files']} safetensors file(s)")
+    return 0

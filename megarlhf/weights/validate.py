@@ -1,0 +1,254 @@
+"""Checking an HF model directory against its config before any heavy work.
+
+:func:`inspect_hf_dir` reads only ``config.json`` and the safetensors headers (names, shapes,
+dtypes) and refuses, with one message listing every problem found:
+
+* an architecture megarlhf does not support (model_type, activation, rope type, head class);
+* config and weights that disagree - the vocabulary, hidden size, attention heads, query groups
+  (``num_key_value_heads``) or MLP width, each diagnosed from the tensor shapes ("the weights
+  have 8 key/value heads of head_dim 16, the config says num_key_value_heads=2");
+* missing or unexpected tensors, and any other shape mismatch.
+
+A conversion that passes this check cannot stop half-way for a reason visible in the inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megarlhf.models.families import ArchSpec
+from megarlhf.weights.mapping import hf_names_for
+
+# What a ``*For...`` class in config.json's ``architectures`` means for the head.
+_HEAD_OF_CLASS_SUFFIX = {"ForCausalLM": "lm", "ForSequenceClassification": "scalar"}
+
+
+class HFValidationError(ValueError):
+    """The HF directory cannot be converted as it is; the message lists every problem."""
+
+
+@dataclass(frozen=True)
+class HFModelInfo:
+    """What a valid HF directory holds (read from its config and safetensors headers).
+
+    Attributes:
+        hf_dir: the directory.
+        raw_config: config.json as written (kept verbatim in checkpoints and exports).
+        spec: the architecture read from it.
+        head: "lm" or "scalar" (a ``score.weight`` head, ``*ForSequenceClassification``).
+        dtype: the weights' dtype (the most common one by bytes, if they are mixed).
+        names: the HF tensor names present.
+        score_missing: a scalar model requested from an LM checkpoint: its head starts fresh.
+    """
+
+    hf_dir: str
+    raw_config: dict[str, Any]
+    spec: ArchSpec
+    head: str
+    dtype: torch.dtype
+    names: tuple[str, ...]
+    score_missing: bool = False
+
+
+def expected_hf_shapes(spec: ArchSpec, head: str) -> dict[str, tuple[int, ...]]:
+    """The HF name -> shape of every tensor of a ``spec`` model with ``head``, in HF order."""
+    h, v, f, hd = spec.hidden_size, spec.vocab_size, spec.ffn_hidden_size, spec.head_dim
+    q, kv = spec.num_attention_heads * hd, spec.num_query_groups * hd
+    layer = {
+        "input_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.bias": (kv,),
+        "self_attn.q_norm.weight": (hd,),
+        "self_attn.k_norm.weight": (hd,),
+        "self_attn.o_proj.weight": (h, q),
+        "post_attention_layernorm.weight": (h,),
+        "mlp.gate_proj.weight": (f, h),
+        "mlp.up_proj.weight": (f, h),
+        "mlp.down_proj.weight": (h, f),
+    }
+    top = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,),
+           "lm_head.weight": (v, h), "score.weight": (1, h)}
+    out = {}
+    for name in hf_names_for(spec, head):
+        if name.startswith("model.layers."):
+            out[name] = layer[name.split(".", 3)[3]]
+        else:
+            out[name] = top[name]
+    return out
+
+
+def name_problems(spec: ArchSpec, head: str,
+                  available: Iterable[str]) -> tuple[list[str], list[str]]:
+    """``(missing, unexpected)`` HF names for a ``spec`` model with ``head``.
+
+    Tolerated: ``lm_head.weight`` next to tied embeddings (some exporters store the copy),
+    rotary ``inv_freq`` buffers, and - for a scalar model started from an LM checkpoint - a
+    missing ``score.weight`` with an ``lm_head.weight`` that is dropped.
+    """
+    available = {n for n in available if not n.endswith("rotary_emb.inv_freq")}
+    if head == "lm" and spec.tie_word_embeddings:
+        available.discard("lm_head.weight")
+    expected = set(hf_names_for(spec, head))
+    missing = sorted(expected - available)
+    unexpected = sorted(available - expected)
+    if head == "scalar":
+        unexpected = [n for n in unexpected if n != "lm_head.weight"]
+        missing = [n for n in missing if n != "score.weight"]
+    return missing, unexpected
+
+
+def _listing(what: str, names: list[str]) -> str:
+    more = f" ... (+{len(names) - 8} more)" if len(names) > 8 else ""
+    return f"{what} ({len(names)}): {', '.join(names[:8])}{more}"
+
+
+def diagnose_shapes(spec: ArchSpec, head: str,
+                    shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Problems in ``shapes`` (HF name -> shape): architecture disagreements first, then the rest.
+
+    The diagnosis names the config field that disagrees with the weights (vocab_size,
+    hidden_size, num_attention_heads, num_key_value_heads, intermediate_size, head_dim).
+    """
+    problems: list[str] = []
+    hd = spec.head_dim
+    emb = shapes.get("model.embed_tokens.weight")
+    if emb is not None and len(emb) == 2:
+        if emb[0] != spec.vocab_size:
+            problems.append(f"vocabulary: config.json has vocab_size={spec.vocab_size} but "
+                            f"model.embed_tokens.weight has {emb[0]} rows")
+        if emb[1] != spec.hidden_size:
+            problems.append(f"hidden size: config.json has hidden_size={spec.hidden_size} but "
+                            f"model.embed_tokens.weight has {emb[1]} columns")
+    q = shapes.get("model.layers.0.self_attn.q_proj.weight")
+    if q is not None and len(q) == 2 and q[0] != spec.num_attention_heads * hd:
+        problems.append(
+            f"attention heads: config.json has num_attention_heads={spec.num_attention_heads} "
+            f"(head_dim {hd}: q_proj should have {spec.num_attention_heads * hd} rows) but "
+            f"model.layers.0.self_attn.q_proj.weight has {q[0]} rows"
+            + (f" = {q[0] // hd} heads of head_dim {hd}" if q[0] % hd == 0 else ""))
+    k = shapes.get("model.layers.0.self_attn.k_proj.weight")
+    if k is not None and len(k) == 2 and k[0] != spec.num_query_groups * hd:
+        problems.append(
+            f"query groups: config.json has num_key_value_heads={spec.num_query_groups} "
+            f"(head_dim {hd}: k_proj should have {spec.num_query_groups * hd} rows) but "
+            f"model.layers.0.self_attn.k_proj.weight has {k[0]} rows"
+            + (f" = {k[0] // hd} key/value heads of head_dim {hd}" if k[0] % hd == 0 else ""))
+    g = shapes.get("model.layers.0.mlp.gate_proj.weight")
+    if g is not None and len(g) == 2 and g[0] != spec.ffn_hidden_size:
+        problems.append(f"MLP width: config.json has intermediate_size={spec.ffn_hidden_size} but "
+                        f"model.layers.0.mlp.gate_proj.weight has {g[0]} rows")
+    qn = shapes.get("model.layers.0.self_attn.q_norm.weight")
+    if qn is not None and qn != (hd,):
+        problems.append(f"head_dim: config.json implies head_dim={hd} but "
+                        f"model.layers.0.self_attn.q_norm.weight has shape {qn}")
+    expected = expected_hf_shapes(spec, head)
+    if head == "lm" and spec.tie_word_embeddings:
+        expected["lm_head.weight"] = (spec.vocab_size, spec.hidden_size)
+    wrong = [f"{n}: {tuple(shapes[n])}, expected {expected[n]}" for n in expected
+             if n in shapes and tuple(shapes[n]) != expected[n]]
+    if wrong:
+        problems.append(_listing("tensors with a wrong shape", wrong))
+    return problems
+
+
+def _head_from_config(raw: dict[str, Any]) -> str | None:
+    """The head config.json's ``architectures`` asks for, or None when it does not say."""
+    archs = raw.get("architectures") or []
+    heads = set()
+    for a in archs:
+        for suffix, head in _HEAD_OF_CLASS_SUFFIX.items():
+            if a.endswith(suffix):
+                heads.add(head)
+                break
+        else:
+            if not a.endswith("Model"):
+                raise HFValidationError(
+                    f"architecture {a!r} is not supported: megarlhf converts *ForCausalLM "
+                    "(language models) and *ForSequenceClassification with num_labels=1 "
+                    "(reward models / critics)")
+    if len(heads) > 1:
+        raise HFValidationError(f"config.json lists architectures {archs} with different heads")
+    return heads.pop() if heads else None
+
+
+def inspect_hf_dir(hf_dir: str, head: str = "auto") -> HFModelInfo:
+    """Validates an HF model directory for conversion; returns what it holds.
+
+    Args:
+        hf_dir: directory with config.json and safetensors weights.
+        head: "lm", "scalar", or "auto" (scalar when the weights have ``score.weight``).
+
+    Raises:
+        HFValidationError: every problem found, in one message.
+    """
+    from megarlhf.models.arch import ArchError, hf_config_from_dict
+    from megarlhf.models.families import UnsupportedArchitecture, arch_spec
+    from megarlhf.weights.hf_io import HFCheckpointError, HFCheckpointReader
+
+    if head not in ("auto", "lm", "scalar"):
+        raise HFValidationError(f"head must be auto, lm or scalar, got {head!r}")
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise HFValidationError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise HFValidationError(f"{path}: not valid JSON ({e})") from None
+    try:
+        spec = arch_spec(hf_config_from_dict(raw))
+    except (ArchError, UnsupportedArchitecture) as e:
+        raise HFValidationError(f"{hf_dir}: unsupported architecture: {e}") from None
+    config_head = _head_from_config(raw)
+    try:
+        reader = HFCheckpointReader(hf_dir)
+        names = reader.names()
+        shapes = {n: reader.shape(n) for n in names}
+        dtypes = {n: reader.dtype(n) for n in names}
+    except HFCheckpointError as e:
+        raise HFValidationError(str(e)) from None
+
+    if head == "auto":
+        head = "scalar" if "score.weight" in shapes else (config_head or "lm")
+    if head == "scalar":
+        from dataclasses import replace
+
+        spec = replace(spec, tie_word_embeddings=False)  # a scalar model has no LM head to tie
+        labels = raw.get("num_labels", len(raw.get("id2label") or {}) or 1)
+        if config_head == "scalar" and labels != 1:
+            raise HFValidationError(
+                f"{hf_dir}: a sequence-classification model with num_labels={labels}; megarlhf's "
+                "scalar head (reward model / critic) has exactly one output")
+
+    problems = diagnose_shapes(spec, head, shapes)
+    missing, unexpected = name_problems(spec, head, names)
+    if missing:
+        problems.append(_listing("missing tensors", missing))
+    if unexpected:
+        problems.append(_listing("unexpected tensors", unexpected))
+    if problems:
+        raise HFValidationError(
+            f"{hf_dir} does not match its config.json ({spec.model_type}, {spec.num_layers} "
+            f"layers, head={head}); nothing was converted:\n  - " + "\n  - ".join(problems))
+
+    by_bytes: Counter = Counter()
+    for n, s in shapes.items():
+        numel = 1
+        for d in s:
+            numel *= d
+        by_bytes[dtypes[n]] += numel * dtypes[n].itemsize
+    dtype = by_bytes.most_common(1)[0][0] if by_bytes else torch.float32
+    return HFModelInfo(hf_dir=hf_dir, raw_config=raw, spec=spec, head=head, dtype=dtype,
+                       names=tuple(names),
+                       score_missing=head == "scalar" and "score.weight" not in shapes)
