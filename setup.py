@@ -36,7 +36,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megarlhf", "megarlhf.*"]),
-    package_data={"megarlhf": ["py.typed"]},
+    package_data={"megarlhf": ["py.typed", "demo/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["megarlhf=megarlhf.cli:main"]},

@@ -13,6 +13,9 @@ import sys
 
 # (command, module that registers it)
 COMMANDS: list[tuple[str, str]] = [
+    ("demo", "megarlhf.commands.demo"),
+    ("train", "megarlhf.commands.train"),
+    ("eval", "megarlhf.commands.eval"),
     ("validate", "megarlhf.commands.validate"),
     ("score", "megarlhf.commands.score"),
     ("convert", "megarlhf.commands.convert"),

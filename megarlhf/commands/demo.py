@@ -1,0 +1,23 @@
+"""``megarlhf demo``: the whole RLHF pipeline on a tiny model, on CPU (see megarlhf/demo)."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="run the CPU demo: SFT -> reward model -> GRPO on a tiny "
+                                    "Megatron model (a few minutes on 2 cores)")
+    p.add_argument("--output-dir", default="outputs/demo", help="where everything is written")
+    p.add_argument("--reward", choices=["verifier", "rm", "mix"], default="verifier",
+                   help="GRPO's reward: the answer verifier, the trained ORM, or both")
+    p.add_argument("--sft-steps", type=int, default=None, help="override the SFT length")
+    p.add_argument("--rl-steps", type=int, default=None, help="override the GRPO length")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from megarlhf.demo import run_demo
+
+    run_demo(args.output_dir, sft_steps=args.sft_steps, rl_steps=args.rl_steps,
+             reward=args.reward, progress=not args.no_progress)
+    return 0
