@@ -91,9 +91,15 @@ def _rank_score(source: dict, seqs, tp, pp, temperature, entropy, mbs):
                              init_weights=False)
         load_hf_dir(bundle, source["hf_dir"])
     else:
-        from megarlhf.checkpoint.model import load_model_checkpoint
+        from megarlhf.checkpoint.model import load_model_checkpoint, read_checkpoint_meta
 
-        bundle = load_model_checkpoint(source["ckpt"], ctx)
+        meta = read_checkpoint_meta(source["ckpt"])
+        bundle = build_model(ModelConfig(arch=dict(meta.hf_config), dtype="fp32"), ctx,
+                             head=meta.head, init_weights=False)
+        load_model_checkpoint(bundle, source["ckpt"])
+        if meta.head != "lm":
+            raise ValueError(f"{source['ckpt']} holds a scalar-head model (critic / reward "
+                             "model); `megarlhf score` scores language models")
     vocab = bundle.spec.vocab_size
     bad = [i for i, s in enumerate(seqs) if max(s) >= vocab]
     if bad:
@@ -111,9 +117,19 @@ def run(args) -> int:
 
     if args.hf_dir and not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
         raise SystemExit(f"megarlhf score: --hf-dir {args.hf_dir!r} has no config.json")
+    if args.ckpt:
+        from megarlhf.checkpoint.model import CheckpointError, read_checkpoint_meta
+
+        try:
+            read_checkpoint_meta(args.ckpt)
+        except (CheckpointError, FileNotFoundError) as e:
+            raise SystemExit(f"megarlhf score: --ckpt {args.ckpt!r}: {e}") from None
     if args.tp < 1 or args.pp < 1:
         raise SystemExit("megarlhf score: --tp and --pp must be >= 1")
-    seqs = _read_sequences(args.input, args.hf_dir)
+    tok_dir = args.hf_dir
+    if args.ckpt and os.path.isdir(os.path.join(args.ckpt, "hf")):
+        tok_dir = os.path.join(args.ckpt, "hf")  # tokenizer files kept with the checkpoint
+    seqs = _read_sequences(args.input, tok_dir)
     source = {"hf_dir": args.hf_dir} if args.hf_dir else {"ckpt": args.ckpt}
     res = run_distributed(_rank_score, args.tp * args.pp, source, seqs, args.tp, args.pp,
                           args.temperature, args.entropy, args.micro_batch_size,

@@ -42,6 +42,10 @@ _BENIGN_WARNINGS = [
     ("ignore", r"`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated"),
     ("ignore", r"`torch.distributed._all_gather_base` is a private function"),
     ("ignore", r"Transformer Engine and Apex are not installed"),
+    # megatron's dist_checkpointing still calls these torch.distributed.checkpoint APIs.
+    ("ignore", r"`load_state_dict` is deprecated and will be removed"),
+    ("ignore", r"`save_state_dict` is deprecated and will be removed"),
+    ("ignore", r"Please use DTensor instead and we are deprecating ShardedTensor"),
 ]
 
 
