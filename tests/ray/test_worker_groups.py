@@ -133,6 +133,8 @@ def _job(placement, lm, rm, actor_par, critic_par, rollout_gpus=1):
         "batch": {"rollout_prompts_global": 2, "train_prompts_global": 2,
                   "n_samples_per_prompt": 4},
         "train": {"steps": 10},
+        # No reference role: these tests place actor, critic and rollout only.
+        "algorithm": {"track_kl": False},
     }))
 
 
