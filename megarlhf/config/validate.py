@@ -67,6 +67,12 @@ def _arch_numbers(model: ModelConfig) -> dict[str, Any] | None:
 def _check_role(name: str, role: RoleConfig, model: ModelConfig, errors: list[str],
                 batch_sequences: int | None) -> None:
     p = role.parallel
+    if p.cp > 1:
+        errors.append(
+            f"{name}.parallel.cp = {p.cp}: context parallelism is not supported by megarlhf's "
+            "engine yet (splitting sequences over CP ranks is not implemented); set "
+            f"{name}.parallel.cp=1 and use tensor/pipeline parallelism for long sequences")
+        return
     mp = p.tp * p.pp * p.cp
     if p.dp is not None:
         if mp * p.dp != role.num_gpus:
@@ -191,6 +197,59 @@ def validate(job: JobConfig) -> JobConfig:
             errors.append("asynchronous.enabled needs algorithm.use_behaviour_logprobs=true "
                           "(PPO ratios must use the generator's log-probs off-policy)")
 
+    _check_reward_model_jobs(job, errors)
+
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
     return job
+
+
+def _check_reward_model_jobs(job: JobConfig, errors: list[str]) -> None:
+    """Rules of reward-model training (kind=rm) and best-of-N evaluation (kind=bon)."""
+    d, r = job.data, job.reward
+    if job.kind == "rm":
+        if not d.preference_path and not d.labelled_path:
+            errors.append("kind=rm needs training data: set data.preference_path (prompt, chosen, "
+                          "rejected rows) and/or data.labelled_path (prompt, response, label rows)")
+        if r.rm_type == "prm" and not d.labelled_path:
+            errors.append("reward.rm_type=prm trains per-step scores on labelled responses: set "
+                          "data.labelled_path (rows with step_labels, or set "
+                          "reward.prm_label_rollouts to label the steps automatically)")
+        if r.prm_label_rollouts and r.rm_type != "prm":
+            errors.append(f"reward.prm_label_rollouts={r.prm_label_rollouts} labels PRM steps but "
+                          "reward.rm_type=orm; set reward.rm_type=prm or "
+                          "reward.prm_label_rollouts=0")
+        if r.prm_label_rollouts and not (r.prm_label_policy or job.actor.model.hf_dir):
+            errors.append("reward.prm_label_rollouts needs a policy to roll out: set "
+                          "reward.prm_label_policy (an HF model directory, e.g. the SFT model) or "
+                          "start the reward model from one (actor.model.hf_dir)")
+        if job.train.eval_every and not (d.eval_preference_path or d.eval_labelled_path):
+            errors.append(f"train.eval_every={job.train.eval_every} evaluates the reward model on "
+                          "held-out data: set data.eval_preference_path and/or "
+                          "data.eval_labelled_path, or train.eval_every=0")
+        if d.preference_path:
+            # (chosen, rejected) rows are adjacent and must stay in one micro-batch and shard.
+            a = job.actor
+            dp = a.parallel.dp or max(1, a.num_gpus // (a.parallel.tp * a.parallel.pp
+                                                         * a.parallel.cp))
+            gbs = job.train.global_batch_size
+            if gbs % (2 * dp):
+                errors.append(f"kind=rm with preference pairs: train.global_batch_size={gbs} must "
+                              f"be a multiple of 2 * data-parallel size = {2 * dp} (each rank "
+                              "trains whole (chosen, rejected) pairs)")
+            if a.max_tokens_per_micro_batch is None and a.micro_batch_size_per_rank % 2:
+                errors.append(f"kind=rm with preference pairs: actor.micro_batch_size_per_rank="
+                              f"{a.micro_batch_size_per_rank} must be even (a pair's two "
+                              "sequences share a micro-batch)")
+    if job.kind == "bon":
+        if job.reward_model is None:
+            errors.append("kind=bon scores samples with a reward model: add a `reward_model:` "
+                          "section (reward_model.model.hf_dir = an exported reward model)")
+        if "rm" not in r.sources:
+            errors.append("kind=bon ranks samples by the reward model: reward.sources must "
+                          "include rm (e.g. reward.sources={rm: 1.0})")
+        if not job.actor.model.hf_dir:
+            errors.append("kind=bon samples from a trained policy: set actor.model.hf_dir (an HF "
+                          "model directory, e.g. <sft output_dir>/hf)")
+        if not d.eval_path:
+            errors.append("kind=bon evaluates on test prompts with answers: set data.eval_path")

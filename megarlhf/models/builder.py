@@ -225,6 +225,10 @@ def build_model(model_cfg: ModelConfig, ctx: ParallelContext, *, head: Head = "l
     if model_cfg.fp8 is not None:
         check_fp8(model_cfg)
     lay = ctx.layout
+    if lay.cp > 1:
+        raise ModelBuildError(
+            f"context parallelism (cp={lay.cp}) is not supported by megarlhf's engine yet: "
+            "splitting sequences over CP ranks is not implemented; use cp=1")
     if spec.num_layers % (lay.pp * lay.vpp):
         raise ModelBuildError(
             f"{spec.num_layers} layers are not divisible by pp*vpp = {lay.pp * lay.vpp}")

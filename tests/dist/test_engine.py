@@ -129,6 +129,12 @@ FAMILIES = [
     ("qwen3_qk_norm", dict(family="qwen3")),
     ("mistral", dict(family="mistral")),
     ("llama_tied_odd_vocab", dict(family="llama", tied=True, vocab_size=251)),
+    # Llama 3.1 rope scaling (megatron's fixed factors are replaced by transformers' inv_freq).
+    ("llama31_rope_scaling", dict(family="llama", rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})),
+    ("qwen2_linear_rope", dict(family="qwen2", rope_scaling={"rope_type": "linear",
+                                                             "factor": 2.0})),
 ]
 
 

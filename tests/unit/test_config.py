@@ -199,3 +199,116 @@ def test_cli_validate_reports_config_errors(tmp_path):
                         "actor.parallel.tp=3", "actor.num_gpus=3"], capture_output=True,
                        text=True)
     assert r.returncode == 2 and "config error" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- reward models and best-of-N
+def rm_job(**over) -> dict:
+    """A valid ORM job dict (kind=rm) with nested overrides applied (dotted keys)."""
+    d = job(kind="rm", **{"data.preference_path": "pairs.jsonl",
+                          "data.labelled_path": "labelled.jsonl",
+                          "train.global_batch_size": 8})
+    for k, v in over.items():
+        node = d
+        parts = k.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return d
+
+
+def bon_job(**over) -> dict:
+    d = job(kind="bon", **{"actor.model": {"hf_dir": None, "arch": dict(ARCH)},
+                           "reward_model": {"num_gpus": 1},
+                           "reward.sources": {"rm": 1.0}, "data.eval_path": "test.jsonl"})
+    for k, v in over.items():
+        node = d
+        parts = k.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return d
+
+
+def test_rm_job_builds():
+    """If this fails, the reference reward-model config of the rule tests is itself invalid."""
+    j = build(rm_job())
+    assert j.data.preference_path == "pairs.jsonl" and j.bon.n_values == [1, 4, 16, 64]
+
+
+def test_rm_needs_data():
+    """If this fails, an RM job without preference or labelled data starts and fails later."""
+    rejects(rm_job(**{"data.preference_path": None, "data.labelled_path": None}),
+            "kind=rm needs training data", "data.preference_path", "data.labelled_path")
+
+
+def test_prm_needs_labelled_data():
+    """If this fails, a PRM job with only preference pairs trains no step scores silently."""
+    rejects(rm_job(**{"reward.rm_type": "prm", "data.labelled_path": None}),
+            "reward.rm_type=prm", "data.labelled_path")
+
+
+def test_prm_auto_labels_need_prm_and_a_policy():
+    """If this fails, automatic step labels are asked of an ORM, or have no policy to roll out."""
+    rejects(rm_job(**{"reward.prm_label_rollouts": 4}), "reward.rm_type=orm")
+    rejects(rm_job(**{"reward.rm_type": "prm", "reward.prm_label_rollouts": 4}),
+            "reward.prm_label_policy")
+    build(rm_job(**{"reward.rm_type": "prm", "reward.prm_label_rollouts": 4,
+                    "reward.prm_label_policy": "/some/sft/hf"}))
+    rejects(rm_job(**{"reward.prm_label_rollouts": -1}), "reward.prm_label_rollouts must be >= 0")
+
+
+def test_rm_eval_every_needs_eval_data():
+    """If this fails, train.eval_every on an RM job without held-out files evaluates nothing."""
+    rejects(rm_job(**{"train.eval_every": 10}), "data.eval_preference_path")
+    build(rm_job(**{"train.eval_every": 10, "data.eval_labelled_path": "e.jsonl"}))
+
+
+def test_rm_pairs_need_even_batches():
+    """If this fails, a (chosen, rejected) pair can be split across micro-batches or ranks."""
+    rejects(rm_job(**{"actor.micro_batch_size_per_rank": 3, "train.global_batch_size": 6}),
+            "micro_batch_size_per_rank=3 must be even")
+    rejects(rm_job(**{"actor.num_gpus": 4, "actor.micro_batch_size_per_rank": 1,
+                      "train.global_batch_size": 6}),
+            "multiple of 2 * data-parallel size = 4")
+
+
+def test_rm_data_knobs_are_checked():
+    """If this fails, a nonsensical batch mix or data-scaling value reaches the trainer."""
+    rejects(rm_job(**{"data.preference_fraction": 1.5}), "data.preference_fraction")
+    rejects(rm_job(**{"data.rm_num_prompts": 0}), "data.rm_num_prompts")
+    rejects(rm_job(**{"data.rm_responses_per_prompt": 0}), "data.rm_responses_per_prompt")
+    rejects(rm_job(**{"reward.prm_step_delimiter": ""}), "reward.prm_step_delimiter")
+
+
+def test_bon_needs_reward_model_policy_and_prompts():
+    """If this fails, a best-of-N job without a reward model, a trained policy or test prompts
+    starts and fails later."""
+    rejects(bon_job(), "kind=bon samples from a trained policy", "actor.model.hf_dir")
+    rejects(bon_job(reward_model=None), "add a `reward_model:` section")
+    rejects(bon_job(**{"reward.sources": {"math": 1.0}}), "reward.sources must include rm")
+    rejects(bon_job(**{"data.eval_path": None}), "set data.eval_path")
+
+
+def test_bon_settings_are_checked():
+    """If this fails, empty or duplicate N values or greedy best-of-N reach the evaluation."""
+    rejects(bon_job(**{"bon.n_values": []}), "bon.n_values")
+    rejects(bon_job(**{"bon.n_values": [1, 4, 4]}), "lists an N twice")
+    rejects(bon_job(**{"bon.temperature": 0.0}), "bon.temperature must be > 0")
+    rejects(bon_job(**{"bon.num_prompts": 0}), "bon.num_prompts")
+
+
+def test_context_parallel_refused_until_supported():
+    """If this fails, cp > 1 starts and silently computes attention on unsplit sequences."""
+    d = job(**{"actor.parallel": {"tp": 1, "cp": 2}, "actor.num_gpus": 2})
+    rejects(d, "context parallelism is not supported", "parallel.cp=1")
+
+
+def test_fp8_refused_without_transformer_engine():
+    """If this fails, fp8 on a machine without TE / an FP8 GPU fails deep inside megatron."""
+    from megarlhf.config.schema import ModelConfig
+    from megarlhf.models.builder import ModelBuildError, check_fp8
+
+    with pytest.raises(ModelBuildError, match="needs Transformer Engine and a CUDA GPU"):
+        check_fp8(ModelConfig(arch=dict(ARCH), fp8="hybrid"))
+    rejects(job(**{"actor.model": {"arch": dict(ARCH), "fp8": "e4m3", "dtype": "fp32"}}),
+            "model.fp8 needs model.dtype=bf16")
