@@ -72,6 +72,7 @@ class RLTrainer:
         self.N = job.batch.n_samples_per_prompt
         self.temperature = job.rollout.temperature if job.rollout.temperature > 0 else 1.0
         self.session: Session | None = None
+        self.roles: list[str] = []
 
     # ---------------------------------------------------------------- one iteration
     def generate(self, cl: Cluster, prompts: list[PromptItem], step: int):
@@ -80,21 +81,32 @@ class RLTrainer:
                                    sampling_params(self.job, self.tok, step))
         return build_rollout_batch(prompts, outs, pad_id=self.tok.pad_id)
 
-    def score(self, cl: Cluster, batch: TokenBatch, metrics: dict[str, float]) -> None:
-        """Actor (logp_old), reference and critic outputs, into the batch's fields."""
+    def score(self, cl: Cluster, batch: TokenBatch, metrics: dict[str, float], *,
+              check: bool = True) -> None:
+        """Actor (logp_old), reference and critic outputs, into the batch's fields.
+
+        ``logp_old`` is the behaviour policy's (the rollout engine's) log-probs with
+        ``algorithm.use_behaviour_logprobs``, except with truncated importance sampling
+        (``algorithm.tis_cap``): then ``logp_old`` is the learner's own log-probs before the
+        update (the proximal policy) and the loss's weight ``min(pi / pi_behaviour, cap)``
+        carries the behaviour correction (with ``logp_old = logp_behaviour`` the ratio and the
+        weight would both apply ``pi / pi_behaviour``). ``check=False`` skips the rollout-vs-actor
+        log-prob check (asynchronous mode: a stale batch differs by design).
+        """
         job, T = self.job, self.temperature
         mask = batch.fields["response_mask"].bool()
-        behaviour_ok = job.algorithm.use_behaviour_logprobs and \
-            bool(batch.fields["logp_behaviour"].abs().sum() > 0)
+        behaviour_ok = job.algorithm.use_behaviour_logprobs and job.algorithm.tis_cap is None \
+            and bool(batch.fields["logp_behaviour"].abs().sum() > 0)
         if not behaviour_ok:
             cl.activate("actor")
             batch.fields["logp_old"] = cl["actor"].forward(batch, temperature=T)["logp"]
-            self.check_logprobs(batch.fields["logp_behaviour"], batch.fields["logp_old"], mask,
-                                metrics)
+            if check:
+                self.check_logprobs(batch.fields["logp_behaviour"], batch.fields["logp_old"],
+                                    mask, metrics)
         else:
             batch.fields["logp_old"] = batch.fields["logp_behaviour"]
             k = min(job.rollout.logprob_check_samples, batch.batch_size)
-            if k and job.rollout.logprob_check_action != "off":
+            if check and k and job.rollout.logprob_check_action != "off":
                 cl.activate("actor")
                 probe = batch.select(list(range(k)))
                 lp = cl["actor"].forward(probe, temperature=T)["logp"]
@@ -233,9 +245,9 @@ class RLTrainer:
         sampler = ResumableSampler(len(self.prompts), seed=job.seed, shuffle=job.data.shuffle)
         roles = [r for r in ("actor", "critic", "reference", "reward_model")]
         history: dict[str, Any] = {"eval": []}
-        session.install_signal_handlers()
         try:
             with Cluster(job, pad_id=self.tok.pad_id) as cl:
+                session.install_signal_handlers()  # after ray.init, which installs its own
                 roles = [r for r in roles if r in cl]
                 rewards = RewardComputer(job, self.tok, cl.groups.get("reward_model"))
                 start = 0
@@ -255,24 +267,8 @@ class RLTrainer:
                         session.log_line(f"step 0: eval accuracy {ev['eval/accuracy']:.3f}")
                 session.start_progress(start, ("reward/raw_mean", "policy/kl_ref",
                                                "eval/accuracy"))
-                last = start
-                for step in range(start, job.train.steps):
-                    metrics = self.step(cl, rewards, sampler, step)
-                    last = step + 1
-                    if job.train.eval_every and last % job.train.eval_every == 0:
-                        ev = self.evaluate(cl)
-                        metrics.update(ev)
-                        if ev:
-                            history["eval"].append([last, ev["eval/accuracy"]])
-                    session.log(last, metrics)
-                    history["last"] = metrics
-                    due = job.checkpoint.save_every and last % job.checkpoint.save_every == 0
-                    if due or session.stop_requested or last == job.train.steps:
-                        save_training_state(session, cl, last, {
-                            "sampler": sampler.state_dict(), "rng": driver_rng_state(),
-                            "history": history}, roles)
-                    if session.stop_requested:
-                        break
+                self.roles = roles
+                last = self.train_loop(cl, rewards, sampler, start, history)
                 history["step"] = last
                 if job.kind != "bon" and last == job.train.steps:
                     import os
@@ -288,20 +284,73 @@ class RLTrainer:
             session.close()
         return history
 
+    def train_loop(self, cl: Cluster, rewards: RewardComputer, sampler, start: int,
+                   history: dict[str, Any]) -> int:
+        """Steps ``start .. train.steps - 1`` one after the other; returns the last step done."""
+        last = start
+        for step in range(start, self.job.train.steps):
+            metrics = self.step(cl, rewards, sampler, step)
+            last = step + 1
+            metrics.update(self.maybe_evaluate(cl, last, history))
+            if not self.end_of_step(cl, last, metrics, history, sampler.state_dict()):
+                break
+        return last
+
+    def maybe_evaluate(self, cl: Cluster, last: int, history: dict[str, Any]
+                       ) -> dict[str, float]:
+        """Greedy held-out evaluation after step ``last`` when ``train.eval_every`` says so."""
+        every = self.job.train.eval_every
+        if not (every and last % every == 0):
+            return {}
+        ev = self.evaluate(cl)
+        if ev:
+            history["eval"].append([last, ev["eval/accuracy"]])
+        return ev
+
+    def end_of_step(self, cl: Cluster, last: int, metrics: dict[str, float],
+                    history: dict[str, Any], sampler_state: dict[str, Any],
+                    extra_state: dict[str, Any] | None = None) -> bool:
+        """Logs step ``last`` and saves the training state when due; False: stop requested.
+
+        ``sampler_state`` is the data position *after* the batches of steps ``< last``.
+        """
+        job, session = self.job, self.session
+        session.log(last, metrics)
+        history["last"] = metrics
+        due = job.checkpoint.save_every and last % job.checkpoint.save_every == 0
+        if due or session.stop_requested or last == job.train.steps:
+            save_training_state(session, cl, last, {
+                "sampler": sampler_state, "rng": driver_rng_state(), "history": history,
+                **(extra_state or {})}, self.roles)
+        return not session.stop_requested
+
     def step(self, cl: Cluster, rewards: RewardComputer, sampler, step: int) -> dict[str, float]:
+        """One synchronous iteration: generate, learn, sync."""
+        t0 = time.perf_counter()
+        prompts = [self.prompts[i] for i in sampler.take(self.job.batch.rollout_prompts_global)]
+        with self.session.timer("generate"):
+            batch, info = self.generate(cl, prompts, step)
+        metrics = self.learn(cl, rewards, prompts, batch, info)
+        with self.session.timer("weight_sync"):
+            self.sync(cl, metrics)
+        self.step_metrics(batch, metrics, time.perf_counter() - t0)
+        metrics["rollout/staleness"] = 0.0
+        return metrics
+
+    def learn(self, cl: Cluster, rewards: RewardComputer, prompts: list[PromptItem],
+              batch: TokenBatch, info: dict[str, Any], *, check_logprobs: bool = True
+              ) -> dict[str, float]:
+        """The learner's part of a step on a generated batch: rewards, scoring, advantages,
+        updates. Returns the step's metrics so far."""
         job, timer = self.job, self.session.timer
         metrics: dict[str, float] = {}
-        t0 = time.perf_counter()
-        prompts = [self.prompts[i] for i in sampler.take(job.batch.rollout_prompts_global)]
-        with timer("generate"):
-            batch, info = self.generate(cl, prompts, step)
         with timer("reward"):
             if "reward_model" in cl:
                 cl.activate("reward_model")
             raw, rm = rewards(prompts, batch, info["responses"])
             metrics.update(rm)
         with timer("logprob"):
-            self.score(cl, batch, metrics)
+            self.score(cl, batch, metrics, check=check_logprobs)
         mask = batch.fields["response_mask"].bool()
         fields, am = compute_advantages(
             batch, raw, job.algorithm, self.estimator, self.N,
@@ -317,19 +366,23 @@ class RLTrainer:
                 self.update_dpo(cl, batch, raw, metrics)
             else:
                 self.update(cl, batch, metrics)
-        with timer("weight_sync"):
-            self.sync(cl, metrics)
+        return metrics
+
+    def step_metrics(self, batch: TokenBatch, metrics: dict[str, float], dt: float) -> None:
+        """Batch statistics, the phase timers and throughput over a step of ``dt`` seconds."""
         resp_len = batch.fields["response_length"].float()
         metrics["policy/response_length"] = float(resp_len.mean())
         metrics["rollout/truncated_frac"] = float(batch.fields["truncated"].float().mean())
-        dt = time.perf_counter() - t0
-        metrics.update({f"time/{k}": v for k, v in timer.pop().items()})
+        metrics.update({f"time/{k}": v for k, v in self.session.timer.pop().items()})
         metrics["time/step"] = dt
         metrics["perf/tokens_per_s"] = float(batch.num_tokens) / dt
         metrics["perf/samples_per_s"] = batch.batch_size / dt
-        metrics["rollout/staleness"] = 0.0
-        return metrics
 
 
 def train_rl(job: JobConfig) -> dict[str, Any]:
+    # Asynchronous mode (issue 9): generation overlapped with training, staleness <= K.
+    if job.asynchronous.enabled:
+        from megarlhf.controller.async_rl import AsyncRLTrainer
+
+        return AsyncRLTrainer(job).run()
     return RLTrainer(job).run()

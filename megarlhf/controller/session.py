@@ -47,6 +47,10 @@ class Session:
 
     # -- signals ---------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
+        """SIGTERM / SIGINT ask the loop to stop after the current step (and save).
+
+        Call after ``ray.init``: Ray's driver installs its own SIGTERM handler, which exits.
+        """
         def handler(signum, frame):
             if self.stop_requested:  # a second signal: stop now
                 raise KeyboardInterrupt

@@ -37,9 +37,9 @@ def train_sft(job: JobConfig) -> dict[str, Any]:
     sampler = ResumableSampler(len(samples), seed=job.seed, shuffle=job.data.shuffle)
     gbs = job.train.global_batch_size
     result: dict[str, Any] = {}
-    session.install_signal_handlers()
     try:
         with Cluster(job, roles=["actor"], rollout=False, pad_id=tok.pad_id) as cl:
+            session.install_signal_handlers()  # after ray.init, which installs its own
             actor = cl["actor"]
             start = 0
             state = resume_training_state(session, cl, ["actor"])

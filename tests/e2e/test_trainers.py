@@ -150,9 +150,9 @@ def _wait_for(pred, proc, timeout):
     raise AssertionError("timed out")
 
 
-def test_kill9_and_resume_continue_exactly(demo_run, tmp_path):
-    """If this fails, a crash loses training state, a kill during a save corrupts the latest
-    checkpoint, or a resumed run diverges from an uninterrupted one."""
+def test_sigterm_kill9_and_resume_continue_exactly(demo_run, tmp_path):
+    """If this fails, SIGTERM does not stop cleanly with a checkpoint, a kill -9 during a save
+    corrupts the latest checkpoint, or a resumed run diverges from an uninterrupted one."""
     over = {"train": {"steps": 6, "eval_every": 0},
             "batch": {"rollout_prompts_global": 16, "train_prompts_global": 16,
                       "n_samples_per_prompt": 4},
@@ -169,10 +169,13 @@ def test_kill9_and_resume_continue_exactly(demo_run, tmp_path):
     ckpt = out / "checkpoints"
     metrics = out / "tensorboard" / "metrics.jsonl"
 
-    # 1) kill -9 in the middle of training (after step 2's checkpoint, during step 3).
+    # 1) SIGTERM in the middle of training: the run saves at the end of the step and exits 0.
     p = _launch(cfg)
     _wait_for(lambda: (ckpt / "step_000002" / "COMPLETE").exists(), p, 600)
-    _kill_tree(p)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=300) == 0, _tail(p)
+    stopped = (ckpt / "latest").read_text().strip()
+    assert (ckpt / stopped / "COMPLETE").exists() and int(stopped[-6:]) < 6
 
     # 2) resume, then kill -9 while a checkpoint is being written.
     p = _launch(cfg, "--resume")
