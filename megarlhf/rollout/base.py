@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -311,3 +311,34 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def reset_prefix_cache(self) -> None:
         """Forget cached prompt prefixes (their KV was computed with the previous weights)."""
+
+
+def iter_weight_buckets(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group a weight stream into buckets of at most ``bucket_bytes`` each.
+
+    A tensor larger than ``bucket_bytes`` travels alone. Order is preserved (vLLM processes a
+    layer once all its tensors arrived, so a layer-ordered stream keeps its buffers small).
+    """
+    if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+        raise ValueError(
+            f"weight bucket size must be a positive number of bytes, got {bucket_bytes!r}"
+        )
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for item in named_tensors:
+        name, tensor = item
+        if not isinstance(name, str):
+            raise TypeError(f"update_weights: tensor names must be strings, got {name!r}")
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"update_weights: {name!r} is a {type(tensor).__name__}, not a tensor")
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+        item = tensor = None
+    if bucket:
+        yield bucket

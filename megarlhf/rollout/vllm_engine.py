@@ -62,6 +62,7 @@ from typing import Any
 
 import torch
 
+from megarlhf.rollout.base import iter_weight_buckets  # noqa: F401 (re-exported)
 from megarlhf.rollout.base import (
     RolloutEngine,
     RolloutOutput,
@@ -192,37 +193,6 @@ def to_vllm_sampling_kwargs(params: SamplingParams, prompt_index: int) -> dict[s
         seed=None if params.seed is None else params.seed + prompt_index * params.n,
     )
     return kwargs
-
-
-def iter_weight_buckets(
-    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
-) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Group a weight stream into buckets of at most ``bucket_bytes`` each.
-
-    A tensor larger than ``bucket_bytes`` travels alone. Order is preserved (vLLM processes a
-    layer once all its tensors arrived, so a layer-ordered stream keeps its buffers small).
-    """
-    if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
-        raise ValueError(
-            f"weight bucket size must be a positive number of bytes, got {bucket_bytes!r}"
-        )
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for item in named_tensors:
-        name, tensor = item
-        if not isinstance(name, str):
-            raise TypeError(f"update_weights: tensor names must be strings, got {name!r}")
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"update_weights: {name!r} is a {type(tensor).__name__}, not a tensor")
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
-        item = tensor = None
-    if bucket:
-        yield bucket
 
 
 def pack_bucket(bucket: Sequence[tuple[str, torch.Tensor]]) -> dict[str, Any]:

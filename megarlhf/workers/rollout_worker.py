@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from megarlhf.config.schema import JobConfig
+from megarlhf.rollout.base import iter_weight_buckets
 from megarlhf.workers.dispatch import Collect, Dispatch, RankInfo, register
 from megarlhf.workers.group import ActorGroup
 
@@ -315,7 +316,7 @@ class RolloutGroup(ActorGroup):
         self.begin_weight_update(timeout_s=timeout_s)
         pending = None
         try:
-            for bucket in iter_buckets(named_tensors, bound):
+            for bucket in iter_weight_buckets(named_tensors, bound):
                 if pending is not None:
                     pending.result()
                 pending = self.submit("load_weight_bucket", bucket, timeout_s=timeout_s)
@@ -329,17 +330,3 @@ class RolloutGroup(ActorGroup):
                     pass
             raise
         return self.finish_weight_update(timeout_s=timeout_s)
-
-
-def iter_buckets(named_tensors: Iterable, bucket_bytes: int):
-    """Lists of ``(name, tensor)`` of at most ``bucket_bytes`` each (a larger tensor alone)."""
-    bucket, size = [], 0
-    for name, t in named_tensors:
-        n = t.numel() * t.element_size()
-        if bucket and size + n > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, t))
-        size += n
-    if bucket:
-        yield bucket

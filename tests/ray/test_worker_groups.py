@@ -187,7 +187,7 @@ def _check_against_reference(res, ref):
 def _hf_dir_source(worker, bucket_bytes, dtype):
     """A stand-in weight source for the sync plumbing: rank 0 streams the role's HF files."""
     from megarlhf.rollout.hf_engine import _iter_safetensors
-    from megarlhf.workers.rollout_worker import iter_buckets
+    from megarlhf.rollout.base import iter_weight_buckets as iter_buckets
 
     if worker.rank != 0:
         return
