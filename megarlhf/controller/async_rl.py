@@ -141,7 +141,9 @@ class AsyncRLTrainer(RLTrainer):
                         sched.finish(task)
                     elif task.kind == EVAL:
                         t0 = now()
-                        assert held is not None and held[0] == task.version
+                        if held is None or held[0] != task.version:
+                            raise RuntimeError(f"async schedule out of step: evaluation at "
+                                               f"version {task.version} without its step")
                         step, metrics, sampler_state = held
                         metrics.update(self.maybe_evaluate(cl, step, history))
                         learner_blocked += now() - t0

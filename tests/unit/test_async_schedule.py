@@ -199,3 +199,25 @@ def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="start"):
         AsyncSchedule(3, 1, start=4)
     assert Task(SYNC, version=1).uses_learner and Task(SYNC, version=1).uses_rollout
+
+
+@pytest.mark.parametrize("placement,ok", [("split", True), ("colocate_pairs", False)])
+def test_async_trainer_needs_the_rollout_on_gpus_of_its_own(placement, ok):
+    """If this fails, an async job could overlap generation with training on shared GPUs."""
+    from megarlhf.config import load_config
+    from megarlhf.config.base import ConfigError
+    from megarlhf.controller.async_rl import check_async_placement
+    from megarlhf.demo import config_path
+
+    job = load_config(config_path("grpo"), [
+        f"cluster.placement={placement}", "cluster.gpus_per_node=4", "actor.parallel.tp=1",
+        "actor.num_gpus=1", "asynchronous.enabled=true",
+        "algorithm.use_behaviour_logprobs=true",
+        "actor.model.arch={model_type: llama, vocab_size: 64, hidden_size: 64, "
+        "intermediate_size: 256, num_hidden_layers: 2, num_attention_heads: 4, "
+        "num_key_value_heads: 2, max_position_embeddings: 128}"])
+    if ok:
+        check_async_placement(job)
+    else:
+        with pytest.raises(ConfigError, match="cluster.placement=split"):
+            check_async_placement(job)
