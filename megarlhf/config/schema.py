@@ -277,9 +277,21 @@ class RewardConfig:
     sources: dict[str, float] = field(default_factory=lambda: {"math": 1.0})
     # Reward model kind: outcome (score at the last token) or process (score at each step).
     rm_type: Literal["orm", "prm"] = "orm"
+    # PRM: the text that ends a reasoning step (the score is read at its last token; the final
+    # step's score at the response's last token). Best as one token of the tokenizer.
     prm_step_delimiter: str = "\n"
+    # PRM: a whole response's score from its step probabilities: the last step's, min or product.
     prm_aggregation: Literal["last", "min", "prod"] = "last"
     code_timeout_s: float = 5.0
+    # PRM step labels (methods.md 1.2): "soft" trains on the fraction of rollouts from the step
+    # that reach the right answer, "hard" on whether any does (fraction > 0).
+    prm_label_type: Literal["soft", "hard"] = "soft"
+    # Automatic step labels (Math-Shepherd) for labelled rows without step_labels: K rollouts
+    # from every solution prefix. 0 = off (rows need step_labels). kind=rm, rm_type=prm only.
+    prm_label_rollouts: int = 0
+    # The policy those rollouts come from: an HF model directory; null = actor.model.hf_dir
+    # (the language model the reward model starts from, normally the SFT policy).
+    prm_label_policy: str | None = None
 
     def __post_init__(self):
         known = {"rm", "math", "code"}
@@ -287,13 +299,19 @@ class RewardConfig:
             check(k in known, f"reward.sources: unknown source {k!r}; use one of {sorted(known)}")
             check(w > 0, f"reward.sources.{k}: weight must be > 0 (remove the source instead)")
         check(len(self.sources) >= 1, "reward.sources must name at least one source")
+        check(bool(self.prm_step_delimiter),
+              "reward.prm_step_delimiter must be a non-empty string (e.g. \"\\n\")")
+        check(self.prm_label_rollouts >= 0,
+              "reward.prm_label_rollouts must be >= 0 (0 turns automatic step labels off)")
 
 
 @dataclass
 class DataConfig:
     """Datasets (jsonl or parquet) and how rows become tokens."""
 
+    # Prompts (sft: prompt + response rows; RL: prompts with answers; bon: unused).
     train_path: str | None = None
+    # Held-out prompts with answers (RL: greedy evaluation; bon: the test prompts).
     eval_path: str | None = None
     format: Literal["auto", "jsonl", "parquet"] = "auto"
     prompt_key: str = "prompt"
@@ -302,10 +320,65 @@ class DataConfig:
     rejected_key: str = "rejected"
     response_key: str = "response"
     label_key: str = "label"
+    step_labels_key: str = "step_labels"
     apply_chat_template: bool = True
     max_prompt_len: int = 1024
     overlong_prompt: Literal["error", "truncate_left", "skip"] = "error"
     shuffle: bool = True
+    # Reward-model jobs (kind=rm): preference pairs (prompt, chosen, rejected) trained with the
+    # Bradley-Terry loss, and labelled responses (prompt, response, label 0/1[, step_labels])
+    # trained with binary cross-entropy (ORM) or per-step BCE (PRM). Give one or both.
+    preference_path: str | None = None
+    labelled_path: str | None = None
+    # Held-out files of the same formats for the RM's evaluation (every train.eval_every steps
+    # and at the end): pairwise accuracy, AUC / accuracy on labelled rows, mean rewards.
+    eval_preference_path: str | None = None
+    eval_labelled_path: str | None = None
+    # Share of each RM batch's sequences that come from preference pairs (2 per pair); null =
+    # in proportion to the two files' sequence counts. Ignored when only one file is given.
+    preference_fraction: float | None = None
+    # Data-scaling knobs for RM training data (methods.md 1.4), applied to both files:
+    # keep the first `rm_num_prompts` distinct prompts (in a seeded order; null = all) and at
+    # most `rm_responses_per_prompt` labelled responses and pairs per prompt (null = all).
+    rm_num_prompts: int | None = None
+    rm_responses_per_prompt: int | None = None
+
+    def __post_init__(self):
+        check(self.preference_fraction is None or 0.0 < self.preference_fraction < 1.0,
+              "data.preference_fraction must be in (0, 1) (or null: proportional to the data)")
+        check(self.rm_num_prompts is None or self.rm_num_prompts >= 1,
+              "data.rm_num_prompts must be >= 1 (or null: every prompt)")
+        check(self.rm_responses_per_prompt is None or self.rm_responses_per_prompt >= 1,
+              "data.rm_responses_per_prompt must be >= 1 (or null: every response)")
+
+
+@dataclass
+class BestOfNConfig:
+    """Best-of-N evaluation of a reward model (kind=bon, methods.md 1.3).
+
+    For each test prompt (``data.eval_path``) the policy (``actor.model.hf_dir``) samples
+    ``max(n_values)`` responses; the reward model (``reward_model``) scores each. For every N
+    the first N samples of a prompt are used (so the curve is nested) and three accuracies are
+    reported: best-of-N (the highest-scoring sample's answer), oracle pass@N (any sample right)
+    and majority vote (the most frequent answer among the N).
+    """
+
+    # The N to report, e.g. [1, 4, 16, 64]; max(n_values) samples are drawn per prompt.
+    n_values: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    # Sampling temperature of the policy (top_p, top_k and max_new_tokens come from rollout).
+    temperature: float = 0.9
+    # Test prompts used (the first ones of data.eval_path); null = all of them.
+    num_prompts: int | None = None
+
+    def __post_init__(self):
+        check(len(self.n_values) >= 1 and all(n >= 1 for n in self.n_values),
+              "bon.n_values must be a non-empty list of N >= 1, e.g. [1, 4, 16, 64]")
+        check(len(set(self.n_values)) == len(self.n_values),
+              f"bon.n_values {self.n_values} lists an N twice; list each N once")
+        check(self.temperature > 0,
+              "bon.temperature must be > 0 (greedy decoding gives N identical samples)")
+        check(self.num_prompts is None or self.num_prompts >= 1,
+              "bon.num_prompts must be >= 1 (or null: every prompt of data.eval_path)")
 
 
 @dataclass
@@ -387,6 +460,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     asynchronous: AsyncConfig = field(default_factory=AsyncConfig)
+    bon: BestOfNConfig = field(default_factory=BestOfNConfig)  # kind=bon
 
     def __post_init__(self):
         if self.actor.model is None:

@@ -6,7 +6,7 @@ Stages (each a real megarlhf job, with its config next to this file):
    chain-of-thought solutions) and a sentencepiece tokenizer trained on it offline;
 2. SFT (``sft.yaml``): a tiny Megatron Llama (2 layers, hidden 64) from scratch, tensor parallel
    over 2 gloo ranks, to partial accuracy;
-3. reward model (when available): samples of the SFT model labelled by the verifier train an
+3. reward model (``rm.yaml``): samples of the SFT model labelled by the verifier train an
    outcome reward model, evaluated by pairwise accuracy and best-of-N;
 4. GRPO (``grpo.yaml``): N = 4 samples per prompt from a transformers rollout engine fed with the
    actor's weights after every update, rewarded by the verifier (or the ORM);
@@ -82,21 +82,10 @@ def run_demo(out_dir: str = "outputs/demo", *, sft_steps: int | None = None,
     sft = train_sft(_job("sft", sft_over))
     summary["sft_final_loss"] = sft["sft/loss"]
 
-    rm_hf = None
-    try:
-        import megarlhf.controller.rm  # noqa: F401
-        have_rm = os.path.isfile(config_path("rm"))
-    except ImportError:
-        have_rm = False
-    if have_rm:
-        print("== megarlhf demo: 3/4 outcome reward model on the SFT model's samples", flush=True)
-        rm_hf, rm_summary = _reward_model_stage(out_dir, files, sft["hf_dir"], bar)
-        summary.update(rm_summary)
-    else:
-        print("== megarlhf demo: 3/4 reward model stage not available in this build; skipped",
-              flush=True)
-    if reward in ("rm", "mix") and rm_hf is None:
-        raise RuntimeError(f"--reward {reward} needs the reward-model stage")
+    print("== megarlhf demo: 3/4 outcome reward model on the SFT model's samples "
+          "(labelled by the verifier)", flush=True)
+    rm_hf, rm_summary = _reward_model_stage(out_dir, files, sft["hf_dir"], bar)
+    summary.update(rm_summary)
 
     print(f"== megarlhf demo: 4/4 GRPO (N=4) against the "
           f"{'verifier' if reward == 'verifier' else 'ORM' if reward == 'rm' else 'verifier+ORM'}",
@@ -127,7 +116,8 @@ def run_demo(out_dir: str = "outputs/demo", *, sft_steps: int | None = None,
     print(f"   RL policy : {summary['rl_accuracy']:.3f}   "
           f"({100 * (summary['rl_accuracy'] - summary['sft_accuracy']):+.1f} points)")
     if "rm_pair_accuracy" in summary:
-        print(f"   ORM held-out pairwise accuracy: {summary['rm_pair_accuracy']:.3f}")
+        print(f"   ORM (held-out prompts): pairwise accuracy {summary['rm_pair_accuracy']:.3f}, "
+              f"AUC {summary['rm_auc']:.3f} (chance 0.5)")
     print(f"   wall time : {summary['minutes']:.1f} min; TensorBoard: tensorboard --logdir "
           f"{out_dir}")
     return summary
@@ -145,11 +135,22 @@ def _reward_model_stage(out_dir: str, files: dict[str, str], sft_hf: str,
     from megarlhf.controller.rm_data import sample_and_label
 
     rm_data = os.path.join(out_dir, "rm_data")
-    data = sample_and_label(_job("rm", [f"output_dir={out_dir}/rm",
-                                        f"actor.model.hf_dir={sft_hf}",
-                                        f"data.train_path={files['prompts_train']}"] + bar),
-                            sft_hf, files["prompts_train"], rm_data)
-    res = train_rm(_job("rm", [f"output_dir={out_dir}/rm", f"actor.model.hf_dir={sft_hf}",
-                               f"data.labelled_path={data['labelled']}",
-                               f"data.preference_path={data['pairs']}"] + bar))
-    return res["hf_dir"], {"rm_pair_accuracy": res.get("rm/pair_accuracy")}
+    base = [f"output_dir={out_dir}/rm", f"actor.model.hf_dir={sft_hf}"] + bar
+    # The sampling job only lends its cluster, rollout and data settings.
+    data = sample_and_label(_job("rm", base + [f"data.labelled_path={rm_data}/labelled.jsonl",
+                                               "train.eval_every=0"]),
+                            sft_hf, files["prompts_train"], rm_data, n_per_prompt=8,
+                            num_prompts=2048, eval_fraction=0.1, all_pairs=True,
+                            max_pairs_per_prompt=4)
+    print(f"   {data['num_responses']} samples of {data['num_prompts']} prompts "
+          f"(sample accuracy {data['accuracy']:.3f}): {data['num_pairs']} training pairs",
+          flush=True)
+    res = train_rm(_job("rm", base + [f"data.labelled_path={data['labelled']}",
+                                      f"data.preference_path={data['pairs']}",
+                                      f"data.eval_labelled_path={data['eval_labelled']}",
+                                      f"data.eval_preference_path={data['eval_pairs']}"]))
+    return res["hf_dir"], {"rm_hf": res["hf_dir"], "rm_data": data,
+                           "rm_pair_accuracy": res.get("rm/eval_pair_accuracy"),
+                           "rm_auc": res.get("rm/eval_binary_auc"),
+                           "rm_eval": {k: v for k, v in res.items() if k.startswith("rm/eval")},
+                           "rm_eval_history": res.get("eval")}

@@ -83,14 +83,18 @@ class SFTLossSpec:
 
 @dataclass(frozen=True)
 class ORMLossSpec:
-    num_pairs: float
-    num_binary: float
+    """Multi-task ORM: ``L_bin + L_pref`` (rl.rm_losses.orm_multitask_loss)."""
+
+    num_pairs: float  # global number of (chosen, rejected) pairs
+    num_binary: float  # global number of binary-labelled rows
 
 
 @dataclass(frozen=True)
 class PRMLossSpec:
-    num_steps: float
-    num_pairs: float = 0.0
+    """PRM: per-step BCE (rl.rm_losses.prm_step_loss) + the pairs' Bradley-Terry loss."""
+
+    num_steps: float  # global number of step positions (step_mask.sum())
+    num_pairs: float = 0.0  # global number of preference pairs (0: none in the batch)
     label_type: Literal["soft", "hard"] = "soft"
 
 
@@ -221,6 +225,13 @@ def _orm(spec: ORMLossSpec):
 
 
 def _prm(spec: PRMLossSpec):
+    """Per-step BCE on labelled rows + the outcome (Bradley-Terry) loss on preference pairs.
+
+    Labelled rows are trained through their steps only (their final step, read at the last
+    token, carries the outcome label), so their ``kind`` (KIND_BINARY) does not add an outcome
+    BCE here; pairs (KIND_CHOSEN / KIND_REJECTED, no step positions) keep the loss of 1.1.
+    """
+
     def fn(out: dict[str, Tensor], mb: MicroBatch):
         f = mb.fields
         loss, m = R.prm_step_loss(out["values"], f["step_mask"], f["step_labels"],
@@ -229,12 +240,18 @@ def _prm(spec: PRMLossSpec):
         metrics.update(_scaled(m, float(m["num_steps"]), spec.num_steps,
                                ("step_accuracy", "step_score")))
         total = loss
-        if spec.num_pairs and "kind" in f:
-            scores = mb.seq_values(out["values"], f["last_index"])
-            lp, mp = R.orm_multitask_loss(scores, f["kind"], None,
-                                          pair_normalizer=spec.num_pairs, binary_normalizer=1)
+        if spec.num_pairs:
+            if "kind" not in f or "last_index" not in f:
+                raise ValueError("PRMLossSpec with num_pairs > 0 needs the per-sequence fields "
+                                 "'kind' and 'last_index' (preference rows)")
+            scores = mb.seq_values(out["values"], f["last_index"])  # (n_seq,)
+            kinds = torch.where(f["kind"] == R.KIND_BINARY, R.KIND_IGNORE, f["kind"])
+            lp, mp = R.orm_multitask_loss(scores, kinds, None, pair_normalizer=spec.num_pairs,
+                                          binary_normalizer=1)
             total = total + lp
             metrics["loss_pref"] = lp.detach()
+            metrics.update(_scaled(mp, float(mp["num_pairs"]), spec.num_pairs,
+                                   ("pair_accuracy", "chosen_reward", "rejected_reward")))
         metrics["loss"] = total.detach()
         return total, metrics
 
