@@ -358,7 +358,7 @@ class BestOfNConfig:
 
     For each test prompt (``data.eval_path``) the policy (``actor.model.hf_dir``) samples
     ``max(n_values)`` responses; the reward model (``reward_model``) scores each. For every N
-    the first N samples of a prompt are used (so the curve is nested) and three accuracies are
+    the samples are split into disjoint groups of N (controller/bon.py) and three accuracies are
     reported: best-of-N (the highest-scoring sample's answer), oracle pass@N (any sample right)
     and majority vote (the most frequent answer among the N).
     """

@@ -3,15 +3,16 @@
 For each test prompt (``data.eval_path``, the first ``bon.num_prompts``) the policy
 (``actor.model.hf_dir``) samples ``M = max(bon.n_values)`` responses at ``bon.temperature``; the
 verifier marks each right or wrong and the reward model (``reward_model``) scores each: an ORM
-at the last token, a PRM by ``reward.prm_aggregation`` of its step scores. For every N the first
-N samples of each prompt are used, so the curves are nested (the N = 4 samples are among the
-N = 16 ones). Over P prompts, with ``c_pj`` = sample j of prompt p is right::
+at the last token, a PRM by ``reward.prm_aggregation`` of its step scores. For every N the M
+samples of a prompt are split into ``M // N`` disjoint groups of N (each an independent draw of
+N samples; averaging over the groups cuts the variance of the small-N estimates). Over P
+prompts and the groups G of each, with ``c_j`` = sample j is right::
 
-    best-of-N     mean_p c_{p, argmax_{j<N} score_pj}       (ties: the earliest sample)
-    oracle@N      mean_p max_{j<N} c_pj                      (pass@N)
-    majority@N    mean_p c_{p, j*}, j* a sample of the most frequent final answer among the
-                  first N (ties: the answer that appears first; no answer at all = wrong)
-    mean@N        mean_p mean_{j<N} c_pj                     (a single sample's accuracy)
+    best-of-N     mean_{p,G} c_{argmax_{j in G} score_j}        (ties: the earliest sample)
+    oracle@N      mean_{p,G} max_{j in G} c_j                    (pass@N)
+    majority@N    mean_{p,G} c_{j*}, j* a sample of the most frequent final answer in G
+                  (ties: the answer that appears first; no answer at all = wrong)
+    mean@N        mean_{p,G} mean_{j in G} c_j                   (a single sample's accuracy)
 
 Writes ``<output_dir>/bon.json`` (the table) and ``bon_samples.jsonl`` (every sample with its
 score and verdict), logs ``bon/accuracy@N``, ``bon/oracle@N``, ``bon/majority@N``,
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,25 +34,16 @@ import torch
 
 from megarlhf.config import ConfigError, JobConfig
 
-_INT_RE = re.compile(r"[-+]?\d+")
-
-
 def extract_answer(text: str, answer_prefix: str = "answer:") -> str | None:
     """The final answer a response states, as a key for majority voting: the integer (``"+7"``
     and ``"7"`` agree) or else the stripped text after the last ``answer_prefix`` or in the
     last ``\\boxed{}``; None when it states none."""
-    from megarlhf.rewards.math_verify import extract_integer_answer
+    from megarlhf.rewards.math_verify import extract_integer_answer, stated_answer
 
     a = extract_integer_answer(text, answer_prefix)
     if a is not None:
         return str(a)
-    prefix = re.escape(answer_prefix.strip())
-    best_pos, best = -1, None
-    for m in re.finditer(prefix + r"[ \t]*([^\n]*)", text):
-        best_pos, best = m.start(), m.group(1)
-    for m in re.finditer(r"\\boxed\{([^{}]*)\}", text):
-        if m.start() > best_pos:
-            best_pos, best = m.start(), m.group(1)
+    best = stated_answer(text, answer_prefix, rest_of_line=True)
     if best is None:
         return None
     best = best.strip().rstrip(".,;$").strip()
@@ -80,6 +71,13 @@ def bon_curve(scores: torch.Tensor, correct: torch.Tensor,
               ) -> dict[int, dict[str, float]]:
     """Best-of-N, oracle, majority-vote and mean accuracy for every N (module docstring).
 
+    The M samples of a prompt are split into ``M // N`` disjoint groups of N consecutive
+    samples (``[0, N), [N, 2N), ...``); each group is an independent draw of N samples, so each
+    method's accuracy over a group is an unbiased estimate of its accuracy at N, and their mean
+    over the groups and prompts is reported (``M // N`` times the trials of the first N alone,
+    same expectation). Within a group every method sees the same N samples, so best-of-N and
+    majority never exceed the oracle. Samples left over (``M % N``) are not used at that N.
+
     Args:
         scores: ``(P, M)`` reward-model scores of M samples per prompt.
         correct: ``(P, M)`` bool, the verifier's verdicts.
@@ -87,7 +85,8 @@ def bon_curve(scores: torch.Tensor, correct: torch.Tensor,
         n_values: the N to report, each ``<= M``.
 
     Returns:
-        ``{N: {"accuracy", "oracle", "majority", "mean"}}``.
+        ``{N: {"accuracy", "oracle", "majority", "mean"}}``; "mean" is the accuracy of a single
+        sample (over the groups' samples).
     """
     P, M = scores.shape
     if correct.shape != (P, M) or len(answers) != P:
@@ -95,19 +94,26 @@ def bon_curve(scores: torch.Tensor, correct: torch.Tensor,
                          f"{len(answers)} answer lists do not match")
     c = correct.bool()
     out: dict[int, dict[str, float]] = {}
-    rows = torch.arange(P)
     for n in n_values:
         if not 1 <= n <= M:
             raise ValueError(f"N = {n} is outside 1..{M} (samples per prompt)")
-        s = scores[:, :n].float()
-        # argmax returns the first maximum on CPU; make ties explicit all the same.
-        best = (s == s.max(dim=1, keepdim=True).values).float().argmax(dim=1)
-        maj = [majority_index(a[:n]) for a in answers]
-        out[n] = {  # exact fractions (counts / P), comparable across methods
-            "accuracy": int(c[rows, best].sum()) / P,
-            "oracle": int(c[:, :n].any(dim=1).sum()) / P,
-            "majority": sum(bool(c[p, j]) for p, j in enumerate(maj) if j is not None) / P,
-            "mean": int(c[:, :n].sum()) / (P * n),
+        G = M // n
+        s = scores[:, :G * n].float().reshape(P, G, n)
+        cg = c[:, :G * n].reshape(P, G, n)
+        # The first maximum of each group (ties: the earliest sample), made explicit.
+        best = (s == s.max(dim=2, keepdim=True).values).float().argmax(dim=2)  # (P, G)
+        picked = cg.gather(2, best.unsqueeze(-1)).squeeze(-1)  # (P, G)
+        maj = 0
+        for p in range(P):
+            for g in range(G):
+                j = majority_index(answers[p][g * n:(g + 1) * n])
+                maj += j is not None and bool(cg[p, g, j])
+        trials = P * G
+        out[n] = {  # exact fractions (counts / trials), comparable across methods
+            "accuracy": int(picked.sum()) / trials,
+            "oracle": int(cg.any(dim=2).sum()) / trials,
+            "majority": maj / trials,
+            "mean": int(cg.sum()) / (trials * n),
         }
     return out
 
@@ -142,13 +148,14 @@ def rm_scores(job: JobConfig, group, rm_tok, prompts: Sequence[Any],
     """``(P, M)`` reward-model scores of response texts, re-tokenized with the RM's tokenizer
     exactly as in RM training (``prompt + response + EOS``; a truncated sample gets the EOS
     too). ORM: the logit at the last token; PRM: ``reward.prm_aggregation`` of the steps."""
-    from megarlhf.controller.rm import _prompt_ids, prm_scores, score_sequences
+    from megarlhf.controller.data import prompt_token_ids
+    from megarlhf.controller.rm import prm_scores, score_sequences
     from megarlhf.data.datasets import Source, tokenize_response_steps
 
     prm = job.reward.rm_type == "prm"
     seqs, pos = [], []
     for prompt, texts in zip(prompts, responses):
-        pids = _prompt_ids(job, rm_tok, prompt, Source("<test prompt>"))
+        pids = prompt_token_ids(job, rm_tok, prompt, Source("<test prompt>"))
         if pids is None:
             raise ConfigError("a test prompt is over data.max_prompt_len for the reward model's "
                               "tokenizer; raise data.max_prompt_len")
@@ -180,7 +187,7 @@ def eval_bon(job: JobConfig) -> dict[str, Any]:
     """
     from megarlhf.controller.cluster import Cluster
     from megarlhf.controller.data import load_job_tokenizer
-    from megarlhf.controller.rm import _prompt_ids
+    from megarlhf.controller.data import prompt_token_ids
     from megarlhf.controller.rm_data import policy_rollout
     from megarlhf.controller.session import Session
     from megarlhf.rewards.math_verify import verify_answer
@@ -195,7 +202,7 @@ def eval_bon(job: JobConfig) -> dict[str, Any]:
     tok = load_job_tokenizer(job)
     rm_tok = load_job_tokenizer(job, model=job.reward_model.model)
     rows = _load_test_prompts(job)
-    pids = [_prompt_ids(job, tok, row.prompt, row.source) for row in rows]
+    pids = [prompt_token_ids(job, tok, row.prompt, row.source) for row in rows]
     rows = [row for row, p in zip(rows, pids) if p is not None]
     pids = [p for p in pids if p is not None]
     if not rows:

@@ -36,25 +36,34 @@ def _paths(p: str | None, what: str) -> str:
     return p
 
 
+def prompt_token_ids(job: JobConfig, tokenizer, prompt, source) -> list[int] | None:
+    """A prompt's token ids as every job feeds it to a model: through the tokenizer's chat
+    template (``data.apply_chat_template``; None when ``data.overlong_prompt=skip`` drops it),
+    else the text of its last message with a BOS."""
+    from megarlhf.data.datasets import prompt_messages, tokenize_prompt
+
+    d = job.data
+    if d.apply_chat_template:
+        out = tokenize_prompt(tokenizer, prompt, d.max_prompt_len, d.overlong_prompt,
+                              source=source)
+        return None if out is None else out[0]
+    text = prompt if isinstance(prompt, str) else prompt_messages(prompt)[-1]["content"]
+    return tokenizer.encode(text, add_bos=True)
+
+
 def load_prompt_items(job: JobConfig, tokenizer, path: str | None = None,
                       what: str = "train_path") -> list[PromptItem]:
     """Prompts (with answers / test cases as metadata), tokenized through the chat template."""
-    from megarlhf.data.datasets import FieldNames, load_prompts, tokenize_prompt
+    from megarlhf.data.datasets import FieldNames, load_prompts
 
     d = job.data
     fields = FieldNames.from_dict({"prompt": d.prompt_key, "answer": d.answer_key})
     rows = load_prompts(_paths(path or getattr(d, what), what), fields)
     items = []
     for r in rows:
-        if d.apply_chat_template:
-            out = tokenize_prompt(tokenizer, r.prompt, d.max_prompt_len, d.overlong_prompt,
-                                  source=r.source)
-            if out is None:
-                continue
-            ids = out[0]
-        else:
-            text = r.prompt if isinstance(r.prompt, str) else r.messages()[-1]["content"]
-            ids = tokenizer.encode(text, add_bos=True)
+        ids = prompt_token_ids(job, tokenizer, r.prompt, r.source)
+        if ids is None:
+            continue
         items.append(PromptItem(ids=ids, text=r.prompt if isinstance(r.prompt, str) else "",
                                 answer=r.answer, metadata=r.metadata()))
     if not items:

@@ -46,6 +46,7 @@ from megarlhf.controller.checkpointing import (
     save_training_state,
     set_driver_rng_state,
 )
+from megarlhf.controller.data import prompt_token_ids
 from megarlhf.engine.batch import TokenBatch
 from megarlhf.rl import rm_losses as R
 
@@ -84,17 +85,6 @@ class RMData:
 # ----------------------------------------------------------------------------------- data
 def _prompt_key(prompt) -> str:
     return prompt if isinstance(prompt, str) else json.dumps(list(prompt), sort_keys=True)
-
-
-def _prompt_ids(job: JobConfig, tok, prompt, source) -> list[int] | None:
-    from megarlhf.data.datasets import prompt_messages, tokenize_prompt
-
-    d = job.data
-    if d.apply_chat_template:
-        out = tokenize_prompt(tok, prompt, d.max_prompt_len, d.overlong_prompt, source=source)
-        return None if out is None else out[0]
-    text = prompt if isinstance(prompt, str) else prompt_messages(prompt)[-1]["content"]
-    return tok.encode(text, add_bos=True)
 
 
 def _check_len(job: JobConfig, n: int, source, field: str) -> None:
@@ -215,7 +205,7 @@ def load_rm_data(job: JobConfig, tok, preference_path: str | None,
     def pids(prompt, source):
         k = _prompt_key(prompt)
         if k not in cache:
-            cache[k] = _prompt_ids(job, tok, prompt, source)
+            cache[k] = prompt_token_ids(job, tok, prompt, source)
         return cache[k]
 
     pairs = []
@@ -302,7 +292,7 @@ def _auto_step_labeller(job: JobConfig, session):
                                    "automatic PRM step labels check rollouts against the ground "
                                    f"truth: add '{job.data.answer_key}' to every row (or give "
                                    "step_labels)", line_kind=row.source.line_kind)
-            examples.append(StepExample(_prompt_ids(job, ptok, row.prompt, row.source),
+            examples.append(StepExample(prompt_token_ids(job, ptok, row.prompt, row.source),
                                         row.response, answers[i]))
         t0 = time.perf_counter()
         labels = label_steps_with_policy(job, ptok, examples, policy_hf_dir=policy,

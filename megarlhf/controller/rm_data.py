@@ -188,7 +188,8 @@ def sample_and_label(job: JobConfig, policy_hf_dir: str, prompts_path: str, out_
         ``num_prompts``, ``num_responses``, ``num_pairs``, ``accuracy`` (share of right samples).
     """
     from megarlhf.controller.prm_labels import StepExample, label_steps_with_policy
-    from megarlhf.data.datasets import FieldNames, load_prompts, tokenize_prompt, write_jsonl
+    from megarlhf.controller.data import prompt_token_ids
+    from megarlhf.data.datasets import FieldNames, load_prompts, write_jsonl
     from megarlhf.rewards.math_verify import verify_answer
     from megarlhf.rollout.base import SamplingParams
 
@@ -209,16 +210,10 @@ def sample_and_label(job: JobConfig, policy_hf_dir: str, prompts_path: str, out_
     rows = rows[:num_prompts] if num_prompts else rows
     ids, kept = [], []
     for r in rows:
-        if d.apply_chat_template:
-            t = tokenize_prompt(tok, r.prompt, d.max_prompt_len, d.overlong_prompt,
-                                source=r.source)
-            if t is None:
-                continue
-            ids.append(t[0])
-        else:
-            ids.append(tok.encode(r.prompt if isinstance(r.prompt, str) else
-                                  r.messages()[-1]["content"], add_bos=True))
-        kept.append(r)
+        t = prompt_token_ids(job, tok, r.prompt, r.source)
+        if t is not None:
+            ids.append(t)
+            kept.append(r)
     rr = job.rollout
     temp = rr.temperature if temperature is None else temperature
     params = SamplingParams(n=n_per_prompt, temperature=temp, top_p=rr.top_p, top_k=rr.top_k,

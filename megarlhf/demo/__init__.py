@@ -140,7 +140,7 @@ def _reward_model_stage(out_dir: str, files: dict[str, str], sft_hf: str,
     data = sample_and_label(_job("rm", base + [f"data.labelled_path={rm_data}/labelled.jsonl",
                                                "train.eval_every=0"]),
                             sft_hf, files["prompts_train"], rm_data, n_per_prompt=8,
-                            num_prompts=2048, eval_fraction=0.1, all_pairs=True,
+                            eval_fraction=0.1, all_pairs=True,
                             max_pairs_per_prompt=4)
     print(f"   {data['num_responses']} samples of {data['num_prompts']} prompts "
           f"(sample accuracy {data['accuracy']:.3f}): {data['num_pairs']} training pairs",

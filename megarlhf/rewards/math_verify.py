@@ -35,17 +35,25 @@ _INT_RE = re.compile(r"\s*([-+]?\d+)\s*")
 _BOXED_INT_RE = re.compile(r"\\boxed\{\s*([-+]?\d+)\s*\}")
 
 
-def extract_integer_answer(text: str, answer_prefix: str = "answer:") -> int | None:
-    """The integer a response states as its answer (the last ``answer: N`` or ``\\boxed{N}``),
-    or None when it states none, or states a non-integer."""
+def stated_answer(text: str, answer_prefix: str = "answer:", *, rest_of_line: bool = False
+                  ) -> str | None:
+    """The raw text of the answer a response states last: after its last ``answer_prefix`` (the
+    next word, or with ``rest_of_line`` the rest of that line) or in its last ``\\boxed{}``,
+    whichever comes later; None when it states none."""
     prefix = re.escape(answer_prefix.strip())
     best_pos, best = -1, None
-    for m in re.finditer(prefix + r"[ \t]*(\S+)", text):
-        if m.start() > best_pos:
-            best_pos, best = m.start(), m.group(1)
+    for m in re.finditer(prefix + (r"[ \t]*([^\n]*)" if rest_of_line else r"[ \t]*(\S+)"), text):
+        best_pos, best = m.start(), m.group(1)
     for m in re.finditer(r"\\boxed\{([^{}]*)\}", text):
         if m.start() > best_pos:
             best_pos, best = m.start(), m.group(1)
+    return best
+
+
+def extract_integer_answer(text: str, answer_prefix: str = "answer:") -> int | None:
+    """The integer a response states as its answer (the last ``answer: N`` or ``\\boxed{N}``),
+    or None when it states none, or states a non-integer."""
+    best = stated_answer(text, answer_prefix)
     if best is None:
         return None
     m = _INT_RE.fullmatch(best.rstrip(".,;$"))

@@ -18,7 +18,7 @@ import shutil
 import pytest
 import yaml
 
-from _e2e_helpers import read_metrics
+from _e2e_helpers import read_metrics, set_dotted
 
 pytestmark = pytest.mark.e2e
 
@@ -39,12 +39,7 @@ def _job(demo, out, **over):
     job["data"].update(train_path=demo["prompts_train"], eval_path=demo["prompts_heldout"])
     job["train"].update(steps=STEPS, eval_every=HALF)
     job["logging"] = {"progress_bar": False}
-    for k, v in over.items():
-        node = job
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
+    set_dotted(job, over)
     from megarlhf.config import load_config
 
     path = str(out) + ".yaml"

@@ -12,13 +12,13 @@ import os
 import pytest
 import yaml
 
-from _e2e_helpers import read_metrics
+from _e2e_helpers import read_metrics, set_dotted
 
 pytestmark = pytest.mark.e2e
 
-# Sizes (the demo's rm.yaml): RM data from 2048 training prompts x 8 samples, 600 RM steps of
+# Sizes (the demo's rm.yaml): RM data from 4000 training prompts x 8 samples (top-p 0.9), 800 RM steps of
 # 64 sequences; best-of-N on all 200 held-out prompts with 16 samples each.
-RM_PROMPTS, RM_SAMPLES, RM_STEPS = 2048, 8, 600
+RM_PROMPTS, RM_SAMPLES, RM_STEPS = 4000, 8, 800
 BON_N = [1, 2, 4, 8, 16]
 
 
@@ -32,18 +32,14 @@ def _job(demo_run, out, kind, **over) -> dict:
                   "parallel": {"tp": 2}, "num_gpus": 2, "micro_batch_size_per_rank": 64,
                   "optimizer": {"lr": 5.0e-4, "clip_grad": 1.0, "lr_warmup_steps": 30,
                                 "lr_decay_style": "cosine"}},
-        "rollout": {"engine": "hf", "num_gpus": 1, "temperature": 1.0, "max_new_tokens": 40},
+        "rollout": {"engine": "hf", "num_gpus": 1, "temperature": 1.0, "top_p": 0.9,
+                    "max_new_tokens": 40},
         "train": {"steps": RM_STEPS, "global_batch_size": 64, "max_seq_len": 64},
         "data": {"apply_chat_template": True, "max_prompt_len": 24},
         "checkpoint": {"save_every": 0},
         "logging": {"progress_bar": False},
     }
-    for k, v in over.items():
-        node = job
-        parts = k.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
+    set_dotted(job, over)
     return job
 
 
@@ -56,8 +52,8 @@ def _load(d: dict):
 
 @pytest.fixture(scope="module")
 def orm_run(demo_run, tmp_path_factory):
-    """The demo's ORM stage (megarlhf/demo/rm.yaml: 2048 prompts x 8 samples of the SFT model,
-    600 steps) and a best-of-N evaluation of it on the 200 held-out prompts."""
+    """The demo's ORM stage (megarlhf/demo/rm.yaml: 4000 prompts x 8 samples of the SFT model,
+    800 steps) and a best-of-N evaluation of it on the 200 held-out prompts."""
     from megarlhf.controller.bon import eval_bon
 
     s = demo_run["summary"]
@@ -78,8 +74,8 @@ def test_orm_ranks_held_out_pairs(orm_run):
     rm = orm_run["rm"]
     assert rm["step"] == RM_STEPS and os.path.isfile(os.path.join(rm["hf_dir"], "config.json"))
     # Pairs are a right and a wrong sample of the same prompt, so only the answer differs.
-    # Chance is 0.5; measured 0.61 over ~500 held-out pairs (standard error 0.022), so 0.57 is
-    # > 3 standard errors above chance. AUC over all labelled rows: measured 0.87.
+    # Chance is 0.5; measured 0.63 over ~750 held-out pairs (standard error 0.018), so 0.57 is
+    # > 3 standard errors above chance. AUC over all labelled rows: measured 0.89.
     assert rm["rm/eval_pair_accuracy"] > 0.57, rm
     assert rm["rm/eval_binary_auc"] > 0.75, rm
     assert rm["rm/eval_chosen_reward"] > rm["rm/eval_rejected_reward"]
@@ -97,11 +93,14 @@ def test_orm_best_of_n_rises_with_n(orm_run):
     the RM does not rank the policy's own samples (or best-of-N picks the wrong one)."""
     bon = orm_run["bon"]
     c = bon["curve"]
-    mean = c[16]["mean"]  # single-sample accuracy estimated from all 200 x 16 samples
     assert bon["num_prompts"] == 200 and bon["samples_per_prompt"] == 16
-    # Margins: see the module docstring's measured curve.
-    assert c[4]["accuracy"] >= mean + 0.03, c
-    assert max(c[2]["accuracy"], c[4]["accuracy"]) > c[1]["accuracy"], c
+    # N = 1 is the single-sample accuracy, over all 200 x 16 samples.
+    assert c[1]["accuracy"] == c[1]["mean"] == c[16]["mean"]
+    # Measured (disjoint groups: 3200 trials at N=1, 800 at N=4, 400 at N=8):
+    # N = 1, 2, 4, 8, 16 -> 0.457, 0.477, 0.511, 0.510, 0.505 (oracle 0.457 ... 0.775).
+    # The gain flattens at larger N, as a small RM's ranking errors start to be exploited.
+    assert c[4]["accuracy"] > c[1]["accuracy"] + 0.02, c
+    assert c[2]["accuracy"] > c[1]["accuracy"] and c[8]["accuracy"] > c[1]["accuracy"], c
     # The references behave as they must: pass@N grows with N and bounds every method.
     oracle = [c[n]["oracle"] for n in BON_N]
     assert oracle == sorted(oracle) and oracle[-1] > oracle[0] + 0.2
@@ -152,3 +151,38 @@ def test_prm_step_labels_from_a_real_policy_equal_rollout_fractions(demo_run, tm
     # A prefix with a wrong step cannot be completed to the right answer.
     assert fractions[2] == fractions[3] == 0.0
     assert fractions[1] > 0.5  # after two right steps the policy copies the answer
+
+
+def test_prm_trains_on_automatic_step_labels(demo_run, tmp_path):
+    """If this fails, `train rm` with reward.rm_type=prm and automatic step labels does not run
+    end to end (label with policy rollouts, cache, per-step loss, export), or the cached labels
+    are not reused."""
+    from megarlhf.controller.rm import train_rm
+    from megarlhf.data.datasets import read_records, write_jsonl
+
+    # 48 of the demo's verifier-labelled SFT samples (they carry the ground-truth answer).
+    rows = [rec for _, rec in read_records(demo_run["summary"]["rm_data"]["labelled"])][:48]
+    path = str(write_jsonl(tmp_path / "labelled.jsonl", rows))
+    over = {"reward.rm_type": "prm", "reward.prm_label_rollouts": 4,
+            "reward.prm_label_type": "hard", "reward.prm_aggregation": "min",
+            "data.labelled_path": path, "train.steps": 6, "train.global_batch_size": 16,
+            "actor.micro_batch_size_per_rank": 16}
+    out = train_rm(_load(_job(demo_run, tmp_path / "prm", "rm", **over)))
+    assert out["step"] == 6 and os.path.isfile(os.path.join(out["hf_dir"], "config.json"))
+    cache = json.load(open(tmp_path / "prm" / "prm_step_labels.json"))
+    labels = cache["labels"]
+    assert len(labels) == len(rows)
+    for lab, row in zip(labels, rows):
+        steps = row["response"].count("\n") + 1
+        assert len(lab) == steps and lab[-1] == float(row["label"])  # final step = outcome
+        assert all(x in (0.0, 0.25, 0.5, 0.75, 1.0) for x in lab)  # fractions of K = 4
+    metrics = read_metrics(str(tmp_path / "prm"))
+    assert all("rm/loss_step" in r and "rm/step_accuracy" in r for r in metrics if "rm/loss" in r)
+    assert len([r for r in metrics if "rm/loss" in r]) == 6
+    # Same settings, new run in the same directory: the labels are read back, not recomputed.
+    import shutil
+
+    shutil.rmtree(tmp_path / "prm" / "checkpoints")
+    t = os.path.getmtime(tmp_path / "prm" / "prm_step_labels.json")
+    train_rm(_load(_job(demo_run, tmp_path / "prm", "rm", **dict(over, **{"train.steps": 1}))))
+    assert os.path.getmtime(tmp_path / "prm" / "prm_step_labels.json") == t

@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from _e2e_helpers import read_metrics
+from _e2e_helpers import read_metrics, set_dotted
 
 pytestmark = pytest.mark.e2e
 
@@ -66,12 +66,7 @@ def _rl_job(demo_run, out, kind, **over):
     job["data"].update(train_path=demo_run["prompts_train"],
                        eval_path=demo_run["prompts_heldout"])
     job["logging"] = {"progress_bar": False}
-    for k, v in over.items():
-        node = job
-        parts = k.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
+    set_dotted(job, over)
     path = os.path.join(str(out) + ".yaml")
     with open(path, "w") as f:
         yaml.safe_dump(job, f)
