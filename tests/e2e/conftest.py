@@ -28,3 +28,11 @@ def demo_run(tmp_path_factory):
         "tokenizer": os.path.join(data, "tokenizer.model"),
     }
 
+
+
+def pytest_collection_modifyitems(items):
+    """e2e tests get 20 minutes instead of the suite's 10: the first one to ask for ``demo_run``
+    also pays for the whole demo (about 6-7 minutes on 2 cores) in its setup."""
+    for item in items:
+        if item.get_closest_marker("e2e") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(1200))
