@@ -204,29 +204,16 @@ def test_cli_validate_reports_config_errors(tmp_path):
 # ---------------------------------------------------------------- reward models and best-of-N
 def rm_job(**over) -> dict:
     """A valid ORM job dict (kind=rm) with nested overrides applied (dotted keys)."""
-    d = job(kind="rm", **{"data.preference_path": "pairs.jsonl",
-                          "data.labelled_path": "labelled.jsonl",
-                          "train.global_batch_size": 8})
-    for k, v in over.items():
-        node = d
-        parts = k.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
-    return d
+    return job(kind="rm", **{"data.preference_path": "pairs.jsonl",
+                             "data.labelled_path": "labelled.jsonl",
+                             "train.global_batch_size": 8, **over})
 
 
 def bon_job(**over) -> dict:
-    d = job(kind="bon", **{"actor.model": {"hf_dir": None, "arch": dict(ARCH)},
-                           "reward_model": {"num_gpus": 1},
-                           "reward.sources": {"rm": 1.0}, "data.eval_path": "test.jsonl"})
-    for k, v in over.items():
-        node = d
-        parts = k.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
-    return d
+    return job(kind="bon", **{"actor.model": {"hf_dir": None, "arch": dict(ARCH)},
+                              "reward_model": {"num_gpus": 1},
+                              "reward.sources": {"rm": 1.0}, "data.eval_path": "test.jsonl",
+                              **over})
 
 
 def test_rm_job_builds():
