@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from megarlhf.platform.launch import run_distributed
+from _batches import make_loss_batch
 
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
@@ -44,23 +45,7 @@ def _arch():
 
 
 def _make_batch(vocab: int = 256, seed: int = 0):
-    """B sequences of lengths 6..17 with a response tail and the fields of both losses."""
-    from megarlhf.engine.batch import TokenBatch
-
-    g = torch.Generator().manual_seed(seed)
-    seqs, resp = [], []
-    for i in range(B):
-        n = 6 + (i * 5) % 12
-        p = 2 + i % 3
-        seqs.append(torch.randint(3, vocab, (n,), generator=g).tolist())
-        resp.append([0.0] * p + [1.0] * (n - p))
-    batch = TokenBatch.from_sequences(seqs, fields={"response_mask": resp})
-    S = batch.input_ids.shape[1]
-    batch.fields["advantages"] = torch.randn(B, S, generator=g) * batch.attention_mask
-    batch.fields["logp_old"] = -3.0 + 0.3 * torch.randn(B, S, generator=g)
-    batch.fields["returns"] = torch.randn(B, S, generator=g)
-    batch.fields["values_old"] = 0.1 * torch.randn(B, S, generator=g)
-    return batch
+    return make_loss_batch(B, vocab, seed)
 
 
 def _specs(batch):
