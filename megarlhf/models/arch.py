@@ -72,4 +72,7 @@ def arch_summary(model: ModelConfig) -> dict[str, Any]:
         "num_query_groups": getattr(cfg, "num_key_value_heads", None) or heads,
         "hidden_size": cfg.hidden_size,
         "vocab_size": cfg.vocab_size,
+        "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        # Multi-head latent attention (DeepSeek-V2/V3 style) carries a KV LoRA rank.
+        "mla": getattr(cfg, "kv_lora_rank", None) is not None,
     }

@@ -98,6 +98,7 @@ def run_distributed(
     timeout: float = 120.0,
     threads_per_rank: int | None = None,
     env: dict[str, str] | None = None,
+    daemon: bool = True,
     **kwargs: Any,
 ) -> list[Any]:
     """Runs ``fn(*args, **kwargs)`` on ``world_size`` ranks and returns each rank's result.
@@ -109,6 +110,9 @@ def run_distributed(
             are killed and :class:`DistributedRunError` is raised.
         threads_per_rank: torch intra-op threads per rank; default: cores / world_size, >= 1.
         env: extra environment variables for the ranks.
+        daemon: start the ranks as daemonic processes (killed when the caller exits). A rank
+            that starts processes of its own (a vLLM engine) must not be daemonic; the ranks
+            are killed when the run ends either way.
 
     Returns:
         ``[result_of_rank_0, ..., result_of_rank_{W-1}]`` (results must be picklable).
@@ -125,7 +129,7 @@ def run_distributed(
             target=_rank_main,
             args=(fn, rank, world_size, port, args, kwargs, queue, threads_per_rank, env or {},
                   pg_timeout_s),
-            daemon=True,
+            daemon=daemon,
         )
         p.start()
         procs.append(p)

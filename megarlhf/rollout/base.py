@@ -31,11 +31,20 @@ names (``model.layers.0.self_attn.q_proj.weight``) and Hugging Face layouts, eac
 (not sharded). The trainer's resharder produces this stream in bounded buckets; the engine
 shards and fuses on its side (vLLM fuses q/k/v and gate/up and splits over its own TP ranks).
 An engine consumes the iterable lazily and holds at most one bounded piece of it at a time.
+
+* One call is one update: every tensor of a layer (q/k/v, gate/up, ...) must come in the same
+  call (vLLM re-processes a layer once all of its tensors arrived; a layer left partial keeps
+  its previous weights and the call fails).
+* Names and shapes are checked against the engine's :class:`WeightManifest` before data moves
+  (the trainer checks a whole stream once, so a mismatch never leaves half-written weights); a
+  tensor the engine does not take is an error, never a silent skip; for a tied ``lm_head`` only
+  the embedding travels.
 """
 
 from __future__ import annotations
 
 import abc
+import difflib
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -229,6 +238,106 @@ class WeightUpdateStats:
         )
 
 
+class WeightSyncError(ValueError):
+    """A weight stream does not fit the rollout engine's model; the message names the tensor."""
+
+
+# Buffers some checkpoints store that no engine loads (recomputed from the config).
+_IGNORABLE_WEIGHT_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class WeightManifest:
+    """The HF-named tensors a rollout engine's model takes in a weight update.
+
+    Attributes:
+        shapes: HF name -> full (unsharded) HF shape of every tensor the engine accepts.
+        optional: names the stream may omit (a tied ``lm_head.weight``, a rotary buffer); every
+            other name must be streamed, or the engine would keep stale values for it.
+    """
+
+    shapes: dict[str, tuple[int, ...]]
+    optional: frozenset[str] = frozenset()
+
+    def check_tensor(self, name: str, shape: Sequence[int]) -> None:
+        """Raise :class:`WeightSyncError` unless ``name`` is known with exactly ``shape``."""
+        want = self.shapes.get(name)
+        if want is None:
+            close = difflib.get_close_matches(name, list(self.shapes), n=1)
+            hint = f" (closest: {close[0]!r})" if close else ""
+            raise WeightSyncError(
+                f"weight sync: tensor {name!r} is not a tensor of the rollout engine's model"
+                f"{hint}; the trainer and the rollout engine serve different architectures, or "
+                "the HF name mapping of this model family is wrong"
+            )
+        if tuple(shape) != tuple(want):
+            raise WeightSyncError(
+                f"weight sync: tensor {name!r} has shape {tuple(shape)}, the rollout engine's "
+                f"model expects {tuple(want)} (full, unsharded HF layout); do the trainer's model "
+                "and the rollout engine's model have the same config?"
+            )
+
+    def check_stream(self, streamed: Iterable[tuple[str, Sequence[int]]]) -> None:
+        """Check a whole stream's ``(name, shape)`` list before any data moves.
+
+        Every name must be known with its exact shape, appear once, and every non-optional
+        name must be present (an engine keeping stale weights for a tensor is an error).
+        """
+        seen: set[str] = set()
+        for name, shape in streamed:
+            self.check_tensor(name, shape)
+            if name in seen:
+                raise WeightSyncError(f"weight sync: tensor {name!r} is streamed twice")
+            seen.add(name)
+        absent = [n for n in self.shapes if n not in seen and n not in self.optional]
+        if absent:
+            more = f" and {len(absent) - 5} more" if len(absent) > 5 else ""
+            raise WeightSyncError(
+                f"weight sync: the stream lacks {absent[:5]}{more}; the rollout engine would "
+                "keep stale values for them"
+            )
+
+
+def hf_weight_manifest(model_dir: str) -> WeightManifest:
+    """The :class:`WeightManifest` of an HF model directory.
+
+    Read from the safetensors headers when the directory has weights (no data is read);
+    otherwise from the model built by transformers on the meta device (no memory). Rotary
+    buffers are optional; a tied ``lm_head.weight`` is not a tensor of the model (it is the
+    embedding).
+    """
+    import glob
+    import os
+
+    from megarlhf.weights.hf_io import HFCheckpointReader
+
+    cfg = _read_json(os.path.join(model_dir, "config.json"))
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    shapes: dict[str, tuple[int, ...]] = {}
+    if glob.glob(os.path.join(model_dir, "*.safetensors")):
+        reader = HFCheckpointReader(model_dir)
+        shapes = {n: reader.shape(n) for n in reader.names()}
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        hf_cfg = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_cfg)
+        shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    optional = {n for n in shapes if n.endswith(_IGNORABLE_WEIGHT_SUFFIXES)}
+    if tied:
+        # transformers does not store the tied copy, and vLLM skips it; accept none.
+        shapes.pop("lm_head.weight", None)
+    return WeightManifest(shapes=shapes, optional=frozenset(optional))
+
+
+def _read_json(path: str) -> dict:
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def token_logprobs(
     logits: torch.Tensor, token_ids: torch.Tensor, temperature: float
 ) -> torch.Tensor:
@@ -300,6 +409,14 @@ class RolloutEngine(abc.ABC):
         that names the tensor.
         """
 
+    def weight_manifest(self) -> WeightManifest | None:
+        """The HF-named tensors :meth:`update_weights` takes (None: the engine cannot tell).
+
+        Callers compare a whole stream's names and shapes with it before sending any data
+        (:meth:`WeightManifest.check_stream`), so a mismatch never leaves half-written weights.
+        """
+        return None
+
     @abc.abstractmethod
     def sleep(self) -> None:
         """Give back accelerator memory (weights offloaded, KV cache dropped) until wake_up."""
@@ -311,6 +428,9 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def reset_prefix_cache(self) -> None:
         """Forget cached prompt prefixes (their KV was computed with the previous weights)."""
+
+    def close(self) -> None:
+        """Stop the engine's helper processes (if any); the engine is unusable afterwards."""
 
 
 def iter_weight_buckets(

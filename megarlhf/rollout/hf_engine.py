@@ -36,6 +36,7 @@ from megarlhf.rollout.base import (
     RolloutOutput,
     Sample,
     SamplingParams,
+    WeightManifest,
     WeightUpdateStats,
     token_logprobs,
     validate_prompts,
@@ -154,6 +155,12 @@ class HFRolloutEngine(RolloutEngine):
         stats = self._copy_stream(named_tensors, cast=False)
         logger.info("HF rollout engine: weight update: %s", stats.summary())
         return stats
+
+    def weight_manifest(self) -> WeightManifest:
+        """Every HF name of the model with its shape; tied aliases (lm_head) are optional."""
+        shapes = {n: tuple(t.shape) for n, t in self._params.items()}
+        aliases = {n for n, c in self._canonical.items() if c != n}
+        return WeightManifest(shapes=shapes, optional=frozenset(aliases))
 
     def missing_weights(self) -> list[str]:
         """Parameters never written since construction (they still hold random values)."""

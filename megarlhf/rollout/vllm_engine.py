@@ -68,7 +68,10 @@ from megarlhf.rollout.base import (
     RolloutOutput,
     Sample,
     SamplingParams,
+    WeightManifest,
+    WeightSyncError,
     WeightUpdateStats,
+    hf_weight_manifest,
     validate_prompts,
 )
 
@@ -78,6 +81,12 @@ PINNED_VLLM_VERSION = "0.32.0"
 WORKER_EXTENSION_CLS = f"{__name__}.VLLMWorkerExtension"
 LOGPROBS_MODE = "processed_logprobs"
 DEFAULT_WEIGHT_BUCKET_BYTES = 256 * 2**20
+DEFAULT_CPU_KV_CACHE_BYTES = 2**30
+TIED_EMBEDDING_NAME = "model.embed_tokens.weight"
+# Head sizes vLLM 0.32's CPU attention backend runs (``CPUAttentionBackend.
+# get_supported_head_sizes``; a unit test checks this copy against the installed vLLM). Config
+# validation refuses other head sizes before anything starts.
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 # msgpack's bin type holds < 4 GiB: a bucket's bytes travel in frames of at most this size.
 _FRAME_BYTES = 2**30
 _ALIGN_BYTES = 16
@@ -133,6 +142,7 @@ def check_vllm_version(installed: str, *, allow_mismatch: bool = False) -> None:
 def build_llm_kwargs(
     model: str,
     *,
+    platform: str = "cuda",
     tensor_parallel_size: int = 1,
     dtype: str = "bfloat16",
     gpu_memory_utilization: float = 0.5,
@@ -141,11 +151,21 @@ def build_llm_kwargs(
     max_model_len: int | None = None,
     enforce_eager: bool = False,
     enable_prefix_caching: bool = True,
+    kv_cache_bytes: int | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """The keyword arguments of ``vllm.LLM`` for one rollout replica.
 
+    On ``platform="cpu"`` (vLLM's CPU build) some settings differ: sleep mode is off (the CPU
+    platform rejects it; the engine's sleep/wake are no-ops there, host memory being all there
+    is), the model runs eagerly (``torch.compile`` costs ~40 s of start-up on a small box for no
+    throughput gain on tiny models), chunked prefill is off (it crashes seeded requests on CPU,
+    see below), the KV cache gets an explicit size (default 1 GiB) instead of a share of the
+    machine's memory, and a TP > 1 replica uses vLLM's multiprocessing executor.
+
     Args:
+        platform: "cuda" or "cpu" (where vLLM runs; :meth:`VLLMRolloutEngine.create` reads it
+            from vLLM's current platform).
         model: local HF directory (config, and weights unless ``load_format="dummy"`` is passed
             in ``extra``: the first weight sync overwrites them anyway).
         tensor_parallel_size: this replica's TP size (independent of the trainer's layout).
@@ -157,6 +177,8 @@ def build_llm_kwargs(
         max_model_len: prompt + response limit; None takes the model config's.
         enforce_eager: disable CUDA graphs (debugging).
         enable_prefix_caching: reuse the KV of shared prompt prefixes (reset after every sync).
+        kv_cache_bytes: explicit KV-cache size (``kv_cache_memory_bytes``); None: a share of the
+            GPU (``gpu_memory_utilization``), or 1 GiB on CPU.
         extra: further ``vllm.LLM`` / ``EngineArgs`` keywords, passed through.
     """
     owned = [k for k in _OWNED_LLM_KWARGS if k in extra]
@@ -188,8 +210,48 @@ def build_llm_kwargs(
     )
     if max_model_len is not None:
         kwargs["max_model_len"] = max_model_len
+    if platform not in ("cuda", "cpu"):
+        raise ValueError(f"vLLM engine: platform must be 'cuda' or 'cpu', got {platform!r}")
+    if platform == "cpu":
+        kwargs["enable_sleep_mode"] = False
+        kwargs["enforce_eager"] = True
+        # vLLM 0.32 on CPU: when chunked prefill cuts a seeded request's prompt, the model
+        # runner rewinds that request's generator with set_offset, which CPU generators do not
+        # have, and the engine dies ("CPU Generator does not use offset"). Whole prompts only.
+        kwargs["enable_chunked_prefill"] = False
+        if kv_cache_bytes is None:
+            kv_cache_bytes = DEFAULT_CPU_KV_CACHE_BYTES
+        if tensor_parallel_size > 1:
+            kwargs["distributed_executor_backend"] = "mp"
+    if kv_cache_bytes is not None:
+        if not isinstance(kv_cache_bytes, int) or kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes must be a positive integer, got {kv_cache_bytes!r}")
+        kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
     kwargs.update(extra)
     return kwargs
+
+
+def cpu_threads_binding(tensor_parallel_size: int, cpus: Sequence[int] | None = None) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for a CPU replica: the allowed cores split into one
+    contiguous group per TP rank (``"0|1"`` for TP 2 on two cores), or "auto" for TP 1.
+
+    vLLM's "auto" binds TP ranks to NUMA nodes; a machine with one NUMA node then fails at
+    TP > 1, hence the explicit groups.
+    """
+    if tensor_parallel_size == 1:
+        return "auto"
+    import os
+
+    cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
+    if len(cpus) < tensor_parallel_size:
+        raise ValueError(
+            f"a vLLM CPU replica with tensor_parallel_size={tensor_parallel_size} needs at least "
+            f"{tensor_parallel_size} cores; this process may use {len(cpus)} ({cpus}). Lower "
+            "rollout.tp, or set VLLM_CPU_OMP_THREADS_BIND yourself"
+        )
+    per = len(cpus) // tensor_parallel_size
+    groups = [cpus[i * per:(i + 1) * per] for i in range(tensor_parallel_size)]
+    return "|".join(",".join(map(str, g)) for g in groups)
 
 
 def to_vllm_sampling_kwargs(params: SamplingParams, prompt_index: int) -> dict[str, Any]:
@@ -352,12 +414,68 @@ def convert_request_outputs(
     return results
 
 
+def _read_config(model_dir: str) -> dict[str, Any]:
+    import json
+    import os
+
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _loadable_numel(layer: torch.nn.Module, total: int | None) -> int | None:
+    """Elements a complete update loads into ``layer``: vLLM's layer size, except for vocab
+    embeddings, whose rows are padded (to a multiple of 64) beyond the real vocabulary."""
+    idx = getattr(layer, "shard_indices", None)
+    dim = getattr(layer, "embedding_dim", None)
+    if total is None or idx is None or dim is None:
+        return total
+    return min(total, (idx.num_org_elements + idx.num_added_elements) * dim)
+
+
+def _report(worker_report: dict[str, list[str]], key: str) -> list[str]:
+    """``worker_report[key]``: one worker's :meth:`VLLMWorkerExtension.
+    megarlhf_finish_weight_update` report."""
+    return list(worker_report[key])
+
+
+class _ConsumptionTracker(torch.overrides.TorchFunctionMode):
+    """Notes which streamed tensors vLLM's loaders touched (any torch op taking them).
+
+    vLLM's ``load_weights`` silently skips names it does not route to a parameter (a tied
+    ``lm_head`` is skipped by design, and a naming mismatch can be skipped by accident); such a
+    tensor is never passed to a torch op. ``pending`` maps ``id(tensor)`` to ``(name, tensor)``
+    (the reference keeps the id from being reused) and loses an entry when the tensor is used.
+    """
+
+    def __init__(self, pending: dict[int, tuple[str, torch.Tensor]]):
+        super().__init__()
+        self.pending = pending
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.pending:
+            stack = [args, kwargs]
+            while stack:
+                x = stack.pop()
+                if isinstance(x, torch.Tensor):
+                    self.pending.pop(id(x), None)
+                elif isinstance(x, (list, tuple)):
+                    stack.extend(x)
+                elif isinstance(x, dict):
+                    stack.extend(x.values())
+        return func(*args, **kwargs)
+
+
 class VLLMWorkerExtension:
     """Mixed into every vLLM worker (``worker_extension_cls``); reached via ``collective_rpc``.
 
     ``self`` is the vLLM worker: ``self.model_runner``, ``self.model_config`` and
     ``self.device`` are the worker's. Method names carry a ``megarlhf_`` prefix because vLLM
     refuses extension attributes that clash with the worker's own (it has ``update_weights``).
+
+    Every streamed tensor must be consumed: one that no vLLM weight loader took by the end of
+    the update (:meth:`megarlhf_finish_weight_update`) is reported by name, as is every model
+    parameter that no tensor wrote.
     """
 
     def megarlhf_begin_weight_update(self) -> None:
@@ -365,28 +483,59 @@ class VLLMWorkerExtension:
 
         initialize_layerwise_reload(self.model_runner.get_model())
         self._megarlhf_loaded: set[str] = set()
+        self._megarlhf_pending: dict[int, tuple[str, torch.Tensor]] = {}
 
     def megarlhf_load_weights(self, payload: dict) -> int:
         """Load one :func:`pack_bucket` payload of HF-named full tensors; vLLM fuses and shards."""
         weights = unpack_bucket(payload)
+        pending = self._megarlhf_pending
+        for name, tensor in weights:
+            pending[id(tensor)] = (name, tensor)
         try:
-            loaded = self.model_runner.get_model().load_weights(weights=weights)
+            with _ConsumptionTracker(pending):
+                loaded = self.model_runner.get_model().load_weights(weights=weights)
         except Exception as e:
             names = [name for name, _ in weights]
             raise RuntimeError(f"vLLM could not load the weight bucket {names}: {e!r}") from e
         self._megarlhf_loaded.update(loaded or ())
         return len(weights)
 
-    def megarlhf_finish_weight_update(self) -> list[str]:
-        """Process the loaded layers; return the model parameters this update did not load."""
+    def megarlhf_finish_weight_update(self) -> dict[str, list[str]]:
+        """Process the loaded layers; report what this update missed.
+
+        A layer that received only part of its weights (some of q/k/v, say) would be
+        processed by vLLM's ``finalize_layerwise_reload`` with the unloaded part uninitialised
+        (garbage or NaN, measured; no error). Such a layer is put back to its previous weights
+        instead and reported as ``incomplete``: a layer's tensors must all come in one update.
+
+        Returns:
+            ``{"missing": [...], "unconsumed": [...], "incomplete": [...]}``: model
+            parameters (vLLM's fused names) that no tensor wrote, streamed HF names that no
+            vLLM weight loader took, and layers that got part of their weights (kept as they
+            were).
+        """
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+        from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
 
         model = self.model_runner.get_model()
-        finalize_layerwise_reload(model, self.model_config)
+        incomplete = []
+        for name, layer in model.named_modules():
+            info = get_layerwise_info(layer)
+            total = _loadable_numel(layer, info.load_numel_total)
+            if total is not None and 0 < info.load_numel < total:
+                incomplete.append(f"{name} ({info.load_numel} of {total} elements)")
+                info.load_numel = 0  # finalize then puts the previous weights back
+                info.loaded_weights = []
+        pending = getattr(self, "_megarlhf_pending", {})
+        with _ConsumptionTracker(pending):  # layers that completed only now use their tensors
+            finalize_layerwise_reload(model, self.model_config)
         torch.accelerator.synchronize()
         loaded = getattr(self, "_megarlhf_loaded", set())
+        unconsumed = sorted(name for name, _ in pending.values())
         self._megarlhf_loaded = set()
-        return sorted(name for name, _ in model.named_parameters() if name not in loaded)
+        self._megarlhf_pending = {}
+        missing = sorted(name for name, _ in model.named_parameters() if name not in loaded)
+        return {"missing": missing, "unconsumed": unconsumed, "incomplete": incomplete}
 
 
 class VLLMRolloutEngine(RolloutEngine):
@@ -400,6 +549,15 @@ class VLLMRolloutEngine(RolloutEngine):
             2 drops them (every update must then carry all of them).
         sampling_params_factory: builds a vLLM ``SamplingParams`` from keywords; defaults to
             ``vllm.SamplingParams``.
+        manifest: the HF tensors the model takes (:func:`~megarlhf.rollout.base.
+            hf_weight_manifest` of its directory); each streamed tensor is checked against it
+            before its bucket is sent. None skips that check.
+        platform: "cuda" or "cpu"; on CPU sleep/wake are no-ops (vLLM's CPU backend has no
+            sleep mode and its memory is host memory anyway).
+        tied_embeddings: the model ties ``lm_head`` to the input embedding. The stream then
+            has no ``lm_head.weight`` (the contract), but vLLM 0.32's layerwise reload does not
+            carry a new embedding into the tied ``lm_head`` (measured: 0.19 nats off after an
+            update): the adapter sends the embedding under both names.
     """
 
     def __init__(
@@ -409,6 +567,9 @@ class VLLMRolloutEngine(RolloutEngine):
         weight_bucket_bytes: int = DEFAULT_WEIGHT_BUCKET_BYTES,
         sleep_level: int = 1,
         sampling_params_factory: Callable[..., Any] | None = None,
+        manifest: WeightManifest | None = None,
+        platform: str = "cuda",
+        tied_embeddings: bool = False,
     ):
         if sleep_level not in (1, 2):
             raise ValueError(f"vLLM sleep_level must be 1 or 2, got {sleep_level!r}")
@@ -431,6 +592,9 @@ class VLLMRolloutEngine(RolloutEngine):
         self.weight_bucket_bytes = weight_bucket_bytes
         self.sleep_level = sleep_level
         self._sampling_params_factory = sampling_params_factory
+        self._manifest = manifest
+        self.platform = platform
+        self.tied_embeddings = tied_embeddings
         self._state = "awake"  # "awake" | "asleep" | "weights_awake" (KV cache still asleep)
 
     @classmethod
@@ -443,20 +607,41 @@ class VLLMRolloutEngine(RolloutEngine):
         allow_version_mismatch: bool = False,
         **llm_kwargs: Any,
     ) -> VLLMRolloutEngine:
-        """Build the ``vllm.LLM`` for one replica (see :func:`build_llm_kwargs`) and wrap it."""
+        """Build the ``vllm.LLM`` for one replica (see :func:`build_llm_kwargs`) and wrap it.
+
+        The platform (CUDA or vLLM's CPU build) is vLLM's own ``current_platform``. On CPU, a
+        TP > 1 replica gets ``VLLM_CPU_OMP_THREADS_BIND`` (:func:`cpu_threads_binding`) unless
+        it is set already.
+        """
+        import os
+
         installed = installed_vllm_version()
         if installed is None:
             raise RuntimeError(vllm_install_hint()) from None
         check_vllm_version(installed, allow_mismatch=allow_version_mismatch)
         import vllm
+        from vllm.platforms import current_platform
 
-        llm = vllm.LLM(**build_llm_kwargs(model, **llm_kwargs))
+        platform = "cpu" if current_platform.is_cpu() else "cuda"
+        if platform == "cpu":
+            os.environ.setdefault(
+                "VLLM_CPU_OMP_THREADS_BIND",
+                cpu_threads_binding(int(llm_kwargs.get("tensor_parallel_size", 1))))
+        manifest = hf_weight_manifest(os.fspath(model))
+        tied = bool(_read_config(os.fspath(model)).get("tie_word_embeddings", False))
+        llm = vllm.LLM(**build_llm_kwargs(os.fspath(model), platform=platform, **llm_kwargs))
         return cls(
             llm,
             weight_bucket_bytes=weight_bucket_bytes,
             sleep_level=sleep_level,
             sampling_params_factory=vllm.SamplingParams,
+            manifest=manifest,
+            platform=platform,
+            tied_embeddings=tied,
         )
+
+    def weight_manifest(self) -> WeightManifest | None:
+        return self._manifest
 
     # --------------------------------------------------------------- generation
 
@@ -502,7 +687,8 @@ class VLLMRolloutEngine(RolloutEngine):
         count = nbytes = buckets = 0
         self._llm.collective_rpc("megarlhf_begin_weight_update")
         try:
-            for bucket in iter_weight_buckets(named_tensors, self.weight_bucket_bytes):
+            stream = self._checked(named_tensors)
+            for bucket in iter_weight_buckets(stream, self.weight_bucket_bytes):
                 count += len(bucket)
                 nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
                 payload = pack_bucket(bucket)
@@ -518,7 +704,23 @@ class VLLMRolloutEngine(RolloutEngine):
                 logger.exception("vLLM engine: finishing the failed weight update also failed")
             raise
         per_worker = self._llm.collective_rpc("megarlhf_finish_weight_update")
-        missing = tuple(sorted({name for names in per_worker for name in names}))
+        missing = tuple(sorted({n for w in per_worker for n in _report(w, "missing")}))
+        unconsumed = sorted({n for w in per_worker for n in _report(w, "unconsumed")})
+        incomplete = sorted({n for w in per_worker for n in _report(w, "incomplete")})
+        if incomplete:
+            raise WeightSyncError(
+                f"vLLM engine: the layers {incomplete[:6]} received only part of their weights "
+                "in this update; they keep their previous weights (vLLM would have filled the "
+                "rest with uninitialised memory). Send all tensors of a layer (q/k/v, gate/up, "
+                "...) in one update_weights call"
+            )
+        if unconsumed:
+            raise WeightSyncError(
+                f"vLLM engine: the streamed tensors {unconsumed[:8]} were not taken by any of "
+                "vLLM's weight loaders (vLLM skipped them); its model keeps stale values where "
+                "they should go. The HF names the trainer streams do not match what vLLM's "
+                "model class loads"
+            )
         if missing and self.sleep_level == 2:
             raise RuntimeError(
                 f"vLLM engine: sleep_level=2 dropped the weights, but this update did not write "
@@ -535,9 +737,23 @@ class VLLMRolloutEngine(RolloutEngine):
         logger.info("vLLM engine: weight update: %s", stats.summary())
         return stats
 
+    def _checked(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The stream, each tensor checked against the manifest before its bucket is sent; a
+        tied embedding is also sent as ``lm_head.weight`` (see ``tied_embeddings``)."""
+        for name, tensor in named_tensors:
+            if self._manifest is not None and isinstance(tensor, torch.Tensor):
+                self._manifest.check_tensor(name, tensor.shape)
+            yield name, tensor
+            if self.tied_embeddings and name == TIED_EMBEDDING_NAME:
+                yield "lm_head.weight", tensor
+
     # --------------------------------------------------------------- lifecycle
 
     def sleep(self) -> None:
+        if self.platform == "cpu":
+            return  # vLLM's CPU backend has no sleep mode; its memory is host memory anyway
         if not self._sleep_mode_enabled:
             raise RuntimeError(
                 "vLLM engine: sleep() needs the LLM built with enable_sleep_mode=True"
@@ -555,11 +771,20 @@ class VLLMRolloutEngine(RolloutEngine):
         self._state = "asleep"
 
     def wake_up(self) -> None:
+        if self.platform == "cpu":
+            return
         if self._state == "asleep":
             self._llm.wake_up()
         elif self._state == "weights_awake":
             self._llm.wake_up(tags=["kv_cache"])
         self._state = "awake"
+
+    def close(self) -> None:
+        """Shut vLLM's engine-core (and worker) processes down now, not at interpreter exit."""
+        core = getattr(getattr(self._llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        self._state = "closed"
 
     def reset_prefix_cache(self) -> None:
         if self._llm.reset_prefix_cache() is False:

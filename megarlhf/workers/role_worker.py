@@ -19,6 +19,7 @@ offload() / onload()       ONE_TO_ALL         ALL             bytes moved, per r
 execute(fn, *a, **k)       ONE_TO_ALL         ALL             fn(worker, *a, **k), per rank
 status()                   ONE_TO_ALL         ALL             per-rank state (offloaded, memory)
 push_weights(...)          ONE_TO_ALL         RANK0           used by sync_weights_to
+hf_weight_shapes()         ONE_TO_ALL         RANK0           [(hf_name, shape)] the resharder sends
 =========================  =================  ==============  ====================================
 
 ``execute`` is the generic broadcast for anything else that every rank must do together
@@ -223,6 +224,13 @@ class RoleWorker:
 
     # ------------------------------------------------------------------ weight sync
     @register(Dispatch.ONE_TO_ALL, Collect.RANK0)
+    def hf_weight_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Collective: the ``(hf_name, shape)`` of every tensor the resharder streams, in order."""
+        from megarlhf.weights.resharder import plan_hf_weights
+
+        return [(e.name, tuple(e.shape)) for e in plan_hf_weights(self.engine.bundle).entries]
+
+    @register(Dispatch.ONE_TO_ALL, Collect.RANK0)
     def push_weights(self, rollout_actors: list, rollout_ranks: list[RankInfo],
                      bucket_bytes: int, source: Callable | None = None, dtype=None,
                      replica_timeout_s: float = 600.0) -> dict[str, int]:
@@ -355,12 +363,26 @@ class WorkerGroup(ActorGroup):
     def layout(self) -> ParallelLayout:
         return self.spec.layout
 
+    def check_weight_manifest(self, rollout, *, timeout_s: float | None = None) -> None:
+        """Compares the names and shapes the resharder will stream with what the rollout
+        engines take, before any data moves (once per rollout group): a mismatch raises
+        :class:`~megarlhf.rollout.base.WeightSyncError` naming the tensor and leaves the
+        engines' weights untouched."""
+        checked = self.__dict__.setdefault("_manifest_checked", set())
+        if id(rollout) in checked:
+            return
+        manifest = rollout.weight_manifest(timeout_s=timeout_s)
+        if manifest is not None:
+            manifest.check_stream(self.hf_weight_shapes(timeout_s=timeout_s))
+        checked.add(id(rollout))
+
     def sync_weights_to(self, rollout, *, bucket_bytes: int | None = None,
                         source: Callable | None = None, timeout_s: float | None = None):
         """Streams this role's weights (HF names, full tensors) into every rollout replica.
 
-        Every rank runs the bucket source (default: the resharder, see
-        :func:`resharder_buckets`); rank 0 pushes each bucket through Ray's object store to all
+        With the resharder as the source, the stream's names and shapes are first checked
+        against the engines' (:meth:`check_weight_manifest`). Every rank runs the bucket source
+        (default: the resharder, see :func:`resharder_buckets`); rank 0 pushes each bucket through Ray's object store to all
         replicas' ``load_weight_bucket`` with at most two buckets in flight. Returns each
         replica's :class:`~megarlhf.rollout.base.WeightUpdateStats`.
 
@@ -374,6 +396,8 @@ class WorkerGroup(ActorGroup):
             _resharder()  # fail here, not on every rank, when the resharder is missing
         bucket_bytes = bucket_bytes or rollout.bucket_bytes
         timeout = self.call_timeout_s if timeout_s is None else timeout_s
+        if source is None:
+            self.check_weight_manifest(rollout, timeout_s=timeout)
         dtype = rollout.weight_dtype(timeout_s=timeout)
         rollout.begin_weight_update(timeout_s=timeout)
         try:

