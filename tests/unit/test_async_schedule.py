@@ -214,8 +214,8 @@ def test_async_trainer_needs_the_rollout_on_gpus_of_its_own(placement, ok):
         "actor.num_gpus=1", "asynchronous.enabled=true",
         "algorithm.use_behaviour_logprobs=true",
         "actor.model.arch={model_type: llama, vocab_size: 64, hidden_size: 64, "
-        "intermediate_size: 256, num_hidden_layers: 2, num_attention_heads: 4, "
-        "num_key_value_heads: 2, max_position_embeddings: 128}"])
+        "intermediate_size: 256, num_hidden_layers: 2, num_attention_heads: 2, "
+        "num_key_value_heads: 2, max_position_embeddings: 128}"])  # head_dim 32: vLLM's CPU
     if ok:
         check_async_placement(job)
     else:

