@@ -8,8 +8,8 @@ Stages (each a real megarlhf job, with its config next to this file):
    over 2 gloo ranks, to partial accuracy;
 3. reward model (``rm.yaml``): samples of the SFT model labelled by the verifier train an
    outcome reward model, evaluated by pairwise accuracy and best-of-N;
-4. GRPO (``grpo.yaml``): N = 4 samples per prompt from a transformers rollout engine fed with the
-   actor's weights after every update, rewarded by the verifier (or the ORM);
+4. GRPO (``grpo.yaml``): N = 4 samples per prompt from a vLLM rollout engine (its CPU build)
+   fed with the actor's weights after every update, rewarded by the verifier (or the ORM);
 5. held-out accuracy of the SFT model (GRPO's step-0 evaluation) and of the RL policy.
 
 Everything runs through Ray placement groups on CPU slots, the same code paths a GPU cluster

@@ -1,4 +1,4 @@
-"""Rollout engines behind one interface (:class:`RolloutEngine`): vLLM on GPU, transformers on CPU.
+"""Rollout engines behind one interface (:class:`RolloutEngine`): vLLM, and transformers to debug.
 
 ``make_rollout_engine("hf", model=...)`` or ``make_rollout_engine("vllm", model=...)``; see
 :mod:`megarlhf.rollout.base` for the sampling parameters, the outputs, the log-prob definition

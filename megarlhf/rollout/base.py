@@ -2,7 +2,8 @@
 
 A rollout engine turns prompts (token ids) into sampled responses, and takes new weights from
 the trainer after every update. Two engines implement it: :mod:`megarlhf.rollout.vllm_engine`
-(GPU) and :mod:`megarlhf.rollout.hf_engine` (transformers; CPU and debugging).
+(vLLM's CUDA build on GPUs, its CPU build in tests and the demo) and
+:mod:`megarlhf.rollout.hf_engine` (transformers; debugging).
 
 Log-prob definition (shared by all engines, and what the learner computes)
 -------------------------------------------------------------------------

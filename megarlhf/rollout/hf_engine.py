@@ -1,4 +1,4 @@
-"""The transformers rollout engine: CPU (the default there) and debugging.
+"""The transformers rollout engine, for debugging (``rollout.engine: hf``).
 
 A ``transformers`` causal LM is built from an HF config — a dict, a ``PretrainedConfig`` or a
 local HF directory — with random weights; real weights arrive through ``update_weights`` (the

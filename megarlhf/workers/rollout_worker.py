@@ -59,7 +59,8 @@ class RolloutSpec:
     Attributes:
         engine: ``"auto"`` (vLLM where CUDA and vLLM are present, else transformers), ``"hf"``
             or ``"vllm"``.
-        model: an HF directory, or HF config fields (a dict; transformers engine only).
+        model: an HF directory, or HF config fields (a dict: the weights come with the first
+            sync).
         tp: GPUs per replica.
         gpu_memory_utilization: vLLM's share of each GPU (weights + KV cache).
         max_model_len: prompt + response limit (vLLM).

@@ -299,12 +299,16 @@ def test_pack_bucket_round_trip():
         ("strided", torch.randn(4, 6).t()),  # non-contiguous input
     ]
     payload = pack_bucket(bucket)
-    assert all(isinstance(f, bytes) for f in payload["data"])
+    assert all(isinstance(f, bytearray) for f in payload["data"])
     assert all(o % 16 == 0 for o in payload["offsets"])
-    out = unpack_bucket(payload)
-    assert [n for n, _ in out] == [n for n, _ in bucket]
-    for (_, got), (_, want) in zip(out, bucket, strict=True):
-        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+    # As pickled (vLLM's multiprocessing executor: bytearray, used in place) and as msgpack
+    # delivers it (immutable bytes: copied once into a writable buffer).
+    as_bytes = dict(payload, data=[bytes(f) for f in payload["data"]])
+    for received in (payload, as_bytes):
+        out = unpack_bucket(received)
+        assert [n for n, _ in out] == [n for n, _ in bucket]
+        for (_, got), (_, want) in zip(out, bucket, strict=True):
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
     assert unpack_bucket(pack_bucket([])) == []
 
 
