@@ -161,13 +161,22 @@ def _check_rollout_engine(job: JobConfig, arch: dict[str, Any] | None,
     """vLLM is installed when asked for, and its CPU build can run the model."""
     import importlib.util
 
-    from megarlhf.rollout.vllm_engine import VLLM_CPU_HEAD_SIZES, vllm_install_hint
+    from megarlhf.rollout.vllm_engine import (
+        PINNED_VLLM_VERSION,
+        VLLM_CPU_HEAD_SIZES,
+        vllm_distribution_version,
+        vllm_install_hint,
+    )
 
     if resolved_rollout_engine(job) != "vllm":
         return
     if importlib.util.find_spec("vllm") is None:
         errors.append(f"rollout.engine=vllm: {vllm_install_hint()}")
         return
+    installed = vllm_distribution_version()
+    if installed is not None and installed != PINNED_VLLM_VERSION:
+        errors.append(f"rollout.engine=vllm: vLLM {installed} is installed, but megarlhf follows "
+                      f"vLLM {PINNED_VLLM_VERSION}'s API exactly; {vllm_install_hint()}")
     if arch is None or not _vllm_runs_on_cpu(job):
         return
     if arch["mla"]:

