@@ -225,15 +225,21 @@ def plan_hf_weights(bundle: ModelBundle) -> ReshardPlan:
     ctx = bundle.ctx
     rank, world = _rank_world()
     mine = []
-    if ctx.dp_rank == 0 and ctx.cp_rank == 0:
-        for lp in local_params(bundle):
-            split = lp.kind != "replicated" and ctx.layout.tp > 1
-            if not split and ctx.tp_rank != 0:
+    for lp in local_params(bundle):
+        # Dense weights come from DP replica 0 (CP rank 0); expert weights from expert-DP
+        # replica 0 - every expert-parallel rank of it holds different experts.
+        if lp.expert:
+            if ctx.edp_rank != 0:
                 continue
-            mine.append(dict(hf_names=lp.hf_names, kind=lp.kind, shape=tuple(lp.param.shape),
-                             dtype=lp.param.dtype, stage=(ctx.pp_rank, lp.chunk), chunk=lp.chunk,
-                             name=lp.name, shard=ctx.tp_rank if split else 0,
-                             n=ctx.layout.tp if split else 1, rank=rank))
+        elif ctx.dp_rank != 0 or ctx.cp_rank != 0:
+            continue
+        split = lp.kind != "replicated" and lp.split_size > 1
+        if not split and lp.split_rank != 0:
+            continue
+        mine.append(dict(hf_names=lp.hf_names, kind=lp.kind, shape=tuple(lp.param.shape),
+                         dtype=lp.param.dtype, stage=(ctx.pp_rank, lp.chunk), chunk=lp.chunk,
+                         name=lp.name, shard=lp.split_rank if split else 0,
+                         n=lp.split_size if split else 1, rank=rank))
     if world > 1:
         every: list = [None] * world
         torch.distributed.all_gather_object(every, mine)
