@@ -15,6 +15,10 @@ so the same code runs without pipelining, with 1F1B and with the interleaved (vi
 * :meth:`offload` / :meth:`onload` move weights, gradients and optimizer state to host memory
   and back so roles can share a GPU.
 
+Mixture-of-experts models: :mod:`megarlhf.engine.moe` scales megatron's load-balancing aux
+loss to the same global normalisation, adds per-layer router metrics to a step's metrics and,
+with ``model.moe_routing_replay``, replays the batch's ``routed_experts``.
+
 Every rank of the role calls the same method with the same batch (the data-parallel shard of
 this rank, see :meth:`TokenBatch.shard`); results are returned on every rank.
 """
@@ -81,6 +85,11 @@ class MegatronEngine:
         self.optimizer = None
         self.scheduler = None
         self._offloaded: list[tuple[Any, Tensor]] | None = None
+        self.moe = None
+        if bundle.spec.moe is not None:
+            from megarlhf.engine.moe import MoEHooks
+
+            self.moe = MoEHooks(bundle)
         if optimizer is not None:
             self._build_optimizer(optimizer, total_steps)
 
@@ -174,6 +183,8 @@ class MegatronEngine:
                 qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                 max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen)
             attention_mask = None
+        if self.moe is not None:
+            self.moe.before_forward(mb, model)
         dev = self._device()
         ids = mb.input_ids.to(dev)
         pos = mb.position_ids.to(dev)
@@ -261,7 +272,11 @@ class MegatronEngine:
             return torch.zeros((), device=output.device), torch.tensor(1), {
                 k: v.detach().cpu() for k, v in out.items()}
 
+        if self.moe is not None:
+            self.moe.begin(mbs, training=False)
         stored = self._run(mbs, True, loss_impl)
+        if self.moe is not None:
+            self.moe.end_forward()
         result = None
         if self.ctx.is_last_stage:
             B, S = batch.input_ids.shape
@@ -304,7 +319,10 @@ class MegatronEngine:
             return loss, torch.tensor(1), {k: v.detach().float().cpu() for k, v in
                                            metrics.items()}
 
+        if self.moe is not None:
+            self.moe.begin(mbs, training=True)
         stored = self._run(mbs, False, loss_impl)
+        moe_metrics = self.moe.end() if self.moe is not None else {}
         metrics: dict[str, float] | None = None
         if self.ctx.is_last_stage:
             keys = sorted({k for d in stored for k in d})
@@ -318,7 +336,8 @@ class MegatronEngine:
         if ok:
             self.scheduler.step(increment=1)
         lr = self.optimizer.param_groups[0]["lr"]
-        return StepResult(metrics=metrics or {}, grad_norm=float(grad_norm or 0.0), lr=float(lr),
+        metrics = dict(metrics or {}, **moe_metrics)  # router metrics: already global
+        return StepResult(metrics=metrics, grad_norm=float(grad_norm or 0.0), lr=float(lr),
                           num_micro_batches=len(mbs), seconds=time.perf_counter() - t0,
                           skipped=not ok)
 
