@@ -90,6 +90,15 @@ def supported_model_types() -> tuple[str, ...]:
     return _FAMILIES
 
 
+def unsupported_message(model_type: str) -> str:
+    """Why ``model_type`` is refused (what it needs, for known MoE variants)."""
+    need = _UNSUPPORTED_MOE_TYPES.get(model_type)
+    if need:
+        return (f"model_type {model_type!r} is not supported: it needs {need}, which megarlhf "
+                f"does not build; supported families: {', '.join(_FAMILIES)}")
+    return f"model_type {model_type!r} is not supported; supported families: {', '.join(_FAMILIES)}"
+
+
 class UnsupportedArchitecture(ValueError):
     pass
 
@@ -153,14 +162,8 @@ class ArchSpec:
 def arch_spec(hf_config) -> ArchSpec:
     """Reads an :class:`ArchSpec` from a transformers config of a supported family."""
     mt = hf_config.model_type
-    if mt in _UNSUPPORTED_MOE_TYPES:
-        raise UnsupportedArchitecture(
-            f"model_type {mt!r} is not supported: it needs {_UNSUPPORTED_MOE_TYPES[mt]}, which "
-            f"megarlhf does not build; supported families: {', '.join(_FAMILIES)}")
     if mt not in _FAMILIES:
-        raise UnsupportedArchitecture(
-            f"model_type {mt!r} is not supported; supported families: {', '.join(_FAMILIES)}"
-        )
+        raise UnsupportedArchitecture(unsupported_message(mt))
     act = getattr(hf_config, "hidden_act", "silu")
     if act != "silu":
         raise UnsupportedArchitecture(f"{mt}: hidden_act={act!r} is not supported (only silu)")
