@@ -164,13 +164,15 @@ class MoEHooks:
         if not self.replay_enabled:
             return
         given = mb.fields.get(ROUTED_EXPERTS)
+        if given is None:
+            raise ValueError(
+                f"model.moe_routing_replay is on but the batch has no {ROUTED_EXPERTS!r} field "
+                "(B, S, num_layers, top-k expert ids from the rollout engine, -1 = route "
+                "yourself); fill it, or turn routing replay off")
         for c, gl, _ in self.routers:
             if c != ci:
                 continue
             rep = self._replays[gl]
-            if given is None:
-                rep.current = None
-                continue
             if given.dim() != 4 or given.shape[2] != self.spec.num_layers \
                     or given.shape[3] != self.topk:
                 raise ValueError(
