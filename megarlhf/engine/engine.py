@@ -157,17 +157,37 @@ class MegatronEngine:
         if lay.cp > 1:
             pad_multiple = max(pad_multiple, 2 * lay.cp)
         mult = lay.pp if lay.vpp > 1 else 1
-        if self.max_tokens is not None:
-            mbs = make_micro_batches(batch, max_tokens=self.max_tokens,
-                                     pad_multiple=pad_multiple, pad_id=self.pad_id,
-                                     micro_batch_multiple=mult, group_size=group_size)
-        else:
-            mbs = make_micro_batches(batch, micro_batch_size=self.micro_batch_size,
-                                     pad_multiple=pad_multiple, pad_id=self.pad_id,
-                                     micro_batch_multiple=mult, group_size=group_size)
-        if lay.vpp > 1:
+
+        def make(min_count: int = 1) -> list[MicroBatch]:
+            if self.max_tokens is not None:
+                return make_micro_batches(batch, max_tokens=self.max_tokens,
+                                          pad_multiple=pad_multiple, pad_id=self.pad_id,
+                                          micro_batch_multiple=mult, group_size=group_size,
+                                          min_micro_batches=min_count)
+            return make_micro_batches(batch, micro_batch_size=self.micro_batch_size,
+                                      pad_multiple=pad_multiple, pad_id=self.pad_id,
+                                      micro_batch_multiple=mult, group_size=group_size,
+                                      min_micro_batches=min_count)
+
+        mbs = make()
+        shape = None
+        if self.moe is not None and lay.ep > 1 and lay.dp * lay.cp > 1:
+            # An expert-parallel group spans data-parallel ranks, and every MoE layer exchanges
+            # tokens across it: its ranks must run the same number of micro-batches (empty
+            # fillers make up the difference) and, with the allgather dispatcher, the same
+            # shapes (it gathers equal-sized blocks).
+            t = torch.tensor([len(mbs), max(m.input_ids.shape[0] for m in mbs),
+                              max(m.input_ids.shape[1] for m in mbs)], device=self._device())
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX,
+                                         group=self.ctx.dp_cp_group)
+            count, rows, length = (int(x) for x in t.tolist())
+            if count > len(mbs):
+                mbs = make(count)
+            if self.config.moe_token_dispatcher_type == "allgather":
+                shape = (rows, length)
+        if lay.vpp > 1 or shape is not None:
             # The interleaved schedule exchanges fixed shapes (variable lengths unsupported).
-            mbs = pad_micro_batches_uniform(mbs, self.pad_id)
+            mbs = pad_micro_batches_uniform(mbs, self.pad_id, shape=shape)
         return mbs
 
     # ------------------------------------------------------------------ the schedule

@@ -18,7 +18,10 @@ What is redirected (and nothing else):
   and the NVTX range functions;
 * megatron's private ``_get_cuda_rng_state`` / ``_set_cuda_rng_state``, which then save and
   restore the CPU generator: the tensor-parallel RNG tracker keeps working, with the same
-  semantics (dropout in TP regions draws from the forked, per-TP-rank stream).
+  semantics (dropout in TP regions draws from the forked, per-TP-rank stream);
+* backward passes started with ``loss.backward()`` / ``torch.autograd.backward`` run under the
+  mode too (a mode is off inside its own handler): :func:`_backward_under_mode`;
+* the MoE paths (router, token dispatchers, aux-loss buffers): :func:`_install_moe`.
 """
 
 from __future__ import annotations
@@ -219,19 +222,64 @@ def _cpu_move_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False
     return tensor
 
 
+def _gather_first_dim_uneven(orig):
+    """``mappings._gather_along_first_dim`` with unequal blocks on gloo.
+
+    gloo's ``all_gather`` refuses blocks of different sizes, which megatron's alltoall
+    dispatcher gathers over the expert-tensor-parallel group (``output_split_sizes``): pad each
+    block to the largest, gather the padded blocks, cut the padding out. Equal blocks take
+    megatron's own path.
+    """
+
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return orig(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        m = max(sizes)
+        padded = torch.zeros((m,) + tuple(input_.shape[1:]), dtype=input_.dtype)
+        padded[: input_.shape[0]] = input_
+        out = torch.empty((m * len(sizes),) + tuple(input_.shape[1:]), dtype=input_.dtype)
+        torch.distributed.all_gather_into_tensor(out, padded, group=group)
+        return torch.cat([out[i * m: i * m + n] for i, n in enumerate(sizes)], dim=0)
+
+    return gather
+
+
+def _reduce_scatter_first_dim_uneven(orig):
+    """``mappings._reduce_scatter_along_first_dim`` with unequal blocks on gloo (the backward of
+    the gather above): all-reduce the whole tensor, keep this rank's block."""
+
+    def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return orig(input_, group, input_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in input_split_sizes]
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        start = sum(sizes[: group.rank()])
+        return total[start: start + sizes[group.rank()]].contiguous()
+
+    return reduce_scatter
+
+
 def _install_moe() -> None:
     """The MoE paths (router, token dispatchers, aux-loss buffers).
 
     * ``moe_utils.te_general_gemm`` is only defined when Transformer Engine imports; the router's
       gating GEMM tests it against None, so it is defined as None here (torch's matmul is used).
     * ``maybe_move_tensor_to_cpu``: see :func:`_cpu_move_to_cpu` (alltoall dispatcher).
+    * gathers / reduce-scatters of unequal blocks (the alltoall dispatcher over expert-TP
+      ranks): gloo has no uneven all_gather; see :func:`_gather_first_dim_uneven`.
     * The alltoall dispatcher's device-to-host stream and events are ``torch.cuda.Stream`` /
       ``Event``: the null stand-ins above. Aux-loss and expert-bias buffers are created with
       ``device=torch.cuda.current_device()``: the device mode above. Backward buffers of the
       dispatchers' gather / reduce-scatter: :func:`_backward_under_mode`.
     """
+    from megatron.core.tensor_parallel import mappings
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
+    mappings._gather_along_first_dim = _gather_first_dim_uneven(mappings._gather_along_first_dim)
+    mappings._reduce_scatter_along_first_dim = _reduce_scatter_first_dim_uneven(
+        mappings._reduce_scatter_along_first_dim)
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
     moe_utils.maybe_move_tensor_to_cpu = _cpu_move_to_cpu

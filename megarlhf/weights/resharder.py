@@ -1,4 +1,4 @@
-"""The resharder: a megatron model sharded over TP/PP/VPP/DP -> HF-named full tensors, in buckets.
+"""The resharder: a megatron model sharded over TP/PP/VPP/DP/EP -> HF-named full tensors, in buckets.
 
 One function feeds every path weights take out of a megatron model - HF export (``megarlhf
 convert megatron-to-hf``), weight sync into the rollout engine, test oracles:
@@ -17,7 +17,11 @@ How it works
    VPP offsets are already applied), kind, shard shape, dtype. The plan orders them as
    transformers does (embeddings, layer 0..L-1, final norm, head) and records which global rank
    holds TP shard i of each. The embedding tied to the output layer is taken once, from the
-   first stage. Replicated tensors (norms, the scalar head) come from TP rank 0 only.
+   first stage. Replicated tensors (norms, the scalar head, MoE routers) come from TP rank 0
+   only. MoE experts: every expert-parallel rank of expert-DP replica 0 reports its own
+   experts (global expert numbers in their HF names), each split over the expert-TP ranks; so
+   an expert travels straight from the rank that holds it, like any other tensor, and the
+   bucket bound applies unchanged.
 2. Buckets: HF tensors in that order, greedily packed up to ``bucket_bytes`` (in the output
    dtype); a tensor larger than the bound travels alone. Every rank computes the same buckets.
 3. Transfer: a TP shard covers a few rectangular regions of the HF tensors
