@@ -1,4 +1,4 @@
-"""What the engine does around megatron's MoE layers: aux-loss scaling, router metrics, routing replay.
+"""The engine around megatron's MoE layers: aux-loss scaling, router metrics, routing replay.
 
 One :class:`MoEHooks` per engine of an MoE model (``bundle.spec.moe`` set). The engine calls
 :meth:`~MoEHooks.begin` before a step's schedule, :meth:`~MoEHooks.before_forward` in every

@@ -1,4 +1,4 @@
-"""The parallel layout of one role (tp, pp, vpp, cp, dp; ep, etp for experts) and its process groups.
+"""The parallel layout of one role (tp, pp, vpp, cp, dp; ep, etp for experts) and its groups.
 
 megatron-core keeps its process groups in module globals (``parallel_state``). megarlhf touches
 those globals only here: :func:`initialize_parallel` sets them up for a layout and returns a

@@ -1,4 +1,4 @@
-"""The resharder: a megatron model sharded over TP/PP/VPP/DP/EP -> HF-named full tensors, in buckets.
+"""The resharder: a megatron model sharded over TP/PP/VPP/DP/EP -> HF-named full tensors, bucketed.
 
 One function feeds every path weights take out of a megatron model - HF export (``megarlhf
 convert megatron-to-hf``), weight sync into the rollout engine, test oracles:
