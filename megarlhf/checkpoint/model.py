@@ -68,7 +68,7 @@ class CheckpointMeta:
         padded_vocab_size: embedding rows as saved (vocabulary + padding of that layout).
         vocab_size: the real vocabulary.
         dtype: parameter dtype as saved ("float32", "bfloat16", "float16").
-        layout: the layout it was saved at (tp, pp, vpp, cp, dp, sequence_parallel).
+        layout: the layout it was saved at (tp, pp, vpp, cp, dp, sequence_parallel, ep, etp).
         hf_files: files under ``hf/`` (config, tokenizer) copied from the source.
         files: relative path -> size in bytes of every file of the checkpoint but this one.
         extra: caller-defined fields (e.g. the training step).
@@ -251,7 +251,7 @@ def _metadata(bundle: ModelBundle, hf_config, hf_files, extra) -> CheckpointMeta
         hf_config=hf_config, head=bundle.head, padded_vocab_size=bundle.padded_vocab_size,
         vocab_size=bundle.spec.vocab_size, dtype=_DTYPE_NAMES.get(dtype, "float32"),
         layout=dict(tp=lay.tp, pp=lay.pp, vpp=lay.vpp, cp=lay.cp, dp=lay.dp,
-                    sequence_parallel=lay.sequence_parallel),
+                    sequence_parallel=lay.sequence_parallel, ep=lay.ep, etp=lay.etp),
         hf_files=list(hf_files), extra=dict(extra), megarlhf_version=mr,
         megatron_core_version=mc,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))

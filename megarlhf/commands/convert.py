@@ -1,9 +1,10 @@
 """``megarlhf convert``: HF safetensors <-> megarlhf checkpoints (megatron dist checkpoints).
 
-    megarlhf convert hf-to-megatron --hf-dir D --out C --tp T --pp P [--vpp V]
+    megarlhf convert hf-to-megatron --hf-dir D --out C --tp T --pp P [--vpp V] [--ep E --etp X]
     megarlhf convert megatron-to-hf --ckpt C --out D [--dtype bf16|fp16|fp32] [--shard-size 5GB]
 
-Runs on T*P local ranks (gloo on CPU). The library is :mod:`megarlhf.weights.convert`.
+Runs on T*P local ranks (gloo on CPU); P * lcm(T, E*X) for MoE models with expert parallelism.
+The library is :mod:`megarlhf.weights.convert`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ def register(sub) -> None:
     a.add_argument("--tp", type=int, default=1, help="tensor parallel size to save at")
     a.add_argument("--pp", type=int, default=1, help="pipeline parallel size to save at")
     a.add_argument("--vpp", type=int, default=1, help="virtual pipeline chunks per stage")
+    a.add_argument("--ep", type=int, default=1, help="expert parallel size to save at (MoE)")
+    a.add_argument("--etp", type=int, default=None,
+                   help="expert tensor parallel size (MoE; default: = tp)")
     a.add_argument("--head", choices=("auto", "lm", "scalar"), default="auto",
                    help="lm (causal LM), scalar (reward model / critic), or auto: scalar when "
                         "the weights have score.weight")
@@ -44,6 +48,8 @@ def register(sub) -> None:
     b.add_argument("--tp", type=int, default=None, help="load at this TP (default: as saved)")
     b.add_argument("--pp", type=int, default=None, help="load at this PP (default: as saved)")
     b.add_argument("--vpp", type=int, default=None, help="load at this VPP (default: as saved)")
+    b.add_argument("--ep", type=int, default=None, help="load at this EP (default: as saved)")
+    b.add_argument("--etp", type=int, default=None, help="load at this ETP (default: as saved)")
     _common(b)
     b.set_defaults(func=_megatron_to_hf)
 
@@ -70,14 +76,15 @@ def _hf_to_megatron(args) -> int:
         meta = convert_hf_to_megatron(
             args.hf_dir, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, head=args.head,
             dtype=args.dtype, vocab_multiple=args.vocab_multiple, overwrite=args.overwrite,
-            progress=not args.quiet, timeout=args.timeout)
+            progress=not args.quiet, timeout=args.timeout, ep=args.ep, etp=args.etp)
     except (HFValidationError, ConversionError, CheckpointError) as e:
         return _fail(e)
     if not args.quiet:
         lay = meta.layout
         print(f"wrote {args.out}: {meta.hf_config.get('model_type')} ({meta.head} head, "
               f"{meta.dtype}) at TP{lay['tp']}/PP{lay['pp']}"
-              + (f"/VPP{lay['vpp']}" if lay["vpp"] > 1 else ""))
+              + (f"/VPP{lay['vpp']}" if lay["vpp"] > 1 else "")
+              + (f"/EP{lay['ep']}" if lay.get("ep", 1) > 1 else ""))
     return 0
 
 
@@ -89,7 +96,7 @@ def _megatron_to_hf(args) -> int:
         summary = convert_megatron_to_hf(
             args.ckpt, args.out, dtype=args.dtype, shard_size=args.shard_size, tp=args.tp,
             pp=args.pp, vpp=args.vpp, overwrite=args.overwrite, progress=not args.quiet,
-            timeout=args.timeout)
+            timeout=args.timeout, ep=args.ep, etp=args.etp)
     except (ConversionError, CheckpointError) as e:
         return _fail(e)
     if not args.quiet:

@@ -43,6 +43,17 @@ class ModelConfig:
     recompute: Literal["none", "selective", "full"] = "none"
     # The vocabulary is padded to a multiple of vocab_multiple * tp (padding removed on export).
     vocab_multiple: int = 128
+    # Mixture-of-experts models (model_type qwen3_moe, mixtral); ignored by dense models.
+    # Load-balancing aux loss coefficient (Switch-style, per layer); null = the HF config's
+    # router_aux_loss_coef; 0 turns the aux loss off (router metrics are still logged).
+    moe_aux_loss_coeff: float | None = None
+    # Token dispatcher of the MoE layers: alltoall (default; also runs on CPU/gloo) or allgather
+    # (no variable sequence lengths: pipeline parallel needs alltoall).
+    moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    # Routing replay: the actor's forward/backward use the expert choices the rollout engine made
+    # for each token (field `routed_experts` of the batch, see megarlhf/engine/routing.py)
+    # instead of its own top-k, so train and rollout route identically.
+    moe_routing_replay: bool = False
 
     def __post_init__(self):
         check(
@@ -54,6 +65,9 @@ class ModelConfig:
         if self.fp8 is not None:
             check(self.dtype != "fp32",
                   "model.fp8 needs model.dtype=bf16 (or fp16): FP8 GEMMs run with bf16 weights")
+        check(self.moe_aux_loss_coeff is None or self.moe_aux_loss_coeff >= 0,
+              "model.moe_aux_loss_coeff must be >= 0 (or null: the HF config's "
+              "router_aux_loss_coef)")
 
 
 @dataclass
@@ -67,8 +81,15 @@ class ParallelConfig:
     # Data parallel; null = num_gpus / (tp * pp * cp). When given, tp*pp*cp*dp must equal num_gpus.
     dp: int | None = None
     sequence_parallel: bool = False
+    # Expert parallel (MoE): experts split over ep ranks; folded into the tp*cp*dp ranks of a
+    # pipeline stage, so etp*ep must divide tp*cp*dp (see ParallelLayout).
+    ep: int = 1
+    # Expert tensor parallel: each expert split over etp ranks; null = tp (megatron's default).
+    etp: int | None = None
 
     def __post_init__(self):
+        check(self.ep >= 1, "parallel.ep must be >= 1")
+        check(self.etp is None or self.etp >= 1, "parallel.etp must be >= 1 (or null: = tp)")
         for name in ("tp", "pp", "vpp", "cp"):
             check(getattr(self, name) >= 1, f"parallel.{name} must be >= 1")
         check(self.dp is None or self.dp >= 1, "parallel.dp must be >= 1 (or null)")
@@ -82,7 +103,7 @@ class ParallelConfig:
         mp = self.tp * self.pp * self.cp
         dp = self.dp if self.dp is not None else max(1, num_gpus // mp)
         return ParallelLayout(tp=self.tp, pp=self.pp, vpp=self.vpp, cp=self.cp, dp=dp,
-                              sequence_parallel=self.sequence_parallel)
+                              sequence_parallel=self.sequence_parallel, ep=self.ep, etp=self.etp)
 
 
 @dataclass

@@ -54,14 +54,14 @@ def global_batch_sequences(job: JobConfig) -> int:
     return job.batch.train_samples_global
 
 
-def _arch_numbers(model: ModelConfig) -> dict[str, Any] | None:
+def _arch_numbers(model: ModelConfig, where: str = "model") -> dict[str, Any] | None:
     """Heads, query groups and layers of a model, read from its HF config (cheap, no weights)."""
     from megarlhf.models.arch import ArchError, arch_summary
 
     try:
         return arch_summary(model)
     except ArchError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _check_role(name: str, role: RoleConfig, model: ModelConfig, errors: list[str],
@@ -91,8 +91,9 @@ def _check_role(name: str, role: RoleConfig, model: ModelConfig, errors: list[st
         return
     dp = p.dp if p.dp is not None else role.num_gpus // mp
 
-    arch = _arch_numbers(model)
+    arch = _arch_numbers(model, f"{name}.model")
     if arch is not None:
+        _check_experts(name, p, model, arch, dp, errors, trained=batch_sequences is not None)
         heads, groups, layers = arch["num_attention_heads"], arch["num_query_groups"], \
             arch["num_layers"]
         if heads % p.tp:
@@ -192,6 +193,43 @@ def _check_rollout_engine(job: JobConfig, arch: dict[str, Any] | None,
             "(the transformers engine)")
 
 
+def _check_experts(name: str, p, model: ModelConfig, arch: dict[str, Any], dp: int,
+                   errors: list[str], *, trained: bool) -> None:
+    """Expert parallelism against the model and the role's ranks (MoE models)."""
+    experts = arch["num_experts"]
+    etp = p.tp if p.etp is None else p.etp
+    if not experts:
+        if p.ep > 1 or p.etp is not None:
+            errors.append(f"{name}.parallel: ep={p.ep}, etp={p.etp} split experts, but the model "
+                          f"({arch['model_type']}) is dense; remove them (ep: 1, etp: null)")
+        if model.moe_routing_replay:
+            errors.append(f"{name}.model.moe_routing_replay=true needs a mixture-of-experts "
+                          f"model; {arch['model_type']} is dense")
+        return
+    stage_ranks = p.tp * p.cp * dp
+    if experts % p.ep:
+        errors.append(f"{name}.parallel.ep = {p.ep} does not divide the model's {experts} "
+                      f"experts; choose ep from {_divisors(experts)}")
+    if stage_ranks % (etp * p.ep):
+        errors.append(
+            f"{name}.parallel: the experts are laid out on the {stage_ranks} ranks of each "
+            f"pipeline stage (tp*cp*dp = {p.tp}*{p.cp}*{dp}) as etp*ep*edp, but etp*ep = "
+            f"{etp}*{p.ep} = {etp * p.ep} does not divide {stage_ranks}; choose ep (and etp) so "
+            "that it does, or give the role more GPUs")
+    if arch["moe_ffn_hidden_size"] % etp:
+        errors.append(f"{name}.parallel.etp = {etp} does not divide the experts' width "
+                      f"{arch['moe_ffn_hidden_size']}; choose etp from "
+                      f"{_divisors(arch['moe_ffn_hidden_size'])}")
+    if trained and p.tp > 1 and not p.sequence_parallel:
+        errors.append(f"{name}.parallel: a mixture-of-experts model trained with tp = {p.tp} "
+                      "needs sequence parallelism (megatron routes each TP rank's share of the "
+                      f"sequence); set {name}.parallel.sequence_parallel=true")
+    if model.moe_token_dispatcher == "allgather" and p.pp > 1:
+        errors.append(f"{name}.model.moe_token_dispatcher=allgather cannot run pipeline "
+                      f"parallelism (pp = {p.pp}): micro-batches differ in length and megatron's "
+                      "allgather dispatcher needs one; use alltoall (the default, also on CPU)")
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -222,7 +260,7 @@ def validate(job: JobConfig) -> JobConfig:
         if r.num_gpus % r.tp:
             errors.append(f"rollout.num_gpus = {r.num_gpus} is not divisible by rollout.tp = "
                           f"{r.tp}; each replica needs rollout.tp GPUs")
-        arch = _arch_numbers(job.actor.model)
+        arch = _arch_numbers(job.actor.model, "actor.model")
         if arch is not None and arch["num_attention_heads"] % r.tp:
             errors.append(f"rollout.tp = {r.tp} does not divide the model's "
                           f"{arch['num_attention_heads']} attention heads")
@@ -272,9 +310,23 @@ def validate(job: JobConfig) -> JobConfig:
 
     _check_reward_model_jobs(job, errors)
 
+    if job.kind in ("ppo", "grpo", "dpo") and job.actor.model.moe_routing_replay \
+            and not rollout_returns_routed_experts(job):
+        errors.append(
+            "actor.model.moe_routing_replay=true replays the rollout engine's expert choices, "
+            f"but the {job.rollout.engine} rollout engine does not return them yet (the batch "
+            "field routed_experts, megarlhf/engine/moe.py); set moe_routing_replay=false")
+
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
     return job
+
+
+def rollout_returns_routed_experts(job: JobConfig) -> bool:
+    """Whether the configured rollout engine fills ``routed_experts`` in its samples (needed by
+    routing replay). None does yet: vLLM 0.32 can (``enable_return_routed_experts``); the
+    rollout side is to be connected (see megarlhf/engine/moe.py for the format)."""
+    return False
 
 
 def _check_reward_model_jobs(job: JobConfig, errors: list[str]) -> None:

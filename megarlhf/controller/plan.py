@@ -39,6 +39,20 @@ Models", generalised to GQA and SwiGLU; bf16 activations)
     ``A`` while it is recomputed. megarlhf trains with dropout 0, so the masks make this slightly
     conservative.
 
+Mixture-of-experts layers (``E`` experts of width ``F_e``, top-``k``; megatron's expert layout:
+``ep`` expert-parallel x ``etp`` expert-tensor-parallel ranks, ``edp = tp*cp*dp/(ep*etp)``)
+    A layer's MLP is a router ``E*h`` (fp32 in megatron, replicated; counted at the model's
+    bytes like the norms) and ``E`` experts of ``3*h*F_e``; a GPU holds ``E/ep`` experts, each
+    split over ``etp``: ``3*h*F_e*E/(ep*etp)`` expert parameters per layer. Expert parameters
+    are replicated over ``edp`` (not DP*CP), so the DistributedOptimizer shards their state over
+    ``edp``: bytes per expert parameter ``w + 4 + (4 + 8)/edp`` (bf16, Adam).
+    Activations: the dense MLP term ``3 + 8*F/h`` becomes ``3 + 8*E/h + k*(4 + 8*F_e/(h*etp))``
+    (router input and dropout mask; fp32 router logits and probabilities; per routed copy of a
+    token: the dispatched input, the expert's gate/up outputs, SiLU and product, the expert
+    output before the weighted combine), assuming balanced routing (each rank's experts get
+    its share of the routed tokens; a skewed router needs more). With SP the MoE term is split
+    over TP like the rest (each TP rank routes its share of the sequence).
+
     Pipeline stage ``i`` of a training step holds ``min(pp - i, micro-batches)`` micro-batches in
     flight (1F1B), times ``1 + (pp-1)/(pp*vpp)`` with the interleaved schedule; each of
     ``L / pp`` layers. The last stage adds the logits ``s*b*Vp/t * 6`` bytes (bf16 logits and
@@ -96,6 +110,8 @@ class ModelShape:
     tied: bool
     qkv_bias: bool
     qk_norm: bool
+    num_experts: int = 0  # 0: dense; else every layer's MLP is MoE and ``ffn`` an expert's width
+    topk: int = 0
 
     @staticmethod
     def from_model(model: ModelConfig) -> "ModelShape":
@@ -106,16 +122,25 @@ class ModelShape:
         s = arch_spec(load_hf_config(model))
         return ModelShape(s.num_layers, s.hidden_size, s.ffn_hidden_size, s.num_attention_heads,
                           s.num_query_groups, s.head_dim, s.vocab_size, s.tie_word_embeddings,
-                          s.qkv_bias, s.qk_norm)
+                          s.qkv_bias, s.qk_norm, s.moe.num_experts if s.moe else 0,
+                          s.moe.topk if s.moe else 0)
 
     def layer_params(self) -> tuple[int, int]:
-        """``(split over TP, replicated)`` parameters of one layer."""
+        """``(split over TP, replicated)`` parameters of one layer (experts excluded)."""
         h, a, g, d = self.hidden, self.heads, self.kv_groups, self.head_dim
-        split = 2 * h * a * d + 2 * h * g * d + 3 * h * self.ffn
+        split = 2 * h * a * d + 2 * h * g * d
+        if not self.num_experts:
+            split += 3 * h * self.ffn
         if self.qkv_bias:
             split += a * d + 2 * g * d
         replicated = 2 * h + (2 * d if self.qk_norm else 0)
+        if self.num_experts:
+            replicated += self.num_experts * h  # the router
         return split, replicated
+
+    def expert_layer_params(self) -> int:
+        """Expert parameters of one layer (all experts), split over ep*etp ranks."""
+        return 3 * self.hidden * self.ffn * self.num_experts
 
     def padded_vocab(self, tp: int, multiple: int) -> int:
         m = multiple * tp
@@ -124,7 +149,8 @@ class ModelShape:
     def total_params(self, head: str = "lm") -> int:
         """Parameters of the whole model (HF count: unpadded vocabulary, one tied copy)."""
         split, rep = self.layer_params()
-        n = self.num_layers * (split + rep) + self.vocab * self.hidden + self.hidden
+        n = self.num_layers * (split + rep + self.expert_layer_params()) \
+            + self.vocab * self.hidden + self.hidden
         if head == "lm":
             n += 0 if self.tied else self.vocab * self.hidden
         else:
@@ -134,7 +160,8 @@ class ModelShape:
 
 def stage_params(shape: ModelShape, head: str, layout: ParallelLayout,
                  vocab_multiple: int = 128) -> list[int]:
-    """Parameters on one GPU of each pipeline stage."""
+    """Parameters on one GPU of each pipeline stage, experts excluded (see
+    :func:`stage_expert_params`)."""
     tp, pp = layout.tp, layout.pp
     split, rep = shape.layer_params()
     per_layer = split // tp + rep
@@ -153,6 +180,12 @@ def stage_params(shape: ModelShape, head: str, layout: ParallelLayout,
                 n += shape.hidden  # scalar head, replicated
         out.append(n)
     return out
+
+
+def stage_expert_params(shape: ModelShape, layout: ParallelLayout) -> list[int]:
+    """Expert parameters on one GPU of each pipeline stage (0 for dense models)."""
+    per_gpu = shape.expert_layer_params() // (layout.ep * layout.expert_tp)
+    return [shape.num_layers // layout.pp * per_gpu] * layout.pp
 
 
 def state_bytes(params: int, dtype: str, optimizer: OptimizerConfig | None,
@@ -176,9 +209,15 @@ def layer_activation_bytes(shape: ModelShape, s: int, b: int, layout: ParallelLa
     h, a, g, d, F = shape.hidden, shape.heads, shape.kv_groups, shape.head_dim, shape.ffn
     t, cp = layout.tp, layout.cp
     s_loc = s / cp
-    c = 4 + (3 + 4 * a * d / h + 4 * g * d / h) + (3 + 8 * F / h)
     u = 0.0 if layout.sequence_parallel else 10.0
-    per = u + (c - u) / t
+    if shape.num_experts:
+        E, k, et = shape.num_experts, shape.topk, layout.expert_tp
+        c = 4 + (3 + 4 * a * d / h + 4 * g * d / h)
+        moe = 3 + 8 * E / h + k * (4 + 8 * F / (h * et))
+        per = u + (c - u) / t + (moe / t if layout.sequence_parallel else moe)
+    else:
+        c = 4 + (3 + 4 * a * d / h + 4 * g * d / h) + (3 + 8 * F / h)
+        per = u + (c - u) / t
     if not flash and recompute == "none":
         per += 5 * a * s / (h * t)
     return s_loc * b * h * per
@@ -193,11 +232,12 @@ def logits_bytes(shape: ModelShape, s: int, b: int, layout: ParallelLayout,
 @dataclass
 class StageMemory:
     stage: int
-    params: int
+    params: int  # on one GPU of the stage, experts included
     weights: float
     grads: float
     optimizer: float
     activations: float
+    expert_params: int = 0  # of which expert parameters (state sharded over edp)
 
     @property
     def resident(self) -> float:
@@ -320,8 +360,11 @@ def estimate_role(job: JobConfig, name: str) -> RoleEstimate:
     layers = shape.num_layers // lay.pp
     inter = 1 + (lay.pp - 1) / (lay.pp * lay.vpp) if lay.vpp > 1 else 1.0
     stages = []
+    experts = stage_expert_params(shape, lay)
     for i, p in enumerate(stage_params(shape, head, lay, model.vocab_multiple)):
         w, g, o = state_bytes(p, model.dtype, opt, lay.dp * lay.cp)
+        we, ge, oe = state_bytes(experts[i], model.dtype, opt, lay.edp)
+        w, g, o = w + we, g + ge, o + oe
         last = i == lay.pp - 1
         if trained:
             flight = min(lay.pp - i, n_mb) * inter
@@ -334,7 +377,7 @@ def estimate_role(job: JobConfig, name: str) -> RoleEstimate:
         else:
             act = a_layer  # forward only: one layer's tensors at a time
         act += logits if last else 0.0
-        stages.append(StageMemory(i, p, w, g, o, act))
+        stages.append(StageMemory(i, p + experts[i], w, g, o, act, experts[i]))
     return RoleEstimate(name, lay, head, trained, rc.offload, shape.total_params(head), seq,
                         (b, s), min(lay.pp, n_mb), stages, model.recompute, _flash(model))
 
@@ -490,8 +533,15 @@ def _bytes_per_param(job: JobConfig, name: str, est: RoleEstimate) -> str:
         o = f"{main + moments}"
         total = w + 4 + main + moments
         how = "not sharded"
-    return (f"weights {w} ({dtype}) + grads 4 (fp32 DDP buffer) + optimizer {o} (fp32 main "
+    text = (f"weights {w} ({dtype}) + grads 4 (fp32 DDP buffer) + optimizer {o} (fp32 main "
             f"params {main} + {opt.name} state {moments}, {how}) = {total:g} bytes per parameter")
+    n_exp = est.worst.expert_params
+    if n_exp and opt.use_distributed_optimizer:
+        e = est.layout.edp
+        text += (f"; its {_count(n_exp)} expert parameters per GPU (EP{est.layout.ep}/ETP"
+                 f"{est.layout.expert_tp}) shard the optimizer over expert-DP = {e}: "
+                 f"{w + 4 + (main + moments) / e:g} bytes each")
+    return text
 
 
 def _table(rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:

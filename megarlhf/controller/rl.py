@@ -180,6 +180,7 @@ class RLTrainer:
                   "grad_norm", "lr", "kl_loss"):
             if k in a:
                 metrics[f"policy/{k}"] = a[k]
+        metrics.update({k: v for k, v in a.items() if k.startswith("moe/")})  # router metrics
         if critic_m:
             c = _mean_dicts(critic_m)
             metrics["critic/value_loss"] = c.get("value_loss", c.get("loss", 0.0))

@@ -61,6 +61,7 @@ def train_sft(job: JobConfig) -> dict[str, Any]:
                 metrics = {"sft/loss": r.metrics["loss"], "sft/grad_norm": r.grad_norm,
                            "sft/lr": r.lr, "perf/tokens_per_s": batch.num_tokens / dt,
                            "perf/samples_per_s": len(rows) / dt, "time/step": dt}
+                metrics.update({k: v for k, v in r.metrics.items() if k.startswith("moe/")})
                 last = step + 1
                 session.log(last, metrics)
                 result = metrics

@@ -257,12 +257,16 @@ def make_micro_batches(batch: TokenBatch, *, micro_batch_size: int | None = None
     return mbs
 
 
-def pad_micro_batches_uniform(mbs: list[MicroBatch], pad_id: int = 0) -> list[MicroBatch]:
+def pad_micro_batches_uniform(mbs: list[MicroBatch], pad_id: int = 0,
+                              shape: tuple[int, int] | None = None) -> list[MicroBatch]:
     """Pads every micro-batch to the same (rows, length): megatron's interleaved schedule
     communicates fixed tensor shapes. Padding rows and columns carry no sequence (no loss, no
-    output) and attend only to themselves."""
+    output) and attend only to themselves. ``shape``: at least this (rows, length) (e.g. the
+    largest over the ranks that must agree)."""
     b = max(m.input_ids.shape[0] for m in mbs)
     s = max(m.input_ids.shape[1] for m in mbs)
+    if shape is not None:
+        b, s = max(b, shape[0]), max(s, shape[1])
     out = []
     for m in mbs:
         mb, ms = m.input_ids.shape

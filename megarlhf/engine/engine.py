@@ -15,6 +15,10 @@ so the same code runs without pipelining, with 1F1B and with the interleaved (vi
 * :meth:`offload` / :meth:`onload` move weights, gradients and optimizer state to host memory
   and back so roles can share a GPU.
 
+Mixture-of-experts models: :mod:`megarlhf.engine.moe` scales megatron's load-balancing aux
+loss to the same global normalisation, adds per-layer router metrics to a step's metrics and,
+with ``model.moe_routing_replay``, replays the batch's ``routed_experts``.
+
 Every rank of the role calls the same method with the same batch (the data-parallel shard of
 this rank, see :meth:`TokenBatch.shard`); results are returned on every rank.
 """
@@ -81,6 +85,11 @@ class MegatronEngine:
         self.optimizer = None
         self.scheduler = None
         self._offloaded: list[tuple[Any, Tensor]] | None = None
+        self.moe = None
+        if bundle.spec.moe is not None:
+            from megarlhf.engine.moe import MoEHooks
+
+            self.moe = MoEHooks(bundle)
         if optimizer is not None:
             self._build_optimizer(optimizer, total_steps)
 
@@ -148,17 +157,37 @@ class MegatronEngine:
         if lay.cp > 1:
             pad_multiple = max(pad_multiple, 2 * lay.cp)
         mult = lay.pp if lay.vpp > 1 else 1
-        if self.max_tokens is not None:
-            mbs = make_micro_batches(batch, max_tokens=self.max_tokens,
-                                     pad_multiple=pad_multiple, pad_id=self.pad_id,
-                                     micro_batch_multiple=mult, group_size=group_size)
-        else:
-            mbs = make_micro_batches(batch, micro_batch_size=self.micro_batch_size,
-                                     pad_multiple=pad_multiple, pad_id=self.pad_id,
-                                     micro_batch_multiple=mult, group_size=group_size)
-        if lay.vpp > 1:
+
+        def make(min_count: int = 1) -> list[MicroBatch]:
+            if self.max_tokens is not None:
+                return make_micro_batches(batch, max_tokens=self.max_tokens,
+                                          pad_multiple=pad_multiple, pad_id=self.pad_id,
+                                          micro_batch_multiple=mult, group_size=group_size,
+                                          min_micro_batches=min_count)
+            return make_micro_batches(batch, micro_batch_size=self.micro_batch_size,
+                                      pad_multiple=pad_multiple, pad_id=self.pad_id,
+                                      micro_batch_multiple=mult, group_size=group_size,
+                                      min_micro_batches=min_count)
+
+        mbs = make()
+        shape = None
+        if self.moe is not None and lay.ep > 1 and lay.dp * lay.cp > 1:
+            # An expert-parallel group spans data-parallel ranks, and every MoE layer exchanges
+            # tokens across it: its ranks must run the same number of micro-batches (empty
+            # fillers make up the difference) and, with the allgather dispatcher, the same
+            # shapes (it gathers equal-sized blocks).
+            t = torch.tensor([len(mbs), max(m.input_ids.shape[0] for m in mbs),
+                              max(m.input_ids.shape[1] for m in mbs)], device=self._device())
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX,
+                                         group=self.ctx.dp_cp_group)
+            count, rows, length = (int(x) for x in t.tolist())
+            if count > len(mbs):
+                mbs = make(count)
+            if self.config.moe_token_dispatcher_type == "allgather":
+                shape = (rows, length)
+        if lay.vpp > 1 or shape is not None:
             # The interleaved schedule exchanges fixed shapes (variable lengths unsupported).
-            mbs = pad_micro_batches_uniform(mbs, self.pad_id)
+            mbs = pad_micro_batches_uniform(mbs, self.pad_id, shape=shape)
         return mbs
 
     # ------------------------------------------------------------------ the schedule
@@ -174,6 +203,8 @@ class MegatronEngine:
                 qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                 max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen)
             attention_mask = None
+        if self.moe is not None:
+            self.moe.before_forward(mb, model)
         dev = self._device()
         ids = mb.input_ids.to(dev)
         pos = mb.position_ids.to(dev)
@@ -261,7 +292,11 @@ class MegatronEngine:
             return torch.zeros((), device=output.device), torch.tensor(1), {
                 k: v.detach().cpu() for k, v in out.items()}
 
+        if self.moe is not None:
+            self.moe.begin(mbs, training=False)
         stored = self._run(mbs, True, loss_impl)
+        if self.moe is not None:
+            self.moe.end_forward()
         result = None
         if self.ctx.is_last_stage:
             B, S = batch.input_ids.shape
@@ -304,7 +339,10 @@ class MegatronEngine:
             return loss, torch.tensor(1), {k: v.detach().float().cpu() for k, v in
                                            metrics.items()}
 
+        if self.moe is not None:
+            self.moe.begin(mbs, training=True)
         stored = self._run(mbs, False, loss_impl)
+        moe_metrics = self.moe.end() if self.moe is not None else {}
         metrics: dict[str, float] | None = None
         if self.ctx.is_last_stage:
             keys = sorted({k for d in stored for k in d})
@@ -318,7 +356,8 @@ class MegatronEngine:
         if ok:
             self.scheduler.step(increment=1)
         lr = self.optimizer.param_groups[0]["lr"]
-        return StepResult(metrics=metrics or {}, grad_norm=float(grad_norm or 0.0), lr=float(lr),
+        metrics = dict(metrics or {}, **moe_metrics)  # router metrics: already global
+        return StepResult(metrics=metrics, grad_norm=float(grad_norm or 0.0), lr=float(lr),
                           num_micro_batches=len(mbs), seconds=time.perf_counter() - t0,
                           skipped=not ok)
 

@@ -45,8 +45,9 @@ def hf_config_from_dict(raw: dict[str, Any]):
         raise ArchError("the model config has no model_type; add e.g. model_type: llama "
                         f"(supported: {', '.join(supported_model_types())})")
     if model_type not in supported_model_types():
-        raise ArchError(f"model_type {model_type!r} is not supported; supported families: "
-                        f"{', '.join(supported_model_types())}")
+        from megarlhf.models.families import unsupported_message
+
+        raise ArchError(unsupported_message(model_type))
     raw.pop("architectures", None)
     raw.pop("transformers_version", None)
     try:
@@ -61,9 +62,20 @@ def load_hf_config(model: ModelConfig):
 
 
 def arch_summary(model: ModelConfig) -> dict[str, Any]:
-    """Numbers the config validator needs: heads, query groups, layers, hidden, vocab."""
+    """Numbers the config validator needs: heads, query groups, layers, hidden, vocab; experts,
+    their width and top-k for MoE models (``num_experts`` 0 for dense ones).
+
+    Raises:
+        ArchError: the architecture is not supported (the message names the field).
+    """
+    from megarlhf.models.families import UnsupportedArchitecture, arch_spec
+
     raw = _raw_config(model)
     cfg = hf_config_from_dict(raw)
+    try:
+        spec = arch_spec(cfg)
+    except UnsupportedArchitecture as e:
+        raise ArchError(str(e)) from None
     heads = cfg.num_attention_heads
     return {
         "model_type": cfg.model_type,
@@ -75,4 +87,7 @@ def arch_summary(model: ModelConfig) -> dict[str, Any]:
         "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
         # Multi-head latent attention (DeepSeek-V2/V3 style) carries a KV LoRA rank.
         "mla": getattr(cfg, "kv_lora_rank", None) is not None,
+        "num_experts": spec.moe.num_experts if spec.moe else 0,
+        "moe_ffn_hidden_size": spec.moe.ffn_hidden_size if spec.moe else 0,
+        "moe_topk": spec.moe.topk if spec.moe else 0,
     }

@@ -126,9 +126,11 @@ def transformer_config(spec: ArchSpec, model_cfg: ModelConfig, ctx: ParallelCont
         # the interleaved schedule. Unbatched p2p puts the two directions on different
         # communicators (megatron's even/odd scheme).
         batch_p2p_comm=lay.vpp == 1,
-        # Dense models only; megatron refuses variable lengths with its default MoE dispatcher.
+        # megatron refuses variable lengths with its default (allgather) MoE dispatcher.
         moe_token_dispatcher_type="alltoall",
     )
+    if spec.moe is not None:
+        kw.update(moe_kwargs(spec, model_cfg, lay, te=te))
     if model_cfg.recompute == "full":
         kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif model_cfg.recompute == "selective":
@@ -137,6 +139,83 @@ def transformer_config(spec: ArchSpec, model_cfg: ModelConfig, ctx: ParallelCont
         check_fp8(model_cfg)
         kw.update(fp8=model_cfg.fp8, fp8_recipe="delayed")
     return TransformerConfig(**kw)
+
+
+def moe_kwargs(spec: ArchSpec, model_cfg: ModelConfig, lay, *, te: bool) -> dict[str, Any]:
+    """TransformerConfig fields of an MoE family (see :mod:`megarlhf.models.families`).
+
+    Routing as transformers computes it: a softmax over the router's fp32 logits and the top-k.
+    With renormalised top-k (``norm_topk_prob``; always for Mixtral) that is megatron's default
+    order - top-k of the logits, then a softmax over the k - which equals "softmax, top-k,
+    divide by the sum"; without it, softmax over all experts first (``moe_router_pre_softmax``)
+    and the k probabilities as they are.
+    """
+    mo = spec.moe
+    coeff = mo.aux_loss_coeff if model_cfg.moe_aux_loss_coeff is None \
+        else model_cfg.moe_aux_loss_coeff
+    if model_cfg.moe_token_dispatcher == "allgather" and lay.pp > 1:
+        raise ModelBuildError(
+            "model.moe_token_dispatcher=allgather does not support the variable micro-batch "
+            "lengths of pipeline parallelism; use alltoall (it runs on CPU too)")
+    return dict(
+        num_moe_experts=mo.num_experts,
+        moe_ffn_hidden_size=mo.ffn_hidden_size,
+        moe_router_topk=mo.topk,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not mo.norm_topk_prob,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss" if coeff > 0 else "none",
+        moe_aux_loss_coeff=float(coeff),
+        moe_token_dispatcher_type=model_cfg.moe_token_dispatcher,
+        moe_grouped_gemm=te,
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+        moe_enable_routing_replay=model_cfg.moe_routing_replay,
+        expert_model_parallel_size=lay.ep,
+        expert_tensor_parallel_size=lay.expert_tp,
+    )
+
+
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm for megatron's local layer spec, usable with sequence parallelism.
+
+    The local spec builds its norms with ``WrappedTorchNorm``, which refuses
+    ``sequence_parallel`` outright. Under SP a norm sees only its TP rank's share of the sequence,
+    so its weight gradient is partial: marked ``sequence_parallel`` it is summed over the TP
+    group by ``finalize_model_grads`` (as megatron's own SP norms are). Same math otherwise.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        super().__init__(hidden_size, eps=eps)
+        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+
+
+def _local_layer_spec(spec: ArchSpec, config, vp_stage):
+    """megatron's local layer spec (MoE layers with ``SequentialMLP``); with SP, as a block
+    spec whose norms are :class:`SequenceParallelRMSNorm` (final norm included)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    layer = get_gpt_layer_local_spec(
+        num_experts=spec.moe.num_experts if spec.moe is not None else None,
+        moe_grouped_gemm=False, normalization="RMSNorm", qk_layernorm=spec.qk_norm)
+    if not config.sequence_parallel:
+        return layer
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    sub = layer.submodules
+    sub.input_layernorm = SequenceParallelRMSNorm
+    sub.pre_mlp_layernorm = SequenceParallelRMSNorm
+    if spec.qk_norm:
+        # q/k norms act on whole (all-gathered) sequences; megatron sums their gradients over
+        # TP by name (qk_layernorm), so they need no mark - any norm class without the SP
+        # refusal will do.
+        sub.self_attention.submodules.q_layernorm = SequenceParallelRMSNorm
+        sub.self_attention.submodules.k_layernorm = SequenceParallelRMSNorm
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=SequenceParallelRMSNorm)
 
 
 class ScalarHead(torch.nn.Module):
@@ -207,10 +286,7 @@ def build_model(model_cfg: ModelConfig, ctx: ParallelContext, *, head: Head = "l
         use_distributed_optimizer: DDP buffer layout for megatron's DistributedOptimizer.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     from megarlhf.platform import current_platform
@@ -232,17 +308,22 @@ def build_model(model_cfg: ModelConfig, ctx: ParallelContext, *, head: Head = "l
     if spec.num_layers % (lay.pp * lay.vpp):
         raise ModelBuildError(
             f"{spec.num_layers} layers are not divisible by pp*vpp = {lay.pp * lay.vpp}")
+    if spec.moe is not None and spec.moe.num_experts % lay.ep:
+        raise ModelBuildError(f"{spec.moe.num_experts} experts are not divisible by ep={lay.ep}")
     config = transformer_config(spec, model_cfg, ctx, te=te, init_weights=init_weights, cpu=cpu)
+    n_experts = spec.moe.num_experts if spec.moe is not None else None
     if te:
-        layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
-    else:
-        layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=spec.qk_norm)
+        layer_spec = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=n_experts, moe_grouped_gemm=n_experts is not None,
+            qk_layernorm=spec.qk_norm)
     padded_vocab = spec.padded_vocab_size(lay.tp, model_cfg.vocab_multiple)
     inv_freq = hf_inv_freq(spec)
 
     chunks = []
     for vp in range(lay.vpp):
         vp_stage = vp if lay.vpp > 1 else None
+        if not te:
+            layer_spec = _local_layer_spec(spec, config, vp_stage)
         pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         m = GPTModel(

@@ -16,6 +16,28 @@ qwen3       no        yes          explicit
 shorter than the sequences trained on is refused (raise ``max_position`` or use sequences no
 longer than the window).
 
+Mixture-of-experts families replace every layer's MLP with a router and ``E`` SwiGLU experts:
+
+==========  =======================  ==========================  ==============================
+family      attention                routing                     HF names (on disk) of layer L
+==========  =======================  ==========================  ==============================
+qwen3_moe   as qwen3 (qk-norm)       softmax, top-k (8 of 128),  mlp.gate, mlp.experts.{e}.
+                                     renormalised (norm_topk)    {gate,up,down}_proj
+mixtral     as mistral               softmax, top-k (2 of 8),    block_sparse_moe.gate,
+                                     renormalised                block_sparse_moe.experts.{e}.
+                                                                 {w1,w3,w2} (gate, up, down)
+==========  =======================  ==========================  ==============================
+
+No shared experts, no grouped (node-limited) routing, no MLA, every layer MoE: configs asking
+for any of those are refused naming the field (:data:`UNSUPPORTED_MOE_FIELDS`). The router runs
+in fp32 (``moe_router_dtype``), as transformers computes its softmax.
+
+HF names: the contract is the names a checkpoint holds *on disk* (one tensor per expert, as
+above). transformers 5 keeps the experts of a layer fused in memory (``mlp.experts.gate_up_proj``
+``(E, 2F, H)`` = [gate; up] per expert, ``mlp.experts.down_proj`` ``(E, H, F)``, and Mixtral's
+``block_sparse_moe`` renamed ``mlp``) and converts on ``save_pretrained`` / ``from_pretrained``;
+:func:`hf_experts_fused_to_disk` / :func:`hf_experts_disk_to_fused` do the same for a state dict.
+
 The weight tables are keyed by megatron parameter names of *one layer-spec flavour*: the local
 spec (``input_layernorm``, ``pre_mlp_layernorm``) or Transformer Engine's (the norms fused into
 ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``). Each entry says how the
@@ -30,15 +52,78 @@ from typing import Any
 
 import torch
 
-_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
+
+# MoE model types transformers knows but megarlhf does not build, with what they need.
+_UNSUPPORTED_MOE_TYPES = {
+    "qwen2_moe": "shared experts (shared_expert_intermediate_size)",
+    "deepseek_v2": "multi-head latent attention (kv_lora_rank), shared experts "
+                   "(n_shared_experts) and grouped routing (n_group, topk_group)",
+    "deepseek_v3": "multi-head latent attention (kv_lora_rank), shared experts "
+                   "(n_shared_experts) and grouped routing (n_group, topk_group)",
+    "glm4_moe": "shared experts (n_shared_experts) and grouped routing (n_group, topk_group)",
+    "gpt_oss": "attention sinks, biased experts and a clamped SwiGLU",
+}
+
+# Fields that turn a qwen3_moe / mixtral config into a variant megarlhf does not build, each with
+# the value that means "off" and what it would need.
+UNSUPPORTED_MOE_FIELDS = {
+    "shared_expert_intermediate_size": ((None, 0), "shared experts"),
+    "n_shared_experts": ((None, 0), "shared experts"),
+    "num_shared_experts": ((None, 0), "shared experts"),
+    "moe_shared_expert_intermediate_size": ((None, 0), "shared experts"),
+    "n_group": ((None, 1), "grouped (node-limited) routing"),
+    "topk_group": ((None, 1), "grouped (node-limited) routing"),
+    "kv_lora_rank": ((None,), "multi-head latent attention (MLA)"),
+    "q_lora_rank": ((None,), "multi-head latent attention (MLA)"),
+    "first_k_dense_replace": ((None, 0), "dense layers among MoE layers"),
+    "mlp_only_layers": ((None, ()), "dense layers among MoE layers"),
+    "decoder_sparse_step": ((None, 1), "dense layers among MoE layers"),
+    "router_jitter_noise": ((None, 0.0), "random router jitter in training"),
+    "topk_method": ((None, "greedy"), "grouped routing"),
+    "scoring_func": ((None, "softmax"), "a router score function other than softmax"),
+}
 
 
 def supported_model_types() -> tuple[str, ...]:
     return _FAMILIES
 
 
+def unsupported_message(model_type: str) -> str:
+    """Why ``model_type`` is refused (what it needs, for known MoE variants)."""
+    need = _UNSUPPORTED_MOE_TYPES.get(model_type)
+    if need:
+        return (f"model_type {model_type!r} is not supported: it needs {need}, which megarlhf "
+                f"does not build; supported families: {', '.join(_FAMILIES)}")
+    return f"model_type {model_type!r} is not supported; supported families: {', '.join(_FAMILIES)}"
+
+
 class UnsupportedArchitecture(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """The mixture-of-experts part of an architecture (every layer's MLP is MoE).
+
+    Attributes:
+        num_experts: routed experts per layer ``E``.
+        ffn_hidden_size: each expert's SwiGLU width ``F``.
+        topk: experts per token ``k``.
+        norm_topk_prob: the k chosen probabilities are renormalised to sum to 1.
+        aux_loss_coeff: the HF config's ``router_aux_loss_coef``.
+        hf_block: HF module of the MoE block on disk (``mlp`` or ``block_sparse_moe``).
+        hf_gate_up_down: HF names of an expert's gate, up and down projections.
+    """
+
+    num_experts: int
+    ffn_hidden_size: int
+    topk: int
+    norm_topk_prob: bool
+    aux_loss_coeff: float
+    hf_block: str
+    hf_gate_up_down: tuple[str, str, str]
 
 
 @dataclass(frozen=True)
@@ -62,6 +147,11 @@ class ArchSpec:
     tie_word_embeddings: bool
     init_std: float
     hf_config: Any  # the transformers PretrainedConfig it was read from
+    moe: MoESpec | None = None  # None for dense models
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe is not None
 
     def padded_vocab_size(self, tp: int, multiple: int) -> int:
         """Vocabulary padded to a multiple of ``multiple * tp`` (megatron's convention)."""
@@ -73,9 +163,7 @@ def arch_spec(hf_config) -> ArchSpec:
     """Reads an :class:`ArchSpec` from a transformers config of a supported family."""
     mt = hf_config.model_type
     if mt not in _FAMILIES:
-        raise UnsupportedArchitecture(
-            f"model_type {mt!r} is not supported; supported families: {', '.join(_FAMILIES)}"
-        )
+        raise UnsupportedArchitecture(unsupported_message(mt))
     act = getattr(hf_config, "hidden_act", "silu")
     if act != "silu":
         raise UnsupportedArchitecture(f"{mt}: hidden_act={act!r} is not supported (only silu)")
@@ -92,15 +180,14 @@ def arch_spec(hf_config) -> ArchSpec:
         raise UnsupportedArchitecture(f"{mt}: mlp_bias=true is not supported")
     if mt == "qwen2":
         qkv_bias = True
-    elif mt == "llama":
-        qkv_bias = bool(getattr(hf_config, "attention_bias", False))
-    elif mt == "qwen3":
+    elif mt in ("llama", "qwen3", "qwen3_moe"):
         qkv_bias = bool(getattr(hf_config, "attention_bias", False))
     else:
         qkv_bias = False
-    if mt in ("mistral", "qwen2", "qwen3"):
+    moe = _moe_spec(hf_config) if mt in MOE_FAMILIES else None
+    if mt in ("mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"):
         sw = getattr(hf_config, "sliding_window", None)
-        use_sw = getattr(hf_config, "use_sliding_window", mt == "mistral")
+        use_sw = getattr(hf_config, "use_sliding_window", mt in ("mistral", "mixtral"))
         if sw is not None and use_sw and sw < hf_config.max_position_embeddings:
             raise UnsupportedArchitecture(
                 f"{mt}: sliding_window={sw} < max_position_embeddings="
@@ -111,7 +198,7 @@ def arch_spec(hf_config) -> ArchSpec:
         model_type=mt,
         num_layers=hf_config.num_hidden_layers,
         hidden_size=hf_config.hidden_size,
-        ffn_hidden_size=hf_config.intermediate_size,
+        ffn_hidden_size=moe.ffn_hidden_size if moe else hf_config.intermediate_size,
         num_attention_heads=heads,
         num_query_groups=groups,
         head_dim=head_dim,
@@ -121,11 +208,50 @@ def arch_spec(hf_config) -> ArchSpec:
         rope_theta=float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))),
         rope_type=rope_type,
         qkv_bias=qkv_bias,
-        qk_norm=(mt == "qwen3"),
+        qk_norm=mt in ("qwen3", "qwen3_moe"),
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         init_std=float(getattr(hf_config, "initializer_range", 0.02)),
         hf_config=hf_config,
+        moe=moe,
     )
+
+
+def _is_off(value: Any, off: tuple) -> bool:
+    if isinstance(value, (list, tuple)) and () in off:
+        return len(value) == 0
+    return any(value == o or (value is None and o is None) for o in off)
+
+
+def _moe_spec(hf_config) -> MoESpec:
+    """The MoE fields of a qwen3_moe / mixtral config; refuses variants naming the field."""
+    mt = hf_config.model_type
+    for fname, (off, what) in UNSUPPORTED_MOE_FIELDS.items():
+        v = getattr(hf_config, fname, None)
+        if not _is_off(v, off):
+            raise UnsupportedArchitecture(
+                f"{mt}: {fname}={v!r} asks for {what}, which megarlhf does not build; "
+                f"remove it (or set it to {off[-1]!r})")
+    num_experts = getattr(hf_config, "num_local_experts", None) or \
+        getattr(hf_config, "num_experts", None)
+    topk = getattr(hf_config, "num_experts_per_tok", None)
+    if not num_experts or not topk:
+        raise UnsupportedArchitecture(
+            f"{mt}: the config needs num_experts (num_local_experts) and num_experts_per_tok")
+    if topk > num_experts:
+        raise UnsupportedArchitecture(
+            f"{mt}: num_experts_per_tok={topk} is larger than the {num_experts} experts")
+    if mt == "qwen3_moe":
+        ffn = hf_config.moe_intermediate_size
+        norm = bool(getattr(hf_config, "norm_topk_prob", False))
+        block, names = "mlp", ("gate_proj", "up_proj", "down_proj")
+    else:  # mixtral: intermediate_size is each expert's width; the top-k is renormalised
+        ffn = hf_config.intermediate_size
+        norm = True
+        block, names = "block_sparse_moe", ("w1", "w3", "w2")
+    return MoESpec(num_experts=int(num_experts), ffn_hidden_size=int(ffn), topk=int(topk),
+                   norm_topk_prob=norm,
+                   aux_loss_coeff=float(getattr(hf_config, "router_aux_loss_coef", 0.0) or 0.0),
+                   hf_block=block, hf_gate_up_down=names)
 
 
 def hf_inv_freq(spec: ArchSpec) -> torch.Tensor | None:
@@ -155,13 +281,17 @@ def hf_inv_freq(spec: ArchSpec) -> torch.Tensor | None:
 #   row          split by columns (input features): o_proj, down_proj
 #   qkv          q, k, v fused per query group, split by groups:  rows [q_g, k_g, v_g] for g
 #   gate_up      gate and up fused as [gate; up], each half split by rows
+#
+# Expert weights (``expert=True``) use the same kinds but are split over the expert-tensor-parallel
+# ranks (etp) instead of tp, and a rank holds experts ep_rank * E/ep ... (ep_rank + 1) * E/ep - 1.
 
 
 @dataclass(frozen=True)
 class ParamMap:
     megatron: str  # megatron name; "{l}" is the layer index inside the model chunk
-    hf: tuple[str, ...]  # HF names; "{L}" is the global layer index
+    hf: tuple[str, ...]  # HF names; "{L}" is the global layer index, "{E}" the global expert
     kind: str
+    expert: bool = False  # an expert weight: split over etp ranks; "{i}" is the local expert
 
 
 def layer_param_maps(spec: ArchSpec, te: bool) -> list[ParamMap]:
@@ -175,12 +305,24 @@ def layer_param_maps(spec: ArchSpec, te: bool) -> list[ParamMap]:
                  (h + "self_attn.q_proj.weight", h + "self_attn.k_proj.weight",
                   h + "self_attn.v_proj.weight"), "qkv"),
         ParamMap(p + "self_attention.linear_proj.weight", (h + "self_attn.o_proj.weight",), "row"),
-        ParamMap(p + ("mlp.linear_fc1.layer_norm_weight" if te else "pre_mlp_layernorm.weight"),
-                 (h + "post_attention_layernorm.weight",), "replicated"),
-        ParamMap(p + "mlp.linear_fc1.weight",
-                 (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"), "gate_up"),
-        ParamMap(p + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), "row"),
     ]
+    if spec.moe is not None:
+        # An MoE layer keeps its pre-MLP norm as a module of its own in both specs; the router
+        # is replicated over TP (fp32 logits; TP ranks see the same, or their SP share of, tokens).
+        b = h + spec.moe.hf_block + "."
+        m += [
+            ParamMap(p + "pre_mlp_layernorm.weight", (h + "post_attention_layernorm.weight",),
+                     "replicated"),
+            ParamMap(p + "mlp.router.weight", (b + "gate.weight",), "replicated"),
+        ]
+    else:
+        m += [
+            ParamMap(p + ("mlp.linear_fc1.layer_norm_weight" if te else "pre_mlp_layernorm.weight"),
+                     (h + "post_attention_layernorm.weight",), "replicated"),
+            ParamMap(p + "mlp.linear_fc1.weight",
+                     (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"), "gate_up"),
+            ParamMap(p + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), "row"),
+        ]
     if spec.qkv_bias:
         m.append(ParamMap(p + "self_attention.linear_qkv.bias",
                           (h + "self_attn.q_proj.bias", h + "self_attn.k_proj.bias",
@@ -191,6 +333,94 @@ def layer_param_maps(spec: ArchSpec, te: bool) -> list[ParamMap]:
         m.append(ParamMap(p + "self_attention.k_layernorm.weight",
                           (h + "self_attn.k_norm.weight",), "replicated"))
     return m
+
+
+def expert_param_maps(spec: ArchSpec, grouped: bool) -> list[ParamMap]:
+    """Per-expert entries of an MoE layer ({l}: layer in chunk, {i}: local expert; {L}, {E}).
+
+    ``grouped``: Transformer Engine's grouped experts (``TEGroupedMLP``: one GroupedLinear per
+    projection holding ``weight0 .. weight{n-1}``, one per local expert) instead of megatron's
+    ``SequentialMLP`` (``local_experts.{i}``, one MLP module per local expert).
+    """
+    if spec.moe is None:
+        return []
+    p = "decoder.layers.{l}.mlp.experts."
+    fc1, fc2 = (("linear_fc1.weight{i}", "linear_fc2.weight{i}") if grouped else
+                ("local_experts.{i}.linear_fc1.weight", "local_experts.{i}.linear_fc2.weight"))
+    e = "model.layers.{L}." + spec.moe.hf_block + ".experts.{E}."
+    gate, up, down = spec.moe.hf_gate_up_down
+    return [
+        ParamMap(p + fc1, (e + gate + ".weight", e + up + ".weight"), "gate_up", expert=True),
+        ParamMap(p + fc2, (e + down + ".weight",), "row", expert=True),
+    ]
+
+
+def hf_experts_fused_to_disk(state: dict, spec: ArchSpec) -> dict:
+    """A transformers in-memory MoE state dict (fused experts) under the on-disk names.
+
+    transformers 5 holds ``model.layers.L.mlp.experts.gate_up_proj`` ``(E, 2F, H)`` (rows
+    [gate; up] per expert) and ``...experts.down_proj`` ``(E, H, F)``, and names Mixtral's
+    block ``mlp``; checkpoints (and megarlhf's HF contract) name each expert
+    (:func:`expert_param_maps`). Other tensors pass unchanged. Views, no copies.
+    """
+    if spec.moe is None:
+        return dict(state)
+    mo = spec.moe
+    gate, up, down = mo.hf_gate_up_down
+    out = {}
+    for name, t in state.items():
+        parts = name.split(".")
+        if len(parts) > 4 and parts[0] == "model" and parts[1] == "layers" and parts[3] == "mlp":
+            base = f"model.layers.{parts[2]}.{mo.hf_block}."
+            rest = ".".join(parts[4:])
+            if rest == "experts.gate_up_proj":
+                f = t.shape[1] // 2
+                for e in range(t.shape[0]):
+                    out[f"{base}experts.{e}.{gate}.weight"] = t[e, :f]
+                    out[f"{base}experts.{e}.{up}.weight"] = t[e, f:]
+                continue
+            if rest == "experts.down_proj":
+                for e in range(t.shape[0]):
+                    out[f"{base}experts.{e}.{down}.weight"] = t[e]
+                continue
+            out[base + rest] = t
+            continue
+        out[name] = t
+    return out
+
+
+def hf_experts_disk_to_fused(state: dict, spec: ArchSpec) -> dict:
+    """Inverse of :func:`hf_experts_fused_to_disk`: on-disk names -> transformers' in-memory
+    (fused) names, e.g. to ``load_state_dict`` a resharder stream into a transformers model."""
+    if spec.moe is None:
+        return dict(state)
+    mo = spec.moe
+    gate, up, down = mo.hf_gate_up_down
+    prefix = "." + mo.hf_block + "."
+    out: dict = {}
+    experts: dict[int, dict[str, dict[int, Any]]] = {}
+    for name, t in state.items():
+        parts = name.split(".")
+        if len(parts) > 4 and parts[0] == "model" and parts[1] == "layers" \
+                and parts[3] == mo.hf_block:
+            layer = int(parts[2])
+            if parts[4] == "experts" and len(parts) == 8:
+                experts.setdefault(layer, {}).setdefault(parts[6], {})[int(parts[5])] = t
+                continue
+            out[name.replace(prefix, ".mlp.", 1)] = t
+            continue
+        out[name] = t
+    for layer, by in experts.items():
+        n = mo.num_experts
+        base = f"model.layers.{layer}.mlp.experts."
+        for proj in (gate, up, down):
+            if sorted(by.get(proj, {})) != list(range(n)):
+                raise KeyError(f"layer {layer}: {proj} of experts {sorted(by.get(proj, {}))} "
+                               f"given, expected all {n}")
+        out[base + "gate_up_proj"] = torch.stack(
+            [torch.cat([by[gate][e], by[up][e]], dim=0) for e in range(n)])
+        out[base + "down_proj"] = torch.stack([by[down][e] for e in range(n)])
+    return out
 
 
 def embedding_param_map() -> ParamMap:

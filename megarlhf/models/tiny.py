@@ -2,6 +2,7 @@
 
 ``tiny_arch("qwen3")`` returns HF config fields; ``save_tiny_hf_model(dir, arch)`` writes a random
 transformers model of that architecture (config.json + model.safetensors), built offline.
+``tiny_arch("qwen3_moe")`` / ``tiny_arch("mixtral")``: 8 experts, top-2, head_dim 32.
 """
 
 from __future__ import annotations
@@ -30,13 +31,33 @@ def tiny_arch(family: str = "llama", *, vocab_size: int = 256, hidden_size: int 
         "hidden_act": "silu",
         "initializer_range": 0.02,
     }
-    if family in ("mistral", "qwen2", "qwen3"):
+    if family in ("mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"):
         arch["sliding_window"] = None
         arch["use_sliding_window"] = False
     if family == "qwen3":
         arch["head_dim"] = hidden_size // num_heads
+    if family in ("qwen3_moe", "mixtral"):
+        arch.update(tiny_moe_fields(family))
     arch.update(extra)
     return arch
+
+
+def tiny_moe_fields(family: str, num_experts: int = 8, topk: int = 2,
+                    expert_ffn: int = 32) -> dict[str, Any]:
+    """The MoE fields of a tiny ``qwen3_moe`` / ``mixtral`` (8 experts, top-2, width 32).
+
+    Attention heads are 32 wide (``head_dim`` 32; 4 heads in 2 query groups, so TP2 works):
+    vLLM's CPU attention refuses head_dim 16, and these models are meant to run there too.
+    """
+    out: dict[str, Any] = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+                           "num_experts_per_tok": topk, "router_aux_loss_coef": 0.01}
+    if family == "qwen3_moe":
+        out.update(num_experts=num_experts, moe_intermediate_size=expert_ffn,
+                   norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+    else:
+        out.update(num_local_experts=num_experts, intermediate_size=expert_ffn,
+                   router_jitter_noise=0.0)
+    return out
 
 
 def build_hf_model(arch: dict[str, Any], seed: int = 0, head: str = "lm"):
@@ -59,6 +80,10 @@ def build_hf_model(arch: dict[str, Any], seed: int = 0, head: str = "lm"):
         for n, p in model.named_parameters():
             if "norm" in n or n.endswith(".bias"):
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
+            elif n.endswith("mlp.gate.weight"):
+                # An MoE router: widen the gaps between expert scores so that top-k choices do
+                # not hinge on rounding (1e-7 changes) when implementations are compared.
+                p.normal_(0.0, 0.5, generator=g)
     return model.eval()
 
 

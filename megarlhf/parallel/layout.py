@@ -1,4 +1,4 @@
-"""The parallel layout of one role (tp, pp, vpp, cp, dp) and the process groups it owns.
+"""The parallel layout of one role (tp, pp, vpp, cp, dp; ep, etp for experts) and its groups.
 
 megatron-core keeps its process groups in module globals (``parallel_state``). megarlhf touches
 those globals only here: :func:`initialize_parallel` sets them up for a layout and returns a
@@ -20,6 +20,12 @@ class ParallelLayout:
     ``world_size = tp * pp * cp * dp``. Megatron orders ranks tp-fastest: ranks of one TP group
     are consecutive (so a TP group stays inside a node), then cp, dp and pp.
 
+    Mixture-of-experts layers are laid out on the same ranks a second way (megatron's "parallel
+    folding"): within each pipeline stage the ``tp * cp * dp`` ranks are regrouped as
+    ``etp * ep * edp`` - experts split over ``ep`` ranks (each holds ``num_experts / ep`` whole
+    experts), each expert's weights split over ``etp`` ranks, and ``edp = tp*cp*dp / (etp*ep)``
+    replicas. Attention and every other dense weight keep the tp/cp/dp layout.
+
     Attributes:
         tp: tensor-parallel size (attention heads, MLP columns and the vocabulary are split).
         pp: pipeline-parallel size (layers are split into ``pp`` stages).
@@ -27,6 +33,9 @@ class ParallelLayout:
         cp: context-parallel size (the sequence is split across ranks in attention).
         dp: data-parallel size (replicas that see different micro-batches).
         sequence_parallel: shard LayerNorm/dropout activations along the sequence over TP ranks.
+        ep: expert-parallel size (MoE experts are split over ``ep`` ranks); 1 for dense models.
+        etp: expert-tensor-parallel size (each expert's weights split over ``etp`` ranks); None
+            means ``tp`` (megatron's default). MoE training commonly uses ``etp=1``.
     """
 
     tp: int = 1
@@ -35,9 +44,14 @@ class ParallelLayout:
     cp: int = 1
     dp: int = 1
     sequence_parallel: bool = False
+    ep: int = 1
+    etp: int | None = None
 
     def __post_init__(self):
-        for name in ("tp", "pp", "vpp", "cp", "dp"):
+        if self.etp is not None and (not isinstance(self.etp, int) or isinstance(self.etp, bool)
+                                     or self.etp < 1):
+            raise ValueError(f"parallel.etp must be a positive integer or null, got {self.etp!r}")
+        for name in ("tp", "pp", "vpp", "cp", "dp", "ep"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"parallel.{name} must be a positive integer, got {v!r}")
@@ -51,10 +65,25 @@ class ParallelLayout:
                 "parallel.sequence_parallel=true needs parallel.tp >= 2 (it shards activations "
                 "over tensor-parallel ranks); set it to false or raise tp"
             )
+        if (self.tp * self.cp * self.dp) % (self.expert_tp * self.ep):
+            raise ValueError(
+                f"expert layout etp*ep = {self.expert_tp}*{self.ep} does not divide the "
+                f"{self.tp * self.cp * self.dp} ranks of a pipeline stage (tp*cp*dp = "
+                f"{self.tp}*{self.cp}*{self.dp}); choose ep and etp so that etp*ep divides it")
 
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def expert_tp(self) -> int:
+        """Ranks each expert's weights are split over (``etp``, defaulting to ``tp``)."""
+        return self.tp if self.etp is None else self.etp
+
+    @property
+    def edp(self) -> int:
+        """Expert data-parallel size: replicas of each expert shard."""
+        return self.tp * self.cp * self.dp // (self.expert_tp * self.ep)
 
     @property
     def model_parallel_size(self) -> int:
@@ -69,11 +98,14 @@ class ParallelLayout:
         s += f"/DP{self.dp}"
         if self.sequence_parallel:
             s += "+SP"
+        if self.ep > 1 or self.etp is not None:
+            s += f" EP{self.ep}/ETP{self.expert_tp}"
         return s
 
     @classmethod
     def for_world(cls, world_size: int, tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1,
-                  sequence_parallel: bool = False) -> "ParallelLayout":
+                  sequence_parallel: bool = False, ep: int = 1,
+                  etp: int | None = None) -> "ParallelLayout":
         """The layout with data parallelism filling the rest of ``world_size``."""
         mp = tp * pp * cp
         if world_size % mp:
@@ -81,7 +113,7 @@ class ParallelLayout:
                 f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp} = {mp}"
             )
         return cls(tp=tp, pp=pp, vpp=vpp, cp=cp, dp=world_size // mp,
-                   sequence_parallel=sequence_parallel)
+                   sequence_parallel=sequence_parallel, ep=ep, etp=etp)
 
 
 @dataclass
@@ -105,6 +137,13 @@ class ParallelContext:
     dp_cp_group: Any
     mp_group: Any
     pg_collection: Any = field(repr=False, default=None)
+    # Expert layout (see ParallelLayout): ranks and groups of the MoE layers.
+    ep_rank: int = 0
+    etp_rank: int = 0
+    edp_rank: int = 0
+    ep_group: Any = field(repr=False, default=None)
+    etp_group: Any = field(repr=False, default=None)
+    edp_group: Any = field(repr=False, default=None)
 
     @property
     def is_first_stage(self) -> bool:
@@ -149,6 +188,8 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234) -> ParallelCon
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tp,
         # With gloo as the default backend (CPU) megatron's extra gloo copies of every group
         # are duplicates: each costs threads and sockets on every rank.
         create_gloo_process_groups=not gloo_default,
@@ -168,6 +209,12 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234) -> ParallelCon
         dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
         mp_group=ps.get_model_parallel_group(),
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        etp_rank=ps.get_expert_tensor_parallel_rank(),
+        edp_rank=ps.get_expert_data_parallel_rank(),
+        ep_group=ps.get_expert_model_parallel_group(),
+        etp_group=ps.get_expert_tensor_parallel_group(),
+        edp_group=ps.get_expert_data_parallel_group(),
     )
     return ctx
 

@@ -37,6 +37,9 @@ _PLATFORM: Platform | None = None
 _BENIGN_WARNINGS = [
     ("ignore", r"Apex is not installed"),
     ("ignore", r"When using async grad allreduce it is recommended"),
+    ("ignore", r"When using sequence parallelism it is recommended to set the environment"),
+    # Expert linears at etp=1 under a sequence-parallel config (SP does not apply to experts).
+    ("ignore", r"`sequence_parallel` is set to `True`, but tensor model parallel size is 1"),
     ("ignore", r"full scope is deprecated"),
     ("ignore", r"The \.grad attribute of a Tensor that is not a leaf Tensor"),
     ("ignore", r"`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated"),

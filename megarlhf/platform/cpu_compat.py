@@ -18,7 +18,10 @@ What is redirected (and nothing else):
   and the NVTX range functions;
 * megatron's private ``_get_cuda_rng_state`` / ``_set_cuda_rng_state``, which then save and
   restore the CPU generator: the tensor-parallel RNG tracker keeps working, with the same
-  semantics (dropout in TP regions draws from the forked, per-TP-rank stream).
+  semantics (dropout in TP regions draws from the forked, per-TP-rank stream);
+* backward passes started with ``loss.backward()`` / ``torch.autograd.backward`` run under the
+  mode too (a mode is off inside its own handler): :func:`_backward_under_mode`;
+* the MoE paths (router, token dispatchers, aux-loss buffers): :func:`_install_moe`.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ _TENSOR_TYPE = torch.Tensor.type
 _TENSOR_PIN = torch.Tensor.pin_memory
 _TENSOR_IS_PINNED = torch.Tensor.is_pinned
 _TENSOR_RECORD_STREAM = torch.Tensor.record_stream
+_TENSOR_BACKWARD = torch.Tensor.backward
+_AUTOGRAD_BACKWARD = torch.autograd.backward
 
 
 class CPUDeviceMode(TorchFunctionMode):
@@ -87,7 +92,52 @@ class CPUDeviceMode(TorchFunctionMode):
             kwargs["device"] = _fix_device(kwargs["device"])
         if func is _TENSOR_TO and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], _CPU) + tuple(args[2:])
+        if func is _TENSOR_BACKWARD or func is _AUTOGRAD_BACKWARD:
+            return _backward_under_mode(func, args, kwargs)
         return func(*args, **kwargs)
+
+
+def _backward_under_mode(func, args, kwargs) -> None:
+    """Runs a backward pass with the redirection active.
+
+    A mode is switched off while its own ``__torch_function__`` runs, so ``loss.backward()`` or
+    ``torch.autograd.backward(...)`` passed through would run every autograd Function's backward
+    without it - and megatron's sequence-parallel / expert-parallel mappings allocate their
+    backward buffers with ``device=torch.cuda.current_device()``. Calling ``func`` under a
+    fresh mode would dispatch to that mode again (endlessly), so this does what
+    ``torch.autograd.backward`` does after its dispatch check and starts the engine under a
+    fresh mode. (Backward passes started by megatron's schedules call the engine directly and
+    never come through here.)
+    """
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    if func is _TENSOR_BACKWARD:
+        names = ("self", "gradient", "retain_graph", "create_graph", "inputs")
+    else:
+        names = ("tensors", "grad_tensors", "retain_graph", "create_graph", "inputs")
+    a = dict(zip(names, args))
+    a.update(kwargs)
+    a.pop("grad_variables", None)
+    tensors = a.get(names[0])
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    grads = _tensor_or_tensors_to_tuple(a.get(names[1]), len(tensors))
+    grads = _make_grads(tensors, grads, is_grads_batched=False)
+    create = bool(a.get("create_graph") or False)
+    retain = a.get("retain_graph")
+    retain = create if retain is None else retain
+    inputs = a.get("inputs")
+    if inputs is None:
+        inputs = ()
+    elif isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    elif isinstance(inputs, dict):
+        inputs = tuple(inputs.values())
+    else:
+        inputs = tuple(inputs)
+    with CPUDeviceMode():
+        _engine_run_backward(tensors, grads, retain, create, inputs, allow_unreachable=True,
+                             accumulate_grad=True)
 
 
 class _NullStream:
@@ -161,6 +211,82 @@ def _zero(*args, **kwargs):
     return 0
 
 
+def _cpu_move_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """``moe_utils.maybe_move_tensor_to_cpu`` for tensors that already live on the CPU.
+
+    megatron's version converts only CUDA tensors (``tensor.is_cuda``), so on the CPU the
+    alltoall dispatcher's split sizes stayed tensors and ``all_to_all_single`` refused them.
+    """
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.detach().cpu().numpy()
+    return tensor
+
+
+def _gather_first_dim_uneven(orig):
+    """``mappings._gather_along_first_dim`` with unequal blocks on gloo.
+
+    gloo's ``all_gather`` refuses blocks of different sizes, which megatron's alltoall
+    dispatcher gathers over the expert-tensor-parallel group (``output_split_sizes``): pad each
+    block to the largest, gather the padded blocks, cut the padding out. Equal blocks take
+    megatron's own path.
+    """
+
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return orig(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        m = max(sizes)
+        padded = torch.zeros((m,) + tuple(input_.shape[1:]), dtype=input_.dtype)
+        padded[: input_.shape[0]] = input_
+        out = torch.empty((m * len(sizes),) + tuple(input_.shape[1:]), dtype=input_.dtype)
+        torch.distributed.all_gather_into_tensor(out, padded, group=group)
+        return torch.cat([out[i * m: i * m + n] for i, n in enumerate(sizes)], dim=0)
+
+    return gather
+
+
+def _reduce_scatter_first_dim_uneven(orig):
+    """``mappings._reduce_scatter_along_first_dim`` with unequal blocks on gloo (the backward of
+    the gather above): all-reduce the whole tensor, keep this rank's block."""
+
+    def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return orig(input_, group, input_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in input_split_sizes]
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        start = sum(sizes[: group.rank()])
+        return total[start: start + sizes[group.rank()]].contiguous()
+
+    return reduce_scatter
+
+
+def _install_moe() -> None:
+    """The MoE paths (router, token dispatchers, aux-loss buffers).
+
+    * ``moe_utils.te_general_gemm`` is only defined when Transformer Engine imports; the router's
+      gating GEMM tests it against None, so it is defined as None here (torch's matmul is used).
+    * ``maybe_move_tensor_to_cpu``: see :func:`_cpu_move_to_cpu` (alltoall dispatcher).
+    * gathers / reduce-scatters of unequal blocks (the alltoall dispatcher over expert-TP
+      ranks): gloo has no uneven all_gather; see :func:`_gather_first_dim_uneven`.
+    * The alltoall dispatcher's device-to-host stream and events are ``torch.cuda.Stream`` /
+      ``Event``: the null stand-ins above. Aux-loss and expert-bias buffers are created with
+      ``device=torch.cuda.current_device()``: the device mode above. Backward buffers of the
+      dispatchers' gather / reduce-scatter: :func:`_backward_under_mode`.
+    """
+    from megatron.core.tensor_parallel import mappings
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    mappings._gather_along_first_dim = _gather_first_dim_uneven(mappings._gather_along_first_dim)
+    mappings._reduce_scatter_along_first_dim = _reduce_scatter_first_dim_uneven(
+        mappings._reduce_scatter_along_first_dim)
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    moe_utils.maybe_move_tensor_to_cpu = _cpu_move_to_cpu
+    if hasattr(token_dispatcher, "maybe_move_tensor_to_cpu"):
+        token_dispatcher.maybe_move_tensor_to_cpu = _cpu_move_to_cpu
+
+
 def install() -> None:
     """Installs the redirections in this process (idempotent). Refuses when CUDA is present."""
     global _INSTALLED
@@ -203,6 +329,8 @@ def install() -> None:
 
         mrandom._get_cuda_rng_state = _cpu_get_rng_state
         mrandom._set_cuda_rng_state = _cpu_set_rng_state
+
+        _install_moe()
 
         # Pushed once per process and never popped: every later torch call sees it.
         CPUDeviceMode().__enter__()

@@ -303,7 +303,8 @@ def hf_weight_manifest(model_dir: str) -> WeightManifest:
     """The :class:`WeightManifest` of an HF model directory.
 
     Read from the safetensors headers when the directory has weights (no data is read);
-    otherwise from the model built by transformers on the meta device (no memory). Rotary
+    otherwise from the model built by transformers on the meta device (no memory), under the
+    checkpoint's names (per-expert names for mixture-of-experts models). Rotary
     buffers are optional; a tied ``lm_head.weight`` is not a tensor of the model (it is the
     embedding).
     """
@@ -321,10 +322,15 @@ def hf_weight_manifest(model_dir: str) -> WeightManifest:
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from megarlhf.models.families import arch_spec, hf_experts_fused_to_disk
+
         hf_cfg = AutoConfig.from_pretrained(model_dir)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_cfg)
-        shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+        # transformers 5 keeps MoE experts fused in memory; checkpoints (and the stream) name
+        # each expert.
+        state = hf_experts_fused_to_disk(dict(model.state_dict()), arch_spec(hf_cfg))
+        shapes = {n: tuple(t.shape) for n, t in state.items()}
     optional = {n for n in shapes if n.endswith(_IGNORABLE_WEIGHT_SUFFIXES)}
     if tied:
         # transformers does not store the tied copy, and vLLM skips it; accept none.

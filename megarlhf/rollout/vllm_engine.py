@@ -489,6 +489,56 @@ def _report(worker_report: dict[str, list[str]], key: str) -> list[str]:
     return list(worker_report[key])
 
 
+class _ProcessedLayers:
+    """Records the layers vLLM's layerwise reload processed (all their weights arrived) while
+    installed: it wraps ``layerwise._layerwise_process``, which vLLM calls by its module-level
+    name when a layer completes (and in ``finalize_layerwise_reload``)."""
+
+    def __init__(self):
+        from vllm.model_executor.model_loader.reload import layerwise
+
+        self._module = layerwise
+        self._original = layerwise._layerwise_process
+        self.layers: set[int] = set()
+
+        def process(layer, info, _original=self._original, _seen=self.layers):
+            _seen.add(id(layer))
+            return _original(layer, info)
+
+        layerwise._layerwise_process = process
+
+    def stop(self) -> set[int]:
+        self._module._layerwise_process = self._original
+        return self.layers
+
+
+def _record_processed_layers() -> _ProcessedLayers:
+    return _ProcessedLayers()
+
+
+def _prepack_reloaded_cpu_experts(model: torch.nn.Module, processed: set[int]) -> None:
+    """Redo the CPU MoE kernel's weight prepacking for reloaded expert layers.
+
+    vLLM 0.32's unquantized MoE method runs ``fused_experts.process_weights_after_loading``
+    (where the CPU kernel prepacks w13/w2 into its grouped-GEMM layout) only the first time;
+    on a weight update it skips it ("No-op by default" on GPUs), so the CPU kernel would read
+    the new, unpacked weights as if packed: measured 0.04-0.6 nats off after a sync, no error.
+    Only on vLLM's CPU platform, only for expert layers this update processed.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    for module in model.modules():
+        if id(module) not in processed:
+            continue
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if experts is None or not hasattr(experts, "isa"):
+            continue  # not the CPU experts kernel
+        experts.process_weights_after_loading(module)
+
+
 class _ConsumptionTracker(torch.overrides.TorchFunctionMode):
     """Notes which streamed tensors vLLM's loaders touched (any torch op taking them).
 
@@ -536,6 +586,7 @@ class VLLMWorkerExtension:
         initialize_layerwise_reload(self.model_runner.get_model())
         self._megarlhf_loaded: set[str] = set()
         self._megarlhf_pending: dict[int, tuple[str, torch.Tensor]] = {}
+        self._megarlhf_processed = _record_processed_layers()
 
     def megarlhf_load_weights(self, payload: dict) -> int:
         """Load one :func:`pack_bucket` payload of HF-named full tensors; vLLM fuses and shards."""
@@ -579,8 +630,14 @@ class VLLMWorkerExtension:
                 info.load_numel = 0  # finalize then puts the previous weights back
                 info.loaded_weights = []
         pending = getattr(self, "_megarlhf_pending", {})
-        with _ConsumptionTracker(pending):  # layers that completed only now use their tensors
-            finalize_layerwise_reload(model, self.model_config)
+        processed = getattr(self, "_megarlhf_processed", None)
+        try:
+            with _ConsumptionTracker(pending):  # layers that completed only now use them
+                finalize_layerwise_reload(model, self.model_config)
+        finally:
+            done = processed.stop() if processed is not None else set()
+            self._megarlhf_processed = None
+        _prepack_reloaded_cpu_experts(model, done)
         torch.accelerator.synchronize()
         loaded = getattr(self, "_megarlhf_loaded", set())
         unconsumed = sorted(name for name, _ in pending.values())
@@ -684,9 +741,14 @@ class VLLMRolloutEngine(RolloutEngine):
                 cpu_threads_binding(int(llm_kwargs.get("tensor_parallel_size", 1))))
             # The engine core in this process rather than its own: one interpreter fewer to boot
             # and import vLLM into (~10 s less start-up on 2 cores); the model still runs in
-            # vLLM's worker process. On GPUs the separate engine-core process overlaps
-            # scheduling with the forward pass; it stays.
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            # vLLM's worker process. Not in a process with a torch.distributed world of its own
+            # (a test rank hosting the engine): an in-process engine core re-seeds the
+            # process's RNG and, on shutdown, destroys the default process group. On GPUs the
+            # separate engine-core process overlaps scheduling with the forward pass; it stays.
+            import torch.distributed as dist
+
+            in_process = not (dist.is_available() and dist.is_initialized())
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else "1")
         _quiet_expected_warnings()
         manifest = hf_weight_manifest(os.fspath(model))
         tied = bool(_read_config(os.fspath(model)).get("tie_word_embeddings", False))

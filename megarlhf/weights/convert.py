@@ -50,7 +50,8 @@ from megarlhf.weights.validate import inspect_hf_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _MODEL_CFG_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+                 "qwen3_moe": "Qwen3Moe", "mixtral": "Mixtral"}
 DEFAULT_TIMEOUT_S = 24 * 3600.0
 
 
@@ -61,10 +62,20 @@ class ConversionError(ValueError):
 # --------------------------------------------------------------------------- helpers
 
 
-def check_layout(spec: ArchSpec, tp: int, pp: int, vpp: int) -> None:
+def conversion_world(tp: int, pp: int, ep: int = 1, etp: int | None = None) -> int:
+    """Ranks a conversion runs on: ``pp`` stages of ``lcm(tp, ep*etp)`` ranks (attention at TP
+    with the rest as DP; experts at EP x ETP folded onto the same ranks)."""
+    import math
+
+    return pp * math.lcm(tp, ep * (tp if etp is None else etp))
+
+
+def check_layout(spec: ArchSpec, tp: int, pp: int, vpp: int, ep: int = 1,
+                 etp: int | None = None) -> None:
     """Refuses a layout megatron cannot build for ``spec`` (before any process starts)."""
     problems = []
-    for name, v in (("tp", tp), ("pp", pp), ("vpp", vpp)):
+    for name, v in (("tp", tp), ("pp", pp), ("vpp", vpp), ("ep", ep)) + \
+            ((("etp", etp),) if etp is not None else ()):
         if not isinstance(v, int) or v < 1:
             problems.append(f"--{name} must be a positive integer, got {v!r}")
     if problems:
@@ -81,6 +92,16 @@ def check_layout(spec: ArchSpec, tp: int, pp: int, vpp: int) -> None:
         problems.append(f"intermediate_size {spec.ffn_hidden_size} is not divisible by --tp {tp}")
     if spec.num_layers % (pp * vpp):
         problems.append(f"{spec.num_layers} layers are not divisible by pp*vpp = {pp * vpp}")
+    if spec.moe is None:
+        if ep > 1 or etp is not None:
+            problems.append(f"--ep/--etp split experts, but {spec.model_type} is dense")
+    else:
+        e = tp if etp is None else etp
+        if spec.moe.num_experts % ep:
+            problems.append(f"{spec.moe.num_experts} experts are not divisible by --ep {ep}")
+        if spec.moe.ffn_hidden_size % e:
+            problems.append(f"the experts' width {spec.moe.ffn_hidden_size} is not divisible "
+                            f"by the expert tensor-parallel size {e}")
     if problems:
         raise ConversionError("layout not possible for this model: " + "; ".join(problems))
 
@@ -155,6 +176,8 @@ class HFToMegatronJob:
     overwrite: bool = False
     progress: bool = True
     tmp_dir: str | None = None
+    ep: int = 1
+    etp: int | None = None
 
 
 def hf_to_megatron_rank(job: HFToMegatronJob) -> CheckpointMeta:
@@ -166,7 +189,8 @@ def hf_to_megatron_rank(job: HFToMegatronJob) -> CheckpointMeta:
     from megarlhf.weights.mapping import local_params
 
     world, rank = _world_rank()
-    ctx = initialize_parallel(ParallelLayout.for_world(world, tp=job.tp, pp=job.pp, vpp=job.vpp))
+    ctx = initialize_parallel(ParallelLayout.for_world(world, tp=job.tp, pp=job.pp, vpp=job.vpp,
+                                                       ep=job.ep, etp=job.etp))
     model_cfg = ModelConfig(hf_dir=job.hf_dir, dtype=job.dtype, vocab_multiple=job.vocab_multiple,
                             transformer_impl="local")
     # init_weights=False: every weight is read below (a scalar head missing from an LM
@@ -189,7 +213,8 @@ def hf_to_megatron_rank(job: HFToMegatronJob) -> CheckpointMeta:
 def prepare_hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1,
                            vpp: int = 1, head: str = "auto", dtype: str | None = None,
                            vocab_multiple: int = 128, overwrite: bool = False,
-                           progress: bool = True, tmp_dir: str | None = None) -> HFToMegatronJob:
+                           progress: bool = True, tmp_dir: str | None = None, ep: int = 1,
+                           etp: int | None = None) -> HFToMegatronJob:
     """Validates everything checkable and returns the job every rank runs (writes nothing).
 
     Args: see :func:`convert_hf_to_megatron`; ``tmp_dir`` defaults to ``<out_dir>.tmp-<pid>``.
@@ -198,7 +223,7 @@ def prepare_hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 
         HFValidationError, ConversionError: the inputs do not allow a conversion.
     """
     info = inspect_hf_dir(hf_dir, head)
-    check_layout(info.spec, tp, pp, vpp)
+    check_layout(info.spec, tp, pp, vpp, ep, etp)
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if os.path.lexists(out_dir) and not overwrite:
@@ -210,23 +235,25 @@ def prepare_hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 
                            head=info.head, dtype=dtype or _MODEL_CFG_DTYPE[info.dtype],
                            raw_config=info.raw_config, vocab_multiple=vocab_multiple,
                            overwrite=overwrite, progress=progress,
-                           tmp_dir=tmp_dir or temp_dir_for(out_dir))
+                           tmp_dir=tmp_dir or temp_dir_for(out_dir), ep=ep, etp=etp)
 
 
 def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1,
                            vpp: int = 1, head: str = "auto", dtype: str | None = None,
                            vocab_multiple: int = 128, overwrite: bool = False,
                            progress: bool = True,
-                           timeout: float = DEFAULT_TIMEOUT_S) -> CheckpointMeta:
-    """Converts an HF model directory into a megarlhf checkpoint saved at TP/PP/VPP.
+                           timeout: float = DEFAULT_TIMEOUT_S, ep: int = 1,
+                           etp: int | None = None) -> CheckpointMeta:
+    """Converts an HF model directory into a megarlhf checkpoint saved at TP/PP/VPP (EP/ETP).
 
-    Runs on ``tp*pp`` local ranks (gloo on CPU, NCCL on GPUs). Everything checkable is checked
-    first; nothing is written when a check fails.
+    Runs on :func:`conversion_world` local ranks (``tp*pp`` for dense models; gloo on CPU, NCCL
+    on GPUs). Everything checkable is checked first; nothing is written when a check fails.
 
     Args:
         hf_dir: HF model directory (config.json, safetensors, tokenizer files).
         out_dir: the checkpoint directory to create.
         tp, pp, vpp: the layout to save at (any other loads it too).
+        ep, etp: expert-parallel and expert-tensor-parallel sizes (MoE models; etp None = tp).
         head: "auto" (``score.weight`` -> scalar), "lm" or "scalar".
         dtype: parameter dtype of the checkpoint ("fp32", "bf16", "fp16"); default: the HF
             weights' dtype (bit-exact).
@@ -242,9 +269,10 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 
 
     job = prepare_hf_to_megatron(hf_dir, out_dir, tp=tp, pp=pp, vpp=vpp, head=head, dtype=dtype,
                                  vocab_multiple=vocab_multiple, overwrite=overwrite,
-                                 progress=progress)
+                                 progress=progress, ep=ep, etp=etp)
     try:
-        return run_distributed(hf_to_megatron_rank, tp * pp, job, timeout=timeout)[0]
+        return run_distributed(hf_to_megatron_rank, conversion_world(tp, pp, ep, etp), job,
+                               timeout=timeout)[0]
     finally:
         shutil.rmtree(job.tmp_dir, ignore_errors=True)  # left only by a failed run
 
@@ -318,6 +346,8 @@ class MegatronToHFJob:
     dtype: str | None = None  # output dtype; None: the checkpoint's
     overwrite: bool = False
     progress: bool = True
+    ep: int = 1
+    etp: int | None = None
 
 
 def megatron_to_hf_rank(job: MegatronToHFJob) -> dict[str, Any]:
@@ -328,7 +358,8 @@ def megatron_to_hf_rank(job: MegatronToHFJob) -> dict[str, Any]:
 
     world, rank = _world_rank()
     meta = read_checkpoint_meta(job.ckpt_dir)
-    ctx = initialize_parallel(ParallelLayout.for_world(world, tp=job.tp, pp=job.pp, vpp=job.vpp))
+    ctx = initialize_parallel(ParallelLayout.for_world(world, tp=job.tp, pp=job.pp, vpp=job.vpp,
+                                                       ep=job.ep, etp=job.etp))
     ckpt_dtype = meta.torch_dtype
     model_cfg = ModelConfig(arch=meta.hf_config, dtype=_MODEL_CFG_DTYPE[ckpt_dtype],
                             transformer_impl="local")
@@ -352,7 +383,8 @@ def prepare_megatron_to_hf(ckpt_dir: str, out_dir: str, *, dtype: str | None = N
                            shard_size: str | int = "5GB", tp: int | None = None,
                            pp: int | None = None, vpp: int | None = None,
                            overwrite: bool = False, progress: bool = True,
-                           tmp_dir: str | None = None) -> MegatronToHFJob:
+                           tmp_dir: str | None = None, ep: int | None = None,
+                           etp: int | None = None) -> MegatronToHFJob:
     """Validates everything checkable and returns the job every rank runs (writes nothing).
 
     Args: see :func:`convert_megatron_to_hf`; ``tmp_dir`` defaults to ``<out_dir>.tmp-<pid>``.
@@ -373,20 +405,26 @@ def prepare_megatron_to_hf(ckpt_dir: str, out_dir: str, *, dtype: str | None = N
     tp = tp or meta.layout["tp"]
     pp = pp or meta.layout["pp"]
     vpp = vpp or (meta.layout["vpp"] if pp == meta.layout["pp"] else 1)
-    check_layout(arch_spec(hf_config_from_dict(meta.hf_config)), tp, pp, vpp)
+    spec = arch_spec(hf_config_from_dict(meta.hf_config))
+    if ep is None:
+        ep = meta.layout.get("ep", 1)
+    if etp is None and tp == meta.layout["tp"]:
+        etp = meta.layout.get("etp")
+    check_layout(spec, tp, pp, vpp, ep, etp)
     if os.path.lexists(out_dir) and not overwrite:
         raise ConversionError(f"{out_dir} exists; choose another --out or pass --overwrite")
     return MegatronToHFJob(ckpt_dir=ckpt_dir, out_dir=out_dir,
                            tmp_dir=tmp_dir or temp_dir_for(out_dir), tp=tp, pp=pp, vpp=vpp,
                            shard_bytes=shard_bytes, dtype=dtype, overwrite=overwrite,
-                           progress=progress)
+                           progress=progress, ep=ep, etp=etp)
 
 
 def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, *, dtype: str | None = None,
                            shard_size: str | int = "5GB", tp: int | None = None,
                            pp: int | None = None, vpp: int | None = None,
                            overwrite: bool = False, progress: bool = True,
-                           timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+                           timeout: float = DEFAULT_TIMEOUT_S, ep: int | None = None,
+                           etp: int | None = None) -> dict[str, Any]:
     """Converts a megarlhf checkpoint into an HF safetensors directory.
 
     Args:
@@ -395,6 +433,7 @@ def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, *, dtype: str | None = N
         dtype: "fp32", "bf16" or "fp16"; default: the checkpoint's parameter dtype.
         shard_size: largest safetensors file ("5GB" = 5*10^9 bytes, as transformers).
         tp, pp, vpp: the layout to load at (default: the one it was saved at).
+        ep, etp: the expert layout to load at (default: as saved).
         overwrite: replace an existing ``out_dir``.
         progress: show progress on rank 0.
         timeout: seconds for the whole run.
@@ -405,9 +444,12 @@ def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, *, dtype: str | None = N
     from megarlhf.platform.launch import run_distributed
 
     job = prepare_megatron_to_hf(ckpt_dir, out_dir, dtype=dtype, shard_size=shard_size, tp=tp,
-                                 pp=pp, vpp=vpp, overwrite=overwrite, progress=progress)
+                                 pp=pp, vpp=vpp, overwrite=overwrite, progress=progress, ep=ep,
+                                 etp=etp)
     shutil.rmtree(job.tmp_dir, ignore_errors=True)
     try:
-        return run_distributed(megatron_to_hf_rank, job.tp * job.pp, job, timeout=timeout)[0]
+        return run_distributed(megatron_to_hf_rank,
+                               conversion_world(job.tp, job.pp, job.ep, job.etp), job,
+                               timeout=timeout)[0]
     finally:
         shutil.rmtree(job.tmp_dir, ignore_errors=True)  # left only by a failed run

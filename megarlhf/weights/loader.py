@@ -1,7 +1,8 @@
 """HF tensors -> the shard each rank owns, at any TP/PP/VPP layout.
 
 Each rank fills only its own parameters: those of its pipeline stage, in every virtual-pipeline
-chunk (layer numbers are global, from megatron's ``layer_number``), each cut to its TP shard.
+chunk (layer numbers are global, from megatron's ``layer_number``), each cut to its TP shard;
+of an MoE layer only its expert-parallel rank's experts, each cut to its expert-TP shard.
 From a safetensors directory (:func:`load_hf_dir`) a rank reads only the rows/columns its shard
 holds (:func:`megarlhf.weights.transforms.shard_pieces`), so the bytes read per rank are its
 share of the model and the extra memory is one shard. From an in-memory ``get`` (a state dict)
@@ -93,7 +94,7 @@ def _cut_shard(bundle: ModelBundle, lp: LocalParam, get) -> torch.Tensor:
                                    lp.hf_names)
     except WeightLayoutError as e:
         raise WeightLoadError(str(e)) from None
-    piece = shard(lp.kind, full, bundle.ctx.layout.tp, bundle.ctx.tp_rank)
+    piece = shard(lp.kind, full, lp.split_size, lp.split_rank)
     if tuple(piece.shape) != tuple(lp.param.shape):
         raise WeightLoadError(
             f"{'+'.join(lp.hf_names)} -> megatron {lp.name}: shard shape "
@@ -104,7 +105,7 @@ def _cut_shard(bundle: ModelBundle, lp: LocalParam, get) -> torch.Tensor:
 
 def _read_shard(bundle: ModelBundle, lp: LocalParam, get_region, get_shape) -> torch.Tensor:
     """Builds this rank's shard from the HF regions it holds, reading nothing else."""
-    tp, tp_rank = bundle.ctx.layout.tp, bundle.ctx.tp_rank
+    tp, tp_rank = lp.split_size, lp.split_rank  # etp for experts
     full_shape = megatron_full_shape(lp.kind, lp.param.shape, tp)
     want = hf_shapes(lp.kind, full_shape, bundle.spec)
     for name, shape in zip(lp.hf_names, want):

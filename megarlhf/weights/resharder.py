@@ -1,4 +1,4 @@
-"""The resharder: a megatron model sharded over TP/PP/VPP/DP -> HF-named full tensors, in buckets.
+"""The resharder: a megatron model sharded over TP/PP/VPP/DP/EP -> HF-named full tensors, bucketed.
 
 One function feeds every path weights take out of a megatron model - HF export (``megarlhf
 convert megatron-to-hf``), weight sync into the rollout engine, test oracles:
@@ -17,7 +17,11 @@ How it works
    VPP offsets are already applied), kind, shard shape, dtype. The plan orders them as
    transformers does (embeddings, layer 0..L-1, final norm, head) and records which global rank
    holds TP shard i of each. The embedding tied to the output layer is taken once, from the
-   first stage. Replicated tensors (norms, the scalar head) come from TP rank 0 only.
+   first stage. Replicated tensors (norms, the scalar head, MoE routers) come from TP rank 0
+   only. MoE experts: every expert-parallel rank of expert-DP replica 0 reports its own
+   experts (global expert numbers in their HF names), each split over the expert-TP ranks; so
+   an expert travels straight from the rank that holds it, like any other tensor, and the
+   bucket bound applies unchanged.
 2. Buckets: HF tensors in that order, greedily packed up to ``bucket_bytes`` (in the output
    dtype); a tensor larger than the bound travels alone. Every rank computes the same buckets.
 3. Transfer: a TP shard covers a few rectangular regions of the HF tensors
@@ -225,15 +229,21 @@ def plan_hf_weights(bundle: ModelBundle) -> ReshardPlan:
     ctx = bundle.ctx
     rank, world = _rank_world()
     mine = []
-    if ctx.dp_rank == 0 and ctx.cp_rank == 0:
-        for lp in local_params(bundle):
-            split = lp.kind != "replicated" and ctx.layout.tp > 1
-            if not split and ctx.tp_rank != 0:
+    for lp in local_params(bundle):
+        # Dense weights come from DP replica 0 (CP rank 0); expert weights from expert-DP
+        # replica 0 - every expert-parallel rank of it holds different experts.
+        if lp.expert:
+            if ctx.edp_rank != 0:
                 continue
-            mine.append(dict(hf_names=lp.hf_names, kind=lp.kind, shape=tuple(lp.param.shape),
-                             dtype=lp.param.dtype, stage=(ctx.pp_rank, lp.chunk), chunk=lp.chunk,
-                             name=lp.name, shard=ctx.tp_rank if split else 0,
-                             n=ctx.layout.tp if split else 1, rank=rank))
+        elif ctx.dp_rank != 0 or ctx.cp_rank != 0:
+            continue
+        split = lp.kind != "replicated" and lp.split_size > 1
+        if not split and lp.split_rank != 0:
+            continue
+        mine.append(dict(hf_names=lp.hf_names, kind=lp.kind, shape=tuple(lp.param.shape),
+                         dtype=lp.param.dtype, stage=(ctx.pp_rank, lp.chunk), chunk=lp.chunk,
+                         name=lp.name, shard=lp.split_rank if split else 0,
+                         n=lp.split_size if split else 1, rank=rank))
     if world > 1:
         every: list = [None] * world
         torch.distributed.all_gather_object(every, mine)

@@ -77,12 +77,24 @@ def expected_hf_shapes(spec: ArchSpec, head: str) -> dict[str, tuple[int, ...]]:
         "mlp.up_proj.weight": (f, h),
         "mlp.down_proj.weight": (h, f),
     }
+    if spec.moe is not None:
+        mo = spec.moe
+        gate, up, down = mo.hf_gate_up_down
+        layer[f"{mo.hf_block}.gate.weight"] = (mo.num_experts, h)
+        layer[f"{mo.hf_block}.experts.*.{gate}.weight"] = (f, h)
+        layer[f"{mo.hf_block}.experts.*.{up}.weight"] = (f, h)
+        layer[f"{mo.hf_block}.experts.*.{down}.weight"] = (h, f)
     top = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,),
            "lm_head.weight": (v, h), "score.weight": (1, h)}
     out = {}
     for name in hf_names_for(spec, head):
         if name.startswith("model.layers."):
-            out[name] = layer[name.split(".", 3)[3]]
+            key = name.split(".", 3)[3]
+            parts = key.split(".")
+            if len(parts) == 5 and parts[1] == "experts":  # <block>.experts.<e>.<proj>.weight
+                parts[2] = "*"
+                key = ".".join(parts)
+            out[name] = layer[key]
         else:
             out[name] = top[name]
     return out
@@ -148,6 +160,27 @@ def diagnose_shapes(spec: ArchSpec, head: str,
     if g is not None and len(g) == 2 and g[0] != spec.ffn_hidden_size:
         problems.append(f"MLP width: config.json has intermediate_size={spec.ffn_hidden_size} but "
                         f"model.layers.0.mlp.gate_proj.weight has {g[0]} rows")
+    if spec.moe is not None:
+        mo = spec.moe
+        width = "moe_intermediate_size" if spec.model_type == "qwen3_moe" else \
+            "intermediate_size"
+        r = shapes.get(f"model.layers.0.{mo.hf_block}.gate.weight")
+        if r is not None and len(r) == 2 and r[0] != mo.num_experts:
+            problems.append(f"experts: config.json has num_experts={mo.num_experts} but "
+                            f"model.layers.0.{mo.hf_block}.gate.weight (the router) has {r[0]} "
+                            "rows")
+        eg = shapes.get(f"model.layers.0.{mo.hf_block}.experts.0.{mo.hf_gate_up_down[0]}.weight")
+        if eg is not None and len(eg) == 2 and eg[0] != mo.ffn_hidden_size:
+            problems.append(f"expert width: config.json has {width}={mo.ffn_hidden_size} but "
+                            f"model.layers.0.{mo.hf_block}.experts.0.{mo.hf_gate_up_down[0]}"
+                            f".weight has {eg[0]} rows")
+        fused = [n for n in shapes if n.endswith((".experts.gate_up_proj", ".experts.down_proj"))]
+        if fused:
+            problems.append(
+                f"experts stored fused ({fused[0]}, ...: transformers' in-memory layout); "
+                "megarlhf reads checkpoints with one tensor per expert, as save_pretrained "
+                "writes them (megarlhf.models.families.hf_experts_fused_to_disk converts a "
+                "state dict)")
     qn = shapes.get("model.layers.0.self_attn.q_norm.weight")
     if qn is not None and qn != (hd,):
         problems.append(f"head_dim: config.json implies head_dim={hd} but "

@@ -98,13 +98,21 @@ class RolloutSpec:
 
 
 def write_config_dir(arch: dict[str, Any]) -> str:
-    """A temporary HF directory holding only ``config.json`` for HF config fields ``arch``."""
+    """A temporary HF directory holding only ``config.json`` for HF config fields ``arch``.
+
+    ``architectures`` names the causal-LM class (vLLM picks its model class, and whether the
+    model is generative, from it).
+    """
     import tempfile
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from megarlhf.models.arch import hf_config_from_dict
 
     path = tempfile.mkdtemp(prefix="megarlhf-rollout-config-")
-    hf_config_from_dict(dict(arch)).save_pretrained(path)
+    cfg = hf_config_from_dict(dict(arch))
+    cfg.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[cfg.model_type]]
+    cfg.save_pretrained(path)
     return path
 
 

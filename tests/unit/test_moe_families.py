@@ -1,0 +1,332 @@
+"""Mixture-of-experts families, weight names, config rules and plan memory (single process).
+
+Oracles: transformers itself (its configs, and the names and layout ``save_pretrained`` writes
+for MoE checkpoints), megatron's parameter names (TE grouped experts are checked by name only:
+Transformer Engine does not run here), and hand calculations of Qwen3-30B-A3B's memory.
+"""
+
+import os
+import re
+
+import pytest
+import torch
+
+from megarlhf.config import ConfigError, JobConfig, from_dict, validate
+from megarlhf.models.arch import hf_config_from_dict
+from megarlhf.models.families import (
+    UnsupportedArchitecture,
+    arch_spec,
+    expert_param_maps,
+    hf_experts_disk_to_fused,
+    hf_experts_fused_to_disk,
+)
+from megarlhf.models.tiny import tiny_arch
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+QWEN3_30B_A3B = {
+    "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048,
+    "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128,
+    "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1,
+    "mlp_only_layers": [], "num_hidden_layers": 48, "num_attention_heads": 32,
+    "num_key_value_heads": 4, "head_dim": 128, "max_position_embeddings": 40960,
+    "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+    "hidden_act": "silu", "router_aux_loss_coef": 0.001,
+}
+
+
+def _spec(family, **kw):
+    return arch_spec(hf_config_from_dict(tiny_arch(family, **kw)))
+
+
+def test_families_read_routing_from_the_hf_config():
+    """If this fails, megatron routes differently from transformers (top-k, renormalisation,
+    expert width) or reads a Mixtral/Qwen3-MoE config field wrongly."""
+    from megarlhf.config.schema import ModelConfig
+    from megarlhf.models.builder import moe_kwargs
+    from megarlhf.parallel.layout import ParallelLayout
+
+    q = _spec("qwen3_moe")
+    assert (q.moe.num_experts, q.moe.topk, q.moe.ffn_hidden_size) == (8, 2, 32)
+    assert q.moe.norm_topk_prob and q.qk_norm and q.ffn_hidden_size == 32
+    assert q.moe.hf_block == "mlp" and q.moe.hf_gate_up_down == ("gate_proj", "up_proj",
+                                                                 "down_proj")
+    m = _spec("mixtral")
+    assert m.moe.norm_topk_prob and not m.qk_norm  # Mixtral always renormalises its top-2
+    assert m.moe.hf_block == "block_sparse_moe" and m.moe.hf_gate_up_down == ("w1", "w3", "w2")
+    real = arch_spec(hf_config_from_dict(QWEN3_30B_A3B))
+    assert (real.moe.num_experts, real.moe.topk, real.ffn_hidden_size) == (128, 8, 768)
+
+    lay = ParallelLayout(tp=2, dp=2, ep=4, etp=1, sequence_parallel=True)
+    kw = moe_kwargs(q, ModelConfig(arch=tiny_arch("qwen3_moe")), lay, te=False)
+    # Renormalised top-k = megatron's default order (top-k logits, softmax over the k).
+    assert kw["moe_router_pre_softmax"] is False and kw["moe_router_dtype"] == "fp32"
+    assert kw["moe_router_topk"] == 2 and kw["num_moe_experts"] == 8
+    assert kw["moe_aux_loss_coeff"] == 0.01 and kw["moe_router_load_balancing_type"] == "aux_loss"
+    assert kw["expert_model_parallel_size"] == 4 and kw["expert_tensor_parallel_size"] == 1
+    off = moe_kwargs(q, ModelConfig(arch=tiny_arch("qwen3_moe"), moe_aux_loss_coeff=0.0), lay,
+                     te=False)
+    assert off["moe_router_load_balancing_type"] == "none"
+    unnorm = arch_spec(hf_config_from_dict(tiny_arch("qwen3_moe", norm_topk_prob=False)))
+    assert moe_kwargs(unnorm, ModelConfig(arch=tiny_arch("qwen3_moe")), lay,
+                      te=False)["moe_router_pre_softmax"] is True
+
+
+@pytest.mark.parametrize("field,value,what", [
+    ("shared_expert_intermediate_size", 64, "shared experts"),
+    ("n_shared_experts", 1, "shared experts"),
+    ("n_group", 4, "grouped (node-limited) routing"),
+    ("topk_group", 2, "grouped (node-limited) routing"),
+    ("kv_lora_rank", 16, "multi-head latent attention"),
+    ("mlp_only_layers", [0], "dense layers among MoE layers"),
+    ("decoder_sparse_step", 2, "dense layers among MoE layers"),
+])
+def test_unsupported_moe_variant_is_refused_naming_the_field(field, value, what):
+    """If this fails, an MoE variant megarlhf cannot build (shared experts, grouped routing,
+    MLA, dense layers in between) is accepted and trains a different model, or the refusal does
+    not say which field to change."""
+    with pytest.raises(UnsupportedArchitecture, match=f"{field}=.*{re.escape(what)}"):
+        _spec("qwen3_moe", **{field: value})
+    d = _job(**{f"actor.model.arch.{field}": value})
+    with pytest.raises(ConfigError) as e:
+        validate(from_dict(JobConfig, d))
+    assert "actor.model" in str(e.value) and field in str(e.value) and what in str(e.value)
+
+
+def test_unsupported_moe_model_types_say_what_they_need():
+    """If this fails, a DeepSeek-V3 / Qwen2-MoE config gets a generic refusal that does not
+    say which feature is missing."""
+    from megarlhf.models.arch import ArchError
+
+    with pytest.raises(ArchError, match="multi-head latent attention"):
+        hf_config_from_dict({"model_type": "deepseek_v3"})
+    with pytest.raises(ArchError, match=r"shared experts \(shared_expert_intermediate_size\)"):
+        hf_config_from_dict({"model_type": "qwen2_moe"})
+    _rejects(_job(**{"actor.model.arch": {"model_type": "deepseek_v3"}}),
+             "actor.model", "grouped routing (n_group, topk_group)")
+
+
+# --------------------------------------------------------------------------- names
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, number):
+        super().__init__()
+        self.layer_number = number
+
+
+def _fake_te_chunk(spec, layers, n_local):
+    """A module tree with the parameter names of megatron's TE spec for MoE layers."""
+    h, E = spec.hidden_size, spec.moe.num_experts
+    chunk = torch.nn.Module()
+    chunk.decoder = torch.nn.Module()
+    chunk.decoder.layers = torch.nn.ModuleList()
+    for number in layers:
+        layer = _Layer(number)
+        att = torch.nn.Module()
+        att.linear_qkv = torch.nn.Module()
+        att.linear_qkv.layer_norm_weight = torch.nn.Parameter(torch.zeros(h))
+        att.linear_qkv.weight = torch.nn.Parameter(torch.zeros(1))
+        att.linear_proj = torch.nn.Linear(1, 1, bias=False)
+        att.q_layernorm = torch.nn.Module()
+        att.q_layernorm.weight = torch.nn.Parameter(torch.zeros(1))
+        att.k_layernorm = torch.nn.Module()
+        att.k_layernorm.weight = torch.nn.Parameter(torch.zeros(1))
+        layer.self_attention = att
+        layer.pre_mlp_layernorm = torch.nn.Module()
+        layer.pre_mlp_layernorm.weight = torch.nn.Parameter(torch.zeros(h))
+        layer.mlp = torch.nn.Module()
+        layer.mlp.router = torch.nn.Module()
+        layer.mlp.router.weight = torch.nn.Parameter(torch.zeros(E, h))
+        layer.mlp.experts = torch.nn.Module()
+        for fc in ("linear_fc1", "linear_fc2"):
+            grouped = torch.nn.Module()
+            for i in range(n_local):
+                setattr(grouped, f"weight{i}", torch.nn.Parameter(torch.zeros(1)))
+            setattr(layer.mlp.experts, fc, grouped)
+        chunk.decoder.layers.append(layer)
+    return chunk
+
+
+def test_te_grouped_expert_names_map_to_global_experts():
+    """If this fails, a GPU run with Transformer Engine's grouped experts (weight0..weightN per
+    GroupedLinear) loads or syncs the wrong experts: local expert i of EP rank r must be HF
+    expert r * E/ep + i, in the layer's global number."""
+    from types import SimpleNamespace
+
+    from megarlhf.parallel.layout import ParallelLayout
+    from megarlhf.weights.mapping import local_params
+
+    spec = _spec("qwen3_moe")  # 8 experts
+    lay = ParallelLayout(tp=1, pp=2, dp=4, ep=4, etp=1)
+    ctx = SimpleNamespace(layout=lay, tp_rank=0, ep_rank=3, etp_rank=0)
+    chunk = _fake_te_chunk(spec, layers=[3, 4], n_local=2)  # stage 1 of 4 layers (1-based 3, 4)
+    bundle = SimpleNamespace(spec=spec, ctx=ctx, te=True, head="lm",
+                             unwrapped=lambda: [chunk])
+    by_name = {lp.name: lp for lp in local_params(bundle)}
+    fc1 = by_name["decoder.layers.1.mlp.experts.linear_fc1.weight1"]
+    assert fc1.hf_names == ("model.layers.3.mlp.experts.7.gate_proj.weight",
+                            "model.layers.3.mlp.experts.7.up_proj.weight")
+    assert fc1.expert and fc1.kind == "gate_up" and fc1.split_size == 1
+    fc2 = by_name["decoder.layers.0.mlp.experts.linear_fc2.weight0"]
+    assert fc2.hf_names == ("model.layers.2.mlp.experts.6.down_proj.weight",) and fc2.kind == "row"
+    assert by_name["decoder.layers.0.mlp.router.weight"].hf_names == \
+        ("model.layers.2.mlp.gate.weight",)
+    assert by_name["decoder.layers.0.pre_mlp_layernorm.weight"].hf_names == \
+        ("model.layers.2.post_attention_layernorm.weight",)
+    assert by_name["decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"].hf_names == \
+        ("model.layers.2.input_layernorm.weight",)
+    # SequentialMLP (local spec) names the same experts local_experts.{i}.
+    seq = {pm.megatron for pm in expert_param_maps(spec, grouped=False)}
+    assert seq == {"decoder.layers.{l}.mlp.experts.local_experts.{i}.linear_fc1.weight",
+                   "decoder.layers.{l}.mlp.experts.local_experts.{i}.linear_fc2.weight"}
+
+
+def test_hf_names_are_the_on_disk_names_transformers_writes(tmp_path):
+    """If this fails, megarlhf's HF contract (the names it reads, exports and streams to the
+    rollout engine) drifts from what transformers' save_pretrained writes for MoE checkpoints,
+    or the fused in-memory <-> per-expert conversion is wrong in either direction."""
+    from safetensors.torch import load_file
+
+    from megarlhf.models.tiny import build_hf_model
+    from megarlhf.weights.mapping import hf_names_for
+
+    for family in ("qwen3_moe", "mixtral"):
+        arch = tiny_arch(family, num_layers=2)
+        model = build_hf_model(arch, seed=1)
+        spec = arch_spec(hf_config_from_dict(arch))
+        d = tmp_path / family
+        model.save_pretrained(str(d))
+        disk = load_file(str(d / "model.safetensors"))
+        assert sorted(hf_names_for(spec, "lm")) == sorted(disk)
+        mem = {k: v for k, v in model.state_dict().items()}
+        converted = hf_experts_fused_to_disk(mem, spec)
+        assert sorted(converted) == sorted(disk)
+        for k, v in disk.items():
+            assert torch.equal(converted[k], v), (family, k)
+        back = hf_experts_disk_to_fused(disk, spec)
+        assert sorted(back) == sorted(mem)
+        for k, v in mem.items():
+            assert torch.equal(back[k], v), (family, k)
+        # transformers loads what hf_experts_disk_to_fused produced, strictly.
+        fresh = build_hf_model(arch, seed=2)
+        fresh.load_state_dict(back, strict=True)
+
+
+def test_validate_refuses_fused_expert_checkpoints(tmp_path):
+    """If this fails, a checkpoint holding transformers' in-memory fused experts is read as if
+    experts were missing, with no hint at the cause."""
+    from safetensors.torch import save_file
+
+    from megarlhf.models.tiny import build_hf_model
+    from megarlhf.weights.validate import HFValidationError, inspect_hf_dir
+
+    arch = tiny_arch("qwen3_moe", num_layers=2)
+    model = build_hf_model(arch)
+    d = tmp_path / "fused"
+    model.save_pretrained(str(d))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(HFValidationError, match="experts stored fused"):
+        inspect_hf_dir(str(d))
+
+
+# --------------------------------------------------------------------------- config rules
+
+
+def _job(**over):
+    d = {
+        "kind": "grpo",
+        "cluster": {"num_nodes": 1, "gpus_per_node": 8},
+        "actor": {"model": {"arch": tiny_arch("qwen3_moe")}, "num_gpus": 4,
+                  "parallel": {"tp": 1, "ep": 2}, "micro_batch_size_per_rank": 2},
+        "rollout": {"num_gpus": 2, "tp": 1},
+        "batch": {"rollout_prompts_global": 8, "train_prompts_global": 4,
+                  "n_samples_per_prompt": 4},
+    }
+    for k, v in over.items():
+        node = d
+        parts = k.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return d
+
+
+def _rejects(d, *needles):
+    with pytest.raises(ConfigError) as e:
+        validate(from_dict(JobConfig, d))
+    for n in needles:
+        assert n in str(e.value), f"{n!r} not in: {e.value}"
+
+
+def test_expert_parallel_config_rules():
+    """If this fails, a layout megatron cannot build for an MoE model passes validation (or a
+    valid one is refused): experts not divisible by ep, etp*ep not dividing a stage's ranks, MoE
+    training at TP > 1 without sequence parallelism, ep on a dense model, allgather with PP."""
+    job = validate(from_dict(JobConfig, _job()))
+    assert job.actor.layout().describe() == "TP1/PP1/DP4 EP2/ETP1"
+    assert job.actor.layout().edp == 2
+    _rejects(_job(**{"actor.parallel": {"ep": 3}}), "actor.parallel.ep = 3",
+             "8 experts", "[1, 2, 4, 8]")
+    _rejects(_job(**{"actor.parallel": {"ep": 8}}), "etp*ep = 1*8 = 8 does not divide 4")
+    _rejects(_job(**{"actor.parallel": {"tp": 2, "ep": 2}}),
+             "actor.parallel.sequence_parallel=true")
+    validate(from_dict(JobConfig, _job(**{"actor.parallel": {"tp": 2, "ep": 2,
+                                                             "sequence_parallel": True}})))
+    _rejects(_job(**{"actor.parallel": {"ep": 2, "etp": 3}}), "etp = 3 does not divide")
+    _rejects(_job(**{"actor.model.arch": tiny_arch("llama")}), "the model (llama) is dense")
+    _rejects(_job(**{"actor.parallel": {"pp": 2, "ep": 2},
+                     "actor.model.moe_token_dispatcher": "allgather"}),
+             "moe_token_dispatcher=allgather")
+    # Routing replay needs the rollout engine's expert choices, which no engine returns yet.
+    _rejects(_job(**{"actor.model.moe_routing_replay": True}),
+             "moe_routing_replay=true", "does not return them yet")
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def test_plan_shards_experts_by_ep_hand_calculation():
+    """If this fails, `megarlhf plan` miscounts an MoE model: experts are held E/ep per GPU and
+    their optimizer state is sharded over expert-DP, not DP (hand calculation, Qwen3-30B-A3B)."""
+    from megarlhf.controller.plan import ModelShape, estimate_role
+
+    d = _job(**{"actor.model": {"arch": dict(QWEN3_30B_A3B), "dtype": "bf16",
+                                "recompute": "full"},
+                "actor.num_gpus": 8, "actor.max_tokens_per_micro_batch": 4096,
+                "actor.parallel": {"tp": 2, "sequence_parallel": True, "ep": 4, "etp": 1},
+                "actor.optimizer": {"name": "adam", "use_distributed_optimizer": True}})
+    job = validate(from_dict(JobConfig, d))
+    h, a, g, hd, F, E, L, V = 2048, 32, 4, 128, 768, 128, 48, 151936
+    attn = 2 * h * a * hd + 2 * h * g * hd  # q, o + k, v = 18,874,368
+    experts = 3 * h * F * E  # 603,979,776 per layer
+    rep = 2 * h + 2 * hd + E * h  # two norms, q/k norms, the router
+    shape = ModelShape.from_model(job.actor.model)
+    assert shape.total_params() == L * (attn + experts + rep) + 2 * V * h + h \
+        == 30_532_122_624  # Qwen3-30B-A3B's published 30.5B
+    est = estimate_role(job, "actor")  # TP2 x DP4; experts EP4 x ETP1, expert-DP 2
+    assert est.layout.edp == 2
+    vp = 152_064  # 151936 padded to a multiple of 128 * tp
+    dense = L * (attn // 2 + rep) + 2 * (vp * h // 2) + h  # 777,205,760
+    exp = L * experts // 4  # 7,247,757,312: 32 of 128 experts on each GPU
+    (st,) = est.stages
+    assert (st.params, st.expert_params) == (dense + exp, exp)
+    assert st.weights == 2 * (dense + exp)
+    assert st.grads == 4 * (dense + exp)
+    # Adam + fp32 main params: 12 bytes, over DP*CP = 4 (dense) and expert-DP = 2 (experts).
+    assert st.optimizer == 12 * dense / 4 + 12 * exp / 2
+
+
+def test_shipped_moe_configs_are_the_real_models():
+    """If this fails, the Qwen3-30B-A3B or Qwen3-235B-A22B config no longer describes the real
+    model, or the 235B one stopped being the dense 200B-class config's sibling on 16 nodes."""
+    from megarlhf.config import load_config
+    from megarlhf.controller.plan import ModelShape
+
+    small = load_config(os.path.join(REPO, "configs", "qwen3_30b_a3b_grpo_8xh100.yaml"))
+    big = load_config(os.path.join(REPO, "configs", "qwen3_235b_a22b_grpo_16nodes.yaml"))
+    assert 30.4e9 < ModelShape.from_model(small.actor.model).total_params() < 30.6e9
+    assert small.cluster.num_nodes == 1 and small.actor.parallel.ep == 8
+    assert 234.9e9 < ModelShape.from_model(big.actor.model).total_params() < 235.2e9
+    assert big.cluster.num_nodes == 16 and big.actor.parallel.ep == 64
