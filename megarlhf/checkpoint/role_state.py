@@ -144,7 +144,7 @@ def load_role_state(worker, step_dir: str, role: str, weights_only: bool = False
 def export_role_hf(worker, out_dir: str, dtype: str | None = None) -> dict[str, Any]:
     """Collective: writes the role's model as an HF directory (rank 0 writes)."""
     from megarlhf.checkpoint.atomic import publish, temp_dir_for
-    from megarlhf.weights.convert import export_hf
+    from megarlhf.checkpoint.convert import export_hf
 
     eng = worker.engine
     rank = eng.ctx.rank

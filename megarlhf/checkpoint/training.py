@@ -1,7 +1,7 @@
 """Full training-state checkpoints of a job: every trained or frozen role + the driver's state.
 
 A save writes ``step_XXXXXX/<role>/`` for each role (weights as a reshardable distributed
-checkpoint, optimizer/scheduler/RNG per rank, see :mod:`megarlhf.controller.state`), then the
+checkpoint, optimizer/scheduler/RNG per rank, see :mod:`megarlhf.checkpoint.role_state`), then the
 driver's state (step, data position, RNG) and the ``COMPLETE`` marker, and only then moves
 ``latest`` (:class:`~megarlhf.controller.session.Session`).
 """
@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from megarlhf.controller.session import Session
-from megarlhf.controller.state import load_role_state, save_role_state
+from megarlhf.checkpoint.role_state import load_role_state, save_role_state
 
 
 def save_training_state(session: Session, cluster, step: int, driver_state: dict[str, Any],

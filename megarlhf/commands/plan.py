@@ -19,7 +19,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from megarlhf.config import load_config
-    from megarlhf.controller.plan import PROCESS_OVERHEAD_GIB, format_plan, make_plan
+    from megarlhf.planning.plan import PROCESS_OVERHEAD_GIB, format_plan, make_plan
 
     job = load_config(args.config, args.overrides)
     overhead = PROCESS_OVERHEAD_GIB if args.overhead_gib is None else args.overhead_gib

@@ -59,7 +59,7 @@ from megarlhf.controller.async_schedule import (
     Task,
 )
 from megarlhf.controller.cluster import Cluster
-from megarlhf.controller.rewards import RewardComputer
+from megarlhf.rewards.computer import RewardComputer
 from megarlhf.controller.rl import RLTrainer
 
 
@@ -226,7 +226,7 @@ class AsyncRLTrainer(RLTrainer):
 
 def check_async_placement(job: JobConfig) -> None:
     """Generation and learning run at once: the rollout needs GPUs (CPU slots) of its own."""
-    from megarlhf.controller.placement import plan_placement
+    from megarlhf.planning.placement import plan_placement
 
     plan = plan_placement(job)
     shared = plan.colocated_with("rollout") if "rollout" in plan.roles else ()

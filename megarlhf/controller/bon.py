@@ -148,7 +148,7 @@ def rm_scores(job: JobConfig, group, rm_tok, prompts: Sequence[Any],
     """``(P, M)`` reward-model scores of response texts, re-tokenized with the RM's tokenizer
     exactly as in RM training (``prompt + response + EOS``; a truncated sample gets the EOS
     too). ORM: the logit at the last token; PRM: ``reward.prm_aggregation`` of the steps."""
-    from megarlhf.controller.data import prompt_token_ids
+    from megarlhf.data.job_data import prompt_token_ids
     from megarlhf.controller.rm import prm_scores, score_sequences
     from megarlhf.data.datasets import Source, tokenize_response_steps
 
@@ -186,8 +186,8 @@ def eval_bon(job: JobConfig) -> dict[str, Any]:
         ``{"curve": {N: {...}}, "num_prompts", "samples_per_prompt", "path"}``.
     """
     from megarlhf.controller.cluster import Cluster
-    from megarlhf.controller.data import load_job_tokenizer
-    from megarlhf.controller.data import prompt_token_ids
+    from megarlhf.data.job_data import load_job_tokenizer
+    from megarlhf.data.job_data import prompt_token_ids
     from megarlhf.controller.rm_data import policy_rollout
     from megarlhf.controller.session import Session
     from megarlhf.rewards.math_verify import verify_answer

@@ -1,6 +1,6 @@
 """The job's roles on the cluster: placement, worker groups, and who holds the GPUs when.
 
-:class:`Cluster` reserves the placement of a job (:mod:`megarlhf.controller.placement`), starts a
+:class:`Cluster` reserves the placement of a job (:mod:`megarlhf.planning.placement`), starts a
 :class:`~megarlhf.workers.WorkerGroup` per Megatron role and a
 :class:`~megarlhf.workers.RolloutGroup` when the job generates, and switches colocated roles in
 and out of GPU memory between phases (:meth:`activate`): a role with ``offload: true`` is moved
@@ -22,7 +22,7 @@ class Cluster:
     def __init__(self, job: JobConfig, *, roles: list[str] | None = None, rollout: bool = True,
                  pad_id: int = 0, rollout_model: Any = None,
                  model_overrides: dict[str, Any] | None = None):
-        from megarlhf.controller.placement import init_ray, plan_placement, slot_resource_for
+        from megarlhf.planning.placement import init_ray, plan_placement, slot_resource_for
         from megarlhf.workers import RoleSpec, RolloutGroup, RolloutSpec, WorkerGroup
 
         self.job = job

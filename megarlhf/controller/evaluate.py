@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megarlhf.controller.experience import PromptItem
+from megarlhf.data.job_data import PromptItem
 
 
 def greedy_accuracy(rollout, prompts: list[PromptItem], tokenizer, max_new_tokens: int,

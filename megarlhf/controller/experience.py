@@ -15,18 +15,9 @@ import torch
 from torch import Tensor
 
 from megarlhf.config.schema import AlgorithmConfig
+from megarlhf.data.job_data import PromptItem
 from megarlhf.engine.batch import TokenBatch
 from megarlhf import rl
-
-
-@dataclass
-class PromptItem:
-    """One prompt of a rollout phase."""
-
-    ids: list[int]
-    text: str = ""
-    answer: Any = None  # ground truth for verifiers
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def build_rollout_batch(prompts: list[PromptItem], outputs: list, pad_id: int = 0

@@ -23,17 +23,18 @@ import torch
 
 from megarlhf import rl
 from megarlhf.config import JobConfig
-from megarlhf.controller.checkpointing import (
+from megarlhf.checkpoint.training import (
     driver_rng_state,
     resume_training_state,
     save_training_state,
     set_driver_rng_state,
 )
 from megarlhf.controller.cluster import Cluster
-from megarlhf.controller.data import load_job_tokenizer, load_prompt_items
+from megarlhf.data.job_data import load_job_tokenizer, load_prompt_items
 from megarlhf.controller.evaluate import greedy_accuracy
-from megarlhf.controller.experience import PromptItem, build_rollout_batch, compute_advantages
-from megarlhf.controller.rewards import RewardComputer
+from megarlhf.controller.experience import build_rollout_batch, compute_advantages
+from megarlhf.data.job_data import PromptItem
+from megarlhf.rewards.computer import RewardComputer
 from megarlhf.controller.session import Session
 from megarlhf.engine.batch import TokenBatch
 from megarlhf.engine.loss_fns import DPOLossSpec, PolicyLossSpec, ValueLossSpec
@@ -273,7 +274,7 @@ class RLTrainer:
                 if job.kind != "bon" and last == job.train.steps:
                     import os
 
-                    from megarlhf.controller.state import export_role_hf
+                    from megarlhf.checkpoint.role_state import export_role_hf
 
                     hf_dir = os.path.join(session.output_dir, "hf")
                     cl["actor"].execute(export_role_hf, hf_dir)

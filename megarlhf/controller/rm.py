@@ -9,7 +9,7 @@ EOS). Writing ``s = R(x, y)`` for the logit there:
 * preference pairs ``(x, y_c, y_r)``: ``L_pref = -mean log sigmoid(s_c - s_r)``  (Bradley-Terry);
 * labelled responses ``(x, y, l)``: ORM ``L_bin = mean BCE(sigmoid(s), l)``; PRM per-step
   ``L_step = mean over steps BCE(sigmoid(s_k), y_k)`` with soft or hard step labels (the final
-  step's label is the outcome ``l``), automatic (Math-Shepherd, :mod:`.prm_labels`) when the
+  step's label is the outcome ``l``), automatic (Math-Shepherd, :mod:`megarlhf.rewards.prm_labels`) when the
   rows have none and ``reward.prm_label_rollouts = K > 0``;
 * ``L = L_bin + L_pref`` (ORM) or ``L_step + L_pref`` (PRM), each mean normalised by its global
   count over the whole batch.
@@ -40,13 +40,13 @@ from typing import Any
 import torch
 
 from megarlhf.config import ConfigError, JobConfig
-from megarlhf.controller.checkpointing import (
+from megarlhf.checkpoint.training import (
     driver_rng_state,
     resume_training_state,
     save_training_state,
     set_driver_rng_state,
 )
-from megarlhf.controller.data import prompt_token_ids
+from megarlhf.data.job_data import prompt_token_ids
 from megarlhf.engine.batch import TokenBatch
 from megarlhf.rl import rm_losses as R
 
@@ -258,7 +258,7 @@ def _paths_exist(*pairs: tuple[str | None, str]) -> None:
 def _auto_step_labeller(job: JobConfig, session):
     """The ``step_labeller`` of :func:`load_rm_data`: Math-Shepherd labels from policy rollouts,
     cached in ``<output_dir>/prm_step_labels.json`` (reused while its settings match)."""
-    from megarlhf.controller.prm_labels import StepExample, label_steps_with_policy
+    from megarlhf.rewards.prm_labels import StepExample, label_steps_with_policy
     from megarlhf.data.datasets import DatasetError
 
     r = job.reward
@@ -487,9 +487,9 @@ def train_rm(job: JobConfig) -> dict[str, Any]:
         ``eval`` (the held-out history ``[[step, metrics], ...]``), ``hf_dir`` and ``step``.
     """
     from megarlhf.controller.cluster import Cluster
-    from megarlhf.controller.data import load_job_tokenizer
+    from megarlhf.data.job_data import load_job_tokenizer
     from megarlhf.controller.session import Session
-    from megarlhf.controller.state import export_role_hf
+    from megarlhf.checkpoint.role_state import export_role_hf
     from megarlhf.data.datasets import ResumableSampler
 
     if job.kind != "rm":

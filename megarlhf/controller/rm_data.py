@@ -49,7 +49,7 @@ def policy_rollout(job: JobConfig, hf_dir: str, *, max_prompt_len: int | None = 
     if not hf_dir or not os.path.isdir(hf_dir):
         raise ConfigError(f"policy {hf_dir!r} is not an HF model directory (config.json + "
                           "weights); point it at an exported model, e.g. <sft output_dir>/hf")
-    from megarlhf.controller.placement import (
+    from megarlhf.planning.placement import (
         PlacementPlan,
         Pool,
         RolePlacement,
@@ -91,7 +91,7 @@ def policy_rollout(job: JobConfig, hf_dir: str, *, max_prompt_len: int | None = 
 def policy_tokenizer(job: JobConfig, policy_hf_dir: str):
     """The policy's tokenizer: the one saved in its HF directory, else the actor's
     (``actor.model.tokenizer``)."""
-    from megarlhf.controller.data import load_job_tokenizer
+    from megarlhf.data.job_data import load_job_tokenizer
     from megarlhf.data.tokenizer import load_tokenizer
 
     has_own = any(os.path.isfile(os.path.join(policy_hf_dir, f)) for f in (
@@ -181,14 +181,14 @@ def sample_and_label(job: JobConfig, policy_hf_dir: str, prompts_path: str, out_
         all_pairs: pair every right response with every wrong one of its prompt (default: each
             response in at most one pair, see :func:`pair_up`).
         step_label_rollouts: K > 0 also writes Math-Shepherd ``step_labels`` (K rollouts per
-            step, soft fractions; :mod:`megarlhf.controller.prm_labels`).
+            step, soft fractions; :mod:`megarlhf.rewards.prm_labels`).
 
     Returns:
         ``{"labelled", "pairs"[, "eval_labelled", "eval_pairs"]}`` paths and the counts
         ``num_prompts``, ``num_responses``, ``num_pairs``, ``accuracy`` (share of right samples).
     """
-    from megarlhf.controller.prm_labels import StepExample, label_steps_with_policy
-    from megarlhf.controller.data import prompt_token_ids
+    from megarlhf.rewards.prm_labels import StepExample, label_steps_with_policy
+    from megarlhf.data.job_data import prompt_token_ids
     from megarlhf.data.datasets import FieldNames, load_prompts, write_jsonl
     from megarlhf.rewards.math_verify import verify_answer
     from megarlhf.rollout.base import SamplingParams

@@ -13,16 +13,16 @@ import time
 from typing import Any
 
 from megarlhf.config import JobConfig
-from megarlhf.controller.checkpointing import (
+from megarlhf.checkpoint.training import (
     driver_rng_state,
     resume_training_state,
     save_training_state,
     set_driver_rng_state,
 )
 from megarlhf.controller.cluster import Cluster
-from megarlhf.controller.data import load_job_tokenizer, load_sft_samples
+from megarlhf.data.job_data import load_job_tokenizer, load_sft_samples
 from megarlhf.controller.session import Session
-from megarlhf.controller.state import export_role_hf
+from megarlhf.checkpoint.role_state import export_role_hf
 from megarlhf.engine.batch import TokenBatch
 from megarlhf.engine.loss_fns import SFTLossSpec
 

@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 
 from megarlhf.config.base import ConfigError
 from megarlhf.config.schema import JobConfig, ModelConfig, OptimizerConfig
-from megarlhf.controller.placement import RL_KINDS, PlacementPlan, format_slots, plan_placement
+from megarlhf.planning.placement import RL_KINDS, PlacementPlan, format_slots, plan_placement
 from megarlhf.parallel.layout import ParallelLayout
 
 GIB = 2**30
@@ -521,7 +521,7 @@ def format_plan(plan: Plan) -> str:
         rows.append([name, model, format_slots(rp.slots), layout,
                      ", ".join(pl.colocated_with(name)) or "-", off])
     out += _table(rows)
-    out += ["", "memory per GPU, GiB (worst pipeline stage; formulas: megarlhf/controller/plan.py)"]
+    out += ["", "memory per GPU, GiB (worst pipeline stage; formulas: megarlhf/planning/plan.py)"]
     rows = [["role", "params/GPU", "weights", "grads", "optim", "activ", "total", "micro-batch"]]
     for name, est in plan.roles.items():
         w = est.worst

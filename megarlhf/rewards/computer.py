@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from megarlhf.config import JobConfig
-from megarlhf.controller.experience import PromptItem
+from megarlhf.data.job_data import PromptItem
 from megarlhf.engine.batch import TokenBatch
 
 

@@ -303,7 +303,7 @@ class WorkerGroup(ActorGroup):
         """Starts one actor per rank of ``spec.role`` on its placement slots and builds it.
 
         Args:
-            placement: a :class:`~megarlhf.controller.placement.ClusterPlacement` holding the
+            placement: a :class:`~megarlhf.planning.placement.ClusterPlacement` holding the
                 role.
             spec: what to build.
             call_timeout_s: default bound of every call.

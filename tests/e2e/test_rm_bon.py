@@ -117,7 +117,7 @@ def test_prm_step_labels_from_a_real_policy_equal_rollout_fractions(demo_run, tm
     """If this fails, automatic PRM labels with a real policy (prefix tokenization, seeded
     rollouts on the rollout group, decoding, verification) are not the fraction of that
     policy's rollouts from each prefix that reach the right answer."""
-    from megarlhf.controller.prm_labels import (
+    from megarlhf.rewards.prm_labels import (
         StepExample,
         label_steps_with_policy,
         step_prefixes,

@@ -22,7 +22,7 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 def _group(tp=2, **kwargs):
     from megarlhf.config.base import from_dict
     from megarlhf.config.schema import JobConfig
-    from megarlhf.controller.placement import plan_placement
+    from megarlhf.planning.placement import plan_placement
     from megarlhf.models.tiny import tiny_arch
     from megarlhf.workers import WorkerGroup
 

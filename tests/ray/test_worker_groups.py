@@ -204,7 +204,7 @@ def _rollout_matches_actor(rollout, actor, seed):
 
 def test_colocated_groups_match_single_process(ray_cluster, model_dirs, reference):
     """If this fails, colocated groups (TP2, offload, weight sync) differ from one process."""
-    from megarlhf.controller.placement import plan_placement
+    from megarlhf.planning.placement import plan_placement
     from megarlhf.rollout import SamplingParams, make_rollout_engine
     from megarlhf.workers import RolloutGroup, RolloutSpec, WorkerGroup
 
@@ -263,7 +263,7 @@ def test_colocated_groups_match_single_process(ray_cluster, model_dirs, referenc
 
 def test_split_groups_match_single_process(ray_cluster, model_dirs, reference):
     """If this fails, split groups (own GPUs, PP2 and TP2) differ from the one-process engine."""
-    from megarlhf.controller.placement import plan_placement
+    from megarlhf.planning.placement import plan_placement
     from megarlhf.workers import WorkerGroup
 
     lm, rm = model_dirs

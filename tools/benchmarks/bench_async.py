@@ -245,7 +245,7 @@ def main() -> None:
                 "prompts_train": os.path.join(a.demo_dir, "data", "prompts_train.jsonl")}
     else:
         demo = build_demo(a.work, a.sft_steps)
-    from megarlhf.controller.placement import init_ray
+    from megarlhf.planning.placement import init_ray
 
     init_ray(make_job(demo, os.path.join(a.work, "probe"), 1, False, a.overrides),
              include_dashboard=False, log_to_driver=False)
