@@ -1,15 +1,17 @@
-"""Rules that relate several config components, checked before any process starts.
+"""Rules that relate several config components, read from the config alone.
 
-:func:`validate` collects every violation and raises one :class:`ConfigError` listing them all,
-each naming the field and the change that fixes it.
+:func:`config_errors` lists every violation, each naming the field and the change that fixes
+it; :func:`validate_config` raises them as one :class:`ConfigError`. Rules that need the model
+files (heads vs TP, layers vs PP) or the placement planner live in
+:mod:`megarlhf.planning.checks`, whose :func:`~megarlhf.planning.checks.validate` runs these
+rules too: that is the full check every command and trainer runs before any process starts.
 """
 
 from __future__ import annotations
 
-from typing import Any
 
 from megarlhf.config.base import ConfigError
-from megarlhf.config.schema import JobConfig, ModelConfig, RoleConfig
+from megarlhf.config.schema import JobConfig, RoleConfig
 
 
 def active_roles(job: JobConfig) -> dict[str, RoleConfig]:
@@ -54,17 +56,7 @@ def global_batch_sequences(job: JobConfig) -> int:
     return job.batch.train_samples_global
 
 
-def _arch_numbers(model: ModelConfig) -> dict[str, Any] | None:
-    """Heads, query groups and layers of a model, read from its HF config (cheap, no weights)."""
-    from megarlhf.models.arch import ArchError, arch_summary
-
-    try:
-        return arch_summary(model)
-    except ArchError as e:
-        raise ConfigError(str(e)) from None
-
-
-def _check_role(name: str, role: RoleConfig, model: ModelConfig, errors: list[str],
+def _check_role(name: str, role: RoleConfig, errors: list[str],
                 batch_sequences: int | None) -> None:
     p = role.parallel
     if p.cp > 1:
@@ -91,25 +83,6 @@ def _check_role(name: str, role: RoleConfig, model: ModelConfig, errors: list[st
         return
     dp = p.dp if p.dp is not None else role.num_gpus // mp
 
-    arch = _arch_numbers(model)
-    if arch is not None:
-        heads, groups, layers = arch["num_attention_heads"], arch["num_query_groups"], \
-            arch["num_layers"]
-        if heads % p.tp:
-            errors.append(
-                f"{name}.parallel.tp = {p.tp} does not divide the model's {heads} attention heads;"
-                f" choose tp from {_divisors(heads)}"
-            )
-        if groups % p.tp:
-            errors.append(
-                f"{name}.parallel.tp = {p.tp} does not divide the model's {groups} query groups "
-                f"(key/value heads); choose tp from {_divisors(groups)}"
-            )
-        if layers % (p.pp * p.vpp):
-            errors.append(
-                f"{name}: the model's {layers} layers are not divisible by pp*vpp = "
-                f"{p.pp}*{p.vpp} = {p.pp * p.vpp}; choose pp*vpp from {_divisors(layers)}"
-            )
     if batch_sequences is not None:
         per_step = dp * role.micro_batch_size_per_rank
         if role.max_tokens_per_micro_batch is None and batch_sequences % per_step:
@@ -125,12 +98,45 @@ def _check_role(name: str, role: RoleConfig, model: ModelConfig, errors: list[st
             )
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+POLICY_KINDS = ("ppo", "grpo", "dpo")  # the kinds that train a policy from rollouts
 
 
-def validate(job: JobConfig) -> JobConfig:
-    """Checks every cross-component rule; raises one ConfigError listing all violations."""
+def behaviour_logprobs_needed(job: JobConfig) -> str | None:
+    """Why this job trains with the rollout engine's (behaviour) log-probs, or None.
+
+    Asynchronous training, truncated importance sampling and ``use_behaviour_logprobs`` all
+    need them; without them the learner's own log-probs would silently stand in for the
+    behaviour policy's.
+    """
+    if job.kind not in POLICY_KINDS:
+        return None
+    if job.asynchronous.enabled:
+        return "asynchronous.enabled"
+    if job.algorithm.tis_cap is not None:
+        return f"algorithm.tis_cap={job.algorithm.tis_cap}"
+    if job.algorithm.use_behaviour_logprobs:
+        return "algorithm.use_behaviour_logprobs"
+    return None
+
+
+def engine_returns_logprobs(job: JobConfig) -> bool:
+    """Whether the rollout engine returns the sampled tokens' log-probs with ``job.rollout``'s
+    sampling (what the rollout requests, see :mod:`megarlhf.controller.sampling`).
+
+    Every engine returns them for plain temperature sampling. With top-p < 1 or top-k > 0 the
+    vLLM engine cannot (its log-probs are taken after the filter, not the full-vocabulary
+    number the learner computes; :mod:`megarlhf.rollout.vllm_engine`); the transformers engine
+    can. ``rollout.engine=auto`` may pick vLLM, so it counts as vLLM here.
+    """
+    r = job.rollout
+    if r.temperature == 0:
+        return False  # greedy generation is never used for training
+    filters = r.top_p < 1.0 or r.top_k > 0
+    return not filters or r.engine == "hf"
+
+
+def config_errors(job: JobConfig) -> list[str]:
+    """Every violated rule of ``job`` that the config alone shows (see the module docstring)."""
     errors: list[str] = []
     trained = trained_roles(job)
     batch_seqs = global_batch_sequences(job)
@@ -145,60 +151,43 @@ def validate(job: JobConfig) -> JobConfig:
     if job.kind == "rm" and job.reward.rm_type not in ("orm", "prm"):
         errors.append("kind=rm needs reward.rm_type orm or prm")
 
-    roles = active_roles(job)
-    for name, role in roles.items():
-        model = job.role_model(name) if role.model is None else role.model
-        _check_role(name, role, model, errors, batch_seqs if name in trained else None)
+    for name, role in active_roles(job).items():
+        _check_role(name, role, errors, batch_seqs if name in trained else None)
 
     if job.kind in ("ppo", "grpo", "dpo", "bon"):
         r = job.rollout
         if r.num_gpus % r.tp:
             errors.append(f"rollout.num_gpus = {r.num_gpus} is not divisible by rollout.tp = "
                           f"{r.tp}; each replica needs rollout.tp GPUs")
-        arch = _arch_numbers(job.actor.model)
-        if arch is not None and arch["num_attention_heads"] % r.tp:
-            errors.append(f"rollout.tp = {r.tp} does not divide the model's "
-                          f"{arch['num_attention_heads']} attention heads")
-        if job.kind in ("ppo", "grpo", "dpo") and r.temperature == 0:
+        if job.kind in POLICY_KINDS and r.temperature == 0:
             errors.append("rollout.temperature = 0 (greedy) gives identical samples; RL needs "
                           "sampling: set rollout.temperature > 0 (e.g. 1.0)")
         if job.kind == "dpo" and job.batch.n_samples_per_prompt < 2:
             errors.append("kind=dpo ranks several samples per prompt: set "
                           "batch.n_samples_per_prompt >= 2")
 
-    # GPU budget by placement.
-    c = job.cluster
-    rl = job.kind in ("ppo", "grpo", "dpo", "bon")
-    sizes = {n: r.num_gpus for n, r in roles.items()}
-    if rl:
-        sizes["rollout"] = job.rollout.num_gpus
-    if c.placement == "colocate_all":
-        need = max(sizes.values())
-    elif c.placement == "split":
-        need = sum(sizes.values())
-    else:
-        first = max(sizes.get(n, 0) for n in ("actor", "reference", "rollout"))
-        second = max([sizes.get(n, 0) for n in ("critic", "reward_model")] + [0])
-        need = first + second
-    if need > c.total_gpus:
-        errors.append(
-            f"placement {c.placement} needs {need} GPUs ({sizes}) but the cluster has "
-            f"num_nodes*gpus_per_node = {c.num_nodes}*{c.gpus_per_node} = {c.total_gpus}; "
-            "add nodes, shrink the roles' num_gpus, or colocate roles"
-        )
-
     if job.asynchronous.enabled:
-        if job.kind not in ("ppo", "grpo", "dpo"):
+        if job.kind not in POLICY_KINDS:
             errors.append("asynchronous.enabled applies to ppo, grpo and dpo jobs only")
-        if c.placement == "colocate_all":
-            errors.append("asynchronous.enabled overlaps generation and training on separate "
-                          "GPUs: set cluster.placement=split (or colocate_pairs)")
         if not job.algorithm.use_behaviour_logprobs:
             errors.append("asynchronous.enabled needs algorithm.use_behaviour_logprobs=true "
                           "(PPO ratios must use the generator's log-probs off-policy)")
+    why = behaviour_logprobs_needed(job)
+    if why is not None and job.rollout.temperature > 0 and not engine_returns_logprobs(job):
+        r = job.rollout
+        errors.append(
+            f"{why} trains with the rollout engine's log-probs, but rollout.engine={r.engine} "
+            f"cannot return them when sampling with rollout.top_p={r.top_p} / rollout.top_k="
+            f"{r.top_k} (vLLM's log-probs are taken after the top-p/top-k filter); set "
+            "rollout.top_p=1 and rollout.top_k=-1, or rollout.engine=hf")
 
     _check_reward_model_jobs(job, errors)
+    return errors
 
+
+def validate_config(job: JobConfig) -> JobConfig:
+    """Raises one :class:`ConfigError` listing every :func:`config_errors` violation."""
+    errors = config_errors(job)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
     return job

@@ -87,7 +87,6 @@ class AsyncRLTrainer(RLTrainer):
         if not job.asynchronous.enabled:
             raise ConfigError("AsyncRLTrainer runs jobs with asynchronous.enabled=true; "
                               "use RLTrainer for synchronous training")
-        check_async_placement(job)
         super().__init__(job)
         self.K = job.asynchronous.max_staleness
 
@@ -222,16 +221,3 @@ class AsyncRLTrainer(RLTrainer):
                      history: dict[str, Any], sampler_state: dict[str, Any]) -> bool:
         return self.end_of_step(cl, last, metrics, history, sampler_state, {
             "asynchronous": {"weight_version": last, "max_staleness": self.K}})
-
-
-def check_async_placement(job: JobConfig) -> None:
-    """Generation and learning run at once: the rollout needs GPUs (CPU slots) of its own."""
-    from megarlhf.planning.placement import plan_placement
-
-    plan = plan_placement(job)
-    shared = plan.colocated_with("rollout") if "rollout" in plan.roles else ()
-    if shared:
-        raise ConfigError(
-            f"asynchronous.enabled runs generation and training at the same time, but "
-            f"cluster.placement={job.cluster.placement} puts the rollout on the GPUs of "
-            f"{', '.join(shared)}; set cluster.placement=split (the rollout on GPUs of its own)")

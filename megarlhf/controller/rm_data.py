@@ -31,6 +31,9 @@ from dataclasses import replace
 from typing import Any
 
 from megarlhf.config import ConfigError, JobConfig
+from megarlhf.controller.cluster import ClusterPlacement, init_ray, slot_resource_for
+from megarlhf.planning.placement import PlacementPlan, Pool, RolePlacement, Slot
+from megarlhf.workers import RolloutGroup, RolloutSpec
 
 
 @contextlib.contextmanager
@@ -49,16 +52,6 @@ def policy_rollout(job: JobConfig, hf_dir: str, *, max_prompt_len: int | None = 
     if not hf_dir or not os.path.isdir(hf_dir):
         raise ConfigError(f"policy {hf_dir!r} is not an HF model directory (config.json + "
                           "weights); point it at an exported model, e.g. <sft output_dir>/hf")
-    from megarlhf.planning.placement import (
-        PlacementPlan,
-        Pool,
-        RolePlacement,
-        Slot,
-        init_ray,
-        slot_resource_for,
-    )
-    from megarlhf.workers import RolloutGroup, RolloutSpec
-
     init_ray(job)
     c, r = job.cluster, job.rollout
     if r.num_gpus > c.total_gpus:
@@ -72,7 +65,7 @@ def policy_rollout(job: JobConfig, hf_dir: str, *, max_prompt_len: int | None = 
     spec = replace(spec, max_model_len=(max_prompt_len or job.data.max_prompt_len)
                    + r.max_new_tokens)
     resource = slot_resource_for(job)
-    placement = plan.create(resource)
+    placement = ClusterPlacement(plan, resource)
     # CPU replicas: torch threads for half the cores. Intra-op threads spin while they wait, so
     # on a busy machine a replica that asks for every core runs many times slower (measured on
     # 2 cores: 512 samples of a tiny model take 0.8 s with 1 thread, 20 s with 2 under load).

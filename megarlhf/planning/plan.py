@@ -68,8 +68,11 @@ from dataclasses import dataclass, field
 
 from megarlhf.config.base import ConfigError
 from megarlhf.config.schema import JobConfig, ModelConfig, OptimizerConfig
-from megarlhf.planning.placement import RL_KINDS, PlacementPlan, format_slots, plan_placement
+from megarlhf.config.validate import active_roles, global_batch_sequences, trained_roles
+from megarlhf.models.arch import load_hf_config
+from megarlhf.models.families import arch_spec
 from megarlhf.parallel.layout import ParallelLayout
+from megarlhf.planning.placement import RL_KINDS, PlacementPlan, format_slots, plan_placement
 
 GIB = 2**30
 PROCESS_OVERHEAD_GIB = 1.0
@@ -100,9 +103,6 @@ class ModelShape:
     @staticmethod
     def from_model(model: ModelConfig) -> "ModelShape":
         """Reads the HF config (config.json or ``arch``); no weights."""
-        from megarlhf.models.arch import load_hf_config
-        from megarlhf.models.families import arch_spec
-
         s = arch_spec(load_hf_config(model))
         return ModelShape(s.num_layers, s.hidden_size, s.ffn_hidden_size, s.num_attention_heads,
                           s.num_query_groups, s.head_dim, s.vocab_size, s.tie_word_embeddings,
@@ -298,8 +298,6 @@ def _flash(model: ModelConfig) -> bool:
 
 def estimate_role(job: JobConfig, name: str) -> RoleEstimate:
     """Memory of trainer role ``name`` per GPU, per pipeline stage."""
-    from megarlhf.config.validate import active_roles, global_batch_sequences, trained_roles
-
     rc = active_roles(job)[name]
     model = job.role_model(name) if rc.model is None else rc.model
     shape = ModelShape.from_model(model)
@@ -471,8 +469,6 @@ def _count(n: int) -> str:
 
 def _bytes_per_param(job: JobConfig, name: str, est: RoleEstimate) -> str:
     """``weights 2 + grads 4 + optimizer 12/2 = 12 bytes per parameter`` for one role."""
-    from megarlhf.config.validate import active_roles
-
     rc = active_roles(job)[name]
     dtype = (job.role_model(name) if rc.model is None else rc.model).dtype
     w = _DTYPE_BYTES[dtype]

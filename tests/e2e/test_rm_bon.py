@@ -44,7 +44,8 @@ def _job(demo_run, out, kind, **over) -> dict:
 
 
 def _load(d: dict):
-    from megarlhf.config import from_dict, validate
+    from megarlhf.config import from_dict
+    from megarlhf.planning import validate
     from megarlhf.config.schema import JobConfig
 
     return validate(from_dict(JobConfig, d))

@@ -104,7 +104,7 @@ def reference(model_dirs):
 def _job(placement, lm, rm, actor_par, critic_par, rollout_gpus=1):
     from megarlhf.config.base import from_dict
     from megarlhf.config.schema import JobConfig
-    from megarlhf.config.validate import validate
+    from megarlhf.planning import validate
 
     return validate(from_dict(JobConfig, {
         "kind": "ppo",
@@ -204,6 +204,7 @@ def _rollout_matches_actor(rollout, actor, seed):
 
 def test_colocated_groups_match_single_process(ray_cluster, model_dirs, reference):
     """If this fails, colocated groups (TP2, offload, weight sync) differ from one process."""
+    from megarlhf.controller.cluster import ClusterPlacement
     from megarlhf.planning.placement import plan_placement
     from megarlhf.rollout import SamplingParams, make_rollout_engine
     from megarlhf.workers import RolloutGroup, RolloutSpec, WorkerGroup
@@ -212,7 +213,7 @@ def test_colocated_groups_match_single_process(ray_cluster, model_dirs, referenc
     job = _job("colocate_all", lm, rm, {"tp": 2}, {"tp": 2}, rollout_gpus=2)
     plan = plan_placement(job)
     assert plan.roles["actor"].fraction == pytest.approx(1 / 3, abs=1e-4)
-    placement = plan.create("GPU", timeout_s=30)
+    placement = ClusterPlacement(plan, "GPU", timeout_s=30)
     groups = []
     try:
         actor = WorkerGroup.from_job(job, "actor", placement, call_timeout_s=120,
@@ -263,6 +264,7 @@ def test_colocated_groups_match_single_process(ray_cluster, model_dirs, referenc
 
 def test_split_groups_match_single_process(ray_cluster, model_dirs, reference):
     """If this fails, split groups (own GPUs, PP2 and TP2) differ from the one-process engine."""
+    from megarlhf.controller.cluster import ClusterPlacement
     from megarlhf.planning.placement import plan_placement
     from megarlhf.workers import WorkerGroup
 
@@ -270,7 +272,7 @@ def test_split_groups_match_single_process(ray_cluster, model_dirs, reference):
     job = _job("split", lm, rm, {"pp": 2}, {"tp": 2})
     plan = plan_placement(job)
     assert plan.roles["actor"].fraction == 1.0
-    placement = plan.create("GPU", timeout_s=30)
+    placement = ClusterPlacement(plan, "GPU", timeout_s=30)
     groups = []
     try:
         t0 = time.monotonic()

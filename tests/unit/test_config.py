@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from megarlhf.config import ConfigError, JobConfig, from_dict, load_config, validate
+from megarlhf.config import ConfigError, JobConfig, from_dict, load_config
+from megarlhf.planning import validate
 from megarlhf.models.tiny import tiny_arch
 
 ARCH = tiny_arch("llama", num_layers=4, num_heads=4, num_kv_heads=2)
@@ -115,8 +116,12 @@ def test_rollout_tp_divides_gpus_and_heads():
 
 def test_cluster_must_hold_the_placement():
     """If this fails, a job that needs more GPUs than the cluster has gets scheduled anyway."""
-    d = job(**{"cluster.placement": "split", "cluster.gpus_per_node": 3})
+    d = job(**{"cluster.placement": "split", "cluster.gpus_per_node": 4})
     rejects(d, "placement split needs 6 GPUs", "cluster has")  # actor 2 + reference 2 + rollout 2
+    # The planner keeps TP groups inside nodes: on 3-GPU nodes the reference (tp 2) starts on
+    # the next node, so the same roles need 7.
+    d = job(**{"cluster.placement": "split", "cluster.gpus_per_node": 3, "cluster.num_nodes": 2})
+    rejects(d, "placement split needs 7 GPUs", "cluster has")
 
 
 def test_ppo_needs_critic_and_rm_source_needs_reward_model():
