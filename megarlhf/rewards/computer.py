@@ -1,13 +1,15 @@
-"""Sequence rewards for a rollout batch: verifiers, sandboxed code tests, a reward model, or a mix.
+"""Sequence rewards for a rollout: verifiers, sandboxed code tests, a reward model, or a mix.
 
 ``reward.sources`` weights the sources (methods.md 2.2 step 1: "raw reward r from the RM, or a
-verifier, or a weighted mix"). Text sources (math, code) see the decoded response; the reward
-model scores the token sequence itself: its scalar head read at the last token (ORM), or at the
-step-delimiter tokens aggregated by ``reward.prm_aggregation`` (PRM).
+verifier, or a weighted mix"). Every source sees the decoded response text: the verifiers check
+it, and the reward model scores ``prompt + response + EOS`` re-encoded in its own tokenizer
+(:mod:`megarlhf.rewards.reward_model`, the same inputs and read positions as in RM training and
+best-of-N).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,69 +17,58 @@ from torch import Tensor
 
 from megarlhf.config import JobConfig
 from megarlhf.data.job_data import PromptItem
-from megarlhf.engine.batch import TokenBatch
+from megarlhf.rewards.code_sandbox import CodeSandboxReward, SandboxLimits
+from megarlhf.rewards.math_verify import MathVerifier
+from megarlhf.rewards.reward_model import RewardModelScorer
 
 
 class RewardComputer:
-    """Computes raw rewards (B,) and per-source means for a rollout batch."""
+    """Raw rewards ``(B,)`` of responses and their per-source means.
 
-    def __init__(self, job: JobConfig, tokenizer, reward_group=None):
+    Args:
+        job: ``reward.sources`` (weights) and the sources' settings.
+        reward_model: the scorer of the ``rm`` source (None when the job has none).
+    """
+
+    def __init__(self, job: JobConfig, reward_model: RewardModelScorer | None = None):
         self.job = job
-        self.tokenizer = tokenizer
-        self.reward_group = reward_group
+        self.reward_model = reward_model
         self.text_sources: dict[str, Any] = {}
         for name in job.reward.sources:
             if name == "math":
-                from megarlhf.rewards.math_verify import MathVerifier
-
                 self.text_sources[name] = MathVerifier(answer_key="answer")
             elif name == "code":
-                from megarlhf.rewards.code_sandbox import CodeSandboxReward, SandboxLimits
-
                 self.text_sources[name] = CodeSandboxReward(
                     SandboxLimits(timeout_s=job.reward.code_timeout_s))
-            elif name == "rm" and reward_group is None:
-                raise ValueError("reward.sources uses 'rm' but no reward_model group was started")
+            elif name == "rm" and reward_model is None:
+                raise ValueError("reward.sources uses 'rm' but no reward model scorer was given "
+                                 "(no reward_model group was started)")
 
-    def rm_scores(self, batch: TokenBatch) -> Tensor:
-        """The reward model's score of each sequence (B,)."""
-        values = self.reward_group.forward(batch)["values"]  # (B, S)
-        lengths = batch.lengths
-        if self.job.reward.rm_type == "orm":
-            return values[torch.arange(values.shape[0]), lengths - 1]
-        from megarlhf.rl.rm_losses import prm_sequence_score
+    def __call__(self, prompts: Sequence[PromptItem], responses: Sequence[str]
+                 ) -> tuple[Tensor, dict[str, float]]:
+        """Rewards of ``responses[i]``, a response to ``prompts[i]``.
 
-        step_mask = self.step_mask(batch)
-        return prm_sequence_score(values, step_mask, self.job.reward.prm_aggregation)
-
-    def step_mask(self, batch: TokenBatch) -> Tensor:
-        """PRM read positions: the last token of every step of each response (B, S)."""
-        delim = self.job.reward.prm_step_delimiter
-        ids = self.tokenizer.encode(delim)
-        delim_id = ids[-1] if ids else None
-        resp = batch.fields["response_mask"].bool()
-        mask = torch.zeros_like(resp)
-        if delim_id is not None:
-            mask |= resp & (batch.input_ids == delim_id)
-        last = batch.lengths - 1
-        mask[torch.arange(mask.shape[0]), last] = True  # the final step ends at the last token
-        return mask & batch.attention_mask
-
-    def __call__(self, prompts: list[PromptItem], batch: TokenBatch,
-                 responses: list[list[int]]) -> tuple[Tensor, dict[str, float]]:
-        idx = batch.fields["prompt_index"].tolist()
-        texts = [self.tokenizer.decode(r) for r in responses]
-        meta = [dict(prompts[i].metadata, answer=prompts[i].answer) for i in idx]
-        ptexts = [prompts[i].text for i in idx]
-        total = torch.zeros(len(texts))
+        Returns:
+            ``(raw, metrics)``: the weighted sum over the sources ``(B,)`` fp32, and
+            ``reward/<source>_mean`` (plus ``reward/accuracy`` for the math verifier).
+        """
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
+        total = torch.zeros(len(responses))
         metrics: dict[str, float] = {}
         for name, w in self.job.reward.sources.items():
-            if name == "rm":
-                r = self.rm_scores(batch).float()
-            else:
-                r = torch.tensor(self.text_sources[name](ptexts, texts, meta), dtype=torch.float32)
+            r = self.source_rewards(name, prompts, responses)
             metrics[f"reward/{name}_mean"] = float(r.mean())
             if name == "math":
                 metrics["reward/accuracy"] = float((r > 0.5).float().mean())
             total += w * r
         return total, metrics
+
+    def source_rewards(self, name: str, prompts: Sequence[PromptItem],
+                       responses: Sequence[str]) -> Tensor:
+        """``(B,)`` fp32 rewards of one source."""
+        if name == "rm":
+            return self.reward_model([p.prompt for p in prompts], responses).float()
+        meta = [dict(p.metadata, answer=p.answer) for p in prompts]
+        scores = self.text_sources[name]([p.text for p in prompts], list(responses), meta)
+        return torch.tensor(scores, dtype=torch.float32)
