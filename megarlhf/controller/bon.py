@@ -52,6 +52,17 @@ def _load_test_prompts(job: JobConfig):
     return rows[: job.bon.num_prompts] if job.bon.num_prompts else rows
 
 
+def rm_scores(job: JobConfig, group, rm_tok, prompts: list[Any], responses: list[list[str]]
+              ) -> torch.Tensor:
+    """``(P, M)`` reward-model scores of the M response texts of each of P prompts, scored as
+    RL and RM training score them (:class:`~megarlhf.rewards.reward_model.RewardModelScorer`)."""
+    M = len(responses[0]) if responses else 0
+    scorer = RewardModelScorer(job, group, rm_tok)
+    flat = scorer([p for p, ts in zip(prompts, responses) for _ in ts],
+                  [t for ts in responses for t in ts])
+    return flat.view(len(prompts), M)
+
+
 def eval_bon(job: JobConfig) -> dict[str, Any]:
     """Runs the best-of-N evaluation (see the module docstring).
 
@@ -88,9 +99,8 @@ def eval_bon(job: JobConfig) -> dict[str, Any]:
         with session.timer("score"):
             with Cluster(job, roles=["reward_model"], rollout=False,
                          pad_id=rm_tok.pad_id) as cl:
-                scorer = RewardModelScorer(job, cl["reward_model"], rm_tok)
-                scores = scorer([row.prompt for row in rows for _ in range(M)],
-                                [t for ts in responses for t in ts]).view(len(rows), M)
+                scores = rm_scores(job, cl["reward_model"], rm_tok,
+                                   [row.prompt for row in rows], responses)
         curve = bon_curve(scores, correct, answers, sorted(b.n_values))
         times = session.timer.pop()
         flat: dict[str, float] = {}

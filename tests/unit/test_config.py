@@ -304,3 +304,41 @@ def test_fp8_refused_without_transformer_engine():
         check_fp8(ModelConfig(arch=dict(ARCH), fp8="hybrid"))
     rejects(job(**{"actor.model": {"arch": dict(ARCH), "fp8": "e4m3", "dtype": "fp32"}}),
             "model.fp8 needs model.dtype=bf16")
+
+
+@pytest.mark.parametrize("needs", [{"asynchronous.enabled": True, "cluster.placement": "split",
+                                    "algorithm.use_behaviour_logprobs": True},
+                                   {"algorithm.tis_cap": 2.0},
+                                   {"algorithm.use_behaviour_logprobs": True}])
+def test_behaviour_logprobs_need_sampling_the_engine_can_return_them_for(needs):
+    """If this fails, an async / tis_cap / use_behaviour_logprobs run starts with sampling
+    whose engine returns no log-probs (vLLM with top-p/top-k), and would train with the
+    learner's log-probs standing in for the behaviour policy's."""
+    for engine in ("vllm", "auto"):
+        for sampling in ({"rollout.top_p": 0.9}, {"rollout.top_k": 20}):
+            rejects(job(**needs, **sampling, **{"rollout.engine": engine}),
+                    "cannot return them", "rollout.top_p=1 and rollout.top_k=-1")
+    build(job(**needs, **{"rollout.engine": "hf", "rollout.top_p": 0.9}))  # hf can
+    build(job(**needs, **{"rollout.engine": "vllm"}))  # plain temperature sampling
+
+
+def test_sampling_parameters_and_documented_seeds():
+    """If this fails, a generation's sampling or seed changed (runs are no longer
+    reproducible from their seed), or RL rollouts stop asking for behaviour log-probs."""
+    from megarlhf.controller import sampling as S
+
+    class Tok:
+        eos_id = 2
+
+    j = build(job(seed=7, **{"rollout.stop_token_ids": [9, 2], "rollout.top_k": 5,
+                             "rollout.engine": "hf"}))
+    p = S.rollout_params(j, Tok(), step=3)
+    assert p.seed == 7 * 1_000_003 + 3 and p.n == 4 and p.top_k == 5
+    assert p.stop_token_ids == (2, 9) and p.logprobs  # hf returns them with top-k too
+    assert S.sampling_params(j, Tok(), n=8, offset=S.BEST_OF_N, temperature=0.9).seed \
+        == 7 * 1_000_003 + 13
+    assert (S.PRM_LABELS, S.RM_DATA, S.BEST_OF_N) == (7, 11, 13)
+    vllm = build(job(seed=7, **{"rollout.engine": "vllm", "rollout.top_k": 5}))
+    assert not S.rollout_params(vllm, Tok(), step=0).logprobs
+    g = S.greedy_params(j, Tok())
+    assert g.greedy and g.seed is None and g.stop_token_ids == (2,)
