@@ -266,6 +266,9 @@ class RLTrainer(Trainer):
         metrics = {f"policy/{k}": a[k] for k in ("loss", "pg_loss", "clip_frac", "approx_kl",
                                                   "entropy", "ratio_mean", "grad_norm", "lr",
                                                   "kl_loss") if k in a}
+        for k in ("is_weight_mean", "is_truncated_frac"):  # truncated importance sampling
+            if f"tis_{k}" in a:
+                metrics[f"policy/tis_{k}"] = a[f"tis_{k}"]
         if critic_m:
             c = _mean_dicts(critic_m)
             metrics["critic/value_loss"] = c.get("value_loss", c.get("loss", 0.0))
