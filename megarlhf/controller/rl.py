@@ -184,16 +184,17 @@ class RLTrainer(Trainer):
         if needed and behaviour is None:
             raise RuntimeError(f"{needed} trains with the rollout engine's log-probs, but the "
                                "engine returned none for this batch")
-        cl.activate("actor")
         if job.algorithm.use_behaviour_logprobs and job.algorithm.tis_cap is None:
             batch.fields["logp_old"] = behaviour
             k = min(job.rollout.logprob_check_samples, batch.batch_size)
             if check and k and job.rollout.logprob_check_action != "off":
+                cl.activate("actor")
                 probe = batch.select(list(range(k)))
                 lp = cl["actor"].forward(probe, temperature=T)["logp"]
                 metrics.update(self.check_logprobs(probe.fields["logp_behaviour"], lp,
                                                    probe.fields["response_mask"].bool()))
         else:
+            cl.activate("actor")
             batch.fields["logp_old"] = cl["actor"].forward(batch, temperature=T)["logp"]
             if check and behaviour is not None:
                 metrics.update(self.check_logprobs(behaviour, batch.fields["logp_old"],
