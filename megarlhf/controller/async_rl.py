@@ -1,18 +1,18 @@
 """Asynchronous PPO, GRPO and online DPO: generation overlapped with learning (methods.md 3).
 
 ``asynchronous.enabled: true`` (:meth:`RLTrainer.steps <megarlhf.controller.rl.RLTrainer.steps>`
-runs :class:`AsyncLoop`). The rollout replicas sample batch
-``b + 1`` while the learner (actor, critic, reference, reward model) trains on batch ``b``; the
-weights a batch is sampled with are at most ``K = asynchronous.max_staleness`` updates old.
+runs :class:`AsyncLoop`). The rollout replicas sample batch ``b + 1`` while the learner (actor,
+critic, reference, reward model) trains on batch ``b``; the weights a batch is sampled with are
+at most ``K = asynchronous.max_staleness`` updates old.
 
 How the pieces fit:
 
 * **Who decides.** :class:`~megarlhf.controller.async_schedule.AsyncSchedule` (pure, property
   tested) says when to generate, train, sync or evaluate; :class:`AsyncLoop` carries its
   decisions out, one small handler per task kind and outcome, with the trainer's own phases
-  (generate, learn, sync, evaluate: the synchronous loop's). Batch ``b`` takes its prompts in data order (the sampler) and its sampling seed from
-  ``b``, exactly as the synchronous loop does, so ``K = 0`` reproduces the synchronous run's
-  metrics step by step.
+  (generate, learn, sync, evaluate: the synchronous loop's). Batch ``b`` takes its prompts in
+  data order (the sampler) and its sampling seed from ``b``, exactly as the synchronous loop
+  does, so ``K = 0`` reproduces the synchronous run's metrics step by step.
 * **Overlap.** A generation runs in the rollout's Ray actors and a learner step in the trainer
   roles' actors; the driver waits on both from two threads (one per side) and reacts to
   whichever finishes first. Generation and learning need separate resources:
