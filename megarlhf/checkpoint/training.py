@@ -66,17 +66,12 @@ class CheckpointDir:
     def begin(self, step: int) -> str:
         """A fresh, empty directory for the save of ``step``.
 
-        A directory of that step that exists already is a leftover of an interrupted save (a
-        complete one is never saved twice: see :class:`megarlhf.controller.run.Trainer`), and
-        it is never the directory ``latest`` points to.
+        A directory of that step that exists already is a leftover of an interrupted save or of
+        an earlier run in the same directory (started without resuming); it is replaced. A run
+        saves each step once (:class:`megarlhf.controller.run.Trainer`).
         """
         d = self.step_dir(step)
         if os.path.exists(d):
-            latest = os.path.join(self.root, "latest")
-            if os.path.isfile(latest) and open(latest, encoding="utf-8").read().strip() == \
-                    os.path.basename(d):
-                raise RuntimeError(f"refusing to overwrite {d}: it is the latest complete "
-                                   "checkpoint (a second save of the same step)")
             shutil.rmtree(d)
         os.makedirs(d)
         return d
