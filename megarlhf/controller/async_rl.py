@@ -134,6 +134,7 @@ class AsyncLoop:
                     self.t.position = position
                     self.t.async_state = {"weight_version": last, "max_staleness": self.K}
                     yield last, metrics
+                    self.learner.reset()  # logging and saving the step is not idle time
         finally:
             # On a stop, an in-flight generation is abandoned (redone after a resume); its
             # thread ends when the cluster's actors are stopped.
