@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from megarlhf.config.base import ConfigError
+
 # (command, module that registers it)
 COMMANDS: list[tuple[str, str]] = [
     ("demo", "megarlhf.commands.demo"),
@@ -38,7 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from megarlhf.config.base import ConfigError
 
     try:
         return int(args.func(args) or 0)

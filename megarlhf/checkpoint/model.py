@@ -42,7 +42,10 @@ from typing import Any
 import torch
 
 from megarlhf.checkpoint.atomic import publish, temp_dir_for
+from megarlhf.models.arch import hf_config_from_dict
 from megarlhf.models.builder import ModelBundle
+from megarlhf.models.families import arch_spec
+from megarlhf.weights.hf_io import copy_hf_assets
 
 FORMAT = "megarlhf.model_checkpoint"
 FORMAT_VERSION = 1
@@ -187,8 +190,6 @@ def save_model_checkpoint(bundle: ModelBundle, ckpt_dir: str, *,
     """
     from megatron.core import dist_checkpointing
 
-    from megarlhf.weights.hf_io import copy_hf_assets
-
     ckpt_dir = os.path.abspath(ckpt_dir)
     rank = _rank()
     plan: tuple[str | None, str | None] = (None, None)
@@ -331,8 +332,6 @@ def check_compatible(meta: CheckpointMeta, bundle: ModelBundle, ckpt_dir: str = 
     Raises:
         CheckpointError: listing every field that differs.
     """
-    from megarlhf.models.arch import hf_config_from_dict
-    from megarlhf.models.families import arch_spec
 
     saved = arch_spec(hf_config_from_dict(meta.hf_config))
     mine = bundle.spec

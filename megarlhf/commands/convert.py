@@ -4,7 +4,7 @@
     megarlhf convert megatron-to-hf --ckpt C --out D [--dtype bf16|fp16|fp32] [--shard-size 5GB]
 
 Runs on T*P local ranks (gloo on CPU); P * lcm(T, E*X) for MoE models with expert parallelism.
-The library is :mod:`megarlhf.weights.convert`.
+The library is :mod:`megarlhf.checkpoint.convert`.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _fail(e: Exception) -> int:
 
 def _hf_to_megatron(args) -> int:
     from megarlhf.checkpoint.model import CheckpointError
-    from megarlhf.weights.convert import ConversionError, convert_hf_to_megatron
+    from megarlhf.checkpoint.convert import ConversionError, convert_hf_to_megatron
     from megarlhf.weights.validate import HFValidationError
 
     try:
@@ -90,7 +90,7 @@ def _hf_to_megatron(args) -> int:
 
 def _megatron_to_hf(args) -> int:
     from megarlhf.checkpoint.model import CheckpointError
-    from megarlhf.weights.convert import ConversionError, convert_megatron_to_hf
+    from megarlhf.checkpoint.convert import ConversionError, convert_megatron_to_hf
 
     try:
         summary = convert_megatron_to_hf(

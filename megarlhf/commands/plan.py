@@ -19,9 +19,10 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from megarlhf.config import load_config
-    from megarlhf.controller.plan import PROCESS_OVERHEAD_GIB, format_plan, make_plan
+    from megarlhf.planning import validate
+    from megarlhf.planning.plan import PROCESS_OVERHEAD_GIB, format_plan, make_plan
 
-    job = load_config(args.config, args.overrides)
+    job = validate(load_config(args.config, args.overrides))
     overhead = PROCESS_OVERHEAD_GIB if args.overhead_gib is None else args.overhead_gib
     plan = make_plan(job, overhead_gib=overhead)
     print(format_plan(plan))

@@ -17,8 +17,9 @@ def run(args) -> int:
     from omegaconf import OmegaConf
 
     from megarlhf.config import load_config, to_dict
+    from megarlhf.planning import validate
 
-    job = load_config(args.config, args.overrides)
+    job = validate(load_config(args.config, args.overrides))
     if not args.quiet:
         print(OmegaConf.to_yaml(OmegaConf.create(to_dict(job))), end="")
         print(f"# valid: {job.kind} job {job.name!r}")

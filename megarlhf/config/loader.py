@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 from megarlhf.config.base import ConfigError, from_dict, to_dict
 from megarlhf.config.schema import JobConfig
+from megarlhf.config.validate import validate_config
 
 
 def _load_yaml(path: str) -> dict[str, Any]:
@@ -23,7 +24,10 @@ def _load_yaml(path: str) -> dict[str, Any]:
 
 def load_config(path: str | None, overrides: Sequence[str] = (), validate: bool = True
                 ) -> JobConfig:
-    """Reads ``path`` (YAML), applies ``overrides`` (``a.b.c=value``), builds and validates.
+    """Reads ``path`` (YAML), applies ``overrides`` (``a.b.c=value``), builds and checks the
+    rules the config alone shows (:func:`~megarlhf.config.validate.validate_config`; the
+    model-aware and placement rules are :func:`megarlhf.planning.validate`'s, which commands
+    and trainers run before they start anything).
 
     Override values are parsed as YAML (``actor.parallel.tp=4``, ``reward.sources={math: 1}``,
     ``model.hf_dir=null``). ``key=`` with nothing after it is refused; use ``key=null``.
@@ -45,9 +49,7 @@ def load_config(path: str | None, overrides: Sequence[str] = (), validate: bool 
         raise ConfigError(f"could not resolve the config: {e}") from None
     job = from_dict(JobConfig, data)
     if validate:
-        from megarlhf.config.validate import validate as _validate
-
-        _validate(job)
+        validate_config(job)
     return job
 
 

@@ -1,15 +1,17 @@
-"""Rules that relate several config components, checked before any process starts.
+"""Rules that relate several config components, read from the config alone.
 
-:func:`validate` collects every violation and raises one :class:`ConfigError` listing them all,
-each naming the field and the change that fixes it.
+:func:`config_errors` lists every violation, each naming the field and the change that fixes
+it; :func:`validate_config` raises them as one :class:`ConfigError`. Rules that need the model
+files (heads vs TP, layers vs PP) or the placement planner live in
+:mod:`megarlhf.planning.checks`, whose :func:`~megarlhf.planning.checks.validate` runs these
+rules too: that is the full check every command and trainer runs before any process starts.
 """
 
 from __future__ import annotations
 
-from typing import Any
 
 from megarlhf.config.base import ConfigError
-from megarlhf.config.schema import JobConfig, ModelConfig, RoleConfig
+from megarlhf.config.schema import JobConfig, RoleConfig
 
 
 def active_roles(job: JobConfig) -> dict[str, RoleConfig]:
@@ -54,17 +56,7 @@ def global_batch_sequences(job: JobConfig) -> int:
     return job.batch.train_samples_global
 
 
-def _arch_numbers(model: ModelConfig, where: str = "model") -> dict[str, Any] | None:
-    """Heads, query groups and layers of a model, read from its HF config (cheap, no weights)."""
-    from megarlhf.models.arch import ArchError, arch_summary
-
-    try:
-        return arch_summary(model)
-    except ArchError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def _check_role(name: str, role: RoleConfig, model: ModelConfig, errors: list[str],
+def _check_role(name: str, role: RoleConfig, errors: list[str],
                 batch_sequences: int | None) -> None:
     p = role.parallel
     if p.cp > 1:
@@ -91,26 +83,6 @@ def _check_role(name: str, role: RoleConfig, model: ModelConfig, errors: list[st
         return
     dp = p.dp if p.dp is not None else role.num_gpus // mp
 
-    arch = _arch_numbers(model, f"{name}.model")
-    if arch is not None:
-        _check_experts(name, p, model, arch, dp, errors, trained=batch_sequences is not None)
-        heads, groups, layers = arch["num_attention_heads"], arch["num_query_groups"], \
-            arch["num_layers"]
-        if heads % p.tp:
-            errors.append(
-                f"{name}.parallel.tp = {p.tp} does not divide the model's {heads} attention heads;"
-                f" choose tp from {_divisors(heads)}"
-            )
-        if groups % p.tp:
-            errors.append(
-                f"{name}.parallel.tp = {p.tp} does not divide the model's {groups} query groups "
-                f"(key/value heads); choose tp from {_divisors(groups)}"
-            )
-        if layers % (p.pp * p.vpp):
-            errors.append(
-                f"{name}: the model's {layers} layers are not divisible by pp*vpp = "
-                f"{p.pp}*{p.vpp} = {p.pp * p.vpp}; choose pp*vpp from {_divisors(layers)}"
-            )
     if batch_sequences is not None:
         per_step = dp * role.micro_batch_size_per_rank
         if role.max_tokens_per_micro_batch is None and batch_sequences % per_step:
@@ -124,6 +96,43 @@ def _check_role(name: str, role: RoleConfig, model: ModelConfig, errors: list[st
                 f"{name}: the global batch of {batch_sequences} sequences is not divisible by "
                 f"the data-parallel size {dp}"
             )
+
+
+POLICY_KINDS = ("ppo", "grpo", "dpo")  # the kinds that train a policy from rollouts
+
+
+def behaviour_logprobs_needed(job: JobConfig) -> str | None:
+    """Why this job trains with the rollout engine's (behaviour) log-probs, or None.
+
+    Asynchronous training, truncated importance sampling and ``use_behaviour_logprobs`` all
+    need them; without them the learner's own log-probs would silently stand in for the
+    behaviour policy's.
+    """
+    if job.kind not in POLICY_KINDS:
+        return None
+    if job.asynchronous.enabled:
+        return "asynchronous.enabled"
+    if job.algorithm.tis_cap is not None:
+        return f"algorithm.tis_cap={job.algorithm.tis_cap}"
+    if job.algorithm.use_behaviour_logprobs:
+        return "algorithm.use_behaviour_logprobs"
+    return None
+
+
+def engine_returns_logprobs(job: JobConfig) -> bool:
+    """Whether the rollout engine returns the sampled tokens' log-probs with ``job.rollout``'s
+    sampling (what the rollout requests, see :mod:`megarlhf.controller.sampling`).
+
+    Every engine returns them for plain temperature sampling. With top-p < 1 or top-k > 0 the
+    vLLM engine cannot (its log-probs are taken after the filter, not the full-vocabulary
+    number the learner computes; :mod:`megarlhf.rollout.vllm_engine`); the transformers engine
+    can. ``rollout.engine=auto`` means vLLM wherever vLLM is installed.
+    """
+    r = job.rollout
+    if r.temperature == 0:
+        return False  # greedy generation is never used for training
+    filters = r.top_p < 1.0 or r.top_k > 0
+    return not filters or resolved_rollout_engine(job) == "hf"
 
 
 def generates(job: JobConfig) -> bool:
@@ -142,7 +151,7 @@ def resolved_rollout_engine(job: JobConfig) -> str:
     return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
 
-def _vllm_runs_on_cpu(job: JobConfig) -> bool:
+def vllm_runs_on_cpu(job: JobConfig) -> bool:
     """vLLM will run on CPU: the cluster says so, or the installed vLLM is the CPU build."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -157,85 +166,15 @@ def _vllm_runs_on_cpu(job: JobConfig) -> bool:
     return True
 
 
-def _check_rollout_engine(job: JobConfig, arch: dict[str, Any] | None,
-                          errors: list[str]) -> None:
-    """vLLM is installed when asked for, and its CPU build can run the model."""
-    import importlib.util
-
-    from megarlhf.rollout.vllm_engine import (
-        PINNED_VLLM_VERSION,
-        VLLM_CPU_HEAD_SIZES,
-        vllm_distribution_version,
-        vllm_install_hint,
-    )
-
-    if resolved_rollout_engine(job) != "vllm":
-        return
-    if importlib.util.find_spec("vllm") is None:
-        errors.append(f"rollout.engine=vllm: {vllm_install_hint()}")
-        return
-    installed = vllm_distribution_version()
-    if installed is not None and installed != PINNED_VLLM_VERSION:
-        errors.append(f"rollout.engine=vllm: vLLM {installed} is installed, but megarlhf follows "
-                      f"vLLM {PINNED_VLLM_VERSION}'s API exactly; {vllm_install_hint()}")
-    if arch is None or not _vllm_runs_on_cpu(job):
-        return
-    if arch["mla"]:
-        errors.append("rollout.engine: vLLM's CPU backend does not run multi-head latent "
-                      "attention (this model has kv_lora_rank); run it on GPUs or set "
-                      "rollout.engine=hf")
-    if arch["head_dim"] not in VLLM_CPU_HEAD_SIZES:
-        errors.append(
-            f"rollout.engine: vLLM's CPU attention runs head sizes {list(VLLM_CPU_HEAD_SIZES)}, "
-            f"but this model's head_dim is {arch['head_dim']} (hidden_size "
-            f"{arch['hidden_size']} / {arch['num_attention_heads']} heads); change the model "
-            "(e.g. fewer heads: actor.model.arch.num_attention_heads) or set rollout.engine=hf "
-            "(the transformers engine)")
+def rollout_returns_routed_experts(job: JobConfig) -> bool:
+    """Whether the configured rollout engine fills ``routed_experts`` in its samples (needed by
+    routing replay). None does yet: vLLM 0.32 can (``enable_return_routed_experts``); the
+    rollout side is to be connected (see megarlhf/engine/moe.py for the format)."""
+    return False
 
 
-def _check_experts(name: str, p, model: ModelConfig, arch: dict[str, Any], dp: int,
-                   errors: list[str], *, trained: bool) -> None:
-    """Expert parallelism against the model and the role's ranks (MoE models)."""
-    experts = arch["num_experts"]
-    etp = p.tp if p.etp is None else p.etp
-    if not experts:
-        if p.ep > 1 or p.etp is not None:
-            errors.append(f"{name}.parallel: ep={p.ep}, etp={p.etp} split experts, but the model "
-                          f"({arch['model_type']}) is dense; remove them (ep: 1, etp: null)")
-        if model.moe_routing_replay:
-            errors.append(f"{name}.model.moe_routing_replay=true needs a mixture-of-experts "
-                          f"model; {arch['model_type']} is dense")
-        return
-    stage_ranks = p.tp * p.cp * dp
-    if experts % p.ep:
-        errors.append(f"{name}.parallel.ep = {p.ep} does not divide the model's {experts} "
-                      f"experts; choose ep from {_divisors(experts)}")
-    if stage_ranks % (etp * p.ep):
-        errors.append(
-            f"{name}.parallel: the experts are laid out on the {stage_ranks} ranks of each "
-            f"pipeline stage (tp*cp*dp = {p.tp}*{p.cp}*{dp}) as etp*ep*edp, but etp*ep = "
-            f"{etp}*{p.ep} = {etp * p.ep} does not divide {stage_ranks}; choose ep (and etp) so "
-            "that it does, or give the role more GPUs")
-    if arch["moe_ffn_hidden_size"] % etp:
-        errors.append(f"{name}.parallel.etp = {etp} does not divide the experts' width "
-                      f"{arch['moe_ffn_hidden_size']}; choose etp from "
-                      f"{_divisors(arch['moe_ffn_hidden_size'])}")
-    if trained and p.tp > 1 and not p.sequence_parallel:
-        errors.append(f"{name}.parallel: a mixture-of-experts model trained with tp = {p.tp} "
-                      "needs sequence parallelism (megatron routes each TP rank's share of the "
-                      f"sequence); set {name}.parallel.sequence_parallel=true")
-    if model.moe_token_dispatcher == "allgather" and p.pp > 1:
-        errors.append(f"{name}.model.moe_token_dispatcher=allgather cannot run pipeline "
-                      f"parallelism (pp = {p.pp}): micro-batches differ in length and megatron's "
-                      "allgather dispatcher needs one; use alltoall (the default, also on CPU)")
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def validate(job: JobConfig) -> JobConfig:
-    """Checks every cross-component rule; raises one ConfigError listing all violations."""
+def config_errors(job: JobConfig) -> list[str]:
+    """Every violated rule of ``job`` that the config alone shows (see the module docstring)."""
     errors: list[str] = []
     trained = trained_roles(job)
     batch_seqs = global_batch_sequences(job)
@@ -250,83 +189,54 @@ def validate(job: JobConfig) -> JobConfig:
     if job.kind == "rm" and job.reward.rm_type not in ("orm", "prm"):
         errors.append("kind=rm needs reward.rm_type orm or prm")
 
-    roles = active_roles(job)
-    for name, role in roles.items():
-        model = job.role_model(name) if role.model is None else role.model
-        _check_role(name, role, model, errors, batch_seqs if name in trained else None)
+    for name, role in active_roles(job).items():
+        _check_role(name, role, errors, batch_seqs if name in trained else None)
 
     if job.kind in ("ppo", "grpo", "dpo", "bon"):
         r = job.rollout
         if r.num_gpus % r.tp:
             errors.append(f"rollout.num_gpus = {r.num_gpus} is not divisible by rollout.tp = "
                           f"{r.tp}; each replica needs rollout.tp GPUs")
-        arch = _arch_numbers(job.actor.model, "actor.model")
-        if arch is not None and arch["num_attention_heads"] % r.tp:
-            errors.append(f"rollout.tp = {r.tp} does not divide the model's "
-                          f"{arch['num_attention_heads']} attention heads")
-        if job.kind in ("ppo", "grpo", "dpo") and r.temperature == 0:
+        if job.kind in POLICY_KINDS and r.temperature == 0:
             errors.append("rollout.temperature = 0 (greedy) gives identical samples; RL needs "
                           "sampling: set rollout.temperature > 0 (e.g. 1.0)")
         if job.kind == "dpo" and job.batch.n_samples_per_prompt < 2:
             errors.append("kind=dpo ranks several samples per prompt: set "
                           "batch.n_samples_per_prompt >= 2")
-    if generates(job):
-        policy = job.actor.model
-        if job.kind == "rm" and job.reward.prm_label_rollouts:
-            policy = None  # the labelling policy's directory is checked when it is loaded
-        _check_rollout_engine(job, _arch_numbers(policy) if policy is not None and (
-            policy.arch is not None or policy.hf_dir) else None, errors)
-
-    # GPU budget by placement.
-    c = job.cluster
-    rl = job.kind in ("ppo", "grpo", "dpo", "bon")
-    sizes = {n: r.num_gpus for n, r in roles.items()}
-    if rl:
-        sizes["rollout"] = job.rollout.num_gpus
-    if c.placement == "colocate_all":
-        need = max(sizes.values())
-    elif c.placement == "split":
-        need = sum(sizes.values())
-    else:
-        first = max(sizes.get(n, 0) for n in ("actor", "reference", "rollout"))
-        second = max([sizes.get(n, 0) for n in ("critic", "reward_model")] + [0])
-        need = first + second
-    if need > c.total_gpus:
-        errors.append(
-            f"placement {c.placement} needs {need} GPUs ({sizes}) but the cluster has "
-            f"num_nodes*gpus_per_node = {c.num_nodes}*{c.gpus_per_node} = {c.total_gpus}; "
-            "add nodes, shrink the roles' num_gpus, or colocate roles"
-        )
 
     if job.asynchronous.enabled:
-        if job.kind not in ("ppo", "grpo", "dpo"):
+        if job.kind not in POLICY_KINDS:
             errors.append("asynchronous.enabled applies to ppo, grpo and dpo jobs only")
-        if c.placement == "colocate_all":
-            errors.append("asynchronous.enabled overlaps generation and training on separate "
-                          "GPUs: set cluster.placement=split (or colocate_pairs)")
         if not job.algorithm.use_behaviour_logprobs:
             errors.append("asynchronous.enabled needs algorithm.use_behaviour_logprobs=true "
                           "(PPO ratios must use the generator's log-probs off-policy)")
+    why = behaviour_logprobs_needed(job)
+    if why is not None and job.rollout.temperature > 0 and not engine_returns_logprobs(job):
+        r = job.rollout
+        errors.append(
+            f"{why} trains with the rollout engine's log-probs, but rollout.engine={r.engine} "
+            f"cannot return them when sampling with rollout.top_p={r.top_p} / rollout.top_k="
+            f"{r.top_k} (vLLM's log-probs are taken after the top-p/top-k filter); set "
+            "rollout.top_p=1 and rollout.top_k=-1, or rollout.engine=hf")
 
     _check_reward_model_jobs(job, errors)
-
-    if job.kind in ("ppo", "grpo", "dpo") and job.actor.model.moe_routing_replay \
+    if job.kind in POLICY_KINDS and job.actor.model.moe_routing_replay \
             and not rollout_returns_routed_experts(job):
         errors.append(
             "actor.model.moe_routing_replay=true replays the rollout engine's expert choices, "
-            f"but the {job.rollout.engine} rollout engine does not return them yet (the batch "
-            "field routed_experts, megarlhf/engine/moe.py); set moe_routing_replay=false")
+            f"but the {job.rollout.engine} rollout engine does not return them (vLLM 0.32 returns "
+            "them only with its V2 model runner, which needs Triton: GPU builds; the rollout "
+            "side is not connected yet, see megarlhf/engine/moe.py); set "
+            "moe_routing_replay=false")
+    return errors
 
+
+def validate_config(job: JobConfig) -> JobConfig:
+    """Raises one :class:`ConfigError` listing every :func:`config_errors` violation."""
+    errors = config_errors(job)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
     return job
-
-
-def rollout_returns_routed_experts(job: JobConfig) -> bool:
-    """Whether the configured rollout engine fills ``routed_experts`` in its samples (needed by
-    routing replay). None does yet: vLLM 0.32 can (``enable_return_routed_experts``); the
-    rollout side is to be connected (see megarlhf/engine/moe.py for the format)."""
-    return False
 
 
 def _check_reward_model_jobs(job: JobConfig, errors: list[str]) -> None:

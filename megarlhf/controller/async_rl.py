@@ -1,16 +1,18 @@
 """Asynchronous PPO, GRPO and online DPO: generation overlapped with learning (methods.md 3).
 
-``asynchronous.enabled: true`` (``train_rl`` dispatches here). The rollout replicas sample batch
-``b + 1`` while the learner (actor, critic, reference, reward model) trains on batch ``b``; the
-weights a batch is sampled with are at most ``K = asynchronous.max_staleness`` updates old.
+``asynchronous.enabled: true`` (:meth:`RLTrainer.steps <megarlhf.controller.rl.RLTrainer.steps>`
+runs :class:`AsyncLoop`). The rollout replicas sample batch ``b + 1`` while the learner (actor,
+critic, reference, reward model) trains on batch ``b``; the weights a batch is sampled with are
+at most ``K = asynchronous.max_staleness`` updates old.
 
 How the pieces fit:
 
 * **Who decides.** :class:`~megarlhf.controller.async_schedule.AsyncSchedule` (pure, property
-  tested) says when to generate, train, sync or evaluate; this driver carries its decisions
-  out. Batch ``b`` takes its prompts in data order (the sampler) and its sampling seed from
-  ``b``, exactly as the synchronous loop does, so ``K = 0`` reproduces the synchronous run's
-  metrics step by step.
+  tested) says when to generate, train, sync or evaluate; :class:`AsyncLoop` carries its
+  decisions out, one small handler per task kind and outcome, with the trainer's own phases
+  (generate, learn, sync, evaluate: the synchronous loop's). Batch ``b`` takes its prompts in
+  data order (the sampler) and its sampling seed from ``b``, exactly as the synchronous loop
+  does, so ``K = 0`` reproduces the synchronous run's metrics step by step.
 * **Overlap.** A generation runs in the rollout's Ray actors and a learner step in the trainer
   roles' actors; the driver waits on both from two threads (one per side) and reacts to
   whichever finishes first. Generation and learning need separate resources:
@@ -26,7 +28,8 @@ How the pieces fit:
   :class:`~megarlhf.controller.async_schedule.StalenessError`. Each step logs
   ``rollout/staleness``, ``rollout/weight_version``, ``time/learner_wait`` (the learner idle,
   waiting for data) and ``time/rollout_wait`` (the rollout idle, waiting for a sync).
-* **Off-policy losses.** ``algorithm.use_behaviour_logprobs`` (required): PPO/GRPO ratios use the
+* **Off-policy losses.** ``algorithm.use_behaviour_logprobs`` (required; validation refuses
+  sampling settings whose engine cannot return the log-probs): PPO/GRPO ratios use the
   rollout engine's log-probs as ``logp_old``. ``algorithm.tis_cap`` adds truncated importance
   sampling: ``logp_old`` becomes the learner's log-probs at the start of the step and the
   per-token weight ``min(pi / pi_behaviour, tis_cap)`` corrects from the behaviour policy.
@@ -43,12 +46,11 @@ How the pieces fit:
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-from megarlhf.config import JobConfig
-from megarlhf.config.base import ConfigError
 from megarlhf.controller.async_schedule import (
     EVAL,
     GENERATE,
@@ -59,179 +61,188 @@ from megarlhf.controller.async_schedule import (
     Task,
 )
 from megarlhf.controller.cluster import Cluster
-from megarlhf.controller.rewards import RewardComputer
-from megarlhf.controller.rl import RLTrainer
+from megarlhf.controller.experience import Rollout
+
+now = time.perf_counter
 
 
 @dataclass
 class _Generated:
     """A generated batch waiting for the learner."""
 
-    prompts: list
-    batch: Any  # TokenBatch
-    info: dict[str, Any]
+    rollout: Rollout
     version: int  # the rollout's weight version it was sampled with
     seconds: float
     rollout_wait: float  # the rollout's idle time before this generation
 
 
-class AsyncRLTrainer(RLTrainer):
-    """PPO / GRPO / online DPO with generation and learning overlapped (module docstring).
+@dataclass
+class _Idle:
+    """One side's idle time: since it last finished work, less the syncs and evaluations that
+    held it meanwhile."""
 
-    Public API: ``AsyncRLTrainer(job).run()`` (the same history dict as
-    :meth:`RLTrainer.run`); usually reached through ``train_rl(job)`` /
-    ``megarlhf train grpo CONFIG asynchronous.enabled=true``.
+    since: float
+    blocked: float = 0.0
+
+    def reset(self) -> None:
+        self.since, self.blocked = now(), 0.0
+
+    def waited(self) -> float:
+        return max(0.0, now() - self.since - self.blocked)
+
+
+class AsyncLoop:
+    """The steps of an RL trainer run as :class:`AsyncSchedule` says (module docstring).
+
+    ``trainer`` is a :class:`~megarlhf.controller.rl.RLTrainer`: its ``next_prompts``,
+    ``generate``, ``learn``, ``sync``, ``evaluate`` and ``step_metrics`` are the phases; before
+    it yields a step the loop sets ``trainer.position`` (the data position a save of the step
+    records) and ``trainer.async_state``.
     """
 
-    def __init__(self, job: JobConfig):
-        if not job.asynchronous.enabled:
-            raise ConfigError("AsyncRLTrainer runs jobs with asynchronous.enabled=true; "
-                              "use RLTrainer for synchronous training")
-        check_async_placement(job)
-        super().__init__(job)
+    def __init__(self, trainer: Any, cl: Cluster, start: int):
+        job = trainer.job
+        self.t, self.cl = trainer, cl
         self.K = job.asynchronous.max_staleness
+        self.sched = AsyncSchedule(job.train.steps, self.K, start=start,
+                                   eval_every=job.train.eval_every)
+        self.learner_version = self.rollout_version = start  # counted here, checked
+        self.generated: dict[int, _Generated] = {}
+        self.position_before: dict[int, dict[str, Any]] = {}  # batch -> data position
+        self.running: dict[Future, Task] = {}
+        self.learning: dict[int, tuple[_Generated, int, float]] = {}  # batch -> (g, stale, wait)
+        self.syncs: list[tuple[float, float]] = []  # (seconds, bytes) since the last step
+        self.held: tuple[int, dict[str, float], dict[str, Any]] | None = None  # at an eval
+        self.done: list[tuple[int, dict[str, float], dict[str, Any]]] = []  # to yield
+        self.learner, self.rollout = _Idle(now()), _Idle(now())
+        self.last_end = now()
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="megarlhf-async")
 
-    # ---------------------------------------------------------------- the two sides
-    def _generate(self, cl: Cluster, prompts: list, task: Task, rollout_wait: float
-                  ) -> _Generated:
-        t0 = time.perf_counter()
-        batch, info = self.generate(cl, prompts, task.batch)
-        return _Generated(prompts, batch, info, task.version, time.perf_counter() - t0,
-                          rollout_wait)
-
-    def _learn(self, cl: Cluster, rewards: RewardComputer, g: _Generated, staleness: int
-               ) -> dict[str, float]:
-        return self.learn(cl, rewards, g.prompts, g.batch, g.info,
-                          check_logprobs=staleness == 0)
-
-    # ---------------------------------------------------------------- the loop
-    def train_loop(self, cl: Cluster, rewards: RewardComputer, sampler, start: int,
-                   history: dict[str, Any]) -> int:
-        """Runs steps ``start ..`` as the schedule says; returns the last step done."""
-        job = self.job
-        sched = AsyncSchedule(job.train.steps, self.K, start=start,
-                              eval_every=job.train.eval_every)
-        learner_version = rollout_version = start  # counted here, checked against the schedule
-        generated: dict[int, _Generated] = {}
-        sampler_before: dict[int, dict[str, Any]] = {}  # batch -> data position before it
-        running: dict[Future, Task] = {}
-        learning: dict[int, tuple[_Generated, int, float]] = {}  # batch -> (gen, stale, wait)
-        syncs: list[tuple[float, float]] = []  # (seconds, bytes) since the last logged step
-        held: tuple[int, dict[str, float], dict[str, Any]] | None = None  # step at an eval
-        now = time.perf_counter
-        last, last_end = start, now()
-        learner_free, learner_blocked = now(), 0.0  # idle since; syncs/evals since then
-        rollout_free, rollout_blocked = now(), 0.0
-        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="megarlhf-async")
-        stop = False
+    def steps(self) -> Iterator[tuple[int, dict[str, float]]]:
+        """``(steps done, metrics)`` as steps finish (after their evaluation, if one is due)."""
         try:
-            while not sched.done and not stop:
-                tasks = sched.next_tasks()
+            while not self.sched.done:
+                tasks = self.sched.next_tasks()
                 for task in tasks:
-                    if task.kind == SYNC:
-                        m: dict[str, float] = {}
-                        t0 = now()
-                        self.sync(cl, m)
-                        dt = now() - t0
-                        rollout_version = task.version
-                        syncs.append((dt, m["perf/weight_sync_gb_per_s"] * 1e9
-                                      * m["time/weight_sync"]))  # (seconds, bytes)
-                        learner_blocked += dt
-                        rollout_blocked += dt
-                        sched.finish(task)
-                    elif task.kind == EVAL:
-                        t0 = now()
-                        if held is None or held[0] != task.version:
-                            raise RuntimeError(f"async schedule out of step: evaluation at "
-                                               f"version {task.version} without its step")
-                        step, metrics, sampler_state = held
-                        metrics.update(self.maybe_evaluate(cl, step, history))
-                        learner_blocked += now() - t0
-                        rollout_blocked += now() - t0
-                        sched.finish(task)
-                        held = None
-                        stop = not self._end_of_step(cl, step, metrics, history, sampler_state)
-                        learner_free, learner_blocked = now(), 0.0
-                    elif task.kind == GENERATE:
-                        if task.version != rollout_version:
-                            raise RuntimeError(f"async schedule out of step: generating batch "
-                                               f"{task.batch} with version {task.version}, the "
-                                               f"rollout holds {rollout_version}")
-                        sampler_before[task.batch] = sampler.state_dict()
-                        prompts = [self.prompts[i]
-                                   for i in sampler.take(job.batch.rollout_prompts_global)]
-                        wait_s = max(0.0, now() - rollout_free - rollout_blocked)
-                        running[pool.submit(self._generate, cl, prompts, task, wait_s)] = task
-                    elif task.kind == TRAIN:
-                        g = generated.pop(task.batch)
-                        staleness = learner_version - g.version
-                        if task.batch != learner_version or not 0 <= staleness <= self.K:
-                            raise StalenessError(
-                                f"batch {task.batch} was sampled with weights version "
-                                f"{g.version}; the learner is at version {learner_version}: "
-                                f"staleness {staleness} is outside [0, asynchronous."
-                                f"max_staleness={self.K}]")
-                        wait_s = max(0.0, now() - learner_free - learner_blocked)
-                        learning[task.batch] = (g, staleness, wait_s)
-                        running[pool.submit(self._learn, cl, rewards, g, staleness)] = task
-                if tasks or stop:
-                    continue
-                if not running:
-                    raise RuntimeError("async schedule stalled with nothing running")
-                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-                for fut in sorted(done, key=lambda f: running[f].kind != GENERATE):
-                    task = running.pop(fut)
-                    result = fut.result()  # a worker's error surfaces here
-                    sched.finish(task)
-                    if task.kind == GENERATE:
-                        generated[task.batch] = result
-                        rollout_free, rollout_blocked = now(), 0.0
-                        continue
-                    # A training step finished: the learner holds version batch + 1.
-                    learner_version = task.batch + 1
-                    last = learner_version
-                    g, staleness, wait_s = learning.pop(task.batch)
-                    metrics = result
-                    metrics["time/generate"] = g.seconds
-                    metrics["time/learner_wait"] = wait_s
-                    metrics["time/rollout_wait"] = g.rollout_wait
-                    metrics["time/weight_sync"] = sum(s for s, _ in syncs)
-                    if syncs:
-                        metrics["perf/weight_sync_gb_per_s"] = (
-                            sum(b for _, b in syncs) / max(sum(s for s, _ in syncs), 1e-9) / 1e9)
-                    syncs.clear()
-                    metrics["rollout/staleness"] = float(staleness)
-                    metrics["rollout/weight_version"] = float(g.version)
-                    t = now()
-                    self.step_metrics(g.batch, metrics, t - last_end)
-                    last_end = t
-                    sampler_state = (sampler_before.pop(last) if last in sampler_before
-                                     else sampler.state_dict())
-                    if sched.eval_pending == last:  # log and save after the evaluation
-                        held = (last, metrics, sampler_state)
-                    else:
-                        stop = not self._end_of_step(cl, last, metrics, history, sampler_state)
-                    learner_free, learner_blocked = now(), 0.0
+                    self.start(task)
+                if not tasks:
+                    self.wait_for_one()
+                while self.done:
+                    last, metrics, position = self.done.pop(0)
+                    # What a save of step `last` records: the learner at version `last`, the
+                    # data position before batch `last`.
+                    self.t.position = position
+                    self.t.async_state = {"weight_version": last, "max_staleness": self.K}
+                    yield last, metrics
+                    self.learner.reset()  # logging and saving the step is not idle time
         finally:
             # On a stop, an in-flight generation is abandoned (redone after a resume); its
             # thread ends when the cluster's actors are stopped.
-            pool.shutdown(wait=False, cancel_futures=True)
-        return last
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
-    def _end_of_step(self, cl: Cluster, last: int, metrics: dict[str, float],
-                     history: dict[str, Any], sampler_state: dict[str, Any]) -> bool:
-        return self.end_of_step(cl, last, metrics, history, sampler_state, {
-            "asynchronous": {"weight_version": last, "max_staleness": self.K}})
+    # ---------------------------------------------------------------- starting tasks
+    def start(self, task: Task) -> None:
+        {SYNC: self.run_sync, EVAL: self.run_eval, GENERATE: self.start_generate,
+         TRAIN: self.start_train}[task.kind](task)
 
+    def run_sync(self, task: Task) -> None:
+        """Pushes the learner's weights into the rollout (both sides wait for it)."""
+        m = self.t.sync(self.cl)
+        dt = m["time/weight_sync"]
+        self.syncs.append((dt, m["perf/weight_sync_gb_per_s"] * 1e9 * dt))
+        self.rollout_version = task.version
+        self.learner.blocked += dt
+        self.rollout.blocked += dt
+        self.sched.finish(task)
 
-def check_async_placement(job: JobConfig) -> None:
-    """Generation and learning run at once: the rollout needs GPUs (CPU slots) of its own."""
-    from megarlhf.controller.placement import plan_placement
+    def run_eval(self, task: Task) -> None:
+        """The evaluation barrier: evaluates the held step, then lets it be logged and saved."""
+        t0 = now()
+        if self.held is None or self.held[0] != task.version:
+            raise RuntimeError(f"async schedule out of step: evaluation at version "
+                               f"{task.version} without its step")
+        step, metrics, position = self.held
+        self.held = None
+        metrics.update(self.t.evaluate(self.cl, step))
+        self.learner.blocked += now() - t0
+        self.rollout.blocked += now() - t0
+        self.sched.finish(task)
+        self.finish_step(step, metrics, position)
+        self.learner.reset()
 
-    plan = plan_placement(job)
-    shared = plan.colocated_with("rollout") if "rollout" in plan.roles else ()
-    if shared:
-        raise ConfigError(
-            f"asynchronous.enabled runs generation and training at the same time, but "
-            f"cluster.placement={job.cluster.placement} puts the rollout on the GPUs of "
-            f"{', '.join(shared)}; set cluster.placement=split (the rollout on GPUs of its own)")
+    def start_generate(self, task: Task) -> None:
+        if task.version != self.rollout_version:
+            raise RuntimeError(f"async schedule out of step: generating batch {task.batch} with "
+                               f"version {task.version}, the rollout holds {self.rollout_version}")
+        self.position_before[task.batch] = self.t.sampler.state_dict()
+        prompts = self.t.next_prompts()
+        self.submit(task, self.generate, prompts, task, self.rollout.waited())
+
+    def start_train(self, task: Task) -> None:
+        g = self.generated.pop(task.batch)
+        staleness = self.learner_version - g.version
+        if task.batch != self.learner_version or not 0 <= staleness <= self.K:
+            raise StalenessError(
+                f"batch {task.batch} was sampled with weights version {g.version}; the learner "
+                f"is at version {self.learner_version}: staleness {staleness} is outside "
+                f"[0, asynchronous.max_staleness={self.K}]")
+        self.learning[task.batch] = (g, staleness, self.learner.waited())
+        self.submit(task, self.t.learn, self.cl, g.rollout, check_logprobs=staleness == 0)
+
+    def submit(self, task: Task, fn, *args, **kwargs) -> None:
+        self.running[self.pool.submit(fn, *args, **kwargs)] = task
+
+    def generate(self, prompts: list, task: Task, rollout_wait: float) -> _Generated:
+        """(In the rollout's thread.) One batch, with the seed of its step."""
+        t0 = now()
+        rollout = self.t.generate(self.cl, prompts, task.batch)
+        return _Generated(rollout, task.version, now() - t0, rollout_wait)
+
+    # ---------------------------------------------------------------- finished tasks
+    def wait_for_one(self) -> None:
+        """Waits for a running task; reports every one that finished (generations first)."""
+        if not self.running:
+            raise RuntimeError("async schedule stalled with nothing running")
+        finished, _ = wait(list(self.running), return_when=FIRST_COMPLETED)
+        for fut in sorted(finished, key=lambda f: self.running[f].kind != GENERATE):
+            task = self.running.pop(fut)
+            result = fut.result()  # a worker's error surfaces here
+            self.sched.finish(task)
+            if task.kind == GENERATE:
+                self.generated[task.batch] = result
+                self.rollout.reset()
+            else:
+                self.trained(task, result)
+
+    def trained(self, task: Task, metrics: dict[str, float]) -> None:
+        """A training step finished: the learner holds version ``batch + 1``."""
+        self.learner_version = last = task.batch + 1
+        g, staleness, wait_s = self.learning.pop(task.batch)
+        metrics.update(self.step_timing(g, wait_s))
+        metrics["rollout/staleness"] = float(staleness)
+        metrics["rollout/weight_version"] = float(g.version)
+        t = now()
+        metrics.update(self.t.step_metrics(g.rollout.batch, t - self.last_end))
+        self.last_end = t
+        position = self.position_before.pop(last, None) or self.t.sampler.state_dict()
+        if self.sched.eval_pending == last:  # logged and saved after the evaluation
+            self.held = (last, metrics, position)
+        else:
+            self.finish_step(last, metrics, position)
+        self.learner.reset()
+
+    def step_timing(self, g: _Generated, learner_wait: float) -> dict[str, float]:
+        """The generation, the waits, and the syncs since the previous step."""
+        m = {"time/generate": g.seconds, "time/learner_wait": learner_wait,
+             "time/rollout_wait": g.rollout_wait,
+             "time/weight_sync": sum(s for s, _ in self.syncs)}
+        if self.syncs:
+            m["perf/weight_sync_gb_per_s"] = (sum(b for _, b in self.syncs)
+                                              / max(m["time/weight_sync"], 1e-9) / 1e9)
+        self.syncs.clear()
+        return m
+
+    def finish_step(self, last: int, metrics: dict[str, float], position: dict[str, Any]
+                    ) -> None:
+        """Queues step ``last`` for the run skeleton (log, save)."""
+        self.done.append((last, metrics, position))

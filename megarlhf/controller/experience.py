@@ -8,61 +8,100 @@ recursions, so GAE and returns run directly on these (B, S) tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from megarlhf.config.schema import AlgorithmConfig
-from megarlhf.engine.batch import TokenBatch
 from megarlhf import rl
+from megarlhf.config.schema import AlgorithmConfig
+from megarlhf.data.job_data import PromptItem
+from megarlhf.engine.batch import TokenBatch
 
 
 @dataclass
-class PromptItem:
-    """One prompt of a rollout phase."""
+class Rollout:
+    """One rollout phase: P prompts, their ``B = P * N`` samples as a batch, the response texts.
 
-    ids: list[int]
-    text: str = ""
-    answer: Any = None  # ground truth for verifiers
-    metadata: dict[str, Any] = field(default_factory=dict)
+    Attributes:
+        prompts: the P prompts.
+        batch: the sequences (prompt + response), the N samples of a prompt consecutive.
+            Fields: ``response_mask`` (B, S); ``logp_behaviour`` (B, S), the rollout engine's
+            log-probs at response positions - present only when the engine returned them, never
+            zeros standing in; per sequence ``prompt_index``, ``response_length``, ``truncated``.
+        responses: the B decoded response texts (what the rewards see).
+    """
+
+    prompts: list[PromptItem]
+    batch: TokenBatch
+    responses: list[str]
+
+    @property
+    def sample_prompts(self) -> list[PromptItem]:
+        """The prompt of each of the B samples."""
+        return [self.prompts[i] for i in self.batch.fields["prompt_index"].tolist()]
+
+    @property
+    def behaviour_logprobs(self) -> Tensor | None:
+        """``(B, S)`` the behaviour policy's log-probs, or None when the engine gave none."""
+        return self.batch.fields.get("logp_behaviour")
 
 
-def build_rollout_batch(prompts: list[PromptItem], outputs: list, pad_id: int = 0
-                        ) -> tuple[TokenBatch, dict[str, Any]]:
-    """Sequences (prompt + response) of every sample, with the behaviour log-probs.
+def build_rollout(prompts: list[PromptItem], outputs: list, tokenizer, pad_id: int = 0
+                  ) -> Rollout:
+    """The :class:`Rollout` of P prompts from the engine's P ``RolloutOutput`` (N samples each:
+    token_ids, logprobs or None, finish_reason); responses decoded with ``tokenizer``.
 
-    Args:
-        prompts: P prompts.
-        outputs: P ``RolloutOutput`` (each with N samples: token_ids, logprobs, finish_reason).
-
-    Returns:
-        ``(batch, info)``. Fields: ``response_mask`` (B, S), ``logp_behaviour`` (B, S) (the
-        rollout engine's log-probs at response positions), per sequence ``prompt_index``,
-        ``response_length``, ``truncated``. ``info`` holds the response token lists.
+    Raises:
+        ValueError: some samples carry log-probs and others not (an engine bug).
     """
     seqs, resp_mask, logp_b = [], [], []
     prompt_index, resp_len, truncated, responses = [], [], [], []
-    for p, (item, out) in enumerate(zip(prompts, outputs)):
+    samples = [s for out in outputs for s in out.samples]
+    with_lp = sum(s.logprobs is not None for s in samples)
+    if 0 < with_lp < len(samples):
+        raise ValueError(f"the rollout engine returned log-probs for {with_lp} of "
+                         f"{len(samples)} samples")
+    for p, (item, out) in enumerate(zip(prompts, outputs, strict=True)):
         for s in out.samples:
-            ids = list(item.ids) + list(s.token_ids)
-            seqs.append(ids)
-            resp_mask.append([0] * len(item.ids) + [1] * len(s.token_ids))
-            lp = list(s.logprobs) if s.logprobs is not None else [0.0] * len(s.token_ids)
-            logp_b.append([0.0] * len(item.ids) + lp)
+            seqs.append(list(item.ids) + list(s.token_ids))
+            resp_mask.append([0.0] * len(item.ids) + [1.0] * len(s.token_ids))
+            if with_lp:
+                logp_b.append([0.0] * len(item.ids) + list(s.logprobs))
             prompt_index.append(p)
             resp_len.append(len(s.token_ids))
             truncated.append(s.finish_reason == "length")
-            responses.append(list(s.token_ids))
-    batch = TokenBatch.from_sequences(
-        seqs, pad_id=pad_id,
-        fields={"response_mask": resp_mask, "logp_behaviour": logp_b,
-                "prompt_index": prompt_index, "response_length": resp_len,
-                "truncated": truncated})
-    batch.fields["response_mask"] = batch.fields["response_mask"].float()
-    batch.fields["logp_behaviour"] = batch.fields["logp_behaviour"].float()
-    return batch, {"responses": responses}
+            responses.append(tokenizer.decode(s.token_ids))
+    fields = {"response_mask": resp_mask, "prompt_index": prompt_index,
+              "response_length": resp_len, "truncated": truncated}
+    if with_lp:
+        fields["logp_behaviour"] = logp_b
+    batch = TokenBatch.from_sequences(seqs, pad_id=pad_id, fields=fields)
+    for k in ("response_mask", "logp_behaviour"):
+        if k in batch.fields:
+            batch.fields[k] = batch.fields[k].float()
+    return Rollout(list(prompts), batch, responses)
+
+
+def minibatches(batch_size: int, minibatch_size: int, epochs: int = 1) -> list[list[int]]:
+    """The rows of each optimizer step over a rollout batch: ``epochs`` passes of consecutive
+    slices ``[k * m, (k + 1) * m)``. With ``m = train_prompts * N`` each slice holds whole
+    prompt groups (the N samples of a prompt are consecutive).
+
+    Raises:
+        ValueError: ``batch_size`` is not a multiple of ``minibatch_size``.
+    """
+    if minibatch_size < 1 or batch_size % minibatch_size:
+        raise ValueError(f"a batch of {batch_size} rows does not split into mini-batches of "
+                         f"{minibatch_size}")
+    steps = batch_size // minibatch_size
+    return [list(range(k * minibatch_size, (k + 1) * minibatch_size))
+            for _ in range(epochs) for k in range(steps)]
+
+
+def chunks(rows: list[int], size: int) -> list[list[int]]:
+    """``rows`` cut into consecutive pieces of ``size`` (the last may be shorter)."""
+    return [rows[k:k + size] for k in range(0, len(rows), size)]
 
 
 def compute_advantages(batch: TokenBatch, raw_rewards: Tensor, algo: AlgorithmConfig,
@@ -137,7 +176,3 @@ def _last_index(mask: Tensor) -> Tensor:
     """Index of the last True per row (0 for empty rows)."""
     pos = torch.arange(mask.shape[1]).expand_as(mask)
     return torch.where(mask, pos, torch.zeros_like(pos)).max(dim=1).values
-
-
-def response_lengths(batch: TokenBatch) -> Tensor:
-    return batch.fields["response_mask"].sum(dim=1)

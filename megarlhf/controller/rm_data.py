@@ -17,7 +17,8 @@ by the verifier"). The two data-scaling axes of methods.md 1.4 are its arguments
 ``num_prompts`` (distinct prompts) and ``n_per_prompt`` (responses per prompt).
 
 :func:`policy_rollout` starts a rollout group serving any HF directory on its own placement
-(used here, for PRM step labels and for best-of-N sampling).
+(used here, for PRM step labels and for best-of-N sampling); :func:`label_steps_with_policy`
+labels PRM steps (Math-Shepherd, :mod:`megarlhf.rewards.prm_labels`) from a policy's rollouts.
 """
 
 from __future__ import annotations
@@ -26,11 +27,25 @@ import contextlib
 import json
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
 from megarlhf.config import ConfigError, JobConfig
+from megarlhf.controller.cluster import ClusterPlacement, init_ray, slot_resource_for
+from megarlhf.controller.sampling import PRM_LABELS, RM_DATA, sampling_params
+from megarlhf.data.datasets import FieldNames, load_prompts, write_jsonl
+from megarlhf.data.job_data import load_job_tokenizer, prompt_token_ids
+from megarlhf.data.tokenizer import load_tokenizer
+from megarlhf.planning.placement import PlacementPlan, Pool, RolePlacement, Slot
+from megarlhf.rewards.math_verify import verify_answer
+from megarlhf.rewards.prm_labels import (
+    LabelType,
+    PrefixRequest,
+    StepExample,
+    rollout_step_labels,
+)
+from megarlhf.workers import RolloutGroup, RolloutSpec
 
 
 @contextlib.contextmanager
@@ -49,16 +64,6 @@ def policy_rollout(job: JobConfig, hf_dir: str, *, max_prompt_len: int | None = 
     if not hf_dir or not os.path.isdir(hf_dir):
         raise ConfigError(f"policy {hf_dir!r} is not an HF model directory (config.json + "
                           "weights); point it at an exported model, e.g. <sft output_dir>/hf")
-    from megarlhf.controller.placement import (
-        PlacementPlan,
-        Pool,
-        RolePlacement,
-        Slot,
-        init_ray,
-        slot_resource_for,
-    )
-    from megarlhf.workers import RolloutGroup, RolloutSpec
-
     init_ray(job)
     c, r = job.cluster, job.rollout
     if r.num_gpus > c.total_gpus:
@@ -72,7 +77,7 @@ def policy_rollout(job: JobConfig, hf_dir: str, *, max_prompt_len: int | None = 
     spec = replace(spec, max_model_len=(max_prompt_len or job.data.max_prompt_len)
                    + r.max_new_tokens)
     resource = slot_resource_for(job)
-    placement = plan.create(resource)
+    placement = ClusterPlacement(plan, resource)
     # CPU replicas: torch threads for half the cores. Intra-op threads spin while they wait, so
     # on a busy machine a replica that asks for every core runs many times slower (measured on
     # 2 cores: 512 samples of a tiny model take 0.8 s with 1 thread, 20 s with 2 under load).
@@ -91,9 +96,6 @@ def policy_rollout(job: JobConfig, hf_dir: str, *, max_prompt_len: int | None = 
 def policy_tokenizer(job: JobConfig, policy_hf_dir: str):
     """The policy's tokenizer: the one saved in its HF directory, else the actor's
     (``actor.model.tokenizer``)."""
-    from megarlhf.controller.data import load_job_tokenizer
-    from megarlhf.data.tokenizer import load_tokenizer
-
     has_own = any(os.path.isfile(os.path.join(policy_hf_dir, f)) for f in (
         "tokenizer_config.json", "tokenizer.json", "tokenizer.model"))
     return load_tokenizer(policy_hf_dir) if has_own else load_job_tokenizer(job)
@@ -181,18 +183,12 @@ def sample_and_label(job: JobConfig, policy_hf_dir: str, prompts_path: str, out_
         all_pairs: pair every right response with every wrong one of its prompt (default: each
             response in at most one pair, see :func:`pair_up`).
         step_label_rollouts: K > 0 also writes Math-Shepherd ``step_labels`` (K rollouts per
-            step, soft fractions; :mod:`megarlhf.controller.prm_labels`).
+            step, soft fractions; :func:`label_steps_with_policy`).
 
     Returns:
         ``{"labelled", "pairs"[, "eval_labelled", "eval_pairs"]}`` paths and the counts
         ``num_prompts``, ``num_responses``, ``num_pairs``, ``accuracy`` (share of right samples).
     """
-    from megarlhf.controller.prm_labels import StepExample, label_steps_with_policy
-    from megarlhf.controller.data import prompt_token_ids
-    from megarlhf.data.datasets import FieldNames, load_prompts, write_jsonl
-    from megarlhf.rewards.math_verify import verify_answer
-    from megarlhf.rollout.base import SamplingParams
-
     if n_per_prompt < 1:
         raise ConfigError(f"n_per_prompt must be >= 1, got {n_per_prompt}")
     if not 0.0 <= eval_fraction < 1.0:
@@ -214,13 +210,7 @@ def sample_and_label(job: JobConfig, policy_hf_dir: str, prompts_path: str, out_
         if t is not None:
             ids.append(t)
             kept.append(r)
-    rr = job.rollout
-    temp = rr.temperature if temperature is None else temperature
-    params = SamplingParams(n=n_per_prompt, temperature=temp, top_p=rr.top_p, top_k=rr.top_k,
-                            max_new_tokens=rr.max_new_tokens,
-                            stop_token_ids=tuple(dict.fromkeys([tok.eos_id,
-                                                                *rr.stop_token_ids])),
-                            seed=job.seed * 1_000_003 + 11, logprobs=False)
+    params = sampling_params(job, tok, n=n_per_prompt, offset=RM_DATA, temperature=temperature)
     with policy_rollout(job, policy_hf_dir,
                         max_prompt_len=job.train.max_seq_len if step_label_rollouts
                         else None) as group:
@@ -277,3 +267,49 @@ def sample_and_label(job: JobConfig, policy_hf_dir: str, prompts_path: str, out_
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     return result
+
+
+def label_steps_with_policy(job, tokenizer, examples: Sequence[StepExample], *,
+                            policy_hf_dir: str, k: int, label_type: LabelType = "soft",
+                            rollout=None, answer_prefix: str = "answer:",
+                            log: Callable[[str], None] | None = None
+                            ) -> list[tuple[float, ...]]:
+    """:func:`rollout_step_labels` with rollouts sampled from a policy (Ray, rollout engine).
+
+    ``example.prompt`` must be the prompt's token ids (through the chat template, as the policy
+    saw prompts in training). Each prefix is ``prompt ids + tokenizer.encode(prefix text)``;
+    sampling follows ``job.rollout`` (temperature, top-p/k, max_new_tokens) with the seed of
+    :data:`~megarlhf.controller.sampling.PRM_LABELS`, so labels are reproducible on one engine.
+
+    Args:
+        job: the job (cluster, rollout settings, seed).
+        tokenizer: the policy's tokenizer.
+        policy_hf_dir: the policy to roll out (an HF model directory).
+        k: rollouts per intermediate step.
+        rollout: an already running RolloutGroup serving the policy (else one is started and
+            stopped here).
+    """
+    r = job.rollout
+    temperature = r.temperature if r.temperature > 0 else 1.0
+
+    def run(group) -> list[tuple[float, ...]]:
+        def complete(requests: list[PrefixRequest], n: int) -> list[list[str]]:
+            prompts = [list(q.prompt) + tokenizer.encode(q.prefix) for q in requests]
+            params = sampling_params(job, tokenizer, n=n, offset=PRM_LABELS,
+                                     temperature=temperature)
+            if log is not None:
+                log(f"megarlhf: PRM step labels: {len(prompts)} step prefixes x {n} rollouts "
+                    f"from {policy_hf_dir}")
+            outs = group.generate(prompts, params)
+            return [[tokenizer.decode(s.token_ids) for s in o.samples] for o in outs]
+
+        def is_correct(text: str, answer: Any) -> bool:
+            return verify_answer(text, answer, answer_prefix=answer_prefix)
+
+        return rollout_step_labels(examples, complete, is_correct, k,
+                                   job.reward.prm_step_delimiter, label_type)
+
+    if rollout is not None:
+        return run(rollout)
+    with policy_rollout(job, policy_hf_dir, max_prompt_len=job.train.max_seq_len) as group:
+        return run(group)

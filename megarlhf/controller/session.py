@@ -1,27 +1,23 @@
-"""A run's session on the driver: output directory, metrics, progress, stop signals, checkpoints.
+"""A run's session on the driver: output directory, metrics, progress, stop signals.
 
 Layout of ``output_dir``::
 
     config.yaml                 the resolved config of the run
     tensorboard/                TensorBoard events + metrics.jsonl (every logged scalar)
-    checkpoints/step_000010/    one full training state per save (see TrainingCheckpoint)
-    checkpoints/latest          name of the newest *complete* save (moved atomically last)
+    checkpoints/                training checkpoints (:mod:`megarlhf.checkpoint.training`)
+    hf/                         the trained model as an HF directory, at the end of the run
 
-A save is complete when its ``COMPLETE`` marker exists; ``latest`` is rewritten (write to a temp
-file, fsync, rename) only after that, so a crash or ``kill -9`` during a save leaves the previous
-checkpoint as ``latest``. SIGTERM / SIGINT ask the loop to stop: it finishes the current step,
-saves, and exits cleanly.
+SIGTERM / SIGINT ask the loop to stop: it finishes the current step, saves, and exits cleanly
+(:class:`megarlhf.controller.run.Trainer`); a second signal stops at once.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
-import time
 from typing import Any
 
+from megarlhf.checkpoint.training import CheckpointDir
 from megarlhf.config import JobConfig, dump_config
 from megarlhf.observability import MetricsWriter, PhaseTimer, Progress
 
@@ -34,8 +30,9 @@ class Session:
         self.output_dir = os.path.abspath(job.output_dir)
         os.makedirs(self.output_dir, exist_ok=True)
         dump_config(job, os.path.join(self.output_dir, "config.yaml"))
-        self.ckpt_root = os.path.abspath(job.checkpoint.dir or os.path.join(self.output_dir,
-                                                                            "checkpoints"))
+        self.checkpoints = CheckpointDir(job.checkpoint.dir or os.path.join(self.output_dir,
+                                                                            "checkpoints"),
+                                         keep_last=job.checkpoint.keep_last)
         self.writer = MetricsWriter(os.path.join(self.output_dir, "tensorboard"),
                                     enabled=job.logging.tensorboard)
         self.timer = PhaseTimer()
@@ -90,57 +87,3 @@ class Session:
             self.progress.close()
         self.writer.close()
         self.restore_signal_handlers()
-
-    # -- checkpoints ---------------------------------------------------------------------------
-    def step_dir(self, step: int) -> str:
-        return os.path.join(self.ckpt_root, f"step_{step:06d}")
-
-    def latest_step_dir(self) -> str | None:
-        """The newest complete checkpoint, or None."""
-        p = os.path.join(self.ckpt_root, "latest")
-        if not os.path.isfile(p):
-            return None
-        name = open(p, encoding="utf-8").read().strip()
-        d = os.path.join(self.ckpt_root, name)
-        if not os.path.isfile(os.path.join(d, "COMPLETE")):
-            raise RuntimeError(f"{p} points at {name}, which is not a complete checkpoint; "
-                               "remove the pointer or restore the directory")
-        return d
-
-    def mark_complete(self, step_dir: str, driver_state: dict[str, Any]) -> None:
-        """Writes the driver state and COMPLETE marker, then moves ``latest`` (atomically)."""
-        with open(os.path.join(step_dir, "driver_state.json"), "w", encoding="utf-8") as f:
-            json.dump(driver_state, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        marker = os.path.join(step_dir, "COMPLETE")
-        with open(marker, "w", encoding="utf-8") as f:
-            f.write(time.strftime("%Y-%m-%dT%H:%M:%S"))
-            f.flush()
-            os.fsync(f.fileno())
-        tmp = os.path.join(self.ckpt_root, f".latest.tmp-{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(os.path.basename(step_dir))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(self.ckpt_root, "latest"))
-        self._prune()
-
-    def _prune(self) -> None:
-        keep = self.job.checkpoint.keep_last
-        done = sorted(d for d in os.listdir(self.ckpt_root)
-                      if d.startswith("step_")
-                      and os.path.isfile(os.path.join(self.ckpt_root, d, "COMPLETE")))
-        for d in done[:-keep]:
-            shutil.rmtree(os.path.join(self.ckpt_root, d), ignore_errors=True)
-        # Incomplete saves older than the newest complete one are leftovers of a crash.
-        if done:
-            for d in os.listdir(self.ckpt_root):
-                p = os.path.join(self.ckpt_root, d)
-                if d.startswith("step_") and d < done[-1] and not os.path.isfile(
-                        os.path.join(p, "COMPLETE")):
-                    shutil.rmtree(p, ignore_errors=True)
-
-    def read_driver_state(self, step_dir: str) -> dict[str, Any]:
-        with open(os.path.join(step_dir, "driver_state.json"), encoding="utf-8") as f:
-            return json.load(f)

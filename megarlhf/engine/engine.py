@@ -42,8 +42,12 @@ from megarlhf.engine.batch import (
     make_micro_batches,
     pad_micro_batches_uniform,
 )
+from megarlhf.engine.loss_fns import loss_needs, make_loss_fn
+from megarlhf.engine.moe import MoEHooks
 from megarlhf.engine.vocab_parallel import vocab_parallel_logprobs_entropy
 from megarlhf.models.builder import ModelBundle
+from megarlhf.parallel.layout import uses_gloo_groups
+from megarlhf.platform import current_platform
 
 LossFn = Callable[[dict[str, Tensor], MicroBatch], tuple[Tensor, dict[str, Tensor]]]
 
@@ -87,8 +91,6 @@ class MegatronEngine:
         self._offloaded: list[tuple[Any, Tensor]] | None = None
         self.moe = None
         if bundle.spec.moe is not None:
-            from megarlhf.engine.moe import MoEHooks
-
             self.moe = MoEHooks(bundle)
         if optimizer is not None:
             self._build_optimizer(optimizer, total_steps)
@@ -119,8 +121,6 @@ class MegatronEngine:
         )
         # megatron's own process groups (set up by initialize_parallel); passing pg_collection
         # would disable the gloo groups the DistributedOptimizer uses for checkpointing.
-        from megarlhf.parallel.layout import uses_gloo_groups
-
         self.optimizer = get_megatron_optimizer(mcfg, self.bundle.chunks,
                                                 use_gloo_process_groups=uses_gloo_groups())
         decay = cfg.lr_decay_steps or max(total_steps, 1)
@@ -214,8 +214,6 @@ class MegatronEngine:
         return out, partial(loss_impl, mb)
 
     def _device(self):
-        from megarlhf.platform import current_platform
-
         return current_platform().device
 
     def _outputs(self, output: Tensor, mb: MicroBatch, temperature: float,
@@ -363,8 +361,6 @@ class MegatronEngine:
 
     def train(self, batch: TokenBatch, spec) -> StepResult:
         """One optimizer step with the loss described by ``spec`` (see engine.loss_fns)."""
-        from megarlhf.engine.loss_fns import loss_needs, make_loss_fn
-
         return self.train_step(batch, make_loss_fn(spec), **loss_needs(spec))
 
     # ------------------------------------------------------------------ offload / onload

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 
 from megarlhf.engine.batch import MicroBatch
+from megarlhf.platform import current_platform
 
 ROUTED_EXPERTS = "routed_experts"
 
@@ -285,8 +286,6 @@ class MoEHooks:
 
 
 def _device() -> torch.device:
-    from megarlhf.platform import current_platform
-
     return current_platform().device
 
 

@@ -35,7 +35,8 @@ def whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True,
     """Masked whitening: ``(x - mean) / sqrt(var + eps)`` over all valid tokens.
 
     ``var`` is the population variance (divide by the valid-token count). If all valid values
-    are equal the result is 0 there.
+    are equal the scaled deviations are 0 there, so the result is 0 (``shift_mean``) or the
+    mean itself (``shift_mean=False``: scaling without shifting keeps the mean).
 
     Args:
         values: ``(B, T)``.
@@ -52,12 +53,12 @@ def whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True,
     mean = x.sum() / n
     var = torch.where(m, (x - mean).square(), 0.0).sum() / n
     out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
     if bool(m.any()):
         valid = values.float()[m]
         if bool(valid.max() == valid.min()):
-            out = torch.zeros_like(out)
+            out = torch.zeros_like(out)  # no spread: every deviation is exactly 0
+    if not shift_mean:
+        out = out + mean
     return torch.where(m, out, 0.0)
 
 

@@ -12,5 +12,4 @@
 * :mod:`~megarlhf.weights.validate` - refusing HF directories whose config and weights
   disagree, before any work.
 * :mod:`~megarlhf.weights.hf_io` - lazy safetensors reading; writing as transformers does.
-* :mod:`~megarlhf.weights.convert` - ``megarlhf convert`` (HF <-> megarlhf checkpoints).
 """

@@ -15,12 +15,12 @@ from megarlhf.workers.group import (
     WorkerTimeoutError,
     wait_all,
 )
-from megarlhf.workers.role_worker import RoleSpec, RoleWorker, WorkerGroup, resharder_buckets
+from megarlhf.workers.role_worker import RoleSpec, RoleWorker, WorkerGroup
 from megarlhf.workers.rollout_worker import RolloutGroup, RolloutSpec, RolloutWorker
 
 __all__ = [
     "ActorGroup", "Collect", "Dispatch", "GroupBrokenError", "PendingCall", "RankInfo",
     "RoleSpec", "RoleWorker", "RolloutGroup", "RolloutSpec", "RolloutWorker", "WorkerCallError",
     "WorkerDiedError", "WorkerError", "WorkerGroup", "WorkerTimeoutError", "register",
-    "resharder_buckets", "wait_all",
+    "wait_all",
 ]

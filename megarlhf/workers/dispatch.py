@@ -42,6 +42,8 @@ from typing import Any
 
 import torch
 
+from megarlhf.engine.batch import TokenBatch
+
 _ATTR = "__megarlhf_dispatch__"
 
 
@@ -146,8 +148,6 @@ class DispatchContext:
 
 def _split_value(value: Any, dp: int, name: str) -> tuple[list[Any], list[int]]:
     """``dp`` contiguous shards of ``value`` and the first row index of each."""
-    from megarlhf.engine.batch import TokenBatch
-
     if isinstance(value, TokenBatch):
         if value.batch_size % dp:
             raise ValueError(
@@ -193,8 +193,6 @@ def dispatch_args(spec: MethodSpec, fn: Callable, ranks: Sequence[RankInfo], arg
     shards: dict[str, list[Any]] = {}
     offsets: list[int] = [0] * dp
     for name in spec.split:
-        from megarlhf.engine.batch import TokenBatch
-
         v = values[name]
         if isinstance(v, TokenBatch) and ctx.seq_len is None:
             ctx.seq_len = v.input_ids.shape[1]

@@ -35,6 +35,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from megarlhf.engine.batch import TokenBatch
 from megarlhf.workers.dispatch import (
     DispatchContext,
     MethodSpec,
@@ -73,8 +74,6 @@ class GroupBrokenError(WorkerError):
 
 def _is_large(v: Any) -> bool:
     import torch
-
-    from megarlhf.engine.batch import TokenBatch
 
     if isinstance(v, (TokenBatch, torch.Tensor)):
         return True

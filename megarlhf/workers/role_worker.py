@@ -33,15 +33,22 @@ import faulthandler
 import os
 import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
 from megarlhf.config.schema import JobConfig, ModelConfig, OptimizerConfig
-from megarlhf.parallel.layout import ParallelLayout
+from megarlhf.config.validate import active_roles, trained_roles
+from megarlhf.engine.engine import MegatronEngine
+from megarlhf.models.builder import build_model
+from megarlhf.parallel.layout import ParallelLayout, initialize_parallel
+from megarlhf.platform import init_platform
+from megarlhf.weights.loader import load_hf_dir
+from megarlhf.weights.resharder import iter_hf_weights, plan_hf_weights
 from megarlhf.workers.dispatch import Collect, Dispatch, RankInfo, register
 from megarlhf.workers.group import ActorGroup
+from megarlhf.workers.rollout_worker import RolloutWorker
 
 @dataclass(frozen=True)
 class RoleSpec:
@@ -82,8 +89,6 @@ class RoleSpec:
         ``total_steps`` defaults to the job's optimizer steps: ``train.steps`` for sft/rm, and
         ``train.steps * batch.steps_per_rollout * algorithm.ppo_epochs`` for RL jobs.
         """
-        from megarlhf.config.validate import active_roles, trained_roles
-
         roles = active_roles(job)
         if role not in roles:
             raise ValueError(f"role {role!r} is not part of this {job.kind} job; its roles: "
@@ -147,11 +152,6 @@ class RoleWorker:
         import ray
         import torch
 
-        from megarlhf.engine.engine import MegatronEngine
-        from megarlhf.models.builder import build_model
-        from megarlhf.parallel.layout import initialize_parallel
-        from megarlhf.platform import init_platform
-
         if spec.layout.world_size != self.world_size:
             raise ValueError(f"{spec.role}: layout {spec.layout.describe()} needs "
                              f"{spec.layout.world_size} ranks, the group has {self.world_size}")
@@ -170,8 +170,6 @@ class RoleWorker:
                              init_weights=spec.weights == "init", seed=spec.seed,
                              use_distributed_optimizer=use_dist_opt)
         if spec.weights == "hf":
-            from megarlhf.weights.loader import load_hf_dir
-
             load_hf_dir(bundle, spec.model.hf_dir)
         self.engine = MegatronEngine(
             bundle, spec.optimizer, total_steps=spec.total_steps,
@@ -226,33 +224,29 @@ class RoleWorker:
     @register(Dispatch.ONE_TO_ALL, Collect.RANK0)
     def hf_weight_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         """Collective: the ``(hf_name, shape)`` of every tensor the resharder streams, in order."""
-        from megarlhf.weights.resharder import plan_hf_weights
-
         return [(e.name, tuple(e.shape)) for e in plan_hf_weights(self.engine.bundle).entries]
 
     @register(Dispatch.ONE_TO_ALL, Collect.RANK0)
     def push_weights(self, rollout_actors: list, rollout_ranks: list[RankInfo],
-                     bucket_bytes: int, source: Callable | None = None, dtype=None,
-                     replica_timeout_s: float = 600.0) -> dict[str, int]:
-        """Every rank runs the bucket ``source``; rank 0 pushes each bucket to every replica.
+                     bucket_bytes: int, dtype=None, replica_timeout_s: float = 600.0
+                     ) -> dict[str, int]:
+        """Every rank streams the resharder; rank 0 pushes each bucket to every replica.
 
-        ``source(worker, bucket_bytes, dtype)`` is a collective generator every rank iterates in
-        step; on rank 0 it yields lists of ``(hf_name, tensor)`` (at most ``bucket_bytes`` each, a
-        larger tensor alone), elsewhere anything (ignored). The default is the resharder
-        (:func:`resharder_buckets`). Rank 0 puts each bucket in Ray's object store once and
+        The resharder (:func:`megarlhf.weights.resharder.iter_hf_weights`) is a collective
+        generator every rank iterates in step; on rank 0 it yields lists of ``(hf_name, full
+        tensor)`` (at most ``bucket_bytes`` each, a larger tensor alone) in host memory, cast to
+        ``dtype``, and ``[]`` elsewhere. Rank 0 puts each bucket in Ray's object store once and
         calls ``load_weight_bucket`` on every replica; at most two buckets are in flight (the
         one being loaded and the next being produced), so memory stays bounded whatever the
         model size.
         """
-        from megarlhf.workers.rollout_worker import RolloutWorker
-
-        source = source or resharder_buckets
         dst = self.rank == 0
         replicas = (ActorGroup("rollout", rollout_actors, rollout_ranks, RolloutWorker,
                                call_timeout_s=replica_timeout_s) if dst else None)
         pending = None
         tensors = nbytes = buckets = 0
-        for bucket in source(self, bucket_bytes, dtype):
+        for bucket in iter_hf_weights(self.engine.bundle, bucket_bytes=bucket_bytes,
+                                      dtype=dtype, dst_rank=0, device="cpu"):
             if not dst or not bucket:
                 continue
             if pending is not None:
@@ -265,34 +259,6 @@ class RoleWorker:
         if pending is not None:
             pending.result()
         return {"tensors": tensors, "bytes": nbytes, "buckets": buckets}
-
-
-def resharder_buckets(worker: RoleWorker, bucket_bytes: int, dtype=None) -> Iterator[list]:
-    """The default weight-sync source: the resharder's HF-named buckets, on rank 0, in host
-    memory (they travel through Ray's object store), cast to ``dtype``.
-
-    Uses ``megarlhf.weights.resharder.iter_hf_weights`` (issue 5): a collective generator every
-    rank of the role iterates, yielding ``[(hf_name, full_tensor), ...]`` on ``dst_rank`` and
-    ``[]`` elsewhere.
-    """
-    fn = _resharder()
-    yield from fn(worker.engine.bundle, bucket_bytes=bucket_bytes, dtype=dtype, dst_rank=0,
-                  device="cpu")
-
-
-def _resharder() -> Callable:
-    try:
-        from megarlhf.weights import resharder
-    except ImportError:
-        resharder = None
-    fn = getattr(resharder, "iter_hf_weights", None)
-    if fn is None:
-        raise NotImplementedError(
-            "WorkerGroup.sync_weights_to needs megarlhf.weights.resharder.iter_hf_weights("
-            "bundle, bucket_bytes=..., dtype=..., dst_rank=0, device='cpu') (the resharder, "
-            "issue 5), which is not importable here; pass source=... (a collective bucket "
-            "generator) to sync_weights_to meanwhile")
-    return fn
 
 
 class WorkerGroup(ActorGroup):
@@ -311,7 +277,7 @@ class WorkerGroup(ActorGroup):
         """Starts one actor per rank of ``spec.role`` on its placement slots and builds it.
 
         Args:
-            placement: a :class:`~megarlhf.controller.placement.ClusterPlacement` holding the
+            placement: a :class:`~megarlhf.planning.placement.ClusterPlacement` holding the
                 role.
             spec: what to build.
             call_timeout_s: default bound of every call.
@@ -377,32 +343,27 @@ class WorkerGroup(ActorGroup):
         checked.add(id(rollout))
 
     def sync_weights_to(self, rollout, *, bucket_bytes: int | None = None,
-                        source: Callable | None = None, timeout_s: float | None = None):
+                        timeout_s: float | None = None):
         """Streams this role's weights (HF names, full tensors) into every rollout replica.
 
-        With the resharder as the source, the stream's names and shapes are first checked
-        against the engines' (:meth:`check_weight_manifest`). Every rank runs the bucket source
-        (default: the resharder, see :func:`resharder_buckets`); rank 0 pushes each bucket through Ray's object store to all
-        replicas' ``load_weight_bucket`` with at most two buckets in flight. Returns each
-        replica's :class:`~megarlhf.rollout.base.WeightUpdateStats`.
+        The stream's names and shapes are first checked against the engines'
+        (:meth:`check_weight_manifest`). Every rank runs the resharder; rank 0 pushes each
+        bucket through Ray's object store to all replicas' ``load_weight_bucket`` with at most
+        two buckets in flight (:meth:`RoleWorker.push_weights`). Returns each replica's
+        :class:`~megarlhf.rollout.base.WeightUpdateStats`.
 
         Args:
             rollout: a :class:`~megarlhf.workers.rollout_worker.RolloutGroup`.
             bucket_bytes: bucket bound; default ``rollout.weight_sync_bucket_mib``.
-            source: a collective bucket generator ``source(worker, bucket_bytes, dtype)``
-                (``dtype``: the replicas' weight dtype).
         """
-        if source is None:
-            _resharder()  # fail here, not on every rank, when the resharder is missing
         bucket_bytes = bucket_bytes or rollout.bucket_bytes
         timeout = self.call_timeout_s if timeout_s is None else timeout_s
-        if source is None:
-            self.check_weight_manifest(rollout, timeout_s=timeout)
+        self.check_weight_manifest(rollout, timeout_s=timeout)
         dtype = rollout.weight_dtype(timeout_s=timeout)
         rollout.begin_weight_update(timeout_s=timeout)
         try:
-            self.push_weights(rollout.actors, rollout.ranks, bucket_bytes, source, dtype,
-                              timeout, timeout_s=timeout)
+            self.push_weights(rollout.actors, rollout.ranks, bucket_bytes, dtype, timeout,
+                              timeout_s=timeout)
         except BaseException:
             if rollout.broken is None:
                 try:  # let the engines put back what a partial stream left (vLLM)

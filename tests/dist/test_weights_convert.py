@@ -108,7 +108,7 @@ def rank_convert_and_reload(jobs, work):
         read_checkpoint_meta,
         save_model_checkpoint,
     )
-    from megarlhf.weights import convert
+    from megarlhf.checkpoint import convert
 
     res = {"loads": {}, "padding": {}}
     for name, hf_dir in jobs:

@@ -44,7 +44,8 @@ def _job(demo_run, out, kind, **over) -> dict:
 
 
 def _load(d: dict):
-    from megarlhf.config import from_dict, validate
+    from megarlhf.config import from_dict
+    from megarlhf.planning import validate
     from megarlhf.config.schema import JobConfig
 
     return validate(from_dict(JobConfig, d))
@@ -117,12 +118,12 @@ def test_prm_step_labels_from_a_real_policy_equal_rollout_fractions(demo_run, tm
     """If this fails, automatic PRM labels with a real policy (prefix tokenization, seeded
     rollouts on the rollout group, decoding, verification) are not the fraction of that
     policy's rollouts from each prefix that reach the right answer."""
-    from megarlhf.controller.prm_labels import (
-        StepExample,
+    from megarlhf.controller.rm_data import (
         label_steps_with_policy,
-        step_prefixes,
+        policy_rollout,
+        policy_tokenizer,
     )
-    from megarlhf.controller.rm_data import policy_rollout, policy_tokenizer
+    from megarlhf.rewards.prm_labels import StepExample, step_prefixes
     from megarlhf.data.demo_task import ArithmeticTask
     from megarlhf.rollout.base import SamplingParams
 

@@ -43,7 +43,7 @@ def lm_dir(tmp_path_factory):
 def _job(placement, lm, actor_par):
     from megarlhf.config.base import from_dict
     from megarlhf.config.schema import JobConfig
-    from megarlhf.config.validate import validate
+    from megarlhf.planning import validate
 
     return validate(from_dict(JobConfig, {
         "kind": "grpo",
@@ -111,12 +111,12 @@ def _sync_train_sync(actor, rollout):
 def test_vllm_replicas_follow_the_actor(ray_cluster, lm_dir, placement, actor_par):
     """If this fails, vLLM replicas in Ray actors (colocated or on their own GPUs) do not get the
     actor's weights through the resharder on every sync, or split a batch wrongly."""
-    from megarlhf.controller.placement import plan_placement
+    from megarlhf.controller.cluster import ClusterPlacement
+    from megarlhf.planning.placement import plan_placement
     from megarlhf.workers import RolloutGroup, RolloutSpec, WorkerGroup
 
     job = _job(placement, lm_dir, actor_par)
-    plan = plan_placement(job)
-    pl = plan.create("GPU", timeout_s=60)
+    pl = ClusterPlacement(plan_placement(job), "GPU", timeout_s=60)
     groups = []
     try:
         actor = WorkerGroup.from_job(job, "actor", pl, call_timeout_s=300, pg_timeout_s=120)
@@ -141,12 +141,13 @@ def test_vllm_replicas_follow_the_actor(ray_cluster, lm_dir, placement, actor_pa
 def test_mismatched_rollout_model_is_refused_before_any_data_moves(ray_cluster, lm_dir):
     """If this fails, a rollout engine serving another architecture gets a partial, garbled
     weight stream (or silently keeps its weights) instead of a refusal naming the tensor."""
-    from megarlhf.controller.placement import plan_placement
+    from megarlhf.controller.cluster import ClusterPlacement
+    from megarlhf.planning.placement import plan_placement
     from megarlhf.rollout import WeightSyncError
     from megarlhf.workers import RolloutGroup, RolloutSpec, WorkerGroup
 
     job = _job("split", lm_dir, {"pp": 2})
-    pl = plan_placement(job).create("GPU", timeout_s=60)
+    pl = ClusterPlacement(plan_placement(job), "GPU", timeout_s=60)
     groups = []
     try:
         actor = WorkerGroup.from_job(job, "actor", pl, call_timeout_s=300, pg_timeout_s=120)

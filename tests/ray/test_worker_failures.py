@@ -22,8 +22,9 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 def _group(tp=2, **kwargs):
     from megarlhf.config.base import from_dict
     from megarlhf.config.schema import JobConfig
-    from megarlhf.controller.placement import plan_placement
+    from megarlhf.controller.cluster import ClusterPlacement
     from megarlhf.models.tiny import tiny_arch
+    from megarlhf.planning.placement import plan_placement
     from megarlhf.workers import WorkerGroup
 
     job = from_dict(JobConfig, {
@@ -33,7 +34,7 @@ def _group(tp=2, **kwargs):
                   "parallel": {"tp": tp}, "num_gpus": tp,
                   "optimizer": {"name": "sgd", "lr": 0.01, "use_distributed_optimizer": False}},
     })
-    placement = plan_placement(job).create("GPU", timeout_s=30)
+    placement = ClusterPlacement(plan_placement(job), "GPU", timeout_s=30)
     kwargs = {"call_timeout_s": 60, "pg_timeout_s": 60, "poll_s": 0.2, "grace_s": 1.0,
               **kwargs}
     return WorkerGroup.from_job(job, "actor", placement, **kwargs), placement

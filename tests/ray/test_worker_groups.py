@@ -18,7 +18,6 @@ Rollout log-probs against the actor's forward: 1e-4 (transformers vs megatron, f
 sees <= 4e-7).
 """
 
-import importlib.util
 import sys
 import time
 
@@ -104,7 +103,7 @@ def reference(model_dirs):
 def _job(placement, lm, rm, actor_par, critic_par, rollout_gpus=1):
     from megarlhf.config.base import from_dict
     from megarlhf.config.schema import JobConfig
-    from megarlhf.config.validate import validate
+    from megarlhf.planning import validate
 
     return validate(from_dict(JobConfig, {
         "kind": "ppo",
@@ -169,17 +168,6 @@ def _check_against_reference(res, ref):
     assert _close(res["actor"]["before"]["entropy"], ref["actor"]["before"]["entropy"], 1e-5)
 
 
-def _hf_dir_source(worker, bucket_bytes, dtype):
-    """A stand-in weight source for the sync plumbing: rank 0 streams the role's HF files."""
-    from megarlhf.rollout.hf_engine import _iter_safetensors
-    from megarlhf.rollout.base import iter_weight_buckets as iter_buckets
-
-    if worker.rank != 0:
-        return
-    pairs = ((n, t.to(dtype)) for n, t in _iter_safetensors(worker.spec.model.hf_dir))
-    yield from iter_buckets(pairs, bucket_bytes)
-
-
 def _rollout_matches_actor(rollout, actor, seed):
     """Samples from the rollout group, and the actor's log-probs of the same tokens."""
     from megarlhf.engine.batch import TokenBatch
@@ -204,7 +192,8 @@ def _rollout_matches_actor(rollout, actor, seed):
 
 def test_colocated_groups_match_single_process(ray_cluster, model_dirs, reference):
     """If this fails, colocated groups (TP2, offload, weight sync) differ from one process."""
-    from megarlhf.controller.placement import plan_placement
+    from megarlhf.controller.cluster import ClusterPlacement
+    from megarlhf.planning.placement import plan_placement
     from megarlhf.rollout import SamplingParams, make_rollout_engine
     from megarlhf.workers import RolloutGroup, RolloutSpec, WorkerGroup
 
@@ -212,7 +201,7 @@ def test_colocated_groups_match_single_process(ray_cluster, model_dirs, referenc
     job = _job("colocate_all", lm, rm, {"tp": 2}, {"tp": 2}, rollout_gpus=2)
     plan = plan_placement(job)
     assert plan.roles["actor"].fraction == pytest.approx(1 / 3, abs=1e-4)
-    placement = plan.create("GPU", timeout_s=30)
+    placement = ClusterPlacement(plan, "GPU", timeout_s=30)
     groups = []
     try:
         actor = WorkerGroup.from_job(job, "actor", placement, call_timeout_s=120,
@@ -231,7 +220,8 @@ def test_colocated_groups_match_single_process(ray_cluster, model_dirs, referenc
         assert len({r.devices for r in actor.ranks}) == 2
         assert [r.is_output_rank for r in actor.ranks] == [True, False]  # TP rank 0 collects
 
-        stats = actor.sync_weights_to(rollout, source=_hf_dir_source, bucket_bytes=16 * 1024)
+        # The real resharder (TP2 shards -> HF tensors) in small buckets: many round trips.
+        stats = actor.sync_weights_to(rollout, bucket_bytes=16 * 1024)
         n_tensors = stats[0].tensors
         assert all(s.tensors == n_tensors and s.missing == () for s in stats)
         outs, err = _rollout_matches_actor(rollout, actor, seed=11)
@@ -248,13 +238,9 @@ def test_colocated_groups_match_single_process(ray_cluster, model_dirs, referenc
         _check_against_reference(res, reference)
 
         rollout.wake_up()
-        if importlib.util.find_spec("megarlhf.weights.resharder") is not None:
-            actor.sync_weights_to(rollout)  # the resharder: the trained weights
-            _, err = _rollout_matches_actor(rollout, actor, seed=12)
-            assert err < 1e-4, err
-        else:
-            with pytest.raises(NotImplementedError, match="resharder"):
-                actor.sync_weights_to(rollout)
+        actor.sync_weights_to(rollout)  # the trained weights, default buckets
+        _, err = _rollout_matches_actor(rollout, actor, seed=12)
+        assert err < 1e-4, err
     finally:
         for g in groups:
             g.shutdown()
@@ -263,14 +249,15 @@ def test_colocated_groups_match_single_process(ray_cluster, model_dirs, referenc
 
 def test_split_groups_match_single_process(ray_cluster, model_dirs, reference):
     """If this fails, split groups (own GPUs, PP2 and TP2) differ from the one-process engine."""
-    from megarlhf.controller.placement import plan_placement
+    from megarlhf.controller.cluster import ClusterPlacement
+    from megarlhf.planning.placement import plan_placement
     from megarlhf.workers import WorkerGroup
 
     lm, rm = model_dirs
     job = _job("split", lm, rm, {"pp": 2}, {"tp": 2})
     plan = plan_placement(job)
     assert plan.roles["actor"].fraction == 1.0
-    placement = plan.create("GPU", timeout_s=30)
+    placement = ClusterPlacement(plan, "GPU", timeout_s=30)
     groups = []
     try:
         t0 = time.monotonic()

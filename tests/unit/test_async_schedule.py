@@ -201,13 +201,15 @@ def test_rejects_bad_arguments():
     assert Task(SYNC, version=1).uses_learner and Task(SYNC, version=1).uses_rollout
 
 
-@pytest.mark.parametrize("placement,ok", [("split", True), ("colocate_pairs", False)])
-def test_async_trainer_needs_the_rollout_on_gpus_of_its_own(placement, ok):
-    """If this fails, an async job could overlap generation with training on shared GPUs."""
+@pytest.mark.parametrize("placement,ok", [("split", True), ("colocate_pairs", False),
+                                          ("colocate_all", False)])
+def test_async_job_needs_the_rollout_on_gpus_of_its_own(placement, ok):
+    """If this fails, an async job could overlap generation with training on shared GPUs, or
+    validation suggests a placement the async trainer cannot run."""
     from megarlhf.config import load_config
     from megarlhf.config.base import ConfigError
-    from megarlhf.controller.async_rl import check_async_placement
     from megarlhf.demo import config_path
+    from megarlhf.planning import validate
 
     job = load_config(config_path("grpo"), [
         f"cluster.placement={placement}", "cluster.gpus_per_node=4", "actor.parallel.tp=1",
@@ -217,7 +219,8 @@ def test_async_trainer_needs_the_rollout_on_gpus_of_its_own(placement, ok):
         "intermediate_size: 256, num_hidden_layers: 2, num_attention_heads: 2, "
         "num_key_value_heads: 2, max_position_embeddings: 128}"])  # head_dim 32: vLLM's CPU
     if ok:
-        check_async_placement(job)
+        validate(job)
     else:
-        with pytest.raises(ConfigError, match="cluster.placement=split"):
-            check_async_placement(job)
+        with pytest.raises(ConfigError, match="set cluster.placement=split") as e:
+            validate(job)
+        assert "(or colocate_pairs)" not in str(e.value)

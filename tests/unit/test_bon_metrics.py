@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megarlhf.controller.bon import bon_curve, extract_answer, format_table, majority_index
+from megarlhf.rewards.bon_metrics import bon_curve, extract_answer, format_table, majority_index
 
 
 def test_extract_answer_keys_for_voting():

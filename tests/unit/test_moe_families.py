@@ -11,7 +11,8 @@ import re
 import pytest
 import torch
 
-from megarlhf.config import ConfigError, JobConfig, from_dict, validate
+from megarlhf.config import ConfigError, JobConfig, from_dict
+from megarlhf.planning import validate
 from megarlhf.models.arch import hf_config_from_dict
 from megarlhf.models.families import (
     UnsupportedArchitecture,
@@ -281,7 +282,7 @@ def test_expert_parallel_config_rules():
              "moe_token_dispatcher=allgather")
     # Routing replay needs the rollout engine's expert choices, which no engine returns yet.
     _rejects(_job(**{"actor.model.moe_routing_replay": True}),
-             "moe_routing_replay=true", "does not return them yet")
+             "moe_routing_replay=true", "does not return them")
 
 
 # --------------------------------------------------------------------------- plan
@@ -290,7 +291,7 @@ def test_expert_parallel_config_rules():
 def test_plan_shards_experts_by_ep_hand_calculation():
     """If this fails, `megarlhf plan` miscounts an MoE model: experts are held E/ep per GPU and
     their optimizer state is sharded over expert-DP, not DP (hand calculation, Qwen3-30B-A3B)."""
-    from megarlhf.controller.plan import ModelShape, estimate_role
+    from megarlhf.planning.plan import ModelShape, estimate_role
 
     d = _job(**{"actor.model": {"arch": dict(QWEN3_30B_A3B), "dtype": "bf16",
                                 "recompute": "full"},
@@ -322,7 +323,7 @@ def test_shipped_moe_configs_are_the_real_models():
     """If this fails, the Qwen3-30B-A3B or Qwen3-235B-A22B config no longer describes the real
     model, or the 235B one stopped being the dense 200B-class config's sibling on 16 nodes."""
     from megarlhf.config import load_config
-    from megarlhf.controller.plan import ModelShape
+    from megarlhf.planning.plan import ModelShape
 
     small = load_config(os.path.join(REPO, "configs", "qwen3_30b_a3b_grpo_8xh100.yaml"))
     big = load_config(os.path.join(REPO, "configs", "qwen3_235b_a22b_grpo_16nodes.yaml"))

@@ -44,7 +44,7 @@ def _job(**over):
 
 def test_llama3_70b_state_memory_matches_hand_calculation():
     """If this fails, plan miscounts weights, grads or optimizer state and accepts OOM layouts."""
-    from megarlhf.controller.plan import ModelShape, estimate_role
+    from megarlhf.planning.plan import ModelShape, estimate_role
 
     # Llama-3-70B: L=80, h=8192, F=28672, a=64 heads, g=8 KV heads, d=128, V=128256, untied.
     h, F, a, g, d, L, V = 8192, 28672, 64, 8, 128, 80, 128256
@@ -79,7 +79,7 @@ def test_llama3_70b_state_memory_matches_hand_calculation():
 
 def test_activation_formula_reduces_to_the_papers_gpt_layer():
     """If this fails, activations no longer follow Korthikanti et al.'s per-layer formulas."""
-    from megarlhf.controller.plan import ModelShape, layer_activation_bytes
+    from megarlhf.planning.plan import ModelShape, layer_activation_bytes
     from megarlhf.parallel.layout import ParallelLayout
 
     h, a, s, b = 4096, 32, 2048, 1
@@ -99,7 +99,7 @@ def test_activation_formula_reduces_to_the_papers_gpt_layer():
 def test_plan_rejects_a_layout_that_cannot_fit():
     """If this fails, plan accepts a layout that cannot fit, or refuses it without the fix."""
     from megarlhf.cli import main
-    from megarlhf.controller.plan import PlanError, check_plan, make_plan
+    from megarlhf.planning.plan import PlanError, check_plan, make_plan
 
     # 70B on one node: TP8 alone, DP1 -> ~17 B/param x 8.8B params per GPU.
     job = _job(**{"cluster.num_nodes": 1, "actor.parallel": {"tp": 8}, "actor.num_gpus": 8,
@@ -122,7 +122,7 @@ def test_plan_rejects_a_layout_that_cannot_fit():
 
 def test_placement_keeps_tp_groups_inside_nodes():
     """If this fails, a TP group may straddle two nodes or a pool may exceed the cluster."""
-    from megarlhf.controller.placement import PlacementError, plan_placement
+    from megarlhf.planning.placement import PlacementError, plan_placement
 
     with pytest.raises(PlacementError, match=r"actor.parallel.tp = 16 > cluster.gpus_per_node"):
         plan_placement(_job(**{"actor.parallel": {"tp": 16}, "actor.num_gpus": 16,
@@ -160,7 +160,7 @@ def test_shipped_configs_validate_and_plan(path, capsys):
 def test_shipped_configs_cover_8b_70b_and_200b_class():
     """If this fails, one of the three reference configs is missing or its model the wrong size."""
     from megarlhf.config import load_config
-    from megarlhf.controller.plan import ModelShape
+    from megarlhf.planning.plan import ModelShape
 
     names = {os.path.basename(p): p for p in CONFIGS}
     sizes = {}
@@ -180,7 +180,7 @@ def test_unfittable_config_is_a_config_error():
 
     assert main(["plan", CONFIGS[0], "cluster.gpus_per_node=1", "cluster.num_nodes=64"]) == 2
     with pytest.raises(ConfigError):
-        from megarlhf.controller.placement import plan_placement
+        from megarlhf.planning.placement import plan_placement
 
         plan_placement(_job(**{"cluster.gpus_per_node": 4, "actor.parallel": {"tp": 8},
                                "actor.num_gpus": 8, "rollout.num_gpus": 8}))

@@ -110,6 +110,16 @@ def test_whitening():
     assert (whiten(torch.full((2, 3), 3.0), torch.ones(2, 3)) == 0).all()
 
 
+def test_whitening_without_shift_keeps_the_mean_of_constant_input():
+    """If this fails, whiten(shift_mean=False) turns constant advantages into 0 instead of
+    keeping their mean (scaling without shifting must not move the mean)."""
+    const = torch.full((2, 3), 3.0)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]]).bool()
+    out = whiten(const, mask, shift_mean=False)
+    assert (out[mask] == 3.0).all() and (out[~mask] == 0).all()
+    assert (whiten(const, mask)[mask] == 0).all()  # shifted: 0, as before
+
+
 def test_grpo_broadcast_and_equal_rewards():
     """If this fails, GRPO advantages are not the processed reward on every response token, or
     a group with equal rewards gets a nonzero/NaN advantage."""

@@ -7,16 +7,15 @@ import pytest
 import torch
 
 from megarlhf.config import ConfigError, JobConfig, from_dict
-from megarlhf.controller.rm import (
+from megarlhf.controller.rm_data import build_rm_records, pair_up
+from megarlhf.data.rm_datasets import (
     RMData,
     RMSequence,
     batch_composition,
     load_rm_data,
     make_rm_batch,
-    rm_eval_metrics,
     subsample_by_prompt,
 )
-from megarlhf.controller.rm_data import build_rm_records, pair_up
 from megarlhf.data.datasets import (
     DatasetError,
     load_labelled_responses,
@@ -28,6 +27,7 @@ from megarlhf.data.tokenizer import ChatTemplate, train_sentencepiece
 from megarlhf.engine.batch import make_micro_batches
 from megarlhf.engine.loss_fns import ORMLossSpec, PRMLossSpec, loss_needs, make_loss_fn
 from megarlhf.models.tiny import tiny_arch
+from megarlhf.rewards.reward_model import rm_eval_metrics
 from megarlhf.rl import rm_losses as R
 
 

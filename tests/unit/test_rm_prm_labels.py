@@ -2,7 +2,7 @@
 
 import pytest
 
-from megarlhf.controller.prm_labels import (
+from megarlhf.rewards.prm_labels import (
     PrefixRequest,
     StepExample,
     labels_from_outcomes,

@@ -20,7 +20,7 @@ from megarlhf.checkpoint.model import (
     CheckpointError,
     read_checkpoint_meta,
 )
-from megarlhf.weights.convert import ConversionError, convert_hf_to_megatron, hf_export_config
+from megarlhf.checkpoint.convert import ConversionError, convert_hf_to_megatron, hf_export_config
 from megarlhf.weights.validate import HFValidationError, inspect_hf_dir
 
 

@@ -40,7 +40,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from megarlhf.controller.async_rl import AsyncRLTrainer  # noqa: E402
+from megarlhf.controller.cluster import init_ray  # noqa: E402
 from megarlhf.controller.rl import RLTrainer  # noqa: E402
 
 
@@ -81,31 +81,25 @@ def pin_host(cpus: set[int]) -> int:
     return n
 
 
-class _Timed:
-    """Records (step, seconds since the loop started, metrics) as each step is logged."""
+class Timed(RLTrainer):
+    """Records (step, seconds since the loop started, metrics) as each step is logged; the
+    loop is the synchronous or the asynchronous one by ``asynchronous.enabled``."""
 
     pin: bool = True
 
-    def train_loop(self, cl, rewards, sampler, start, history):
+    def begin(self, cl, start):
+        super().begin(cl, start)
         if self.pin:
             ncpu = os.cpu_count() or 1
             self.pinning = {"actor": cl["actor"].execute(_pin, [0], 1),
                             "rollout": cl.rollout.execute(_pin, [1 % ncpu], 1)}
         self.trace: list[tuple[int, float, dict]] = []
         self.t0 = time.perf_counter()
-        return super().train_loop(cl, rewards, sampler, start, history)
 
-    def end_of_step(self, cl, last, metrics, history, sampler_state, extra_state=None):
-        self.trace.append((last, time.perf_counter() - self.t0, dict(metrics)))
-        return super().end_of_step(cl, last, metrics, history, sampler_state, extra_state)
-
-
-class TimedSync(_Timed, RLTrainer):
-    pass
-
-
-class TimedAsync(_Timed, AsyncRLTrainer):
-    pass
+    def steps(self, cl, start):
+        for last, metrics in super().steps(cl, start):
+            self.trace.append((last, time.perf_counter() - self.t0, dict(metrics)))
+            yield last, metrics
 
 
 # ------------------------------------------------------------------------ runs
@@ -135,8 +129,7 @@ def make_job(demo: dict[str, str], out: str, steps: int, asynchronous: bool, ext
 
 
 def run_one(kind: str, demo, out: str, steps: int, pin: bool, extra: list[str]) -> dict:
-    cls = TimedAsync if kind == "async" else TimedSync
-    trainer = cls(make_job(demo, out, steps, kind == "async", extra))
+    trainer = Timed(make_job(demo, out, steps, kind == "async", extra))
     trainer.pin = pin
     load0 = os.getloadavg()[0]
     trainer.run()
@@ -245,8 +238,6 @@ def main() -> None:
                 "prompts_train": os.path.join(a.demo_dir, "data", "prompts_train.jsonl")}
     else:
         demo = build_demo(a.work, a.sft_steps)
-    from megarlhf.controller.placement import init_ray
-
     init_ray(make_job(demo, os.path.join(a.work, "probe"), 1, False, a.overrides),
              include_dashboard=False, log_to_driver=False)
     if a.pin:

@@ -39,6 +39,12 @@ from megarlhf.checkpoint.model import (
     save_model_checkpoint,
 )
 from megarlhf.models.families import ArchSpec
+from megarlhf.config.schema import ModelConfig
+from megarlhf.models.arch import hf_config_from_dict
+from megarlhf.models.builder import build_model
+from megarlhf.models.families import arch_spec
+from megarlhf.parallel.layout import ParallelLayout, initialize_parallel
+from megarlhf.platform.launch import run_distributed
 from megarlhf.weights.hf_io import (
     copy_hf_assets,
     parse_size,
@@ -46,6 +52,9 @@ from megarlhf.weights.hf_io import (
     write_index,
     write_safetensors_shard,
 )
+from megarlhf.weights.loader import load_hf_dir
+from megarlhf.weights.mapping import local_params
+from megarlhf.weights.resharder import iter_hf_weights, plan_hf_weights
 from megarlhf.weights.validate import inspect_hf_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -182,11 +191,6 @@ class HFToMegatronJob:
 
 def hf_to_megatron_rank(job: HFToMegatronJob) -> CheckpointMeta:
     """One rank of ``hf-to-megatron``: build, read this rank's shards, save (collective)."""
-    from megarlhf.config.schema import ModelConfig
-    from megarlhf.models.builder import build_model
-    from megarlhf.parallel.layout import ParallelLayout, initialize_parallel
-    from megarlhf.weights.loader import load_hf_dir
-    from megarlhf.weights.mapping import local_params
 
     world, rank = _world_rank()
     ctx = initialize_parallel(ParallelLayout.for_world(world, tp=job.tp, pp=job.pp, vpp=job.vpp,
@@ -265,7 +269,6 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 
     Raises:
         HFValidationError, ConversionError: the inputs do not allow a conversion.
     """
-    from megarlhf.platform.launch import run_distributed
 
     job = prepare_hf_to_megatron(hf_dir, out_dir, tp=tp, pp=pp, vpp=vpp, head=head, dtype=dtype,
                                  vocab_multiple=vocab_multiple, overwrite=overwrite,
@@ -294,7 +297,6 @@ def export_hf(bundle, out_dir: str, *, shard_bytes: int, dtype: torch.dtype | No
     Returns:
         On ``dst_rank``: ``{"files": n, "tensors": n, "bytes": n}``; elsewhere ``{}``.
     """
-    from megarlhf.weights.resharder import iter_hf_weights, plan_hf_weights
 
     _, rank = _world_rank()
     plan = plan_hf_weights(bundle)
@@ -352,9 +354,6 @@ class MegatronToHFJob:
 
 def megatron_to_hf_rank(job: MegatronToHFJob) -> dict[str, Any]:
     """One rank of ``megatron-to-hf``: build, load, export, publish (collective)."""
-    from megarlhf.config.schema import ModelConfig
-    from megarlhf.models.builder import build_model
-    from megarlhf.parallel.layout import ParallelLayout, initialize_parallel
 
     world, rank = _world_rank()
     meta = read_checkpoint_meta(job.ckpt_dir)
@@ -392,8 +391,6 @@ def prepare_megatron_to_hf(ckpt_dir: str, out_dir: str, *, dtype: str | None = N
     Raises:
         CheckpointError, ConversionError: the inputs do not allow a conversion.
     """
-    from megarlhf.models.arch import hf_config_from_dict
-    from megarlhf.models.families import arch_spec
 
     meta = read_checkpoint_meta(ckpt_dir)
     if dtype is not None and dtype not in DTYPES:
@@ -441,7 +438,6 @@ def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, *, dtype: str | None = N
     Returns:
         ``{"files": n, "tensors": n, "bytes": n}``.
     """
-    from megarlhf.platform.launch import run_distributed
 
     job = prepare_megatron_to_hf(ckpt_dir, out_dir, dtype=dtype, shard_size=shard_size, tp=tp,
                                  pp=pp, vpp=vpp, overwrite=overwrite, progress=progress, ep=ep,

@@ -22,6 +22,10 @@ from typing import Any
 
 import torch
 
+from megarlhf.checkpoint.atomic import publish, temp_dir_for
+from megarlhf.checkpoint.convert import export_hf
+from megarlhf.checkpoint.model import load_model_checkpoint, save_model_checkpoint
+
 
 def _rng_state() -> dict[str, Any]:
     from megatron.core import tensor_parallel
@@ -92,8 +96,6 @@ def _load_optimizer_state(opt, states: list[dict[str, Any]]) -> None:
 
 def save_role_state(worker, step_dir: str, role: str) -> None:
     """Collective over the role: model weights (distributed checkpoint) + this rank's state."""
-    from megarlhf.checkpoint.model import save_model_checkpoint
-
     eng = worker.engine
     d = os.path.join(step_dir, role)
     save_model_checkpoint(eng.bundle, os.path.join(d, "model"))
@@ -113,8 +115,6 @@ def save_role_state(worker, step_dir: str, role: str) -> None:
 def load_role_state(worker, step_dir: str, role: str, weights_only: bool = False) -> None:
     """Collective: restores what :func:`save_role_state` wrote (weights at any layout; the rest
     needs the layout it was saved at)."""
-    from megarlhf.checkpoint.model import load_model_checkpoint
-
     eng = worker.engine
     d = os.path.join(step_dir, role)
     load_model_checkpoint(eng.bundle, os.path.join(d, "model"))
@@ -143,9 +143,6 @@ def load_role_state(worker, step_dir: str, role: str, weights_only: bool = False
 
 def export_role_hf(worker, out_dir: str, dtype: str | None = None) -> dict[str, Any]:
     """Collective: writes the role's model as an HF directory (rank 0 writes)."""
-    from megarlhf.checkpoint.atomic import publish, temp_dir_for
-    from megarlhf.weights.convert import export_hf
-
     eng = worker.engine
     rank = eng.ctx.rank
     tmp = temp_dir_for(out_dir) if rank == 0 else None

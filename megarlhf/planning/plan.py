@@ -82,8 +82,11 @@ from dataclasses import dataclass, field
 
 from megarlhf.config.base import ConfigError
 from megarlhf.config.schema import JobConfig, ModelConfig, OptimizerConfig
-from megarlhf.controller.placement import RL_KINDS, PlacementPlan, format_slots, plan_placement
+from megarlhf.config.validate import active_roles, global_batch_sequences, trained_roles
+from megarlhf.models.arch import load_hf_config
+from megarlhf.models.families import arch_spec
 from megarlhf.parallel.layout import ParallelLayout
+from megarlhf.planning.placement import RL_KINDS, PlacementPlan, format_slots, plan_placement
 
 GIB = 2**30
 PROCESS_OVERHEAD_GIB = 1.0
@@ -116,9 +119,6 @@ class ModelShape:
     @staticmethod
     def from_model(model: ModelConfig) -> "ModelShape":
         """Reads the HF config (config.json or ``arch``); no weights."""
-        from megarlhf.models.arch import load_hf_config
-        from megarlhf.models.families import arch_spec
-
         s = arch_spec(load_hf_config(model))
         return ModelShape(s.num_layers, s.hidden_size, s.ffn_hidden_size, s.num_attention_heads,
                           s.num_query_groups, s.head_dim, s.vocab_size, s.tie_word_embeddings,
@@ -338,8 +338,6 @@ def _flash(model: ModelConfig) -> bool:
 
 def estimate_role(job: JobConfig, name: str) -> RoleEstimate:
     """Memory of trainer role ``name`` per GPU, per pipeline stage."""
-    from megarlhf.config.validate import active_roles, global_batch_sequences, trained_roles
-
     rc = active_roles(job)[name]
     model = job.role_model(name) if rc.model is None else rc.model
     shape = ModelShape.from_model(model)
@@ -514,8 +512,6 @@ def _count(n: int) -> str:
 
 def _bytes_per_param(job: JobConfig, name: str, est: RoleEstimate) -> str:
     """``weights 2 + grads 4 + optimizer 12/2 = 12 bytes per parameter`` for one role."""
-    from megarlhf.config.validate import active_roles
-
     rc = active_roles(job)[name]
     dtype = (job.role_model(name) if rc.model is None else rc.model).dtype
     w = _DTYPE_BYTES[dtype]
@@ -571,7 +567,7 @@ def format_plan(plan: Plan) -> str:
         rows.append([name, model, format_slots(rp.slots), layout,
                      ", ".join(pl.colocated_with(name)) or "-", off])
     out += _table(rows)
-    out += ["", "memory per GPU, GiB (worst pipeline stage; formulas: megarlhf/controller/plan.py)"]
+    out += ["", "memory per GPU, GiB (worst pipeline stage; formulas: megarlhf/planning/plan.py)"]
     rows = [["role", "params/GPU", "weights", "grads", "optim", "activ", "total", "micro-batch"]]
     for name, est in plan.roles.items():
         w = est.worst

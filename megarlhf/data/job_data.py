@@ -7,16 +7,43 @@ line and field) before any worker starts.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from megarlhf.config import ConfigError, JobConfig
-from megarlhf.controller.experience import PromptItem
+from megarlhf.data.datasets import (
+    DatasetError,
+    FieldNames,
+    load_prompts,
+    load_sft,
+    prompt_messages,
+    tokenize_prompt,
+)
+from megarlhf.data.tokenizer import load_tokenizer
+
+
+@dataclass
+class PromptItem:
+    """One prompt of a rollout phase.
+
+    Attributes:
+        ids: the prompt's token ids in the policy's tokenizer (chat template applied).
+        text: the prompt text (a plain-text prompt; "" for chat messages).
+        answer: ground truth for verifiers.
+        metadata: the row's other fields (e.g. code tests).
+        prompt: the prompt as the data file gives it (text or chat messages), so that another
+            model (the reward model) can tokenize it with its own tokenizer.
+    """
+
+    ids: list[int]
+    text: str = ""
+    answer: Any = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    prompt: Any = None
 
 
 def load_job_tokenizer(job: JobConfig, model=None):
     """The tokenizer of ``model`` (default: the actor's): ``model.tokenizer`` or ``hf_dir``."""
-    from megarlhf.data.tokenizer import load_tokenizer
-
     m = model or job.actor.model
     path = m.tokenizer or m.hf_dir
     if path is None:
@@ -40,8 +67,6 @@ def prompt_token_ids(job: JobConfig, tokenizer, prompt, source) -> list[int] | N
     """A prompt's token ids as every job feeds it to a model: through the tokenizer's chat
     template (``data.apply_chat_template``; None when ``data.overlong_prompt=skip`` drops it),
     else the text of its last message with a BOS."""
-    from megarlhf.data.datasets import prompt_messages, tokenize_prompt
-
     d = job.data
     if d.apply_chat_template:
         out = tokenize_prompt(tokenizer, prompt, d.max_prompt_len, d.overlong_prompt,
@@ -54,8 +79,6 @@ def prompt_token_ids(job: JobConfig, tokenizer, prompt, source) -> list[int] | N
 def load_prompt_items(job: JobConfig, tokenizer, path: str | None = None,
                       what: str = "train_path") -> list[PromptItem]:
     """Prompts (with answers / test cases as metadata), tokenized through the chat template."""
-    from megarlhf.data.datasets import FieldNames, load_prompts
-
     d = job.data
     fields = FieldNames.from_dict({"prompt": d.prompt_key, "answer": d.answer_key})
     rows = load_prompts(_paths(path or getattr(d, what), what), fields)
@@ -65,7 +88,7 @@ def load_prompt_items(job: JobConfig, tokenizer, path: str | None = None,
         if ids is None:
             continue
         items.append(PromptItem(ids=ids, text=r.prompt if isinstance(r.prompt, str) else "",
-                                answer=r.answer, metadata=r.metadata()))
+                                answer=r.answer, metadata=r.metadata(), prompt=r.prompt))
     if not items:
         raise ConfigError(f"data.{what}: no usable prompts")
     return items
@@ -79,8 +102,6 @@ class SFTSample:
 
 def load_sft_samples(job: JobConfig, tokenizer, path: str | None = None) -> list[SFTSample]:
     """Prompt + response + EOS with the loss on the response tokens; over-long rows refused."""
-    from megarlhf.data.datasets import DatasetError, FieldNames, load_sft, tokenize_prompt
-
     d = job.data
     fields = FieldNames.from_dict({"prompt": d.prompt_key, "response": d.response_key})
     rows = load_sft(_paths(path or d.train_path, "train_path"), fields)

@@ -11,10 +11,10 @@ the right final answer::
 The final step's label is the verifier's verdict on the solution itself (its "rollouts" are the
 solution: nothing follows the last step).
 
-:func:`rollout_step_labels` is the pure core: it takes a batched completer
+:func:`rollout_step_labels` is the label math, pure: it takes a batched completer
 ``complete(requests, K) -> K continuation texts per request`` and a verifier, so it runs without
-a model (tests pass a fake completer). :func:`label_steps_with_policy` is the Ray-driven wrapper:
-the completer samples from a policy HF directory on a :class:`~megarlhf.workers.RolloutGroup`.
+a model (tests pass a fake completer). The completer that samples from a policy on a rollout
+group is :func:`megarlhf.controller.rm_data.label_steps_with_policy`.
 """
 
 from __future__ import annotations
@@ -130,55 +130,3 @@ def rollout_step_labels(examples: Sequence[StepExample],
         if n_steps[i]:
             labels[i][-1] = float(bool(is_correct(ex.response, ex.answer)))
     return [tuple(x) for x in labels]
-
-
-def label_steps_with_policy(job, tokenizer, examples: Sequence[StepExample], *,
-                            policy_hf_dir: str, k: int, label_type: LabelType = "soft",
-                            rollout=None, answer_prefix: str = "answer:",
-                            log: Callable[[str], None] | None = None
-                            ) -> list[tuple[float, ...]]:
-    """:func:`rollout_step_labels` with rollouts sampled from a policy (Ray, rollout engine).
-
-    ``example.prompt`` must be the prompt's token ids (through the chat template, as the policy
-    saw prompts in training). Each prefix is ``prompt ids + tokenizer.encode(prefix text)``;
-    sampling follows ``job.rollout`` (temperature, top-p/k, max_new_tokens) with seeds from
-    ``job.seed``, so labels are reproducible on one engine.
-
-    Args:
-        job: the job (cluster, rollout settings, seed).
-        tokenizer: the policy's tokenizer.
-        policy_hf_dir: the policy to roll out (an HF model directory).
-        k: rollouts per intermediate step.
-        rollout: an already running RolloutGroup serving the policy (else one is started and
-            stopped here).
-    """
-    from megarlhf.controller.rm_data import policy_rollout
-    from megarlhf.rewards.math_verify import verify_answer
-    from megarlhf.rollout.base import SamplingParams
-
-    r = job.rollout
-    stops = tuple(dict.fromkeys([tokenizer.eos_id, *r.stop_token_ids]))
-    temperature = r.temperature if r.temperature > 0 else 1.0
-
-    def run(group) -> list[tuple[float, ...]]:
-        def complete(requests: list[PrefixRequest], n: int) -> list[list[str]]:
-            prompts = [list(q.prompt) + tokenizer.encode(q.prefix) for q in requests]
-            params = SamplingParams(n=n, temperature=temperature, top_p=r.top_p, top_k=r.top_k,
-                                    max_new_tokens=r.max_new_tokens, stop_token_ids=stops,
-                                    seed=job.seed * 1_000_003 + 7, logprobs=False)
-            if log is not None:
-                log(f"megarlhf: PRM step labels: {len(prompts)} step prefixes x {n} rollouts "
-                    f"from {policy_hf_dir}")
-            outs = group.generate(prompts, params)
-            return [[tokenizer.decode(s.token_ids) for s in o.samples] for o in outs]
-
-        def is_correct(text: str, answer: Any) -> bool:
-            return verify_answer(text, answer, answer_prefix=answer_prefix)
-
-        return rollout_step_labels(examples, complete, is_correct, k,
-                                   job.reward.prm_step_delimiter, label_type)
-
-    if rollout is not None:
-        return run(rollout)
-    with policy_rollout(job, policy_hf_dir, max_prompt_len=job.train.max_seq_len) as group:
-        return run(group)

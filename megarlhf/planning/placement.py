@@ -21,27 +21,18 @@ of it (rounded down to Ray's 1e-4 resolution), so the pool's roles fit on the sa
 nothing else does; memory is shared by taking turns (offload/sleep between phases), which
 ``megarlhf plan`` checks.
 
-Ray placement groups (:meth:`PlacementPlan.create`): one group per (pool, node), each
-``STRICT_PACK`` — all of its bundles on one Ray node. The alternative, one ``PACK`` group per
-pool, lets Ray spill a pool's bundles over nodes in an order it chooses, so TP groups could
-straddle nodes and the bundle -> node map would have to be rediscovered after the fact. With
-per-node groups the planner's logical nodes are exact inside a pool; which physical node hosts
-a logical node (and whether two pools' groups share one) is Ray's choice.
-
-Slots are ``{"GPU": 1}`` bundles on a GPU cluster (or a local cluster that declares fake GPUs,
-``ray.init(num_gpus=8)``), and ``{"CPU": 1}`` bundles in *CPU-slot* mode: on a machine without
-GPUs every "GPU" of the config is one Ray CPU slot, so the same placement code runs the CPU
-demo (:func:`slot_resource_for` picks the mode).
+The Ray side (placement groups that reserve these slots, CPU-slot mode) is
+:class:`megarlhf.controller.cluster.ClusterPlacement`; nothing here imports Ray.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 from megarlhf.config.base import ConfigError
 from megarlhf.config.schema import JobConfig
+from megarlhf.config.validate import active_roles
 
 RL_KINDS = ("ppo", "grpo", "dpo", "bon")
 ROLE_ORDER = ("actor", "critic", "reference", "reward_model", "rollout")
@@ -130,10 +121,6 @@ class PlacementPlan:
                          f"{share}")
         return "\n".join(lines)
 
-    def create(self, slot_resource: str = "GPU", timeout_s: float = 120.0) -> "ClusterPlacement":
-        """Reserves the pools in the running Ray cluster (see :class:`ClusterPlacement`)."""
-        return ClusterPlacement(self, slot_resource, timeout_s)
-
 
 def format_slots(slots: tuple[Slot, ...] | list[Slot]) -> str:
     """``n0:0-7, n1:0-3`` (runs of GPUs per node); ``n0-15:0-7`` when consecutive nodes hold
@@ -168,8 +155,6 @@ def _runs(xs: list[int]) -> str:
 
 def role_sizes(job: JobConfig) -> dict[str, tuple[int, int]]:
     """``role -> (GPUs, TP group size)`` for every role the job runs (rollout included)."""
-    from megarlhf.config.validate import active_roles
-
     out = {n: (r.num_gpus, r.parallel.tp) for n, r in active_roles(job).items()}
     if job.kind in RL_KINDS:
         out["rollout"] = (job.rollout.num_gpus, job.rollout.tp)
@@ -223,12 +208,6 @@ def plan_placement(job: JobConfig) -> PlacementPlan:
                     f"the TP groups of {', '.join(bad)} (tp = "
                     f"{', '.join(str(sizes[r][1]) for r in bad)}) cannot all stay inside nodes "
                     f"of {gpn} GPUs; choose tp values that divide cluster.gpus_per_node")
-        if start + size > total:
-            raise PlacementError(
-                f"placement {c.placement} needs {start + size} GPUs (pools of "
-                f"{', '.join(f'{r}={sizes[r][0]}' for r in sizes)}, each TP group inside a node) "
-                f"but the cluster has num_nodes*gpus_per_node = {c.num_nodes}*{gpn} = {total}; "
-                "add nodes, shrink num_gpus, or colocate roles")
         slots = tuple(Slot((start + i) // gpn, (start + i) % gpn) for i in range(size))
         pool = Pool(index, tuple(members), slots)
         pools.append(pool)
@@ -236,140 +215,10 @@ def plan_placement(job: JobConfig) -> PlacementPlan:
             placements[r] = RolePlacement(r, index, slots[: sizes[r][0]], pool.fraction,
                                           sizes[r][1])
         cursor = start + size
+    if cursor > total:  # reported once every pool is laid out: the message gives the total
+        raise PlacementError(
+            f"placement {c.placement} needs {cursor} GPUs (pools of "
+            f"{', '.join(f'{r}={sizes[r][0]}' for r in sizes)}, each TP group inside a node) "
+            f"but the cluster has num_nodes*gpus_per_node = {c.num_nodes}*{gpn} = {total}; "
+            "add nodes, shrink num_gpus, or colocate roles")
     return PlacementPlan(c.placement, c.num_nodes, gpn, tuple(pools), placements)
-
-
-# ---------------------------------------------------------------------------------------- Ray
-def slot_resource_for(job: JobConfig) -> str:
-    """``"GPU"`` bundles when the Ray cluster has the GPUs, ``"CPU"`` slots otherwise.
-
-    ``cluster.device=cpu`` always uses CPU slots; ``cuda`` requires GPUs; ``auto`` takes GPU
-    bundles when the running cluster declares enough GPUs (real or declared fake ones).
-    """
-    import ray
-
-    need = max((p.slots[-1].node * job.cluster.gpus_per_node + p.slots[-1].gpu + 1
-                for p in plan_placement(job).pools), default=0)
-    have = ray.cluster_resources().get("GPU", 0)
-    if job.cluster.device == "cpu":
-        return "CPU"
-    if have >= need:
-        return "GPU"
-    if job.cluster.device == "cuda":
-        raise PlacementError(f"cluster.device=cuda but the Ray cluster has {have:g} GPUs and "
-                             f"the placement needs {need}; start Ray on the GPU nodes")
-    return "CPU"
-
-
-def init_ray(job: JobConfig, **kwargs: Any) -> None:
-    """Connects to ``cluster.ray_address`` or starts a local cluster sized for the job.
-
-    Locally without CUDA (the CPU demo) the cluster declares one CPU slot per configured GPU
-    (at least the machine's cores), so CPU-slot placement groups fit; with CUDA it uses the
-    machine's GPUs. Does nothing when Ray is already initialised (tests start their own).
-    """
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    if job.cluster.ray_address:
-        ray.init(address=job.cluster.ray_address, **kwargs)
-        return
-    import torch
-
-    if torch.cuda.is_available() and job.cluster.device != "cpu":
-        ray.init(**kwargs)
-    else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, job.cluster.total_gpus), num_gpus=0,
-                 **kwargs)
-
-
-class ClusterPlacement:
-    """The plan's pools reserved as Ray placement groups (one STRICT_PACK group per pool and node).
-
-    Args:
-        plan: the placement plan.
-        slot_resource: ``"GPU"`` or ``"CPU"`` (see :func:`slot_resource_for`).
-        timeout_s: how long to wait for Ray to reserve every group; past it the groups are
-            released and :class:`PlacementError` says what was missing.
-    """
-
-    def __init__(self, plan: PlacementPlan, slot_resource: str = "GPU", timeout_s: float = 120.0):
-        import ray
-        from ray.util.placement_group import placement_group, remove_placement_group
-
-        if slot_resource not in ("GPU", "CPU"):
-            raise ValueError(f"slot_resource must be 'GPU' or 'CPU', got {slot_resource!r}")
-        self.plan = plan
-        self.slot_resource = slot_resource
-        self._groups: dict[tuple[int, int], Any] = {}
-        self._bundle: dict[tuple[int, Slot], tuple[tuple[int, int], int]] = {}
-        for pool in plan.pools:
-            for node in sorted({s.node for s in pool.slots}):
-                idx = pool.slots_on(node)
-                pg = placement_group([{slot_resource: 1} for _ in idx], strategy="STRICT_PACK",
-                                     name=f"megarlhf-pool{pool.index}-n{node}")
-                self._groups[(pool.index, node)] = pg
-                for b, i in enumerate(idx):
-                    self._bundle[(pool.index, pool.slots[i])] = ((pool.index, node), b)
-        pending = {pg.ready(): key for key, pg in self._groups.items()}
-        ready, not_ready = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
-        if not_ready:
-            missing = [pending[r] for r in not_ready]
-            for pg in self._groups.values():
-                remove_placement_group(pg)
-            desc = ", ".join(f"pool {p} on node {n} "
-                             f"({len(plan.pools[p].slots_on(n))} x {{{slot_resource}: 1}})"
-                             for p, n in missing)
-            raise PlacementError(
-                f"Ray could not reserve {desc} within {timeout_s:.0f} s: each needs that many "
-                f"{slot_resource}s free on a single Ray node. The cluster has "
-                f"{ray.cluster_resources()} in total and {ray.available_resources()} free; add "
-                "nodes, free resources, or shrink the roles")
-
-    def bundle(self, role: str, slot_index: int) -> tuple[Any, int]:
-        """``(placement_group, bundle_index)`` of ``role``'s slot ``slot_index``."""
-        rp = self.plan.role(role)
-        key, b = self._bundle[(rp.pool, rp.slots[slot_index])]
-        return self._groups[key], b
-
-    def actor_options(self, role: str, slot_index: int, *, whole_group: int = 1
-                      ) -> dict[str, Any]:
-        """Ray ``.options(...)`` that put one process of ``role`` on its slot ``slot_index``.
-
-        ``whole_group > 1`` (a vLLM replica with TP > 1 that starts its own Ray workers) asks
-        for no accelerator itself and lets its child tasks use the same placement group.
-        """
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        pg, b = self.bundle(role, slot_index)
-        frac = self.plan.role(role).fraction
-        opts: dict[str, Any] = dict(
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=pg, placement_group_bundle_index=b,
-                placement_group_capture_child_tasks=whole_group > 1),
-        )
-        if whole_group > 1:
-            opts.update(num_cpus=0, num_gpus=0)
-        elif self.slot_resource == "GPU":
-            opts.update(num_gpus=frac, num_cpus=0)
-        else:
-            opts.update(num_cpus=frac, num_gpus=0)
-        return opts
-
-    def bundle_indices(self, role: str, slots: range) -> list[int]:
-        """Bundle indices (inside their one placement group) of ``role``'s ``slots``."""
-        return [self.bundle(role, i)[1] for i in slots]
-
-    def release(self) -> None:
-        """Returns every placement group to Ray (idempotent)."""
-        from ray.util.placement_group import remove_placement_group
-
-        for pg in self._groups.values():
-            try:
-                remove_placement_group(pg)
-            except Exception:  # noqa: BLE001 - already removed
-                pass
-        self._groups.clear()

@@ -1,0 +1,160 @@
+"""The run skeleton every trainer shares: session, workers, resume, saves, export, signals.
+
+:meth:`Trainer.run` is written once; SFT, reward-model, RL and asynchronous RL trainers
+(:mod:`.sft`, :mod:`.rm`, :mod:`.rl`, :mod:`.async_rl`) supply their step and a few hooks::
+
+    validate(job)                                    every rule, before anything starts
+    session = Session(job)                           output_dir, config.yaml, TensorBoard
+    trainer.prepare()                                read + tokenize the data (no workers yet)
+    with trainer.open_cluster() as cl:               placement + worker groups (Ray)
+        SIGTERM / SIGINT handlers                    (after ray.init, which installs its own)
+        start = resume(cl)                           checkpoint.resume: roles + driver state
+        trainer.begin(cl, start)                     e.g. weight sync, evaluation at step 0
+        for last, metrics in trainer.steps(cl, start):
+            log(last, metrics)
+            save(last) when due, when a signal asked to stop, or at the last step: once
+            stop after the save if a signal asked
+        export hf/ when the run reached train.steps
+    return trainer.result(last, metrics)
+
+``trainer.steps`` runs ``trainer.step`` for each step in order; the asynchronous trainer yields
+steps as its schedule finishes them. Each step is saved at most once (the SIGTERM path used to
+save a step a second time, and that second save removed the directory ``latest`` pointed to).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from megarlhf.checkpoint.role_state import export_role_hf
+from megarlhf.checkpoint.training import (
+    driver_rng_state,
+    load_training_state,
+    save_training_state,
+    set_driver_rng_state,
+)
+from megarlhf.config import JobConfig
+from megarlhf.controller.cluster import Cluster
+from megarlhf.controller.session import Session
+from megarlhf.data.job_data import load_job_tokenizer
+from megarlhf.planning import validate
+
+
+class Trainer:
+    """A training job run by :meth:`run` (module docstring); subclasses supply :meth:`step`.
+
+    Attributes:
+        job: the job config (read, never changed).
+        tokenizer: the actor's tokenizer.
+        session: the run's :class:`Session` (from :meth:`run` on).
+        roles: the roles a checkpoint holds (the cluster's trained and frozen roles).
+        desc: the progress bar's label.
+        progress_keys: metrics the progress bar shows.
+    """
+
+    desc = ""
+    progress_keys: tuple[str, ...] = ()
+
+    def __init__(self, job: JobConfig):
+        self.job = job
+        self.tokenizer = load_job_tokenizer(job)
+        self.session: Session | None = None
+        self.roles: list[str] = ["actor"]
+
+    # ------------------------------------------------------------------ hooks
+    def prepare(self) -> None:
+        """Reads and checks the data (the session exists, no worker runs yet)."""
+
+    def open_cluster(self) -> Cluster:
+        """The job's placement and worker groups (default: the actor alone, no rollout)."""
+        return Cluster(self.job, roles=["actor"], rollout=False, pad_id=self.tokenizer.pad_id)
+
+    def begin(self, cl: Cluster, start: int) -> None:
+        """After the resume, before step ``start``."""
+
+    def step(self, cl: Cluster, step: int) -> dict[str, float]:
+        """Runs step ``step`` (0-based); returns the metrics logged at step ``step + 1``."""
+        raise NotImplementedError
+
+    def steps(self, cl: Cluster, start: int) -> Iterator[tuple[int, dict[str, float]]]:
+        """``(steps done, metrics)`` after each step from ``start`` on, in order."""
+        for step in range(start, self.job.train.steps):
+            yield step + 1, self.step(cl, step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The driver's state after the last yielded step (data position, history)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict` (resume)."""
+
+    def result(self, last: int, metrics: dict[str, float], hf_dir: str | None
+               ) -> dict[str, Any]:
+        """What :meth:`run` returns: by default the last metrics, ``step`` and ``hf_dir``."""
+        out: dict[str, Any] = dict(metrics, step=last)
+        if hf_dir is not None:
+            out["hf_dir"] = hf_dir
+        return out
+
+    # ------------------------------------------------------------------ the skeleton
+    def run(self) -> dict[str, Any]:
+        job = self.job
+        validate(job)
+        self.session = session = Session(job, total_steps=job.train.steps, desc=self.desc)
+        last, metrics, hf_dir = 0, {}, None
+        try:
+            self.prepare()
+            with self.open_cluster() as cl:
+                session.install_signal_handlers()  # after ray.init, which installs its own
+                self.roles = [r for r in self.roles if r in cl]
+                last = start = self.resume(cl)
+                self.begin(cl, start)
+                session.start_progress(start, self.progress_keys)
+                for last, metrics in self.steps(cl, start):
+                    session.log(last, metrics)
+                    if self.save_due(last):
+                        self.save(cl, last)
+                    if session.stop_requested:
+                        break
+                if last == job.train.steps:
+                    hf_dir = self.export(cl)
+        finally:
+            session.close()
+        return self.result(last, metrics, hf_dir)
+
+    def save_due(self, last: int) -> bool:
+        """Step ``last`` is saved: every ``checkpoint.save_every`` steps, when a signal asked
+        to stop, and at the last step."""
+        every = self.job.checkpoint.save_every
+        return bool(every and last % every == 0) or self.session.stop_requested \
+            or last == self.job.train.steps
+
+    def save(self, cl: Cluster, last: int) -> str:
+        state = {"rng": driver_rng_state(), **self.state_dict()}
+        return save_training_state(self.session.checkpoints, cl, last, state, self.roles)
+
+    def resume(self, cl: Cluster) -> int:
+        """Loads the newest complete checkpoint when ``checkpoint.resume``; returns the step."""
+        if not self.job.checkpoint.resume:
+            return 0
+        got = load_training_state(self.session.checkpoints, cl, self.roles)
+        if got is None:
+            self.session.log_line(f"megarlhf: checkpoint.resume=true but "
+                                  f"{self.session.checkpoints.root} holds no complete "
+                                  "checkpoint; starting from scratch")
+            return 0
+        d, state = got
+        set_driver_rng_state(state["rng"])
+        self.load_state_dict(state)
+        self.session.log_line(f"megarlhf: resumed from {d} (step {state['step']})")
+        return state["step"]
+
+    def export(self, cl: Cluster) -> str:
+        """Writes the actor as an HF directory with its tokenizer: ``<output_dir>/hf``."""
+        hf_dir = os.path.join(self.session.output_dir, "hf")
+        cl["actor"].execute(export_role_hf, hf_dir)  # the weights' own dtype
+        if not os.path.isfile(os.path.join(hf_dir, "tokenizer_config.json")):
+            self.tokenizer.export_hf(hf_dir)
+        return hf_dir
