@@ -26,16 +26,22 @@ def fsync_tree(path: str) -> None:
         fsync_path(root)
 
 
-def publish(tmp_dir: str, final_dir: str, overwrite: bool = False) -> None:
-    """Renames the complete ``tmp_dir`` to ``final_dir`` (fsynced first).
+def publish(tmp_dir: str, final_dir: str, overwrite: bool = False,
+            writer: str = "megarlhf") -> None:
+    """Renames the complete ``tmp_dir`` to ``final_dir`` (fsynced first), marked as megarlhf's
+    output (:mod:`megarlhf.checkpoint.outputs`: only marked directories are ever replaced).
 
     With ``overwrite``, an existing ``final_dir`` is first renamed aside and deleted after the
-    new one is in place (a crash in between leaves it as ``<final_dir>.old-<pid>``).
+    new one is in place (a crash in between leaves it as ``<final_dir>.old-<pid>``). Callers
+    check with :func:`megarlhf.checkpoint.outputs.check_target` that it is theirs to replace.
 
     Raises:
         FileExistsError: ``final_dir`` exists and ``overwrite`` is False.
     """
+    from megarlhf.checkpoint.outputs import write_marker
+
     final_dir = os.path.abspath(final_dir).rstrip(os.sep)
+    write_marker(tmp_dir, writer)
     fsync_tree(tmp_dir)
     old = None
     if os.path.lexists(final_dir):

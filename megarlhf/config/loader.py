@@ -51,6 +51,20 @@ def load_config(path: str | None, overrides: Sequence[str] = (), validate: bool 
     return job
 
 
+def declared_kind(path: str | None, overrides: Sequence[str] = ()) -> str | None:
+    """The ``kind`` the config file or an override sets explicitly (None: neither does)."""
+    kind = None
+    if path:
+        data = _load_yaml(path)
+        if hasattr(data, "get"):
+            kind = data.get("kind")
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.strip() == "kind":
+            kind = value.strip()
+    return None if kind is None else str(kind)
+
+
 def dump_config(job: JobConfig, path: str) -> None:
     """Writes the resolved config as YAML (saved next to every run and checkpoint)."""
     from omegaconf import OmegaConf

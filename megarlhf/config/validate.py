@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from megarlhf.config.base import ConfigError
+from megarlhf.config.rules import extra_rule_errors
 from megarlhf.config.schema import JobConfig, ModelConfig, RoleConfig
 
 
@@ -271,6 +272,7 @@ def validate(job: JobConfig) -> JobConfig:
                           "(PPO ratios must use the generator's log-probs off-policy)")
 
     _check_reward_model_jobs(job, errors)
+    errors[:0] = extra_rule_errors(job)  # issue 15: arch typos, unused roles, fp8, batch sizes
 
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))

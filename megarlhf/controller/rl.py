@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from megarlhf import rl
+from megarlhf.checkpoint.outputs import check_resume_data
 from megarlhf.config import JobConfig
 from megarlhf.controller.checkpointing import (
     driver_rng_state,
@@ -37,6 +38,7 @@ from megarlhf.controller.rewards import RewardComputer
 from megarlhf.controller.session import Session
 from megarlhf.engine.batch import TokenBatch
 from megarlhf.engine.loss_fns import DPOLossSpec, PolicyLossSpec, ValueLossSpec
+from megarlhf.observability.divergence import check_finite
 
 
 class LogprobMismatchError(RuntimeError):
@@ -241,6 +243,7 @@ class RLTrainer:
         from megarlhf.data.datasets import ResumableSampler
 
         job = self.job
+        check_resume_data(job, {"sampler": len(self.prompts)})  # before any worker starts
         self.session = session = Session(job, total_steps=job.train.steps, desc=job.kind)
         sampler = ResumableSampler(len(self.prompts), seed=job.seed, shuffle=job.data.shuffle)
         roles = [r for r in ("actor", "critic", "reference", "reward_model")]
@@ -366,6 +369,9 @@ class RLTrainer:
                 self.update_dpo(cl, batch, raw, metrics)
             else:
                 self.update(cl, batch, metrics)
+        # Before the weight sync and any save: NaN/inf loss or grad norm stops the run.
+        check_finite(metrics, checkpoint_root=self.session.ckpt_root,
+                     lr_settings="actor.optimizer.lr (critic.optimizer.lr)")
         return metrics
 
     def step_metrics(self, batch: TokenBatch, metrics: dict[str, float], dt: float) -> None:

@@ -486,11 +486,13 @@ def train_rm(job: JobConfig) -> dict[str, Any]:
         the last step's training metrics, the final held-out metrics (``rm/eval_*``),
         ``eval`` (the held-out history ``[[step, metrics], ...]``), ``hf_dir`` and ``step``.
     """
+    from megarlhf.checkpoint.outputs import check_resume_data
     from megarlhf.controller.cluster import Cluster
     from megarlhf.controller.data import load_job_tokenizer
     from megarlhf.controller.session import Session
     from megarlhf.controller.state import export_role_hf
     from megarlhf.data.datasets import ResumableSampler
+    from megarlhf.observability.divergence import check_finite
 
     if job.kind != "rm":
         raise ConfigError(f"train_rm runs kind=rm jobs, got kind={job.kind}")
@@ -511,6 +513,8 @@ def train_rm(job: JobConfig) -> dict[str, Any]:
         if d.eval_preference_path or d.eval_labelled_path:
             eval_data = load_rm_data(job, tok, d.eval_preference_path, d.eval_labelled_path,
                                      prm=prm, train=False)
+        check_resume_data(job, {"pair_sampler": max(1, len(data.pairs)),
+                                "labelled_sampler": max(1, len(data.labelled))})
         P, L = batch_composition(job.train.global_batch_size, len(data.pairs),
                                  len(data.labelled), d.preference_fraction)
         session.log_line(f"megarlhf: reward model ({job.reward.rm_type}): "
@@ -563,6 +567,7 @@ def train_rm(job: JobConfig) -> dict[str, Any]:
                         and last != job.train.steps:
                     metrics.update(evaluate(last))
                 session.log(last, metrics)
+                check_finite(metrics, step=last, checkpoint_root=session.ckpt_root)  # no save
                 result = metrics
                 due = job.checkpoint.save_every and last % job.checkpoint.save_every == 0
                 if due or session.stop_requested:

@@ -12,6 +12,7 @@ import os
 import time
 from typing import Any
 
+from megarlhf.checkpoint.outputs import check_resume_data
 from megarlhf.config import JobConfig
 from megarlhf.controller.checkpointing import (
     driver_rng_state,
@@ -25,6 +26,7 @@ from megarlhf.controller.session import Session
 from megarlhf.controller.state import export_role_hf
 from megarlhf.engine.batch import TokenBatch
 from megarlhf.engine.loss_fns import SFTLossSpec
+from megarlhf.observability.divergence import check_finite
 
 
 def train_sft(job: JobConfig) -> dict[str, Any]:
@@ -33,6 +35,7 @@ def train_sft(job: JobConfig) -> dict[str, Any]:
 
     tok = load_job_tokenizer(job)
     samples = load_sft_samples(job, tok)  # validates every row before any worker starts
+    check_resume_data(job, {"sampler": len(samples)})  # the data a resume was saved with
     session = Session(job, total_steps=job.train.steps, desc="sft")
     sampler = ResumableSampler(len(samples), seed=job.seed, shuffle=job.data.shuffle)
     gbs = job.train.global_batch_size
@@ -63,6 +66,7 @@ def train_sft(job: JobConfig) -> dict[str, Any]:
                            "perf/samples_per_s": len(rows) / dt, "time/step": dt}
                 last = step + 1
                 session.log(last, metrics)
+                check_finite(metrics, step=last, checkpoint_root=session.ckpt_root)  # no save
                 result = metrics
                 due = job.checkpoint.save_every and last % job.checkpoint.save_every == 0
                 if due or session.stop_requested:
