@@ -150,19 +150,21 @@ def _vocab_errors(job: JobConfig, errors: list[str]) -> dict[str, Any]:
     return toks
 
 
-def _data_errors(job: JobConfig, toks: dict[str, Any], errors: list[str]) -> dict[str, int]:
-    """Every data file the job reads, through the trainers' own loaders (rows validated and
-    tokenized); returns the sampler sizes a resume is checked against."""
+def _data_errors(job: JobConfig, toks: dict[str, Any], errors: list[str], *,
+                 rows: bool = True) -> dict[str, int]:
+    """Every data file the job reads, through the trainers' own loaders (with ``rows``: every
+    row validated and tokenized); returns the sampler sizes a resume is checked against."""
     from megarlhf.data.datasets import DatasetError
 
     d = job.data
+    ok = True
     for f in ("train_path", "eval_path", "preference_path", "labelled_path",
               "eval_preference_path", "eval_labelled_path"):
         p = getattr(d, f)
         if p and not _exists(p, f"data.{f}", errors, kind="file"):
-            return {}
+            ok = False
     tok = toks.get("actor")
-    if tok is None:
+    if tok is None or not ok or not rows:
         return {}
     counts: dict[str, int] = {}
     try:
@@ -213,7 +215,7 @@ def preflight_errors(job: JobConfig, *, data: bool = True, outputs: bool = True)
     errors: list[str] = []
     _model_errors(job, errors)
     toks = _vocab_errors(job, errors)
-    counts = _data_errors(job, toks, errors) if data else {}
+    counts = _data_errors(job, toks, errors, rows=data)
     if outputs:
         errors += run_dir_errors(job)
         if counts and not errors:

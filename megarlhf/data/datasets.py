@@ -203,7 +203,7 @@ def split_steps(response: str, delimiter: str = "\n") -> list[str]:
 
 def _format_of(path: Path) -> str:
     if path.is_dir():
-        raise DatasetError(path, None, None, "is a directory, not a data file",
+        raise DatasetError(f"{path} is a directory", None, None, "not a data file",
                            "give the path of a .jsonl or .parquet file")
     name = path.name.lower()
     if name.endswith(".jsonl"):

@@ -188,7 +188,7 @@ def test_file_level_errors(tmp_path):
         load_prompts(write_lines(tmp_path / "e.jsonl", ["", "  "]))
     with pytest.raises(DatasetError, match="nope.jsonl: no such file"):
         load_prompts(tmp_path / "nope.jsonl")
-    with pytest.raises(DatasetError, match="is a directory, not a data file"):
+    with pytest.raises(DatasetError, match="is a directory: not a data file"):
         load_prompts(tmp_path)
     (tmp_path / "d.csv").write_text("prompt\nx\n")
     with pytest.raises(DatasetError, match=r"\.jsonl.*\.parquet"):
