@@ -33,9 +33,11 @@ MARKER = ".megarlhf-output"
 MARKER_FORMAT = "megarlhf.output"
 
 # What a training or evaluation run writes into its output_dir (controller/session.py and the
-# trainers): only these are replaced by ``overwrite``.
+# trainers): only these are replaced by ``overwrite``. ``prm_step_labels.json`` (automatic PRM
+# step labels) is a cache keyed on its inputs and settings that a new run in the same directory
+# reuses on purpose; it is neither a previous run nor replaced.
 RUN_OUTPUTS = ("config.yaml", "tensorboard", "checkpoints", "hf", "rm_eval.json", "bon.json",
-               "bon_samples.jsonl", "prm_step_labels.json", "prm_step_labels.json.tmp")
+               "bon_samples.jsonl", "prm_step_labels.json.tmp")
 # A checkpoint root (checkpoint.dir): step directories and the pointer.
 CHECKPOINT_OUTPUTS = ("latest", "step_*", ".latest.tmp-*")
 # What the demo writes into its --output-dir.

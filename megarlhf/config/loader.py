@@ -12,6 +12,8 @@ from megarlhf.config.schema import JobConfig
 def _load_yaml(path: str) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path!r} is a directory; give a YAML file")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
     try:

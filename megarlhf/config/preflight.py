@@ -8,6 +8,7 @@ config points at, so that ``megarlhf validate`` and ``megarlhf plan`` refuse eve
   found here, not in a worker), checkpoints, tokenizers, data files (every row read and
   tokenized by the trainers' own loaders), and the tokenizer's vocabulary against the model's;
 * this machine: FP8 and ``transformer_impl=transformer_engine`` need Transformer Engine;
+* the placement: TP groups inside nodes, an asynchronous job's rollout on GPUs of its own;
 * outputs: ``output_dir`` (ownership, a previous run, overlap with the inputs) and the resume
   pointer and saved layouts (:mod:`megarlhf.checkpoint.outputs`).
 
@@ -188,9 +189,13 @@ def _data_errors(job: JobConfig, toks: dict[str, Any], errors: list[str], *,
                 return [()] * len(rows)
 
             if d.preference_path or d.labelled_path:
+                from megarlhf.controller.rm import batch_composition
+
                 data = load_rm_data(job, tok, d.preference_path, d.labelled_path, prm=prm,
                                     step_labeller=no_labels if job.reward.prm_label_rollouts
                                     else None)
+                batch_composition(job.train.global_batch_size, len(data.pairs),
+                                  len(data.labelled), d.preference_fraction)
                 counts["pair_sampler"] = max(1, len(data.pairs))
                 counts["labelled_sampler"] = max(1, len(data.labelled))
             if d.eval_preference_path or d.eval_labelled_path:
@@ -199,6 +204,21 @@ def _data_errors(job: JobConfig, toks: dict[str, Any], errors: list[str], *,
     except (DatasetError, ConfigError) as e:
         errors.append(str(e))
     return counts
+
+
+def _placement_errors(job: JobConfig, errors: list[str]) -> None:
+    """The placement the cluster would make (TP groups inside nodes), and an asynchronous
+    job's rollout on GPUs of its own: what ``Cluster`` / the async trainer refuse."""
+    from megarlhf.controller.placement import plan_placement
+
+    try:
+        plan_placement(job)
+        if job.asynchronous.enabled:
+            from megarlhf.controller.async_rl import check_async_placement
+
+            check_async_placement(job)
+    except ConfigError as e:
+        errors.append(str(e))
 
 
 def preflight_errors(job: JobConfig, *, data: bool = True, outputs: bool = True) -> list[str]:
@@ -213,6 +233,7 @@ def preflight_errors(job: JobConfig, *, data: bool = True, outputs: bool = True)
     from megarlhf.checkpoint.outputs import resume_data_errors, run_dir_errors
 
     errors: list[str] = []
+    _placement_errors(job, errors)
     _model_errors(job, errors)
     toks = _vocab_errors(job, errors)
     counts = _data_errors(job, toks, errors, rows=data)

@@ -366,6 +366,9 @@ CASES = {
     "a role the job does not start": ({"critic": {"num_gpus": 1}},
                                       "critic: this kind=grpo job does not start a critic"),
     "unset data": ({"data.train_path": None}, "data.train_path: not set"),
+    "async rollout sharing the actor's GPUs": (
+        {"asynchronous.enabled": True, "algorithm.use_behaviour_logprobs": True,
+         "cluster.placement": "colocate_pairs"}, "set cluster.placement=split"),
 }
 
 
