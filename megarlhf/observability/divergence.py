@@ -5,6 +5,11 @@ A NaN or infinite loss / grad norm means the weights the optimizer just stepped 
 after an update and before anything is saved, synced to the rollout engine or exported, so a
 diverged run ends with :class:`DivergenceError` (exit code 1 from the CLI), its last good
 checkpoint kept as ``latest`` and no ``hf/`` export of broken weights.
+
+"Good" means: the last checkpoint whose own step had a finite loss and grad norm. A step's loss
+is computed before its update, so an update that produces huge but finite weights (a learning
+rate of 1e30) shows up as a NaN loss one step later: the checkpoint of the step before may
+already hold that update. Finite settings (config/base.py) and clipping keep this rare.
 """
 
 from __future__ import annotations
