@@ -52,6 +52,7 @@ USER_ERRORS: list[tuple[str, str, int]] = [
     ("megarlhf.models.families", "UnsupportedArchitecture", 2),
     ("megarlhf.models.builder", "ModelBuildError", 2),
     ("megarlhf.observability.divergence", "DivergenceError", 1),
+    ("megarlhf.controller.rl", "LogprobMismatchError", 1),  # rollout.logprob_check_action=stop
 ]
 
 

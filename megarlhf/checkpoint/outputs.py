@@ -105,6 +105,15 @@ def _is_checkpoint_root(directory: str) -> bool:
     return "latest" in names and all(_matches(n, CHECKPOINT_OUTPUTS) for n in names)
 
 
+def is_run_dir(directory: str) -> bool:
+    """``directory`` holds a whole run (training, evaluation, the demo) or a checkpoint root,
+    as opposed to one model (a checkpoint or an HF export)."""
+    info = read_marker(directory)
+    writer = str(info.get("writer", "")) if info else ""
+    return (writer.split(" ")[0] in ("train", "eval", "demo") or _is_legacy_run_dir(directory)
+            or _is_checkpoint_root(directory))
+
+
 def is_megarlhf_output(directory: str) -> bool:
     """``directory`` was written by megarlhf (marked, a model checkpoint, a training run or a
     checkpoint root of an older megarlhf)."""
@@ -258,6 +267,10 @@ def target_errors(path: str, *, what: str, inputs: Mapping[str, str], overwrite:
     if not is_megarlhf_output(path):
         return [f"{what} = {path} holds files megarlhf did not write ({_listing(names)}); "
                 f"{overwrite_flag} replaces only megarlhf's own output; choose another {what}"]
+    if is_run_dir(path):
+        return [f"{what} = {path} is the directory of a megarlhf run (checkpoints, logs, "
+                f"exports), not a single model megarlhf wrote; {overwrite_flag} never replaces "
+                f"a run: choose another {what}"]
     if not overwrite:
         return [f"{what} = {path} exists (megarlhf output); choose another {what} or pass "
                 f"{overwrite_flag} to replace it"]

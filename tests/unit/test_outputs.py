@@ -200,6 +200,10 @@ def test_whole_directory_targets(tmp_path):
     assert O.check_target(str(own), what="--out", inputs={}, overwrite=True)
     with pytest.raises(O.OutputError, match="--out = .* is --hf-dir"):
         O.check_target(src, what="--out", inputs={"--hf-dir": src}, overwrite=True)
+    run = tmp_path / "run"  # a whole training run is never replaced by one model
+    previous_run(str(run))
+    with pytest.raises(O.OutputError, match="directory of a megarlhf run"):
+        O.check_target(str(run), what="--out", inputs={}, overwrite=True)
 
 
 def test_file_targets(tmp_path):
