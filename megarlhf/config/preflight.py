@@ -96,8 +96,13 @@ def _model_errors(job: JobConfig, errors: list[str]) -> None:
             check_fp8(model)
         except ModelBuildError as e:
             errors.append(f"{where}: {e}")
-    if job.reward.prm_label_policy and job.kind == "rm" and job.reward.prm_label_rollouts:
-        _exists(job.reward.prm_label_policy, "reward.prm_label_policy", errors, kind="dir")
+    policy = job.reward.prm_label_policy
+    if policy and job.kind == "rm" and job.reward.prm_label_rollouts:
+        if _exists(policy, "reward.prm_label_policy", errors, kind="dir"):
+            try:
+                inspect_hf_dir(policy, "lm")
+            except HFValidationError as e:
+                errors.append(f"reward.prm_label_policy: {e}")
 
 
 def _tokenizer(job: JobConfig, role: str, model: ModelConfig, errors: list[str]):
@@ -185,8 +190,8 @@ def _data_errors(job: JobConfig, toks: dict[str, Any], errors: list[str], *,
 
             prm = job.reward.rm_type == "prm"
 
-            def no_labels(rows):  # automatic step labels need rollouts: checked when training
-                return [()] * len(rows)
+            def no_labels(examples):  # automatic step labels need rollouts: train makes them
+                return [()] * len(examples)
 
             if d.preference_path or d.labelled_path:
                 from megarlhf.controller.rm import batch_composition
