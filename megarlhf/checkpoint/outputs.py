@@ -202,7 +202,7 @@ def dir_errors(path: str, *, what: str, own: Sequence[str], resume: bool = False
                 f"output, and {overwrite_flag} replaces only that; choose another {what}"]
     previous = [n for n in names if _matches(n, own)]
     if previous and not (resume or overwrite):
-        ask = (f"pass {resume_flag} to continue it, " if resume_flag else "") + \
+        ask = (f"pass {resume_flag} to continue it, " if resume_flag else "pass ") + \
             f"{overwrite_flag} to replace it (megarlhf's own files only), or choose another {what}"
         return [f"{what} = {path} holds a previous run ({_listing(previous)}); {ask}"]
     return []
