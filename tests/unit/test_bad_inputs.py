@@ -425,3 +425,28 @@ def test_a_training_checkpoint_is_named_as_such(inputs, tmp_path, capsys):
     expect(run_cli(["convert", "megatron-to-hf", "--ckpt", os.path.join(out, "checkpoints"),
                     "--out", tmp_path / "hf"], inputs, tmp_path, capsys), 2,
            "run's checkpoint directory", os.path.join(step, "actor", "model"))
+
+
+def test_demo_reruns_only_with_overwrite(inputs, tmp_path, capsys, monkeypatch):
+    """If this fails, a second `megarlhf demo` silently replaces the first one's results, or
+    --overwrite deletes a file the user put next to them."""
+    import megarlhf.controller.sft as sft
+
+    class Stop(Exception):
+        pass
+
+    def stop(job):  # the demo got past its checks and its data stage
+        raise Stop
+
+    monkeypatch.setattr(sft, "train_sft", stop)
+    from megarlhf.demo import run_demo
+
+    out = tmp_path / "demo"
+    with pytest.raises(Stop):
+        run_demo(str(out), progress=False)
+    (out / "my_notes.txt").write_text("keep")
+    expect(run_cli(["demo", "--output-dir", out], inputs, tmp_path, capsys), 2,
+           f"--output-dir = {out} holds a previous run (data)", "pass --overwrite")
+    with pytest.raises(Stop):
+        run_demo(str(out), progress=False, overwrite=True)
+    assert (out / "my_notes.txt").read_text() == "keep"
