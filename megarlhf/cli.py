@@ -37,6 +37,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors a user causes (a bad config, data file, path, model directory, checkpoint or flag):
+# each carries one message naming the file / field and the fix, printed without a traceback.
+# Exit code 2: refused (nothing was started or written); 1: the run failed (DivergenceError).
+USER_ERRORS: list[tuple[str, str, int]] = [
+    ("megarlhf.commands", "UsageError", 2),
+    ("megarlhf.checkpoint.outputs", "OutputError", 2),
+    ("megarlhf.data.datasets", "DatasetError", 2),
+    ("megarlhf.checkpoint.model", "CheckpointError", 2),
+    ("megarlhf.checkpoint.convert", "ConversionError", 2),
+    ("megarlhf.rollout.base", "WeightSyncError", 2),  # trainer and rollout models differ
+    ("megarlhf.weights.validate", "HFValidationError", 2),
+    ("megarlhf.weights.hf_io", "HFCheckpointError", 2),
+    ("megarlhf.models.arch", "ArchError", 2),
+    ("megarlhf.models.families", "UnsupportedArchitecture", 2),
+    ("megarlhf.models.builder", "ModelBuildError", 2),
+    ("megarlhf.observability.divergence", "DivergenceError", 1),
+    ("megarlhf.controller.rl", "LogprobMismatchError", 1),  # rollout.logprob_check_action=stop
+]
+
+
+def user_error_code(e: BaseException) -> int | None:
+    """The exit code of a user error ``e`` (see :data:`USER_ERRORS`), None for anything else."""
+    for module, name, code in USER_ERRORS:
+        mod = sys.modules.get(module)  # an error of a module that was never imported: not it
+        cls = getattr(mod, name, None) if mod is not None else None
+        if cls is not None and isinstance(e, cls):
+            return code
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -46,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"megarlhf: config error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - user errors get one line; anything else is a bug
+        code = user_error_code(e)
+        if code is None:
+            raise
+        print(f"megarlhf {args.command}: error: {e}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -7,10 +7,40 @@ no loader accepts (checkpoints also carry a marker file written last) and which 
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import shutil
+from typing import Any
 
 from megarlhf.weights.hf_io import fsync_path
+
+MARKER = ".megarlhf-output"
+MARKER_FORMAT = "megarlhf.output"
+
+
+def write_marker(directory: str, writer: str) -> None:
+    """Marks ``directory`` as megarlhf's output (written by ``writer``, e.g. "train sft")."""
+    path = os.path.join(directory, MARKER)
+    info = {"format": MARKER_FORMAT, "writer": writer,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds")}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(info, f)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_marker(directory: str) -> dict[str, Any] | None:
+    """The marker of ``directory``, or None where megarlhf did not mark it."""
+    path = os.path.join(directory, MARKER)
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and info.get("format") == MARKER_FORMAT else None
 
 
 def temp_dir_for(final_dir: str, pid: int | None = None) -> str:
@@ -26,16 +56,20 @@ def fsync_tree(path: str) -> None:
         fsync_path(root)
 
 
-def publish(tmp_dir: str, final_dir: str, overwrite: bool = False) -> None:
-    """Renames the complete ``tmp_dir`` to ``final_dir`` (fsynced first).
+def publish(tmp_dir: str, final_dir: str, overwrite: bool = False,
+            writer: str = "megarlhf") -> None:
+    """Renames the complete ``tmp_dir`` to ``final_dir`` (fsynced first), marked as megarlhf's
+    output (:mod:`megarlhf.checkpoint.outputs`: only marked directories are ever replaced).
 
     With ``overwrite``, an existing ``final_dir`` is first renamed aside and deleted after the
-    new one is in place (a crash in between leaves it as ``<final_dir>.old-<pid>``).
+    new one is in place (a crash in between leaves it as ``<final_dir>.old-<pid>``). Callers
+    check with :func:`megarlhf.checkpoint.outputs.check_target` that it is theirs to replace.
 
     Raises:
         FileExistsError: ``final_dir`` exists and ``overwrite`` is False.
     """
     final_dir = os.path.abspath(final_dir).rstrip(os.sep)
+    write_marker(tmp_dir, writer)
     fsync_tree(tmp_dir)
     old = None
     if os.path.lexists(final_dir):

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from megarlhf.checkpoint.atomic import publish, temp_dir_for
+from megarlhf.checkpoint.outputs import OutputError, check_target
 from megarlhf.checkpoint.model import (
     HF_SUBDIR,
     CheckpointMeta,
@@ -113,6 +114,19 @@ def check_layout(spec: ArchSpec, tp: int, pp: int, vpp: int, ep: int = 1,
                             f"by the expert tensor-parallel size {e}")
     if problems:
         raise ConversionError("layout not possible for this model: " + "; ".join(problems))
+
+
+def check_out_dir(out_dir: str, inputs: dict[str, str], overwrite: bool) -> bool:
+    """Refuses an ``--out`` that is, is inside or contains an input, or holds anything but
+    megarlhf's own output (which only ``--overwrite`` replaces); True: replace ``out_dir``.
+
+    Raises:
+        ConversionError: naming the path and what to change.
+    """
+    try:
+        return check_target(out_dir, what="--out", inputs=inputs, overwrite=overwrite)
+    except OutputError as e:
+        raise ConversionError(str(e)) from None
 
 
 def _cast_params(bundle, dtype: torch.dtype) -> None:
@@ -226,19 +240,18 @@ def prepare_hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 
     Raises:
         HFValidationError, ConversionError: the inputs do not allow a conversion.
     """
+    replace = check_out_dir(out_dir, {"--hf-dir": hf_dir}, overwrite)
     info = inspect_hf_dir(hf_dir, head)
     check_layout(info.spec, tp, pp, vpp, ep, etp)
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if os.path.lexists(out_dir) and not overwrite:
-        raise ConversionError(f"{out_dir} exists; choose another --out or pass --overwrite")
     if info.score_missing and progress:
         print(f"note: {hf_dir} has no score.weight; the scalar head starts from a random "
               "initialisation (lm_head.weight is dropped)", flush=True)
     return HFToMegatronJob(hf_dir=hf_dir, out_dir=out_dir, tp=tp, pp=pp, vpp=vpp,
                            head=info.head, dtype=dtype or _MODEL_CFG_DTYPE[info.dtype],
                            raw_config=info.raw_config, vocab_multiple=vocab_multiple,
-                           overwrite=overwrite, progress=progress,
+                           overwrite=replace, progress=progress,
                            tmp_dir=tmp_dir or temp_dir_for(out_dir), ep=ep, etp=etp)
 
 
@@ -392,6 +405,7 @@ def prepare_megatron_to_hf(ckpt_dir: str, out_dir: str, *, dtype: str | None = N
         CheckpointError, ConversionError: the inputs do not allow a conversion.
     """
 
+    replace = check_out_dir(out_dir, {"--ckpt": ckpt_dir}, overwrite)
     meta = read_checkpoint_meta(ckpt_dir)
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -408,11 +422,9 @@ def prepare_megatron_to_hf(ckpt_dir: str, out_dir: str, *, dtype: str | None = N
     if etp is None and tp == meta.layout["tp"]:
         etp = meta.layout.get("etp")
     check_layout(spec, tp, pp, vpp, ep, etp)
-    if os.path.lexists(out_dir) and not overwrite:
-        raise ConversionError(f"{out_dir} exists; choose another --out or pass --overwrite")
     return MegatronToHFJob(ckpt_dir=ckpt_dir, out_dir=out_dir,
                            tmp_dir=tmp_dir or temp_dir_for(out_dir), tp=tp, pp=pp, vpp=vpp,
-                           shard_bytes=shard_bytes, dtype=dtype, overwrite=overwrite,
+                           shard_bytes=shard_bytes, dtype=dtype, overwrite=replace,
                            progress=progress, ep=ep, etp=etp)
 
 

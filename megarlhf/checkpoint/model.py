@@ -285,15 +285,13 @@ def read_checkpoint_meta(ckpt_dir: str, verify_files: bool = True) -> Checkpoint
     Raises:
         CheckpointError: missing, incomplete (interrupted save), corrupt or of another format.
     """
-    if not os.path.isdir(ckpt_dir):
+    if not os.path.exists(ckpt_dir):
         raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir} is a file; a megarlhf checkpoint is a directory")
     path = os.path.join(ckpt_dir, MARKER)
     if not os.path.isfile(path):
-        hint = (" - this is the temporary directory of an interrupted save"
-                if ".tmp-" in os.path.basename(os.path.normpath(ckpt_dir)) else
-                " - its save did not finish, or it is not a megarlhf checkpoint")
-        raise CheckpointError(f"{ckpt_dir} is not a complete megarlhf checkpoint: it has no "
-                              f"{MARKER}{hint}")
+        raise CheckpointError(_not_a_model_checkpoint(ckpt_dir))
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
@@ -324,6 +322,44 @@ def read_checkpoint_meta(ckpt_dir: str, verify_files: bool = True) -> Checkpoint
             raise CheckpointError(f"{ckpt_dir} is corrupt: " + "; ".join(problems[:8])
                                   + (" ..." if len(problems) > 8 else ""))
     return meta
+
+
+def _not_a_model_checkpoint(d: str) -> str:
+    """Why ``d`` (a directory without the metadata file) is not a model checkpoint, and which
+    directory near it is one."""
+    def models_in(step: str) -> list[str]:
+        return sorted(os.path.join(step, r, MODEL_SUBDIR) for r in os.listdir(step)
+                      if os.path.isfile(os.path.join(step, r, MODEL_SUBDIR, MARKER)))
+
+    name = os.path.basename(os.path.normpath(d))
+    if ".tmp-" in name:
+        return (f"{d} is not a complete megarlhf checkpoint: it is the temporary directory of an "
+                "interrupted save (delete it)")
+    if os.path.isfile(os.path.join(d, "COMPLETE")) or models_in(d):
+        found = models_in(d)
+        where = ("; its models: " + ", ".join(found)) if found else ""
+        return (f"{d} is a complete training checkpoint (the full state of a run at one step), "
+                f"not a single model's checkpoint: each role's model is in "
+                f"{os.path.join(d, '<role>', MODEL_SUBDIR)}{where}; pass one of those")
+    if os.path.isfile(os.path.join(d, MODEL_SUBDIR, MARKER)):
+        return (f"{d} is one role's training state; its model checkpoint is "
+                f"{os.path.join(d, MODEL_SUBDIR)}: pass that")
+    latest = os.path.join(d, "latest")
+    if os.path.isfile(latest):
+        step = os.path.join(d, open(latest, encoding="utf-8").read().strip())
+        return (f"{d} is a run's checkpoint directory, not a model checkpoint: the newest step "
+                f"is {step}; pass {os.path.join(step, 'actor', MODEL_SUBDIR)} (or another "
+                "role's model)")
+    if os.path.isdir(os.path.join(d, "checkpoints")) or os.path.isdir(os.path.join(d, "hf")):
+        return (f"{d} is a run's output_dir: its trained model is {os.path.join(d, 'hf')} (a "
+                f"Hugging Face directory), its checkpoints are in "
+                f"{os.path.join(d, 'checkpoints', 'step_*', '<role>', MODEL_SUBDIR)}")
+    if os.path.isfile(os.path.join(d, "config.json")):
+        return (f"{d} is a Hugging Face model directory, not a megarlhf checkpoint: pass it as an "
+                "HF directory (--hf-dir / model.hf_dir), or convert it with `megarlhf convert "
+                "hf-to-megatron`")
+    return (f"{d} is not a complete megarlhf checkpoint: it has no {MARKER} - its save did not "
+            "finish, or it is not a megarlhf checkpoint")
 
 
 def check_compatible(meta: CheckpointMeta, bundle: ModelBundle, ckpt_dir: str = "") -> None:

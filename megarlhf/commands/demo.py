@@ -12,12 +12,19 @@ def register(sub) -> None:
     p.add_argument("--sft-steps", type=int, default=None, help="override the SFT length")
     p.add_argument("--rl-steps", type=int, default=None, help="override the GRPO length")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier demo in --output-dir (the demo's own files only)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from megarlhf.commands import UsageError
     from megarlhf.demo import run_demo
 
+    for flag, steps in (("--sft-steps", args.sft_steps), ("--rl-steps", args.rl_steps)):
+        if steps is not None and steps < 1:
+            raise UsageError(f"{flag} {steps}: give a number of steps >= 1 (or leave it out for "
+                             "the demo's default)")
     run_demo(args.output_dir, sft_steps=args.sft_steps, rl_steps=args.rl_steps,
-             reward=args.reward, progress=not args.no_progress)
+             reward=args.reward, progress=not args.no_progress, overwrite=args.overwrite)
     return 0

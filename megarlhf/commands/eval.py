@@ -17,18 +17,26 @@ def register(sub) -> None:
                                     "vote)")
     p.add_argument("what", choices=sorted(EVALUATIONS), help="which evaluation")
     add_config_args(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier evaluation in output_dir (megarlhf's own output "
+                        "only; same as checkpoint.overwrite=true)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import importlib
 
-    from megarlhf.config import ConfigError, load_config
+    from megarlhf.commands import check_command_kind
+    from megarlhf.config import load_config
+    from megarlhf.planning import validate
+    from megarlhf.planning.preflight import preflight
 
-    job = load_config(args.config, list(args.overrides) + [f"kind={args.what}"])
-    if job.kind != args.what:
-        raise ConfigError(f"the config says kind={job.kind} but the command evaluates "
-                          f"{args.what}")
+    check_command_kind(args.config, args.overrides, args.what, "eval")
+    overrides = list(args.overrides) + [f"kind={args.what}"]
+    if args.overwrite:
+        overrides.append("checkpoint.overwrite=true")
+    job = validate(load_config(args.config, overrides))  # config, models, placement
+    preflight(job)  # models, tokenizers, test prompts and output_dir, before Ray starts
     module, fn = EVALUATIONS[args.what].split(":")
     result = getattr(importlib.import_module(module), fn)(job)
     print(json.dumps({"path": result["path"], "num_prompts": result["num_prompts"],

@@ -18,11 +18,23 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    import math
+
+    from megarlhf.commands import UsageError
     from megarlhf.config import load_config
     from megarlhf.planning import validate
     from megarlhf.planning.plan import PROCESS_OVERHEAD_GIB, format_plan, make_plan
+    from megarlhf.planning.preflight import preflight
 
+    if args.overhead_gib is not None and not (math.isfinite(args.overhead_gib)
+                                              and args.overhead_gib >= 0):
+        raise UsageError(f"--overhead-gib {args.overhead_gib}: give the GiB per process (>= 0, "
+                         f"default {PROCESS_OVERHEAD_GIB}) for CUDA context, NCCL buffers and "
+                         "allocator slack")
     job = validate(load_config(args.config, args.overrides))
+    # Everything `train` would refuse; inputs a planning template leaves unset are notes.
+    for note in preflight(job, require_inputs=False):
+        print(f"megarlhf plan: note: needed to train: {note}", file=sys.stderr)
     overhead = PROCESS_OVERHEAD_GIB if args.overhead_gib is None else args.overhead_gib
     plan = make_plan(job, overhead_gib=overhead)
     print(format_plan(plan))

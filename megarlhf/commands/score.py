@@ -26,6 +26,8 @@ def register(sub) -> None:
     src.add_argument("--ckpt", help="megarlhf checkpoint directory (megatron distributed format)")
     p.add_argument("--input", required=True, help="jsonl with input_ids or text per line")
     p.add_argument("--output", default="-", help="jsonl output path (default: stdout)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output written by `megarlhf score`")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -37,40 +39,126 @@ def register(sub) -> None:
 
 
 def _read_sequences(path: str, tokenizer_dir: str | None) -> list[list[int]]:
+    from megarlhf.commands import UsageError
+
+    if os.path.isdir(path):
+        raise UsageError(f"--input {path} is a directory; give a .jsonl file")
     if not os.path.isfile(path):
-        raise SystemExit(f"megarlhf score: --input {path!r} does not exist")
+        raise UsageError(f"--input {path}: no such file")
     tok = None
     seqs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UsageError(f"--input {path}, line {n}: not valid UTF-8 ({e.reason}); save "
+                                 "the file as UTF-8 jsonl") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"megarlhf score: {path}:{n}: not valid JSON ({e})") from None
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise UsageError(f"--input {path}, line {n}: not valid JSON ({e}); each line "
+                                 "must hold one JSON object") from None
+            if not isinstance(row, dict):
+                raise UsageError(f"--input {path}, line {n}: a JSON {type(row).__name__}; each "
+                                 'line must hold an object {"input_ids": [...]} or '
+                                 '{"text": "..."}')
             if "input_ids" in row:
                 ids = row["input_ids"]
-                if not (isinstance(ids, list) and ids and all(isinstance(i, int) and i >= 0
-                                                              for i in ids)):
-                    raise SystemExit(f"megarlhf score: {path}:{n}: input_ids must be a non-empty "
-                                     "list of non-negative integers")
+                if not (isinstance(ids, list) and ids and all(
+                        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+                    raise UsageError(f"--input {path}, line {n}: field 'input_ids' must be a "
+                                     "non-empty list of non-negative integers")
             elif "text" in row:
+                if not isinstance(row["text"], str) or not row["text"]:
+                    raise UsageError(f"--input {path}, line {n}: field 'text' must be a "
+                                     "non-empty string")
                 if tok is None:
                     if tokenizer_dir is None:
-                        raise SystemExit("megarlhf score: text rows need a tokenizer; give "
-                                         "input_ids or use --hf-dir with tokenizer files")
+                        raise UsageError(f"--input {path}, line {n}: text rows need a tokenizer; "
+                                         "give input_ids, or --hf-dir with tokenizer files")
                     from megarlhf.data.tokenizer import load_tokenizer
 
-                    tok = load_tokenizer(tokenizer_dir)
+                    try:
+                        tok = load_tokenizer(tokenizer_dir)
+                    except Exception as e:  # noqa: BLE001 - sentencepiece/transformers errors
+                        raise UsageError(f"--input {path}, line {n}: text rows need a tokenizer, "
+                                         f"and {tokenizer_dir} has none usable ({e}); give "
+                                         "input_ids instead") from None
                 ids = tok.encode(row["text"], add_bos=True)
             else:
-                raise SystemExit(f"megarlhf score: {path}:{n}: each row needs 'input_ids' or "
+                raise UsageError(f"--input {path}, line {n}: each row needs 'input_ids' or "
                                  "'text'")
             seqs.append(ids)
     if not seqs:
-        raise SystemExit(f"megarlhf score: {path} holds no sequences")
+        raise UsageError(f"--input {path} holds no sequences")
     return seqs
+
+
+def _is_score_output(path: str) -> bool:
+    """``path`` is a file `megarlhf score` wrote (its first row has input_ids and logprobs)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    return isinstance(row, dict) and {"input_ids", "logprobs"} <= set(row)
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def _check_request(args):
+    """Everything checkable before any rank starts; returns the model's ArchSpec."""
+    import math
+
+    from megarlhf.checkpoint.outputs import file_target_errors
+    from megarlhf.commands import UsageError
+    from megarlhf.models.arch import hf_config_from_dict
+    from megarlhf.models.families import arch_spec
+    from megarlhf.checkpoint.convert import ConversionError, check_layout
+
+    if args.tp < 1 or args.pp < 1:
+        raise UsageError("--tp and --pp must be >= 1")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise UsageError(f"--temperature {args.temperature}: must be a finite number > 0")
+    if args.micro_batch_size < 1:
+        raise UsageError("--micro-batch-size must be >= 1")
+    if args.compare_hf and not args.hf_dir:
+        raise UsageError("--compare-hf compares with transformers' forward of an HF directory: "
+                         "use it with --hf-dir")
+    if args.hf_dir:
+        from megarlhf.weights.validate import inspect_hf_dir
+
+        if not os.path.isdir(args.hf_dir):
+            raise UsageError(f"--hf-dir {args.hf_dir}: no such directory")
+        info = inspect_hf_dir(args.hf_dir)  # config + safetensors headers (truncated files)
+        if info.head != "lm":
+            raise UsageError(f"--hf-dir {args.hf_dir} holds a scalar-head model (critic / reward "
+                             "model); `megarlhf score` scores language models")
+        spec = info.spec
+    else:
+        from megarlhf.checkpoint.model import read_checkpoint_meta
+
+        meta = read_checkpoint_meta(args.ckpt)
+        if meta.head != "lm":
+            raise UsageError(f"--ckpt {args.ckpt} holds a scalar-head model (critic / reward "
+                             "model); `megarlhf score` scores language models")
+        spec = arch_spec(hf_config_from_dict(meta.hf_config))
+    try:
+        check_layout(spec, args.tp, args.pp, 1)
+    except ConversionError as e:
+        raise UsageError(str(e)) from None
+    if args.output != "-":
+        inputs = {"--input": args.input}
+        inputs.update({"--hf-dir": args.hf_dir} if args.hf_dir else {"--ckpt": args.ckpt})
+        errors = file_target_errors(args.output, what="--output", inputs=inputs,
+                                    overwrite=args.overwrite, ours=_is_score_output)
+        if errors:
+            raise UsageError("; ".join(errors))
+    return spec
 
 
 def _rank_score(source: dict, seqs, tp, pp, temperature, entropy, mbs):
@@ -100,11 +188,6 @@ def _rank_score(source: dict, seqs, tp, pp, temperature, entropy, mbs):
         if meta.head != "lm":
             raise ValueError(f"{source['ckpt']} holds a scalar-head model (critic / reward "
                              "model); `megarlhf score` scores language models")
-    vocab = bundle.spec.vocab_size
-    bad = [i for i, s in enumerate(seqs) if max(s) >= vocab]
-    if bad:
-        raise ValueError(f"sequence {bad[0]} holds token id {max(seqs[bad[0]])} >= the model's "
-                         f"vocab_size {vocab}")
     eng = MegatronEngine(bundle, micro_batch_size=mbs)
     out = eng.forward(TokenBatch.from_sequences(seqs), temperature=temperature, entropy=entropy)
     return out if ctx.rank == 0 else None
@@ -115,38 +198,39 @@ def run(args) -> int:
 
     from megarlhf.platform.launch import run_distributed
 
-    if args.hf_dir and not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
-        raise SystemExit(f"megarlhf score: --hf-dir {args.hf_dir!r} has no config.json")
-    if args.ckpt:
-        from megarlhf.checkpoint.model import CheckpointError, read_checkpoint_meta
+    from megarlhf.commands import UsageError
 
-        try:
-            read_checkpoint_meta(args.ckpt)
-        except (CheckpointError, FileNotFoundError) as e:
-            raise SystemExit(f"megarlhf score: --ckpt {args.ckpt!r}: {e}") from None
-    if args.tp < 1 or args.pp < 1:
-        raise SystemExit("megarlhf score: --tp and --pp must be >= 1")
+    spec = _check_request(args)  # nothing starts (or is written) before this passes
     tok_dir = args.hf_dir
     if args.ckpt and os.path.isdir(os.path.join(args.ckpt, "hf")):
         tok_dir = os.path.join(args.ckpt, "hf")  # tokenizer files kept with the checkpoint
     seqs = _read_sequences(args.input, tok_dir)
+    bad = [i for i, s in enumerate(seqs) if max(s) >= spec.vocab_size]
+    if bad:
+        raise UsageError(f"--input {args.input}: sequence {bad[0] + 1} holds token id "
+                         f"{max(seqs[bad[0]])} >= the model's vocab_size {spec.vocab_size}; "
+                         "give ids of this model's tokenizer")
     source = {"hf_dir": args.hf_dir} if args.hf_dir else {"ckpt": args.ckpt}
     res = run_distributed(_rank_score, args.tp * args.pp, source, seqs, args.tp, args.pp,
                           args.temperature, args.entropy, args.micro_batch_size,
                           timeout=3600)[0]
-    f = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
+    tmp = None if args.output == "-" else f"{args.output}.tmp-{os.getpid()}"
+    f = sys.stdout if tmp is None else open(tmp, "w", encoding="utf-8")
     try:
         for i, s in enumerate(seqs):
             row = {"input_ids": s, "logprobs": res["logp"][i, : len(s)].tolist()}
             if args.entropy:
                 row["entropy"] = res["entropy"][i, : len(s)].tolist()
             f.write(json.dumps(row) + "\n")
-    finally:
-        if f is not sys.stdout:
+    except BaseException:
+        if tmp is not None:
             f.close()
+            os.remove(tmp)  # only our own incomplete output
+        raise
+    if tmp is not None:
+        f.close()
+        os.replace(tmp, args.output)  # complete, then in place
     if args.compare_hf:
-        if not args.hf_dir:
-            raise SystemExit("megarlhf score: --compare-hf needs --hf-dir")
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).eval()

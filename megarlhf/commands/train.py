@@ -23,6 +23,9 @@ def register(sub) -> None:
     add_config_args(p)
     p.add_argument("--resume", action="store_true",
                    help="continue from <checkpoint dir>/latest (same as checkpoint.resume=true)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run in output_dir: megarlhf's own output only "
+                        "(same as checkpoint.overwrite=true)")
     p.set_defaults(func=run)
 
 
@@ -36,14 +39,21 @@ def _available(kind: str) -> bool:
 def run(args) -> int:
     import importlib
 
-    from megarlhf.config import ConfigError, load_config
+    from megarlhf.commands import check_command_kind
+    from megarlhf.config import load_config
+    from megarlhf.planning import validate
+    from megarlhf.planning.preflight import preflight
 
+    check_command_kind(args.config, args.overrides, args.kind, "train")
     overrides = list(args.overrides) + [f"kind={args.kind}"]
     if args.resume:
         overrides.append("checkpoint.resume=true")
-    job = load_config(args.config, overrides)
-    if job.kind != args.kind:
-        raise ConfigError(f"the config says kind={job.kind} but the command trains {args.kind}")
+    if args.overwrite:
+        overrides.append("checkpoint.overwrite=true")
+    job = validate(load_config(args.config, overrides))  # config, models, placement
+    # Models, tokenizers, this machine, output_dir and a resume: before Ray starts. (The
+    # trainer reads and checks the data itself, also before any worker starts.)
+    preflight(job, data=False)
     module, fn = TRAINERS[args.kind].split(":")
     result = getattr(importlib.import_module(module), fn)(job)
     summary = {k: v for k, v in (result or {}).items() if isinstance(v, (int, float, str))}

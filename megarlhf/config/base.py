@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -89,14 +90,20 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return int(value)
         raise ConfigError(f"{path}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # YAML 1.1 reads "1e-5" as a string
+                number = float(value)  # YAML 1.1 reads "1e-5" as a string
             except ValueError:
                 pass
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            # .inf / .nan would train (and export) NaN weights without a word.
+            raise ConfigError(f"{path}: {value!r} is not a finite number; give a finite value")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -125,10 +132,29 @@ def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        msg = str(e)
-        if path and not msg.startswith(path):
-            msg = f"{path}.{msg}"
-        raise ConfigError(msg) from None
+        raise ConfigError(qualify(path, str(e))) from None
+
+
+def qualify(path: str, msg: str) -> str:
+    """``msg`` of a component's own check, with the field named by its full dotted path.
+
+    A component names its fields from its own level (``optimizer.lr``), a component's section
+    name included or not; under ``path`` (``actor.optimizer``) the message gets the missing
+    prefix once: ``optimizer.lr`` -> ``actor.optimizer.lr``, ``lr`` -> ``actor.optimizer.lr``,
+    never ``actor.optimizer.optimizer.lr``.
+    """
+    if not path or msg.startswith(path + ".") or msg.startswith(path + ":") \
+            or msg.startswith(path + " "):
+        return msg
+    parts = path.split(".")
+    # The longest tail of ``path`` the message already starts with ("optimizer." for
+    # "actor.optimizer"): only the part before it is added.
+    for i in range(len(parts)):
+        tail = ".".join(parts[i:])
+        if msg.startswith(tail + ".") or msg.startswith(tail + ":") \
+                or msg.startswith(tail + " "):
+            return ".".join(parts[:i]) + "." + msg if i else msg
+    return f"{path}.{msg}"
 
 
 def to_dict(obj: Any) -> Any:

@@ -13,6 +13,8 @@ from megarlhf.config.validate import validate_config
 def _load_yaml(path: str) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path!r} is a directory; give a YAML file")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
     try:
@@ -51,6 +53,20 @@ def load_config(path: str | None, overrides: Sequence[str] = (), validate: bool 
     if validate:
         validate_config(job)
     return job
+
+
+def declared_kind(path: str | None, overrides: Sequence[str] = ()) -> str | None:
+    """The ``kind`` the config file or an override sets explicitly (None: neither does)."""
+    kind = None
+    if path:
+        data = _load_yaml(path)
+        if hasattr(data, "get"):
+            kind = data.get("kind")
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.strip() == "kind":
+            kind = value.strip()
+    return None if kind is None else str(kind)
 
 
 def dump_config(job: JobConfig, path: str) -> None:

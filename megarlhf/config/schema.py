@@ -129,6 +129,12 @@ class OptimizerConfig:
         check(0 <= self.min_lr <= self.lr, "optimizer.min_lr must be in [0, optimizer.lr]")
         check(self.clip_grad >= 0, "optimizer.clip_grad must be >= 0 (0 disables clipping)")
         check(self.lr_warmup_steps >= 0, "optimizer.lr_warmup_steps must be >= 0")
+        check(self.lr_decay_steps is None or self.lr_decay_steps >= 1,
+              "optimizer.lr_decay_steps must be >= 1 (or null: the job's optimizer steps)")
+        check(self.weight_decay >= 0, "optimizer.weight_decay must be >= 0")
+        check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
+              "optimizer.adam_beta1 and optimizer.adam_beta2 must be in [0, 1)")
+        check(self.adam_eps > 0, "optimizer.adam_eps must be > 0")
         check(not (self.name == "sgd" and self.use_distributed_optimizer),
               "optimizer.name=sgd cannot use megatron's DistributedOptimizer (Adam only); set "
               "optimizer.use_distributed_optimizer=false or optimizer.name=adam")
@@ -199,6 +205,10 @@ class RolloutConfig:
         check(self.weight_sync_bucket_mib >= 1, "rollout.weight_sync_bucket_mib must be >= 1")
         check(self.kv_cache_gib is None or self.kv_cache_gib * 2**30 >= 2**20,
               "rollout.kv_cache_gib must be at least 1 MiB (e.g. 1.0), or null for vLLM's default")
+        check(self.logprob_check_samples >= 0, "rollout.logprob_check_samples must be >= 0")
+        check(self.logprob_check_threshold >= 0, "rollout.logprob_check_threshold must be >= 0")
+        check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+              "rollout.stop_token_ids must be token ids >= 0")
 
     @property
     def num_replicas(self) -> int:
@@ -254,6 +264,11 @@ class AlgorithmConfig:
         check(self.dual_clip is None or self.dual_clip > 1, "algorithm.dual_clip must be > 1")
         check(self.ppo_epochs >= 1, "algorithm.ppo_epochs must be >= 1")
         check(self.tis_cap is None or self.tis_cap >= 1, "algorithm.tis_cap must be >= 1")
+        check(self.reward_norm_eps > 0, "algorithm.reward_norm_eps must be > 0")
+        check(self.value_clip_eps > 0, "algorithm.value_clip_eps must be > 0")
+        check(self.value_loss_coef >= 0, "algorithm.value_loss_coef must be >= 0")
+        check(self.entropy_coef >= 0, "algorithm.entropy_coef must be >= 0")
+        check(self.dpo_beta > 0, "algorithm.dpo_beta must be > 0")
 
 
 @dataclass
@@ -265,8 +280,9 @@ class BatchConfig:
     n_samples_per_prompt: int = 4  # N
 
     def __post_init__(self):
-        check(self.rollout_prompts_global >= 1 and self.train_prompts_global >= 1
-              and self.n_samples_per_prompt >= 1, "batch sizes must be >= 1")
+        for name in ("rollout_prompts_global", "train_prompts_global", "n_samples_per_prompt"):
+            check(getattr(self, name) >= 1,
+                  f"batch.{name} must be >= 1, got {getattr(self, name)}")
         check(self.rollout_prompts_global % self.train_prompts_global == 0,
               f"batch.rollout_prompts_global ({self.rollout_prompts_global}) must be a multiple "
               f"of batch.train_prompts_global ({self.train_prompts_global})")
@@ -293,6 +309,9 @@ class TrainConfig:
     def __post_init__(self):
         check(self.steps >= 1, "train.steps must be >= 1")
         check(self.global_batch_size >= 1, "train.global_batch_size must be >= 1")
+        check(self.max_seq_len >= 2, "train.max_seq_len must be >= 2")
+        check(self.eval_every >= 0, "train.eval_every must be >= 0 (0 turns evaluation off)")
+        check(self.eval_prompts >= 1, "train.eval_prompts must be >= 1")
 
 
 @dataclass
@@ -330,6 +349,7 @@ class RewardConfig:
               "reward.prm_step_delimiter must be a non-empty string (e.g. \"\\n\")")
         check(self.prm_label_rollouts >= 0,
               "reward.prm_label_rollouts must be >= 0 (0 turns automatic step labels off)")
+        check(self.code_timeout_s > 0, "reward.code_timeout_s must be > 0")
 
 
 @dataclass
@@ -371,6 +391,7 @@ class DataConfig:
     rm_responses_per_prompt: int | None = None
 
     def __post_init__(self):
+        check(self.max_prompt_len >= 1, "data.max_prompt_len must be >= 1")
         check(self.preference_fraction is None or 0.0 < self.preference_fraction < 1.0,
               "data.preference_fraction must be in (0, 1) (or null: proportional to the data)")
         check(self.rm_num_prompts is None or self.rm_num_prompts >= 1,
@@ -416,10 +437,17 @@ class CheckpointConfig:
     save_every: int = 0  # steps; 0 = only at the end and on SIGTERM
     keep_last: int = 2
     resume: bool = False  # continue from <dir>/latest when it exists
+    # Replace a previous run's output in output_dir (config.yaml, tensorboard/, checkpoints/,
+    # hf/, result files) - megarlhf's own output only; other files are never touched. Without it
+    # (or resume) a job refuses an output_dir that holds a previous run.
+    overwrite: bool = False
 
     def __post_init__(self):
         check(self.save_every >= 0, "checkpoint.save_every must be >= 0")
         check(self.keep_last >= 1, "checkpoint.keep_last must be >= 1")
+        check(not (self.resume and self.overwrite),
+              "checkpoint.resume and checkpoint.overwrite exclude each other: resume continues "
+              "the previous run, overwrite replaces it; set one of them")
 
 
 @dataclass
@@ -429,6 +457,9 @@ class LoggingConfig:
     tensorboard: bool = True  # writes to <output_dir>/tensorboard
     log_every: int = 1
     progress_bar: bool = True
+
+    def __post_init__(self):
+        check(self.log_every >= 1, "logging.log_every must be >= 1")
 
 
 @dataclass

@@ -11,39 +11,9 @@ from __future__ import annotations
 
 
 from megarlhf.config.base import ConfigError
+from megarlhf.config.roles import active_roles, trained_roles
+from megarlhf.config.rules import extra_rule_errors
 from megarlhf.config.schema import JobConfig, RoleConfig
-
-
-def active_roles(job: JobConfig) -> dict[str, RoleConfig]:
-    """The model roles this job runs, by name (actor first)."""
-    roles: dict[str, RoleConfig] = {"actor": job.actor}
-    if job.kind == "ppo":
-        if job.critic is not None:
-            roles["critic"] = job.critic
-    if job.kind in ("ppo", "grpo", "dpo") and (
-        job.kind == "dpo" or job.algorithm.kl_coef > 0 or job.algorithm.track_kl
-    ):
-        # Without a `reference:` section the reference runs like the actor (same layout and
-        # micro-batching, frozen).
-        roles["reference"] = job.reference or RoleConfig(
-            parallel=job.actor.parallel, num_gpus=job.actor.num_gpus,
-            micro_batch_size_per_rank=job.actor.micro_batch_size_per_rank,
-            max_tokens_per_micro_batch=job.actor.max_tokens_per_micro_batch,
-        )
-    if job.kind in ("ppo", "grpo", "dpo", "bon") and "rm" in job.reward.sources:
-        if job.reward_model is not None:
-            roles["reward_model"] = job.reward_model
-    return roles
-
-
-def trained_roles(job: JobConfig) -> list[str]:
-    if job.kind in ("sft", "rm"):
-        return ["actor"]
-    if job.kind == "ppo":
-        return ["actor", "critic"]
-    if job.kind in ("grpo", "dpo"):
-        return ["actor"]
-    return []
 
 
 def global_batch_sequences(job: JobConfig) -> int:
@@ -220,6 +190,7 @@ def config_errors(job: JobConfig) -> list[str]:
             "rollout.top_p=1 and rollout.top_k=-1, or rollout.engine=hf")
 
     _check_reward_model_jobs(job, errors)
+    errors[:0] = extra_rule_errors(job)  # arch typos, roles not started, fp8, batch sizes
     if job.kind in POLICY_KINDS and job.actor.model.moe_routing_replay \
             and not rollout_returns_routed_experts(job):
         errors.append(

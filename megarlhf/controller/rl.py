@@ -45,6 +45,7 @@ from megarlhf.data.datasets import ResumableSampler
 from megarlhf.data.job_data import PromptItem, load_job_tokenizer, load_prompt_items
 from megarlhf.engine.batch import TokenBatch
 from megarlhf.engine.loss_fns import DPOLossSpec, PolicyLossSpec, ValueLossSpec
+from megarlhf.observability.divergence import check_finite
 from megarlhf.rewards.computer import RewardComputer
 from megarlhf.rewards.reward_model import RewardModelScorer
 
@@ -124,7 +125,12 @@ class RLTrainer(Trainer):
         metrics.update(self.advantages(batch, raw))
         with timer("train"):
             metrics.update(self.train(cl, batch, raw))
+        # Before the weight sync: broken weights never reach the rollout engine.
+        check_finite(metrics, checkpoint_root=self.session.checkpoints.root)
         return metrics
+
+    def data_sizes(self) -> dict[str, int]:
+        return {"sampler": len(self.prompts)}
 
     def state_dict(self) -> dict[str, Any]:
         state = {"sampler": self.position or self.sampler.state_dict(), "history": self.history}

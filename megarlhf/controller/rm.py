@@ -97,6 +97,12 @@ class RMTrainer(Trainer):
         self.lab_sampler = ResumableSampler(max(1, len(self.data.labelled)), seed=job.seed + 1,
                                             shuffle=d.shuffle)
 
+    def data_sizes(self) -> dict[str, int] | None:
+        if getattr(self, "data", None) is None:
+            return None  # read in prepare()
+        return {"pair_sampler": max(1, len(self.data.pairs)),
+                "labelled_sampler": max(1, len(self.data.labelled))}
+
     def step(self, cl: Cluster, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
         P, L = self.P, self.L

@@ -4,14 +4,16 @@
 (:mod:`.sft`, :mod:`.rm`, :mod:`.rl`, :mod:`.async_rl`) supply their step and a few hooks::
 
     validate(job)                                    every rule, before anything starts
-    session = Session(job)                           output_dir, config.yaml, TensorBoard
+    session = Session(job)                           claims output_dir, config.yaml, TensorBoard
     trainer.prepare()                                read + tokenize the data (no workers yet)
+    check_resume_data(trainer.data_sizes())          a resume continues on the same data
     with trainer.open_cluster() as cl:               placement + worker groups (Ray)
         SIGTERM / SIGINT handlers                    (after ray.init, which installs its own)
         start = resume(cl)                           checkpoint.resume: roles + driver state
         trainer.begin(cl, start)                     e.g. weight sync, evaluation at step 0
         for last, metrics in trainer.steps(cl, start):
             log(last, metrics)
+            stop (exit 1, no save, no export) on a NaN/inf loss or grad norm
             save(last) when due, when a signal asked to stop, or at the last step: once
             stop after the save if a signal asked
         export hf/ when the run reached train.steps
@@ -28,6 +30,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from megarlhf.checkpoint.outputs import check_resume_data
 from megarlhf.checkpoint.role_state import export_role_hf
 from megarlhf.checkpoint.training import (
     driver_rng_state,
@@ -39,6 +42,7 @@ from megarlhf.config import JobConfig
 from megarlhf.controller.cluster import Cluster
 from megarlhf.controller.session import Session
 from megarlhf.data.job_data import load_job_tokenizer
+from megarlhf.observability.divergence import check_finite
 from megarlhf.planning import validate
 
 
@@ -66,6 +70,12 @@ class Trainer:
     # ------------------------------------------------------------------ hooks
     def prepare(self) -> None:
         """Reads and checks the data (the session exists, no worker runs yet)."""
+
+    def data_sizes(self) -> dict[str, int] | None:
+        """Sizes of the data the samplers draw from, by state key (a resume must find the
+        same; :func:`~megarlhf.checkpoint.outputs.check_resume_data`); None until
+        :meth:`prepare` has read the data (then asked again)."""
+        return {}
 
     def open_cluster(self) -> Cluster:
         """The job's placement and worker groups (default: the actor alone, no rollout)."""
@@ -102,10 +112,15 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         job = self.job
         validate(job)
+        sizes = self.data_sizes()
+        if sizes is not None:  # known before the session writes anything into output_dir
+            check_resume_data(job, sizes)
         self.session = session = Session(job, total_steps=job.train.steps, desc=self.desc)
         last, metrics, hf_dir = 0, {}, None
         try:
             self.prepare()
+            if sizes is None:
+                check_resume_data(job, self.data_sizes() or {})  # before any worker starts
             with self.open_cluster() as cl:
                 session.install_signal_handlers()  # after ray.init, which installs its own
                 self.roles = [r for r in self.roles if r in cl]
@@ -114,6 +129,8 @@ class Trainer:
                 session.start_progress(start, self.progress_keys)
                 for last, metrics in self.steps(cl, start):
                     session.log(last, metrics)
+                    # A NaN/inf loss or grad norm: stop with the last good checkpoint kept.
+                    check_finite(metrics, step=last, checkpoint_root=session.checkpoints.root)
                     if self.save_due(last):
                         self.save(cl, last)
                     if session.stop_requested:

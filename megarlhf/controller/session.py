@@ -17,6 +17,7 @@ import os
 import signal
 from typing import Any
 
+from megarlhf.checkpoint.outputs import claim_run_dir
 from megarlhf.checkpoint.training import CheckpointDir
 from megarlhf.config import JobConfig, dump_config
 from megarlhf.observability import MetricsWriter, PhaseTimer, Progress
@@ -27,8 +28,9 @@ class Session:
 
     def __init__(self, job: JobConfig, *, total_steps: int, desc: str = ""):
         self.job = job
-        self.output_dir = os.path.abspath(job.output_dir)
-        os.makedirs(self.output_dir, exist_ok=True)
+        # Refuses foreign files, a previous run without resume/overwrite, outputs overlapping
+        # inputs and a broken resume pointer, before anything is written (issue 15).
+        self.output_dir = claim_run_dir(job)
         dump_config(job, os.path.join(self.output_dir, "config.yaml"))
         self.checkpoints = CheckpointDir(job.checkpoint.dir or os.path.join(self.output_dir,
                                                                             "checkpoints"),

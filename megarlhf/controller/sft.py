@@ -45,6 +45,9 @@ class SFTTrainer(Trainer):
         metrics.update({k: v for k, v in r.metrics.items() if k.startswith("moe/")})  # router
         return metrics
 
+    def data_sizes(self) -> dict[str, int]:
+        return {"sampler": len(self.samples)}
+
     def state_dict(self) -> dict[str, Any]:
         return {"sampler": self.sampler.state_dict()}
 

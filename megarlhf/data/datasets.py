@@ -84,9 +84,22 @@ class FieldNames:
         known = {f.name for f in dc_fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"data.fields: unknown names {sorted(unknown)}; "
+            raise ValueError(f"FieldNames: unknown names {sorted(unknown)} (logical fields); "
                              f"known: {sorted(known)}")
         return cls(**d)
+
+
+# The config setting that names each logical field's column (data.<field>_key); the fields
+# without one (messages, test_cases, id) use their default column names.
+CONFIG_KEYS = {"prompt": "data.prompt_key", "answer": "data.answer_key",
+               "chosen": "data.chosen_key", "rejected": "data.rejected_key",
+               "response": "data.response_key", "label": "data.label_key",
+               "step_labels": "data.step_labels_key"}
+
+
+def _rename_hint(logical: str) -> str:
+    key = CONFIG_KEYS.get(logical)
+    return f", or set {key} to the name of your column" if key else ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,6 +202,9 @@ def split_steps(response: str, delimiter: str = "\n") -> list[str]:
 
 
 def _format_of(path: Path) -> str:
+    if path.is_dir():
+        raise DatasetError(f"{path} is a directory", None, None, "not a data file",
+                           "give the path of a .jsonl or .parquet file")
     name = path.name.lower()
     if name.endswith(".jsonl"):
         return "jsonl"
@@ -206,14 +222,14 @@ def read_records(path: str | os.PathLike,
     index for parquet. ``columns`` (parquet) reads only those columns that exist.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(path, None, None, "file not found", "check the path in the config")
+    if not path.is_dir() and not path.is_file():
+        raise DatasetError(path, None, None, "no such file", "check the path in the config")
     fmt = _format_of(path)
     if fmt == "jsonl":
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 try:
-                    text = raw.decode("utf-8")
+                    text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM is fine
                 except UnicodeDecodeError as e:
                     raise DatasetError(path, lineno, None, f"not valid UTF-8 ({e.reason})",
                                        "save the file as UTF-8") from None
@@ -225,6 +241,9 @@ def read_records(path: str | os.PathLike,
                     raise DatasetError(path, lineno, None,
                                        f"invalid JSON ({e.msg} at column {e.colno})",
                                        "each line must hold one complete JSON object") from None
+                except RecursionError:
+                    raise DatasetError(path, lineno, None, "JSON nested too deeply",
+                                       "each line must hold one flat JSON object") from None
                 if not isinstance(rec, dict):
                     raise DatasetError(path, lineno, None,
                                        f"a JSON {type(rec).__name__} instead of an object",
@@ -241,8 +260,20 @@ def read_records(path: str | os.PathLike,
         names = pf.schema_arrow.names
         cols = [c for c in columns if c in names] if columns is not None else None
         row = 0
-        for batch in pf.iter_batches(columns=cols, batch_size=4096):
-            for rec in batch.to_pylist():
+        batches = pf.iter_batches(columns=cols, batch_size=4096)
+        while True:
+            try:
+                batch = next(batches)
+                recs = batch.to_pylist()
+            except StopIteration:
+                break
+            except Exception as e:  # noqa: BLE001 - pyarrow: OSError, ArrowInvalid, ...
+                raise DatasetError(path, None, None,
+                                   f"unreadable from row {row} on ({type(e).__name__}: "
+                                   f"{str(e).strip()})",
+                                   "the file is corrupt: rewrite it with pyarrow/pandas "
+                                   ".to_parquet") from None
+            for rec in recs:
                 yield row, rec
                 row += 1
 
@@ -270,11 +301,11 @@ class _Row:
     def has(self, key: str) -> bool:
         return self.rec.get(key) is not None
 
-    def text(self, key: str, *, allow_empty: bool = False) -> str:
+    def text(self, key: str, *, allow_empty: bool = False, logical: str = "") -> str:
         v = self.get(key)
         if v is None:
-            raise self.error(key, "missing", f"add a '{key}' string to every row, or map the "
-                             f"field to your column name with data.fields")
+            raise self.error(key, "missing",
+                             f"add a '{key}' string to every row{_rename_hint(logical)}")
         if not isinstance(v, str):
             raise self.error(key, f"must be a string, got {type(v).__name__} {_short(v)}",
                              f"store '{key}' as text")
@@ -289,10 +320,10 @@ class _Row:
                              "give one of them per row")
         if not has_p and not has_m:
             raise self.error(f.prompt, f"missing (neither '{f.prompt}' nor '{f.messages}')",
-                             f"add a '{f.prompt}' string or a '{f.messages}' list, or map the "
-                             f"field to your column name with data.fields")
+                             f"add a '{f.prompt}' string or a '{f.messages}' list"
+                             f"{_rename_hint('prompt')}")
         if has_p:
-            return self.text(f.prompt)
+            return self.text(f.prompt, logical="prompt")
         msgs = self.get(f.messages)
         if not isinstance(msgs, (list, tuple)) or not msgs:
             raise self.error(f.messages,
@@ -359,7 +390,8 @@ class _Row:
     def label(self, f: FieldNames) -> int:
         v = self.get(f.label)
         if v is None:
-            raise self.error(f.label, "missing", f"add '{f.label}': 0 or 1 to every row")
+            raise self.error(f.label, "missing", f"add '{f.label}': 0 or 1 to every row"
+                             f"{_rename_hint('label')}")
         if isinstance(v, bool):
             return int(v)
         if isinstance(v, (int, float)) and v in (0, 1):
@@ -388,8 +420,8 @@ class _Row:
                 f.step_labels,
                 f"has {len(out)} labels but the response has {len(steps)} steps when split by "
                 f"{delimiter!r}",
-                "give one label per step, or set data.step_delimiter to the delimiter the "
-                "responses use",
+                "give one label per step, or set reward.prm_step_delimiter to the delimiter "
+                "the responses use",
             )
         return tuple(out)
 
@@ -440,7 +472,8 @@ def load_preference_pairs(paths: Paths, fields: FieldNames | None = None) -> lis
 
     def make(r: _Row) -> PreferencePair:
         prompt = r.prompt(f)
-        chosen, rejected = r.text(f.chosen), r.text(f.rejected)
+        chosen = r.text(f.chosen, logical="chosen")
+        rejected = r.text(f.rejected, logical="rejected")
         if chosen == rejected:
             raise r.error(f.rejected, "is identical to chosen",
                           "drop the row (an identical pair carries no preference)")
@@ -462,7 +495,7 @@ def load_labelled_responses(paths: Paths, fields: FieldNames | None = None,
 
     def make(r: _Row) -> LabelledResponse:
         prompt = r.prompt(f)
-        response = r.text(f.response, allow_empty=True)
+        response = r.text(f.response, allow_empty=True, logical="response")
         label = r.label(f)
         steps = split_steps(response, step_delimiter)
         return LabelledResponse(id=r.row_id(f), prompt=prompt, response=response, label=label,
@@ -478,8 +511,8 @@ def load_sft(paths: Paths, fields: FieldNames | None = None) -> list[SFTExample]
     f = fields or FieldNames()
 
     def make(r: _Row) -> SFTExample:
-        return SFTExample(id=r.row_id(f), prompt=r.prompt(f), response=r.text(f.response),
-                          source=r.source)
+        return SFTExample(id=r.row_id(f), prompt=r.prompt(f),
+                          response=r.text(f.response, logical="response"), source=r.source)
 
     return _load(paths, [f.prompt, f.messages, f.response, f.id], make, f.id)
 
@@ -624,7 +657,7 @@ def tokenize_prompt(tokenizer: Tokenizer, prompt: Prompt, max_prompt_len: int,
     raise (source or Source()).error(
         "prompt",
         f"is {len(ids)} tokens with the chat template, over max_prompt_len={max_prompt_len}",
-        "raise data.max_prompt_len, shorten the prompt, or set data.prompt_overflow to "
+        "raise data.max_prompt_len, shorten the prompt, or set data.overlong_prompt to "
         "'truncate_left' or 'skip'",
     )
 

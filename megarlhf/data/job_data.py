@@ -52,7 +52,11 @@ def load_job_tokenizer(job: JobConfig, model=None):
     if not os.path.exists(path):
         raise ConfigError(f"tokenizer path {path!r} does not exist (model.tokenizer / "
                           "model.hf_dir)")
-    return load_tokenizer(path)
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError) as e:  # no tokenizer files, an unreadable model file
+        raise ConfigError(f"{path} is not a usable tokenizer (model.tokenizer / model.hf_dir): "
+                          f"{e}") from None
 
 
 def _paths(p: str | None, what: str) -> str:

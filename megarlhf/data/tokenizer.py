@@ -231,7 +231,8 @@ class SentencePieceTokenizer(Tokenizer):
 
         self.model_file = Path(model_file)
         if not self.model_file.is_file():
-            raise FileNotFoundError(f"sentencepiece model not found: {self.model_file}")
+            what = "is a directory, not" if self.model_file.is_dir() else "does not exist; need"
+            raise FileNotFoundError(f"{self.model_file} {what} a sentencepiece .model file")
         self.sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
         self.chat_template = chat_template or ChatTemplate()
         n = self.sp.get_piece_size()
@@ -335,7 +336,8 @@ class HFTokenizer(Tokenizer):
 
         self.path = Path(path)
         if not self.path.is_dir():
-            raise FileNotFoundError(f"Hugging Face tokenizer directory not found: {self.path}")
+            what = "is a file, not" if self.path.exists() else "does not exist; need"
+            raise FileNotFoundError(f"{self.path} {what} a Hugging Face tokenizer directory")
         self.tok = AutoTokenizer.from_pretrained(
             str(self.path), local_files_only=True, trust_remote_code=trust_remote_code
         )

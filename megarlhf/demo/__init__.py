@@ -56,15 +56,83 @@ def _job(name: str, overrides: list[str]):
     return load_config(config_path(name), overrides)
 
 
+def check_stages(out_dir: str, *, sft_steps: int | None = None, rl_steps: int | None = None,
+                 reward: str = "verifier") -> None:
+    """Builds and validates every stage's config before the first stage starts (a bad
+    ``rl_steps`` used to be found after SFT and the reward model had run). The paths the
+    stages produce do not exist yet: the SFT architecture stands in for the models.
+
+    Raises:
+        ConfigError: naming the stage and the field.
+    """
+    from megarlhf.config import ConfigError
+
+    if reward not in ("verifier", "rm", "mix"):
+        raise ConfigError(f"demo: reward={reward!r}: choose verifier, rm or mix")
+    for name, steps in (("sft_steps", sft_steps), ("rl_steps", rl_steps)):
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                                  or steps < 1):
+            raise ConfigError(f"demo: {name}={steps!r}: give a number of steps >= 1")
+    arch = _job("sft", []).actor.model.arch
+    model = ["actor.model.hf_dir=null", f"actor.model.arch={_yaml_flow(arch)}",
+             f"actor.model.tokenizer={out_dir}/data/tokenizer.model"]
+    stages = {"sft": [f"output_dir={out_dir}/sft"]
+              + ([f"train.steps={sft_steps}"] if sft_steps is not None else []),
+              "rm": [f"output_dir={out_dir}/rm", f"data.labelled_path={out_dir}/rm_data/l.jsonl",
+                     f"data.preference_path={out_dir}/rm_data/p.jsonl",
+                     f"data.eval_labelled_path={out_dir}/rm_data/el.jsonl"] + model,
+              "grpo": [f"output_dir={out_dir}/grpo"] + model + _rl_settings(rl_steps, reward,
+                                                                            "rm-placeholder")}
+    if reward != "verifier":
+        stages["grpo"] = [o if not o.startswith("reward_model.model.hf_dir=") else
+                          "reward_model.model={arch: " + _yaml_flow(arch) + "}"
+                          for o in stages["grpo"]]
+    for name, over in stages.items():
+        try:
+            _job(name, over)
+        except ConfigError as e:
+            raise ConfigError(f"demo stage {name} ({config_path(name)}): {e}") from None
+
+
+def _yaml_flow(d: dict[str, Any]) -> str:
+    return "{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in d.items()) + "}"
+
+
+def _rl_settings(rl_steps: int | None, reward: str, rm_hf: str) -> list[str]:
+    over = []
+    if rl_steps is not None:
+        over.append(f"train.steps={rl_steps}")
+        over.append(f"train.eval_every={rl_steps}")
+    if reward != "verifier":
+        over += ["reward_model.model.hf_dir=" + rm_hf, "reward_model.num_gpus=2",
+                 "reward_model.parallel.tp=2",
+                 "reward.sources={rm: 1.0}" if reward == "rm" else
+                 "reward.sources={math: 1.0, rm: 0.5}"]
+    return over
+
+
+def _is_demo_dir(path: str) -> bool:
+    """An output directory of a demo run from before output markers existed."""
+    return os.path.isfile(os.path.join(path, "summary.json")) and \
+        os.path.isdir(os.path.join(path, "sft"))
+
+
 def run_demo(out_dir: str = "outputs/demo", *, sft_steps: int | None = None,
              rl_steps: int | None = None, reward: str = "verifier",
-             progress: bool = True) -> dict[str, Any]:
-    """Runs the whole demo; returns (and writes ``summary.json``) the headline numbers."""
+             progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Runs the whole demo; returns (and writes ``summary.json``) the headline numbers.
+
+    ``out_dir`` must be new, empty or an earlier demo's (replaced with ``overwrite``: the
+    demo's own entries only). Every stage's config is checked before the first one starts.
+    """
+    from megarlhf.checkpoint.outputs import DEMO_OUTPUTS, claim_dir
     from megarlhf.controller.rl import train_rl
     from megarlhf.controller.sft import train_sft
 
     out_dir = os.path.abspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    check_stages(out_dir, sft_steps=sft_steps, rl_steps=rl_steps, reward=reward)
+    claim_dir(out_dir, writer="demo", what="--output-dir", own=DEMO_OUTPUTS,
+              overwrite=overwrite, resume_flag=None, legacy=_is_demo_dir)
     t0 = time.time()
     summary: dict[str, Any] = {"output_dir": out_dir}
     bar = [f"logging.progress_bar={'true' if progress else 'false'}"]
@@ -93,14 +161,7 @@ def run_demo(out_dir: str = "outputs/demo", *, sft_steps: int | None = None,
     rl_over = [f"output_dir={out_dir}/grpo", f"actor.model.hf_dir={sft['hf_dir']}",
                f"data.train_path={files['prompts_train']}",
                f"data.eval_path={files['prompts_heldout']}"] + bar
-    if rl_steps is not None:
-        rl_over.append(f"train.steps={rl_steps}")
-        rl_over.append(f"train.eval_every={rl_steps}")
-    if reward != "verifier":
-        rl_over += ["reward_model.model.hf_dir=" + rm_hf, "reward_model.num_gpus=2",
-                    "reward_model.parallel.tp=2",
-                    "reward.sources={rm: 1.0}" if reward == "rm" else
-                    "reward.sources={math: 1.0, rm: 0.5}"]
+    rl_over += _rl_settings(rl_steps, reward, rm_hf)
     hist = train_rl(_job("grpo", rl_over))
     evals = hist["eval"]
     summary["sft_accuracy"] = evals[0][1]

@@ -52,19 +52,19 @@ def validate_weights(weights: Mapping[str, float],
                      sources: Mapping[str, Any] | None = None) -> None:
     """Raise ValueError (saying what to change) unless ``weights`` is a usable mixture."""
     if not isinstance(weights, Mapping) or not weights:
-        raise ValueError(f"reward.weights must be a non-empty mapping name -> weight, "
+        raise ValueError(f"reward.sources must be a non-empty mapping name -> weight, "
                          f"got {weights!r}")
     for name, w in weights.items():
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise ValueError(f"reward.weights.{name} must be a finite number, got {w!r}")
+            raise ValueError(f"reward.sources.{name} must be a finite number, got {w!r}")
     if all(w == 0 for w in weights.values()):
-        raise ValueError("reward.weights are all zero; give at least one source a weight")
+        raise ValueError("reward.sources are all zero; give at least one source a weight")
     if sources is not None:
         missing = sorted(set(weights) - set(sources))
         unused = sorted(set(sources) - set(weights))
         if missing:
-            raise ValueError(f"reward.weights names {missing}, which are not reward sources; "
+            raise ValueError(f"reward.sources names {missing}, which are not reward sources; "
                              f"the sources are {sorted(sources)}")
         if unused:
             raise ValueError(f"reward sources {unused} have no weight; add them to "
-                             f"reward.weights (0 to disable)")
+                             f"reward.sources (0 to disable)")

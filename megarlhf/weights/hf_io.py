@@ -39,8 +39,11 @@ class HFCheckpointReader:
         single = os.path.join(hf_dir, "model.safetensors")
         self._where: dict[str, str] = {}
         if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f).get("weight_map")
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f).get("weight_map")
+            except (OSError, ValueError, AttributeError) as e:
+                raise HFCheckpointError(f"{index}: not a valid index ({e})") from None
             if not isinstance(weight_map, dict):
                 raise HFCheckpointError(f"{index}: no weight_map")
             for name, fname in weight_map.items():
@@ -50,7 +53,7 @@ class HFCheckpointReader:
                                             "missing")
                 self._where[name] = path
         elif os.path.isfile(single):
-            with safe_open(single, framework="pt") as f:
+            with _opened(safe_open, single) as f:
                 for name in f.keys():
                     self._where[name] = single
         else:
@@ -70,7 +73,7 @@ class HFCheckpointReader:
     def _handle(self, path: str):
         h = self._open.get(path)
         if h is None:
-            h = self._safe_open(path, framework="pt")
+            h = _opened(self._safe_open, path)
             self._open[path] = h
         return h
 
@@ -107,6 +110,16 @@ class HFCheckpointReader:
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for n in self._where:
             yield n, self.get(n)
+
+
+def _opened(safe_open, path: str):
+    """``safe_open(path)``; a truncated or corrupt file raises :class:`HFCheckpointError`."""
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError / OSError
+        raise HFCheckpointError(
+            f"{path}: not a readable safetensors file ({e}); the file is truncated or corrupt "
+            "(an interrupted download or copy?): fetch it again") from None
 
 
 _SAFETENSORS_DTYPES = {
@@ -188,7 +201,9 @@ def hf_asset_files(hf_dir: str) -> list[str]:
     out = []
     for name in sorted(os.listdir(hf_dir)):
         path = os.path.join(hf_dir, name)
-        if os.path.isfile(path) and not _WEIGHT_FILE.search(name):
+        # megarlhf's output marker belongs to its directory, not to the model.
+        if os.path.isfile(path) and not _WEIGHT_FILE.search(name) \
+                and not name.startswith(".megarlhf"):
             out.append(name)
     return out
 

@@ -43,4 +43,4 @@ def test_score_cli_rejects_bad_input(tmp_path):
     r = subprocess.run([sys.executable, "-m", "megarlhf.cli", "score", "--hf-dir",
                         str(tmp_path / "m"), "--input", str(tmp_path / "in.jsonl")],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "in.jsonl:2" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "in.jsonl, line 2" in r.stderr and "Traceback" not in r.stderr

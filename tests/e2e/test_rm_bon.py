@@ -181,10 +181,9 @@ def test_prm_trains_on_automatic_step_labels(demo_run, tmp_path):
     metrics = read_metrics(str(tmp_path / "prm"))
     assert all("rm/loss_step" in r and "rm/step_accuracy" in r for r in metrics if "rm/loss" in r)
     assert len([r for r in metrics if "rm/loss" in r]) == 6
-    # Same settings, new run in the same directory: the labels are read back, not recomputed.
-    import shutil
-
-    shutil.rmtree(tmp_path / "prm" / "checkpoints")
+    # Same settings, new run in the same directory (replacing the first: checkpoint.overwrite):
+    # the labels are read back, not recomputed.
     t = os.path.getmtime(tmp_path / "prm" / "prm_step_labels.json")
-    train_rm(_load(_job(demo_run, tmp_path / "prm", "rm", **dict(over, **{"train.steps": 1}))))
+    train_rm(_load(_job(demo_run, tmp_path / "prm", "rm", **dict(over, **{
+        "train.steps": 1, "checkpoint.overwrite": True}))))
     assert os.path.getmtime(tmp_path / "prm" / "prm_step_labels.json") == t

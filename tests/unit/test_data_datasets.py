@@ -178,7 +178,7 @@ def test_parquet_errors_name_the_row(tmp_path):
     assert "row 2" in str(ei.value)
     # A column that is not in the file at all.
     path = write_parquet(tmp_path / "e.parquet", [{"question": "q"}])
-    with pytest.raises(DatasetError, match="field 'prompt'.*data.fields"):
+    with pytest.raises(DatasetError, match="field 'prompt'.*data.prompt_key"):
         load_prompts(path)
 
 
@@ -186,8 +186,10 @@ def test_file_level_errors(tmp_path):
     """If this fails, an empty, missing or unsupported file passes silently or fails obscurely."""
     with pytest.raises(DatasetError, match="no rows"):
         load_prompts(write_lines(tmp_path / "e.jsonl", ["", "  "]))
-    with pytest.raises(DatasetError, match="file not found"):
+    with pytest.raises(DatasetError, match="nope.jsonl: no such file"):
         load_prompts(tmp_path / "nope.jsonl")
+    with pytest.raises(DatasetError, match="is a directory: not a data file"):
+        load_prompts(tmp_path)
     (tmp_path / "d.csv").write_text("prompt\nx\n")
     with pytest.raises(DatasetError, match=r"\.jsonl.*\.parquet"):
         load_prompts(tmp_path / "d.csv")

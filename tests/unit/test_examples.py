@@ -2,7 +2,6 @@
 directories exist; only paths are overridden, as a user would on the command line."""
 
 import glob
-import json
 import os
 
 import pytest
@@ -19,11 +18,19 @@ LLAMA3_8B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "voca
              "tie_word_embeddings": False, "hidden_act": "silu"}
 
 
-def _model_dir(path, **extra):
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(dict(LLAMA3_8B, **extra), f)
-    return str(path)
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A tokenizer and data files the examples' paths are pointed at (validate reads them)."""
+    from _inputs import make_inputs
+
+    return make_inputs(str(tmp_path_factory.mktemp("inputs")))
+
+
+def _model_dir(path, inputs, head="lm"):
+    """An 8B llama directory: config.json, a sparse safetensors file, the test tokenizer."""
+    from _inputs import sparse_hf_model
+
+    return sparse_hf_model(str(path), LLAMA3_8B, head=head, tokenizer_from=inputs["lm"])
 
 
 def test_every_example_is_covered():
@@ -34,17 +41,23 @@ def test_every_example_is_covered():
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
-def test_example_validates(path, tmp_path, capsys):
+def test_example_validates(path, inputs, tmp_path, capsys):
     """If this fails, an example config no longer validates: the docs show a broken command."""
     from megarlhf.cli import main
     from megarlhf.config import load_config
 
-    policy = _model_dir(tmp_path / "sft")
-    rm = _model_dir(tmp_path / "rm", architectures=["LlamaForSequenceClassification"],
-                    num_labels=1)
+    policy = _model_dir(tmp_path / "sft", inputs)
+    rm = _model_dir(tmp_path / "rm", inputs, head="scalar")
     over = [f"actor.model.hf_dir={policy}", f"output_dir={tmp_path / 'out'}"]
-    if "reward_model:" in open(path).read():
+    text = open(path).read()
+    if "reward_model:" in text:
         over.append(f"reward_model.model.hf_dir={rm}")
+    # The data paths of the example, pointed at files of the same kind.
+    data = {"train_path": inputs["prompts_train"], "eval_path": inputs["prompts_heldout"],
+            "preference_path": inputs["pairs_train"], "labelled_path": inputs["labelled_train"],
+            "eval_preference_path": inputs["pairs_train"],
+            "eval_labelled_path": inputs["labelled_train"]}
+    over += [f"data.{k}={v}" for k, v in data.items() if f"{k}:" in text]
     assert main(["validate", "--quiet", path] + over) == 0, capsys.readouterr()
     job = load_config(path, over)
     assert job.name and job.kind in ("rm", "bon", "grpo", "ppo", "dpo")

@@ -146,15 +146,30 @@ def test_placement_keeps_tp_groups_inside_nodes():
     assert {s.node for s in plan.roles["critic"].slots} == {1}
 
 
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    from _inputs import make_inputs
+
+    return make_inputs(str(tmp_path_factory.mktemp("inputs")))
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
-def test_shipped_configs_validate_and_plan(path, capsys):
-    """If this fails, a shipped config no longer validates or fits the GPUs it is written for."""
+def test_shipped_configs_validate_and_plan(path, inputs, tmp_path, capsys):
+    """If this fails, a shipped config no longer plans (or validates once given the tokenizer
+    and prompts it leaves to the user) or fits the GPUs it is written for."""
     from megarlhf.cli import main
 
-    assert main(["validate", "--quiet", path]) == 0
-    assert main(["plan", path]) == 0
-    out = capsys.readouterr().out
-    assert "fits: peak" in out
+    assert main(["plan", path, f"output_dir={tmp_path / 'out'}"]) == 0
+    captured = capsys.readouterr()
+    assert "fits: peak" in captured.out
+    # A planning template: plan notes what train needs; validate refuses it until given.
+    assert "note: needed to train: data.train_path: not set" in captured.err
+    assert main(["validate", "--quiet", path, f"output_dir={tmp_path / 'out'}"]) == 2
+    given = [f"output_dir={tmp_path / 'out'}", f"actor.model.tokenizer={inputs['tokenizer']}",
+             f"data.train_path={inputs['prompts_train']}"]
+    if "reward_model:" in open(path).read():
+        given.append(f"reward_model.model.tokenizer={inputs['tokenizer']}")
+    assert main(["validate", "--quiet", path] + given) == 0, capsys.readouterr().err
 
 
 def test_shipped_configs_cover_8b_70b_and_200b_class():

@@ -38,9 +38,9 @@ def test_zero_weight_source_is_not_called():
     ({}, "non-empty"),
     ({"a": 1.0}, r"sources \['b'\] have no weight"),
     ({"a": 1.0, "b": 1.0, "c": 1.0}, r"names \['c'\]"),
-    ({"a": float("nan"), "b": 1.0}, "reward.weights.a must be a finite number"),
-    ({"a": True, "b": 1.0}, "reward.weights.a must be a finite number"),
-    ({"a": "1", "b": 1.0}, "reward.weights.a must be a finite number"),
+    ({"a": float("nan"), "b": 1.0}, "reward.sources.a must be a finite number"),
+    ({"a": True, "b": 1.0}, "reward.sources.a must be a finite number"),
+    ({"a": "1", "b": 1.0}, "reward.sources.a must be a finite number"),
     ({"a": 0, "b": 0.0}, "all zero"),
 ])
 def test_weight_validation(weights, match):

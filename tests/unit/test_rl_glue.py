@@ -35,7 +35,7 @@ def _batch(**fields):
 
 
 def _adv(estimator, raw=RAW, **algo):
-    a = AlgorithmConfig(**{"reward_norm_eps": 0.0, **algo})
+    a = AlgorithmConfig(**{"reward_norm_eps": 1e-12, **algo})
     return compute_advantages(_batch(), raw, a, estimator, 2, **algo_inputs(estimator))
 
 
@@ -82,7 +82,7 @@ def test_reinforce_pp_normalizes_returns_over_the_batch():
 def test_gae_with_values_and_kl_in_reward():
     """If this fails, GAE does not see the critic's values, or the KL penalty is not folded into
     the token rewards (kl_in_reward) / its metric is wrong."""
-    a = AlgorithmConfig(reward_norm_eps=0.0, kl_coef=0.5, kl_in_reward=True, kl_estimator="k1",
+    a = AlgorithmConfig(reward_norm_eps=1e-12, kl_coef=0.5, kl_in_reward=True, kl_estimator="k1",
                         lam=1.0)
     logp_ref = torch.zeros(4, 4)
     logp = torch.full((4, 4), 0.1)  # k1 = 0.1 on every token
@@ -104,7 +104,7 @@ def test_gae_with_values_and_kl_in_reward():
 
 def test_grpo_kl_in_reward_adds_the_penalty_to_go():
     """If this fails, critic-free estimators lose the KL penalty with kl_in_reward."""
-    a = AlgorithmConfig(reward_norm_eps=0.0, kl_coef=0.5, kl_in_reward=True, kl_estimator="k1")
+    a = AlgorithmConfig(reward_norm_eps=1e-12, kl_coef=0.5, kl_in_reward=True, kl_estimator="k1")
     fields, _ = compute_advantages(_batch(), RAW, a, "grpo", 2, logp=torch.full((4, 4), 0.1),
                                    logp_ref=torch.zeros(4, 4))
     lengths = [2, 3, 1, 2]
@@ -115,7 +115,7 @@ def test_grpo_kl_in_reward_adds_the_penalty_to_go():
             want[b, t] -= 0.05 * (n - k)
     torch.testing.assert_close(fields["advantages"], want, atol=1e-6, rtol=0)
     # Without kl_in_reward the KL goes to the loss instead: advantages untouched.
-    a2 = AlgorithmConfig(reward_norm_eps=0.0, kl_coef=0.5, kl_estimator="k1")
+    a2 = AlgorithmConfig(reward_norm_eps=1e-12, kl_coef=0.5, kl_estimator="k1")
     f2, _ = compute_advantages(_batch(), RAW, a2, "grpo", 2, logp=torch.full((4, 4), 0.1),
                                logp_ref=torch.zeros(4, 4))
     torch.testing.assert_close(f2["advantages"], _per_row([1.0, -1.0, 0.0, 0.0]))

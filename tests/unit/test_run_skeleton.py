@@ -24,7 +24,7 @@ class FakeGroup:
         name = fn.__name__
         if name == "save_role_state":
             step_dir, role = args
-            os.makedirs(os.path.join(step_dir, role))
+            os.makedirs(os.path.join(step_dir, role, "model"))  # where a role's weights go
             self.log.append(("save", os.path.basename(step_dir)))
         elif name == "load_role_state":
             self.log.append(("load", os.path.basename(args[0])))
@@ -73,6 +73,15 @@ class CountingTrainer(run_mod.Trainer):
 
     def load_state_dict(self, state):
         self.done = state["done"]
+
+
+@pytest.fixture(autouse=True)
+def no_resume_file_checks(monkeypatch):
+    """The fake roles write no megatron checkpoint files; the checks of a resume pointer's files
+    (megarlhf.checkpoint.outputs.resume_errors) have tests of their own."""
+    import megarlhf.checkpoint.outputs as outputs
+
+    monkeypatch.setattr(outputs, "resume_errors", lambda job: [])
 
 
 def _job(tmp_path, **ckpt):

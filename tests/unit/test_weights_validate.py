@@ -135,8 +135,14 @@ def test_impossible_layout_and_existing_output(good_dir, tmp_path):
     with pytest.raises(ConversionError, match="2 layers are not divisible by pp\\*vpp = 4"):
         convert_hf_to_megatron(good_dir, out, pp=2, vpp=2, progress=False)
     os.makedirs(out)
-    with pytest.raises(ConversionError, match="exists"):
-        convert_hf_to_megatron(good_dir, out, progress=False)
+    with open(os.path.join(out, "notes.txt"), "w") as f:
+        f.write("not megarlhf's")
+    for overwrite in (False, True):  # a folder megarlhf did not write is never replaced
+        with pytest.raises(ConversionError, match="did not write \\(notes.txt\\)"):
+            convert_hf_to_megatron(good_dir, out, progress=False, overwrite=overwrite)
+    assert os.listdir(out) == ["notes.txt"]
+    with pytest.raises(ConversionError, match="is --hf-dir"):
+        convert_hf_to_megatron(good_dir, good_dir, progress=False, overwrite=True)
 
 
 def _fake_checkpoint(d):

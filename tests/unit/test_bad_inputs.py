@@ -1,0 +1,452 @@
+"""Bad input never destroys a user's files, never trains a broken model, never ends in a
+traceback, and `validate` / `plan` refuse what `train` refuses (issue 15).
+
+Every case runs the real CLI (``megarlhf.cli.main``) on real files and asserts the exit code,
+that the message names the field or file, and that no file outside the command's output was
+touched. Ray and the workers are replaced by a tripwire: each refusal must come before they
+would start.
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from _inputs import grpo_config, make_inputs, set_dotted, sft_config, snapshot, write_config
+from megarlhf.checkpoint.outputs import write_marker
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("inputs"))
+    got = make_inputs(d)
+    got["root"] = d
+    trunc = os.path.join(d, "trunc")
+    shutil.copytree(got["lm"], trunc)
+    size = os.path.getsize(os.path.join(trunc, "model.safetensors"))
+    with open(os.path.join(trunc, "model.safetensors"), "r+b") as f:
+        f.truncate(size // 2)  # an interrupted download
+    got["trunc"] = trunc
+    return got
+
+
+@pytest.fixture(autouse=True)
+def no_workers(monkeypatch):
+    """Refusals come before Ray: starting a cluster or a rank fails the test."""
+    import megarlhf.controller.cluster as placement
+    import megarlhf.platform.launch as launch
+
+    def tripwire(*a, **k):
+        raise AssertionError("Ray / worker processes were started before the refusal")
+
+    monkeypatch.setattr(placement, "init_ray", tripwire)
+    monkeypatch.setattr(launch, "run_distributed", tripwire)
+
+
+def run_cli(argv, inputs, tmp_path, capsys, *, output=None):
+    """Runs ``megarlhf argv``; returns (exit code, stderr). Asserts that nothing outside
+    ``output`` changed, neither in the inputs nor in ``tmp_path``."""
+    from megarlhf.cli import main
+
+    skip = (output,) if output else ()
+    before = (snapshot(inputs["root"]), snapshot(str(tmp_path), skip=skip))
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    after = (snapshot(inputs["root"]), snapshot(str(tmp_path), skip=skip))
+    assert after == before, "a file outside the command's output was touched"
+    assert "Traceback" not in err
+    return code, err
+
+
+def expect(code_err, code, *needles):
+    got, err = code_err
+    assert got == code, err
+    for n in needles:
+        assert n in err, f"{n!r} not in: {err}"
+
+
+def previous_run(out):
+    """A finished run as megarlhf leaves it: marked, checkpoints, hf/, config."""
+    step = os.path.join(out, "checkpoints", "step_000003")
+    os.makedirs(os.path.join(step, "actor", "model"))
+    open(os.path.join(step, "COMPLETE"), "w").write("x")
+    with open(os.path.join(step, "driver_state.json"), "w") as f:
+        json.dump({"step": 3}, f)
+    open(os.path.join(out, "checkpoints", "latest"), "w").write("step_000003")
+    os.makedirs(os.path.join(out, "hf"))
+    open(os.path.join(out, "hf", "model.safetensors"), "w").write("trained weights")
+    open(os.path.join(out, "config.yaml"), "w").write("kind: sft\n")
+    write_marker(out, "train sft")
+
+
+def foreign_dir(path):
+    os.makedirs(path)
+    open(os.path.join(path, "thesis.tex"), "w").write("years of work")
+    return path
+
+
+def bon_config(inputs, out):
+    return {"kind": "bon", "output_dir": out,
+            "cluster": {"num_nodes": 1, "gpus_per_node": 2, "device": "cpu"},
+            "actor": {"model": {"hf_dir": inputs["lm"], "dtype": "fp32"}},
+            "reward_model": {"model": {"hf_dir": inputs["lm"], "dtype": "fp32"}},
+            "reward": {"sources": {"rm": 1.0}}, "rollout": {"engine": "hf"},
+            "bon": {"n_values": [1, 2]},
+            "data": {"eval_path": inputs["prompts_heldout"], "max_prompt_len": 24}}
+
+
+# ----------------------------------------------------------------------- 1. files are never lost
+def test_convert_out_equal_to_hf_dir_is_refused(inputs, tmp_path, capsys):
+    """If this fails, `convert --out` = `--hf-dir` --overwrite deletes the source model."""
+    lm = inputs["lm"]
+    expect(run_cli(["convert", "hf-to-megatron", "--hf-dir", lm, "--out", lm, "--overwrite"],
+                   inputs, tmp_path, capsys), 2, f"--out = {lm} is --hf-dir")
+
+
+def test_convert_overwrite_never_deletes_a_foreign_folder(inputs, tmp_path, capsys):
+    """If this fails, `convert ... --overwrite` deletes an arbitrary existing folder."""
+    out = foreign_dir(str(tmp_path / "docs"))
+    expect(run_cli(["convert", "hf-to-megatron", "--hf-dir", inputs["lm"], "--out", out,
+                    "--overwrite"], inputs, tmp_path, capsys), 2,
+           f"--out = {out} holds files megarlhf did not write (thesis.tex)")
+
+
+def test_convert_out_inside_its_checkpoint_is_refused(inputs, tmp_path, capsys):
+    """If this fails, megatron-to-hf writes (and on --overwrite deletes) inside its input."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    expect(run_cli(["convert", "megatron-to-hf", "--ckpt", ck, "--out", ck / "hf", "--overwrite"],
+                   inputs, tmp_path, capsys), 2, "is inside --ckpt")
+
+
+def test_score_output_equal_to_input_is_refused(inputs, tmp_path, capsys):
+    """If this fails, `score --output` = `--input` overwrites the input."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"input_ids": [1, 2, 3]}\n')
+    expect(run_cli(["score", "--hf-dir", inputs["lm"], "--input", inp, "--output", inp],
+                   inputs, tmp_path, capsys), 2, f"--output = {inp} is --input")
+
+
+def test_score_never_replaces_a_foreign_file(inputs, tmp_path, capsys):
+    """If this fails, `score --output X --overwrite` replaces a file megarlhf did not write."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"input_ids": [1, 2, 3]}\n')
+    mine = tmp_path / "results.jsonl"
+    mine.write_text("my notes\n")
+    expect(run_cli(["score", "--hf-dir", inputs["lm"], "--input", inp, "--output", mine,
+                    "--overwrite"], inputs, tmp_path, capsys), 2,
+           f"--output = {mine} exists and is not a megarlhf output")
+
+
+def test_train_into_a_finished_run_needs_resume_or_overwrite(inputs, tmp_path, capsys):
+    """If this fails, `train` into an output_dir holding a finished run replaces its
+    checkpoints and hf/ without --resume or --overwrite."""
+    out = str(tmp_path / "run")
+    previous_run(out)
+    cfg = write_config(str(tmp_path / "sft.yaml"), sft_config(inputs, out))
+    expect(run_cli(["train", "sft", cfg], inputs, tmp_path, capsys), 2,
+           f"output_dir = {out} holds a previous run", "--resume", "--overwrite")
+
+
+def test_grpo_reading_its_own_output_dir_is_refused(inputs, tmp_path, capsys):
+    """If this fails, a GRPO job whose hf_dir is the SFT run's <output_dir>/hf with the same
+    output_dir deletes the SFT checkpoint and overwrites the model it reads."""
+    out = str(tmp_path / "run")
+    previous_run(out)
+    shutil.rmtree(os.path.join(out, "hf"))
+    shutil.copytree(inputs["lm"], os.path.join(out, "hf"))
+    cfg = write_config(str(tmp_path / "grpo.yaml"), grpo_config(
+        inputs, out, **{"actor.model.hf_dir": os.path.join(out, "hf")}))
+    expect(run_cli(["train", "grpo", cfg, "--overwrite"], inputs, tmp_path, capsys), 2,
+           f"output_dir = {out} contains actor.model.hf_dir = {out}/hf")
+
+
+@pytest.mark.parametrize("command", ["train", "demo", "eval"])
+def test_writers_refuse_a_foreign_output_dir_even_with_overwrite(command, inputs, tmp_path,
+                                                                  capsys):
+    """If this fails, a run, the demo or an evaluation writes into (or clears) a folder that
+    holds the user's files."""
+    out = foreign_dir(str(tmp_path / "docs"))
+    if command == "train":
+        argv = ["train", "sft", write_config(str(tmp_path / "c.yaml"), sft_config(inputs, out)),
+                "--overwrite"]
+    elif command == "eval":
+        argv = ["eval", "bon", write_config(str(tmp_path / "c.yaml"), bon_config(inputs, out)),
+                "--overwrite"]
+    else:
+        argv = ["demo", "--output-dir", out, "--overwrite"]
+    expect(run_cli(argv, inputs, tmp_path, capsys), 2, f"= {out} holds files megarlhf did not "
+           "write (thesis.tex)")
+
+
+# ------------------------------------------------------------------ 2. nothing broken is trained
+def test_infinite_learning_rate_is_refused(inputs, tmp_path, capsys):
+    """If this fails, actor.optimizer.lr=.inf trains NaN weights and exports them."""
+    out = str(tmp_path / "run")
+    cfg = write_config(str(tmp_path / "sft.yaml"), sft_config(inputs, out))
+    expect(run_cli(["train", "sft", cfg, "actor.optimizer.lr=.inf"], inputs, tmp_path, capsys),
+           2, "actor.optimizer.lr: inf is not a finite number")
+    assert not os.path.exists(out)
+
+
+def _arch_job(inputs, tmp_path, **arch):
+    a = dict(inputs["arch"], **arch)
+    return write_config(str(tmp_path / "sft.yaml"), sft_config(inputs, str(tmp_path / "run"), **{
+        "actor.model": {"arch": a, "tokenizer": inputs["tokenizer"], "dtype": "fp32"}}))
+
+
+def test_arch_typo_is_refused_with_the_nearest_name(inputs, tmp_path, capsys):
+    """If this fails, a typo inside model.arch (num_hidden_layer) is ignored and the default
+    number of layers trained."""
+    cfg = _arch_job(inputs, tmp_path, num_hidden_layer=2)
+    expect(run_cli(["train", "sft", cfg], inputs, tmp_path, capsys), 2,
+           "actor.model.arch.num_hidden_layer", "did you mean actor.model.arch.num_hidden_layers")
+
+
+def test_model_vocab_below_the_tokenizer_is_refused(inputs, tmp_path, capsys):
+    """If this fails, a model that cannot embed the tokenizer's ids is trained and exported."""
+    cfg = _arch_job(inputs, tmp_path, vocab_size=inputs["tok_vocab"] - 7)
+    expect(run_cli(["train", "sft", cfg], inputs, tmp_path, capsys), 2,
+           f"actor.model.arch.vocab_size = {inputs['tok_vocab'] - 7} is below the tokenizer's "
+           f"{inputs['tok_vocab']} ids", inputs["tokenizer"])
+
+
+@pytest.mark.parametrize("command", [["train", "sft"], ["eval", "bon"]])
+def test_command_kind_must_match_the_config(command, inputs, tmp_path, capsys):
+    """If this fails, `megarlhf train sft` on a kind: grpo config silently trains SFT."""
+    cfg = write_config(str(tmp_path / "grpo.yaml"), grpo_config(inputs, str(tmp_path / "r")))
+    expect(run_cli(command + [cfg], inputs, tmp_path, capsys), 2,
+           "says kind: grpo", f"megarlhf {command[0]} grpo")
+
+
+# --------------------------------------------------------------------- 3. no traceback, ever
+def _bad_data(tmp_path, what):
+    p = tmp_path / ("d.parquet" if "parquet" in what else "d.jsonl")
+    if what == "deep json":
+        p.write_text("[" * 100000 + "]" * 100000 + "\n")
+    elif what == "corrupt parquet":
+        from megarlhf.data.datasets import write_parquet
+
+        write_parquet(p, [{"prompt": "1+1=", "response": "2"}] * 3)
+        raw = p.read_bytes()
+        p.write_bytes(raw[:8] + b"\0" * 40 + raw[48:])
+    elif what == "directory":
+        p = tmp_path / "data_dir"
+        p.mkdir()
+    elif what == "not an object":
+        p.write_text('{"prompt": "1+1=", "response": "2"}\n[1, 2]\n')
+    return p
+
+
+@pytest.mark.parametrize("what,needle", [
+    ("deep json", "line 1: JSON nested too deeply"),
+    ("corrupt parquet", "d.parquet: unreadable from row 0 on"),
+    ("directory", "data_dir is a directory"),
+    ("not an object", "line 2: a JSON list instead of an object"),
+])
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_malformed_data_files(command, what, needle, inputs, tmp_path, capsys):
+    """If this fails, a malformed data file ends in a Python traceback."""
+    path = _bad_data(tmp_path, what)
+    out = tmp_path / "run"
+    cfg = write_config(str(tmp_path / "sft.yaml"), sft_config(
+        inputs, str(out), **{"data.train_path": str(path)}))
+    argv = ["validate", cfg] if command == "validate" else ["train", "sft", cfg]
+    # train reads its data after claiming output_dir (before any worker): only that is written.
+    expect(run_cli(argv, inputs, tmp_path, capsys, output=str(out)), 2, str(path), needle)
+
+
+@pytest.mark.parametrize("argv", [
+    ["convert", "hf-to-megatron", "--hf-dir", "{trunc}", "--out", "{tmp}/ck"],
+    ["score", "--hf-dir", "{trunc}", "--input", "{tmp}/in.jsonl"],
+    ["validate", "{tmp}/sft.yaml", "actor.model.hf_dir={trunc}"],
+    ["train", "sft", "{tmp}/sft.yaml", "actor.model.hf_dir={trunc}"],
+], ids=["convert", "score", "validate", "train"])
+def test_truncated_safetensors(argv, inputs, tmp_path, capsys):
+    """If this fails, a truncated safetensors file ends in a traceback (in a worker, for
+    train) instead of one line naming the file."""
+    (tmp_path / "in.jsonl").write_text('{"input_ids": [1, 2, 3]}\n')
+    write_config(str(tmp_path / "sft.yaml"), sft_config(inputs, str(tmp_path / "run")))
+    argv = [a.format(trunc=inputs["trunc"], tmp=tmp_path) for a in argv]
+    expect(run_cli(argv, inputs, tmp_path, capsys), 2,
+           f"{inputs['trunc']}/model.safetensors: not a readable safetensors file")
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--tp", "3"], "2 attention heads are not divisible by --tp 3"),
+    (["--pp", "4"], "2 layers are not divisible by pp*vpp = 4"),
+    (["--temperature", "0"], "--temperature 0.0: must be a finite number > 0"),
+    (["--compare-hf", "--ckpt", "{tmp}"], "--compare-hf"),
+    (["--input", "{tmp}/bad.jsonl"], "bad.jsonl, line 2: each row needs 'input_ids' or 'text'"),
+    (["--input", "{tmp}/big.jsonl"], "token id 999 >= the model's vocab_size 64"),
+])
+def test_score_layout_and_input_errors(flags, needle, inputs, tmp_path, capsys):
+    """If this fails, `score` with a layout the model cannot take or a bad input file dies in
+    its ranks with a traceback."""
+    (tmp_path / "in.jsonl").write_text('{"input_ids": [1, 2, 3]}\n')
+    (tmp_path / "bad.jsonl").write_text('{"input_ids": [1]}\n{"oops": 1}\n')
+    (tmp_path / "big.jsonl").write_text('{"input_ids": [1, 999]}\n')
+    argv = ["score", "--input", tmp_path / "in.jsonl"] + [f.format(tmp=tmp_path) for f in flags]
+    if "--ckpt" not in flags:
+        argv += ["--hf-dir", inputs["lm"]]
+    expect(run_cli(argv, inputs, tmp_path, capsys), 2, needle)
+
+
+def _saved_run(inputs, out, layout, n_rows):
+    """A complete checkpoint at step 2 of an SFT run (model metadata, driver state)."""
+    step = os.path.join(out, "checkpoints", "step_000002")
+    model = os.path.join(step, "actor", "model")
+    os.makedirs(model)
+    with open(os.path.join(model, "megarlhf_checkpoint.json"), "w") as f:
+        json.dump({"format": "megarlhf.model_checkpoint", "format_version": 1,
+                   "hf_config": inputs["arch"], "head": "lm", "padded_vocab_size": 128,
+                   "vocab_size": 64, "dtype": "float32", "layout": layout, "files": {}}, f)
+    with open(os.path.join(step, "driver_state.json"), "w") as f:
+        json.dump({"step": 2, "sampler": {"seed": 1, "epoch": 0, "index": 8,
+                                          "num_samples": n_rows}}, f)
+    open(os.path.join(step, "COMPLETE"), "w").write("x")
+    open(os.path.join(out, "checkpoints", "latest"), "w").write("step_000002")
+    open(os.path.join(out, "config.yaml"), "w").write("kind: sft\n")
+    write_marker(out, "train sft")
+
+
+TP1 = {"tp": 1, "pp": 1, "vpp": 1, "cp": 1, "dp": 1, "sequence_parallel": False}
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("pointer", "names 'step_000009', which is not a complete checkpoint"),
+    ("layout", "actor was saved at TP1/PP1/DP2"),
+    ("data", "was saved for a dataset of 7 rows"),
+])
+def test_resume_errors_come_before_ray(case, needle, inputs, tmp_path, capsys):
+    """If this fails, a resume that cannot work starts Ray and the workers and ends in a
+    traceback from a worker."""
+    out = str(tmp_path / "run")
+    n_rows = 60 if case != "data" else 7
+    _saved_run(inputs, out, dict(TP1, dp=2) if case == "layout" else TP1, n_rows)
+    if case == "pointer":
+        open(os.path.join(out, "checkpoints", "latest"), "w").write("step_000009")
+    cfg = write_config(str(tmp_path / "sft.yaml"), sft_config(inputs, out))
+    # The data check runs in the trainer, after output_dir is claimed (its marker rewritten).
+    code_err = run_cli(["train", "sft", cfg, "--resume"], inputs, tmp_path, capsys,
+                       output=os.path.join(out, ".megarlhf-output"))
+    expect(code_err, 2, needle)
+
+
+def test_demo_stages_are_checked_before_the_first_one_runs(inputs, tmp_path, capsys):
+    """If this fails, `demo --rl-steps 0` runs SFT and the reward model before refusing."""
+    out = tmp_path / "demo"
+    expect(run_cli(["demo", "--output-dir", out, "--rl-steps", "0"], inputs, tmp_path, capsys),
+           2, "--rl-steps 0")
+    assert not out.exists()
+    from megarlhf.config import ConfigError
+    from megarlhf.demo import check_stages
+
+    with pytest.raises(ConfigError, match="rl_steps=0"):
+        check_stages(str(out), rl_steps=0)
+
+
+# ------------------------------------------- 4. validate and plan refuse what train does
+CASES = {
+    "fp8 without Transformer Engine": ({"actor.model.fp8": "hybrid", "actor.model.dtype": "bf16"},
+                                       "model.fp8=hybrid needs Transformer Engine"),
+    "fp8 with local layers": ({"actor.model.fp8": "hybrid", "actor.model.dtype": "bf16",
+                               "actor.model.transformer_impl": "local"},
+                              "actor.model.transformer_impl=local"),
+    "missing data file": ({"data.train_path": "/nonexistent/train.jsonl"},
+                          "data.train_path = /nonexistent/train.jsonl: no such file"),
+    "missing tokenizer": ({"actor.model.tokenizer": "/nonexistent/tok.model"},
+                          "actor.model.tokenizer = /nonexistent/tok.model: no such file"),
+    "n_samples_per_prompt=1e9": ({"batch.n_samples_per_prompt": 1e9},
+                                 "batch.n_samples_per_prompt"),
+    "a role the job does not start": ({"critic": {"num_gpus": 1}},
+                                      "critic: this kind=grpo job does not start a critic"),
+    "unset data": ({"data.train_path": None}, "data.train_path: not set"),
+    "async rollout sharing the actor's GPUs": (
+        {"asynchronous.enabled": True, "algorithm.use_behaviour_logprobs": True,
+         "cluster.placement": "colocate_pairs"}, "set cluster.placement=split"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("command", ["validate", "plan", "train"])
+def test_validate_and_plan_refuse_what_train_refuses(command, case, inputs, tmp_path, capsys):
+    """If this fails, `validate` or `plan` accepts a config that `train` refuses (or `train`
+    starts it)."""
+    over, needle = CASES[case]
+    if case == "unset data" and command == "plan":
+        pytest.skip("plan lists unset inputs as notes (planning templates have no data)")
+    job = set_dotted(grpo_config(inputs, str(tmp_path / "run")), dict(over))
+    cfg = write_config(str(tmp_path / "grpo.yaml"), job)
+    argv = {"validate": ["validate", cfg], "plan": ["plan", cfg],
+            "train": ["train", "grpo", cfg]}[command]
+    expect(run_cli(argv, inputs, tmp_path, capsys), 2, needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_plan_refuses_negative_overhead_and_notes_unset_inputs(inputs, tmp_path, capsys):
+    """If this fails, `plan --overhead-gib -50` prints a plan, or plan hides what train needs."""
+    cfg = write_config(str(tmp_path / "grpo.yaml"), grpo_config(inputs, str(tmp_path / "r")))
+    expect(run_cli(["plan", cfg, "--overhead-gib", "-50"], inputs, tmp_path, capsys), 2,
+           "--overhead-gib -50")
+    code, err = run_cli(["plan", cfg, "data.train_path=null"], inputs, tmp_path, capsys)
+    assert code == 0 and "note: needed to train: data.train_path: not set" in err
+
+
+# ---------------------------------------------------- 5. messages name what exists, once
+def test_messages_name_the_field_once(inputs, tmp_path, capsys):
+    """If this fails, a message prints a field path twice (actor.optimizer.optimizer.lr) or
+    says "batch sizes must be >= 1" without the field."""
+    cfg = write_config(str(tmp_path / "grpo.yaml"), grpo_config(inputs, str(tmp_path / "r")))
+    code, err = run_cli(["validate", cfg, "actor.optimizer.lr=-1"], inputs, tmp_path, capsys)
+    assert code == 2 and "actor.optimizer.lr must be > 0" in err
+    assert "optimizer.optimizer" not in err
+    code, err = run_cli(["validate", cfg, "batch.n_samples_per_prompt=0"], inputs, tmp_path,
+                        capsys)
+    assert code == 2 and "batch.n_samples_per_prompt must be >= 1" in err
+    code, err = run_cli(["validate", cfg, "critic.optimizer.adam_eps=0"], inputs, tmp_path,
+                        capsys)
+    assert code == 2 and "critic.optimizer.adam_eps must be > 0" in err
+
+
+def test_a_training_checkpoint_is_named_as_such(inputs, tmp_path, capsys):
+    """If this fails, a complete training checkpoint is called "not a megarlhf checkpoint"
+    and the user is not told that the model is in step_N/<role>/model."""
+    out = str(tmp_path / "run")
+    _saved_run(inputs, out, TP1, 60)
+    step = os.path.join(out, "checkpoints", "step_000002")
+    expect(run_cli(["convert", "megatron-to-hf", "--ckpt", step, "--out", tmp_path / "hf"],
+                   inputs, tmp_path, capsys), 2, "is a complete training checkpoint",
+           os.path.join(step, "actor", "model"))
+    expect(run_cli(["convert", "megatron-to-hf", "--ckpt", os.path.join(out, "checkpoints"),
+                    "--out", tmp_path / "hf"], inputs, tmp_path, capsys), 2,
+           "run's checkpoint directory", os.path.join(step, "actor", "model"))
+
+
+def test_demo_reruns_only_with_overwrite(inputs, tmp_path, capsys, monkeypatch):
+    """If this fails, a second `megarlhf demo` silently replaces the first one's results, or
+    --overwrite deletes a file the user put next to them."""
+    import megarlhf.controller.sft as sft
+
+    class Stop(Exception):
+        pass
+
+    def stop(job):  # the demo got past its checks and its data stage
+        raise Stop
+
+    monkeypatch.setattr(sft, "train_sft", stop)
+    from megarlhf.demo import run_demo
+
+    out = tmp_path / "demo"
+    with pytest.raises(Stop):
+        run_demo(str(out), progress=False)
+    (out / "my_notes.txt").write_text("keep")
+    expect(run_cli(["demo", "--output-dir", out], inputs, tmp_path, capsys), 2,
+           f"--output-dir = {out} holds a previous run (data)", "pass --overwrite")
+    with pytest.raises(Stop):
+        run_demo(str(out), progress=False, overwrite=True)
+    assert (out / "my_notes.txt").read_text() == "keep"
