@@ -357,7 +357,7 @@ def rank_stream_and_convert(sources, work):
     from megarlhf.config.schema import ModelConfig
     from megarlhf.models.builder import build_model
     from megarlhf.parallel.layout import ParallelLayout, destroy_parallel, initialize_parallel
-    from megarlhf.weights import convert
+    from megarlhf.checkpoint import convert
     from megarlhf.weights.loader import load_hf_dir
     from megarlhf.weights.resharder import iter_hf_weights, plan_hf_weights
 
