@@ -182,6 +182,7 @@ def _rl_job(**over):
 def _trainer(job):
     t = RLTrainer.__new__(RLTrainer)  # the phases alone: no tokenizer, data or session
     t.job, t.N, t.temperature = job, job.batch.n_samples_per_prompt, 1.0
+    t.kl_coef = job.algorithm.kl_coef
     t.session = SimpleNamespace(log_line=lambda line: None)
     return t
 
