@@ -389,12 +389,15 @@ def test_sampling_parameters_and_documented_seeds():
     assert (S.PRM_LABELS, S.RM_DATA, S.BEST_OF_N) == (7, 11, 13)
     vllm = build(job(seed=7, **{"rollout.engine": "vllm", "rollout.top_k": 5}))
     assert not S.rollout_params(vllm, Tok(), step=0).logprobs
+    # Dynamic sampling's extra rounds: their own seeds, distinct from every step's.
+    assert S.rollout_params(j, Tok(), step=3, round=2).seed == 7 * 1_000_003 + 3 + 2 * 100_003
     g = S.greedy_params(j, Tok())
     assert g.greedy and g.seed is None and g.stop_token_ids == (2,)
 
 
 @pytest.mark.parametrize("over,needles", [
-    ({"algorithm.policy_loss": "gspo"}, ["policy_loss=gspo", "loss_agg_mode=seq_mean_token_mean"]),
+    ({"algorithm.policy_loss": "gspo"},
+     ["policy_loss=gspo", "loss_agg_mode=seq_mean_token_mean"]),
     ({"algorithm.policy_loss": "cispo", "algorithm.dual_clip": 3.0},
      ["dual_clip", "policy_loss=cispo", "dual_clip=null"]),
     ({"kind": "dpo", "algorithm.policy_loss": "cispo"}, ["kind=dpo", "policy_loss=cispo"]),
