@@ -40,8 +40,6 @@ from megarlhf.demo import config_path, run_demo  # noqa: E402
 # name -> (algorithm overrides as dotted "key=value", what it is)
 METHODS: dict[str, tuple[list[str], str]] = {
     "grpo": ([], "the demo's GRPO (baseline)"),
-    "dr_grpo": (["advantage_estimator=dr_grpo", "loss_agg_mode=seq_mean_token_sum_norm"],
-                "Dr.GRPO"),
     "gspo": (["policy_loss=gspo", "loss_agg_mode=seq_mean_token_mean", "clip_eps_low=3.0e-4",
               "clip_eps_high=4.0e-4"], "GSPO, sequence ratio, clip 3e-4 / 4e-4"),
     "gspo_token": (["policy_loss=gspo_token", "loss_agg_mode=seq_mean_token_mean",
@@ -58,6 +56,8 @@ METHODS: dict[str, tuple[list[str], str]] = {
     "icepop": (["off_policy_correction=icepop"], "GRPO + IcePop [0.5, 5]"),
     "adaptive_kl": (["kl_coef=0.05", "kl_target=0.02", "kl_horizon=2560", "kl_estimator=k3+",
                      "kl_clamp=10.0"], "GRPO + KL loss k3+, adaptive beta (target 0.02)"),
+    "dr_grpo": (["advantage_estimator=dr_grpo", "loss_agg_mode=seq_mean_token_sum_norm"],
+                "Dr.GRPO"),
 }
 
 
@@ -103,8 +103,8 @@ def table(results: dict, steps: int) -> str:
     def f(x, nd=3):
         return "-" if x is None else f"{x:.{nd}f}"
 
-    lines = [f"| method | held-out acc. step 0 | step {steps // 2} | step {steps} | KL step {steps} "
-             "| KL mean last 10 | reward last 10 | method's metric | minutes |",
+    lines = [f"| method | held-out acc. step 0 | step {steps // 2} | step {steps} "
+             f"| KL step {steps} | KL mean last 10 | reward last 10 | method's metric | minutes |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         if "error" in r:
