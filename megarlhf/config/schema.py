@@ -219,8 +219,10 @@ class RolloutConfig:
 class AlgorithmConfig:
     """RL math: reward processing (methods.md 2.2), advantages (2.3), losses (2.4)."""
 
-    # null = gae for ppo, grpo for grpo.
-    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] | None = None
+    # null = gae for ppo, grpo for grpo. reinforce_pp_baseline: the group mean as baseline, then
+    # REINFORCE++'s batch normalization (docs/methods.md).
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp",
+                                 "reinforce_pp_baseline"] | None = None
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = False
@@ -228,11 +230,32 @@ class AlgorithmConfig:
     # Normalize rewards over the N responses of a prompt ("group"), the batch, or not at all.
     reward_norm: Literal["group", "batch", "none"] = "group"
     reward_norm_eps: float = 1e-6
+    # The std of reward normalization divides the variance by n - 1 (true) or by n (false).
+    unbiased_std: bool = False
     # Asymmetric shrinking: negative (normalized) rewards are multiplied by this (alpha <= 1).
     negative_reward_scale: float = 1.0
+    # DAPO soft overlong punishment: responses within the last `overlong_buffer` tokens of
+    # rollout.max_new_tokens lose up to `overlong_penalty` of reward, linearly (null = off).
+    overlong_buffer: int | None = None
+    overlong_penalty: float = 1.0
+    # DAPO dynamic sampling: drop prompts whose N samples all got the same reward and refill the
+    # batch from further generations, at most `dynamic_sampling_max_rounds` extra rounds (the
+    # rest is then filled with dropped prompts, which carry no policy gradient).
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 3
+    # KL to the reference: the (initial) coefficient beta and its estimator. k1+ / k3+ keep the
+    # value of k1 / k3 and take k2's gradient (unbiased gradient of KL as a loss).
     kl_coef: float = 0.0
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: Literal["k1", "k2", "k3", "k1+", "k3+"] = "k3"
     kl_in_reward: bool = False  # fold KL into per-token rewards (true) or add it to the loss
+    kl_clamp: float | None = None  # bound on |log pi - log pi_ref| before the estimator
+    # Adaptive KL controller (Ziegler et al. 2019): beta follows the measured KL toward this
+    # target over `kl_horizon` samples; null = fixed beta = kl_coef.
+    kl_target: float | None = None
+    kl_horizon: int = 10000
+    # The policy loss: ppo (clipped surrogate), gspo / gspo_token (sequence-level ratio and
+    # clipping; clip ranges ~3e-4/4e-4), cispo (clipped stop-gradient IS weight on every token).
+    policy_loss: Literal["ppo", "gspo", "gspo_token", "cispo"] = "ppo"
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
     dual_clip: float | None = None  # cap c > 1 for negative advantages; null disables
@@ -240,12 +263,23 @@ class AlgorithmConfig:
     value_loss_coef: float = 1.0
     entropy_coef: float = 0.0
     loss_agg_mode: Literal[
-        "token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"
+        "token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm",
+        "token_sum"
     ] = "token_mean"
     ppo_epochs: int = 1
     dpo_beta: float = 0.1
     # Truncated importance sampling between behaviour (rollout) and learner log-probs; null = off.
+    # The same as off_policy_correction=token_tis with is_upper=tis_cap.
     tis_cap: float | None = None
+    # Off-policy correction from the rollout engine's log-probs (behaviour policy) to the
+    # learner's: token_tis / seq_tis (truncated IS), token_mis / seq_mis (masked IS: reject the
+    # token / the sequence), icepop (two-sided token masking); null = off.
+    off_policy_correction: Literal["token_tis", "seq_tis", "token_mis", "seq_mis",
+                                   "icepop"] | None = None
+    # Its bounds on the ratio pi_learner / pi_behaviour: the truncation cap / upper acceptance
+    # bound (null: 2, icepop 5) and the masked variants' lower bound (null: none, icepop 0.5).
+    is_upper: float | None = None
+    is_lower: float | None = None
     # logp_old = the rollout engine's log-probs (behaviour policy). Required when asynchronous.
     use_behaviour_logprobs: bool = False
     # Run the reference every step to log KL(policy || reference) even when kl_coef = 0
@@ -269,6 +303,62 @@ class AlgorithmConfig:
         check(self.value_loss_coef >= 0, "algorithm.value_loss_coef must be >= 0")
         check(self.entropy_coef >= 0, "algorithm.entropy_coef must be >= 0")
         check(self.dpo_beta > 0, "algorithm.dpo_beta must be > 0")
+        check(self.overlong_buffer is None or self.overlong_buffer >= 1,
+              "algorithm.overlong_buffer must be >= 1 tokens (or null: no overlong shaping)")
+        check(self.overlong_penalty >= 0, "algorithm.overlong_penalty must be >= 0")
+        check(self.dynamic_sampling_max_rounds >= 0,
+              "algorithm.dynamic_sampling_max_rounds must be >= 0 (extra generation rounds)")
+        check(self.kl_clamp is None or self.kl_clamp > 0,
+              "algorithm.kl_clamp must be > 0 (a bound on |log pi - log pi_ref|), or null")
+        check(self.kl_target is None or self.kl_target > 0,
+              "algorithm.kl_target must be > 0 (or null: a fixed kl_coef)")
+        check(self.kl_horizon >= 1, "algorithm.kl_horizon must be >= 1 (samples)")
+        check(self.kl_target is None or self.kl_coef > 0,
+              "algorithm.kl_target adapts kl_coef from its initial value: set algorithm.kl_coef "
+              "> 0 (e.g. 0.05), or kl_target=null for no KL control")
+        check(not (self.tis_cap is not None and self.off_policy_correction is not None),
+              "algorithm.tis_cap and algorithm.off_policy_correction both correct the "
+              "behaviour policy; give one (tis_cap=C is off_policy_correction=token_tis with "
+              "is_upper=C)")
+        check((self.is_upper is None and self.is_lower is None)
+              or self.off_policy_correction is not None,
+              "algorithm.is_upper / is_lower bound the off-policy correction: set "
+              "algorithm.off_policy_correction (or remove them)")
+        check(self.is_upper is None or self.is_upper > 0, "algorithm.is_upper must be > 0")
+        if self.off_policy_correction is not None:
+            lo, hi = self.off_policy_bounds()
+            check(self.is_lower is None or self.off_policy_correction.endswith("mis")
+                  or self.off_policy_correction == "icepop",
+                  f"algorithm.is_lower applies to the masked corrections (token_mis, seq_mis, "
+                  f"icepop); off_policy_correction={self.off_policy_correction} truncates at "
+                  "is_upper only: remove is_lower")
+            check(lo is None or 0 <= lo < hi,
+                  f"algorithm.is_lower={lo} must be in [0, is_upper={hi})")
+        if self.policy_loss == "cispo":
+            check(self.dual_clip is None,
+                  "algorithm.dual_clip caps PPO's clipped loss; policy_loss=cispo has no such "
+                  "term (its weights are already bounded): set dual_clip=null")
+        if self.policy_loss == "gspo":
+            check(self.loss_agg_mode == "seq_mean_token_mean",
+                  "algorithm.policy_loss=gspo clips and averages whole sequences (1/G sum_i of "
+                  "the sequence losses): set algorithm.loss_agg_mode=seq_mean_token_mean, or "
+                  "policy_loss=gspo_token to aggregate per token")
+
+    def off_policy_bounds(self) -> tuple[float | None, float]:
+        """``(lower, upper)`` of the off-policy correction with the methods' defaults filled in
+        (a resolved view; the config is not rewritten)."""
+        if self.off_policy_correction is None and self.tis_cap is not None:
+            return None, self.tis_cap
+        icepop = self.off_policy_correction == "icepop"
+        upper = self.is_upper if self.is_upper is not None else (5.0 if icepop else 2.0)
+        lower = self.is_lower if self.is_lower is not None else (0.5 if icepop else None)
+        return lower, upper
+
+    def off_policy(self) -> str | None:
+        """The off-policy correction in effect (``tis_cap`` means ``token_tis``), or None."""
+        if self.off_policy_correction is not None:
+            return self.off_policy_correction
+        return "token_tis" if self.tis_cap is not None else None
 
 
 @dataclass

@@ -74,9 +74,9 @@ POLICY_KINDS = ("ppo", "grpo", "dpo")  # the kinds that train a policy from roll
 def behaviour_logprobs_needed(job: JobConfig) -> str | None:
     """Why this job trains with the rollout engine's (behaviour) log-probs, or None.
 
-    Asynchronous training, truncated importance sampling and ``use_behaviour_logprobs`` all
-    need them; without them the learner's own log-probs would silently stand in for the
-    behaviour policy's.
+    Asynchronous training, the off-policy corrections (``tis_cap``, ``off_policy_correction``)
+    and ``use_behaviour_logprobs`` all need them; without them the learner's own log-probs
+    would silently stand in for the behaviour policy's.
     """
     if job.kind not in POLICY_KINDS:
         return None
@@ -84,6 +84,8 @@ def behaviour_logprobs_needed(job: JobConfig) -> str | None:
         return "asynchronous.enabled"
     if job.algorithm.tis_cap is not None:
         return f"algorithm.tis_cap={job.algorithm.tis_cap}"
+    if job.algorithm.off_policy_correction is not None:
+        return f"algorithm.off_policy_correction={job.algorithm.off_policy_correction}"
     if job.algorithm.use_behaviour_logprobs:
         return "algorithm.use_behaviour_logprobs"
     return None
@@ -189,6 +191,8 @@ def config_errors(job: JobConfig) -> list[str]:
             f"{r.top_k} (vLLM's log-probs are taken after the top-p/top-k filter); set "
             "rollout.top_p=1 and rollout.top_k=-1, or rollout.engine=hf")
 
+    if job.kind in POLICY_KINDS:
+        _check_policy_methods(job, errors)
     _check_reward_model_jobs(job, errors)
     errors[:0] = extra_rule_errors(job)  # arch typos, roles not started, fp8, batch sizes
     if job.kind in POLICY_KINDS and job.actor.model.moe_routing_replay \
@@ -208,6 +212,46 @@ def validate_config(job: JobConfig) -> JobConfig:
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
     return job
+
+
+def _check_policy_methods(job: JobConfig, errors: list[str]) -> None:
+    """Policy-optimisation methods against the job kind, the batch and the rollout
+    (docs/methods.md)."""
+    a, N = job.algorithm, job.batch.n_samples_per_prompt
+    if job.kind == "dpo":
+        if a.policy_loss != "ppo":
+            errors.append(f"algorithm.policy_loss={a.policy_loss} is a policy-gradient loss; "
+                          "kind=dpo trains with the DPO loss: remove policy_loss or use kind=grpo")
+        if a.off_policy_correction is not None or a.tis_cap is not None:
+            errors.append("kind=dpo has no per-token policy-gradient loss to weight: remove "
+                          "algorithm.off_policy_correction / algorithm.tis_cap (or use "
+                          "kind=grpo / ppo)")
+        if a.kl_target is not None:
+            errors.append("algorithm.kl_target adapts the KL penalty of ppo/grpo; kind=dpo's "
+                          "strength is algorithm.dpo_beta: set kl_target=null")
+    est = job.advantage_estimator
+    if est in ("rloo", "reinforce_pp_baseline") and N < 2:
+        errors.append(f"advantage_estimator={est} compares the samples of a prompt with each "
+                      f"other: set batch.n_samples_per_prompt >= 2 (now {N}), or use grpo / "
+                      "reinforce_pp")
+    if a.dynamic_sampling:
+        if N < 2:
+            errors.append("algorithm.dynamic_sampling drops prompts whose samples all got the "
+                          f"same reward: set batch.n_samples_per_prompt >= 2 (now {N})")
+        if job.asynchronous.enabled:
+            errors.append("algorithm.dynamic_sampling refills a batch from further generations "
+                          "scored in the learner's step, which the asynchronous loop does not "
+                          "do: set asynchronous.enabled=false or dynamic_sampling=false")
+    if a.overlong_buffer is not None and a.overlong_buffer > job.rollout.max_new_tokens:
+        errors.append(f"algorithm.overlong_buffer={a.overlong_buffer} is longer than the "
+                      f"generation budget rollout.max_new_tokens={job.rollout.max_new_tokens}; "
+                      f"set overlong_buffer <= {job.rollout.max_new_tokens} (DAPO used 1/5 of "
+                      "it)")
+    if a.kl_estimator in ("k1+", "k3+") and a.kl_in_reward:
+        errors.append(f"algorithm.kl_estimator={a.kl_estimator} changes only the gradient of "
+                      "a KL *loss*; in the reward (kl_in_reward=true) it equals "
+                      f"{a.kl_estimator[:-1]}: set kl_estimator={a.kl_estimator[:-1]} or "
+                      "kl_in_reward=false")
 
 
 def _check_reward_model_jobs(job: JobConfig, errors: list[str]) -> None:

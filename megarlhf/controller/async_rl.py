@@ -30,9 +30,10 @@ How the pieces fit:
   waiting for data) and ``time/rollout_wait`` (the rollout idle, waiting for a sync).
 * **Off-policy losses.** ``algorithm.use_behaviour_logprobs`` (required; validation refuses
   sampling settings whose engine cannot return the log-probs): PPO/GRPO ratios use the
-  rollout engine's log-probs as ``logp_old``. ``algorithm.tis_cap`` adds truncated importance
-  sampling: ``logp_old`` becomes the learner's log-probs at the start of the step and the
-  per-token weight ``min(pi / pi_behaviour, tis_cap)`` corrects from the behaviour policy.
+  rollout engine's log-probs as ``logp_old``. An off-policy correction (``algorithm.tis_cap``,
+  or ``algorithm.off_policy_correction``: token / sequence truncated or masked IS, IcePop;
+  docs/methods.md) makes ``logp_old`` the learner's log-probs at the start of the step and
+  weights each token by the truncated or masked ratio ``pi_old / pi_behaviour``.
   Online DPO (``kind: dpo``) needs no ratio at all and was the most robust to stale data in the
   study: prefer it for large K. The rollout-vs-actor log-prob check runs on batches of staleness
   0 only (a stale batch differs from the learner by design).

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from megarlhf import rl
@@ -35,6 +34,7 @@ class Rollout:
     prompts: list[PromptItem]
     batch: TokenBatch
     responses: list[str]
+    outputs: list | None = None  # the engine's P RolloutOutput (to regroup prompts)
 
     @property
     def sample_prompts(self) -> list[PromptItem]:
@@ -80,7 +80,7 @@ def build_rollout(prompts: list[PromptItem], outputs: list, tokenizer, pad_id: i
     for k in ("response_mask", "logp_behaviour"):
         if k in batch.fields:
             batch.fields[k] = batch.fields[k].float()
-    return Rollout(list(prompts), batch, responses)
+    return Rollout(list(prompts), batch, responses, list(outputs))
 
 
 def minibatches(batch_size: int, minibatch_size: int, epochs: int = 1) -> list[list[int]]:
@@ -104,58 +104,87 @@ def chunks(rows: list[int], size: int) -> list[list[int]]:
     return [rows[k:k + size] for k in range(0, len(rows), size)]
 
 
+def group_minibatches(group_ids, prompts_per_step: int, epochs: int = 1) -> list[list[int]]:
+    """The rows of each optimizer step when groups may differ in size: ``epochs`` passes of
+    ``prompts_per_step`` consecutive whole groups each (groups in order of first appearance).
+    With N consecutive samples per prompt this is ``minibatches(B, prompts_per_step * N)``.
+
+    Raises:
+        ValueError: the number of groups is not a multiple of ``prompts_per_step``.
+    """
+    ids = [int(g) for g in group_ids]
+    rows_of: dict[int, list[int]] = {}
+    for row, g in enumerate(ids):
+        rows_of.setdefault(g, []).append(row)
+    groups = list(rows_of.values())
+    if prompts_per_step < 1 or len(groups) % prompts_per_step:
+        raise ValueError(f"{len(groups)} prompt groups do not split into mini-batches of "
+                         f"{prompts_per_step} prompts")
+    steps = [[r for grp in groups[k:k + prompts_per_step] for r in grp]
+             for k in range(0, len(groups), prompts_per_step)]
+    return [rows for _ in range(epochs) for rows in steps]
+
+
 def compute_advantages(batch: TokenBatch, raw_rewards: Tensor, algo: AlgorithmConfig,
                        estimator: str, group_size: int, *, values: Tensor | None = None,
-                       logp: Tensor | None = None, logp_ref: Tensor | None = None
+                       logp: Tensor | None = None, logp_ref: Tensor | None = None,
+                       kl_coef: float | None = None
                        ) -> tuple[dict[str, Tensor], dict[str, float]]:
     """Reward processing (methods.md 2.2, in order) and advantages (2.3).
 
+    Groups: the batch's ``prompt_index`` field when present (groups of any size, e.g. a prompt
+    that kept only some of its samples), else ``group_size`` consecutive samples per prompt.
+
     Args:
-        batch: the rollout batch (``response_mask``).
-        raw_rewards: ``(B,)`` raw sequence rewards (RM, verifier or their mix).
+        batch: the rollout batch (``response_mask``, optional ``prompt_index``).
+        raw_rewards: ``(B,)`` raw sequence rewards (RM, verifier or their mix, after any length
+            shaping).
         algo: reward processing and advantage settings.
-        estimator: gae | grpo | dr_grpo | rloo | reinforce_pp.
+        estimator: gae | grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline.
         group_size: N samples per prompt (consecutive in the batch).
         values: ``(B, S)`` critic values (gae).
         logp, logp_ref: ``(B, S)`` actor (old) and reference log-probs (KL), optional.
+        kl_coef: the KL coefficient of this step (the adaptive controller's); default
+            ``algo.kl_coef``.
 
     Returns:
         ``(fields, metrics)``: fields ``advantages``, ``returns`` (B, S) and
         ``processed_reward`` (B,); metrics of the reward and KL.
     """
     mask = batch.fields["response_mask"].bool()
+    groups = batch.fields.get("prompt_index")
+    coef = algo.kl_coef if kl_coef is None else kl_coef
     raw = raw_rewards.float()
     kl = None
     if logp is not None and logp_ref is not None:
-        kl = rl.kl_estimate(logp, logp_ref, algo.kl_estimator) * mask
+        kl = rl.kl_estimate(logp, logp_ref, algo.kl_estimator, clamp=algo.kl_clamp) * mask
     if estimator == "rloo":
         seq = rl.clip_rewards(raw, algo.reward_clip)
-        seq_adv = rl.rloo_advantages(seq, mask, group_size)  # (B, S), baseline subtracted
-        seq = seq_adv.gather(1, _last_index(mask)[:, None])[:, 0]
+        seq = rl.rloo_baseline_advantages(seq, group_size, group_ids=groups)
         seq = rl.shrink_negative_rewards(seq, algo.negative_reward_scale)
     else:
+        # Dr.GRPO and REINFORCE++-baseline center without dividing by the std.
         seq = rl.process_rewards(raw, group_size, clip=algo.reward_clip,
                                  normalization=algo.reward_norm,
-                                 scale_by_std=estimator != "dr_grpo",
-                                 eps=algo.reward_norm_eps,
-                                 shrink_alpha=algo.negative_reward_scale)
-    kl_in_reward = kl is not None and algo.kl_in_reward and algo.kl_coef > 0
+                                 scale_by_std=estimator not in ("dr_grpo",
+                                                                "reinforce_pp_baseline"),
+                                 unbiased_std=algo.unbiased_std, eps=algo.reward_norm_eps,
+                                 shrink_alpha=algo.negative_reward_scale, group_ids=groups)
+    kl_in_reward = kl is not None and algo.kl_in_reward and coef > 0
     if estimator == "gae":
         if values is None:
             raise ValueError("advantage_estimator=gae needs the critic's values (kind=ppo)")
-        tok = rl.token_level_rewards(seq, mask, kl=kl if kl_in_reward else None,
-                                     kl_coef=algo.kl_coef)
+        tok = rl.token_level_rewards(seq, mask, kl=kl if kl_in_reward else None, kl_coef=coef)
         adv, ret = rl.gae_advantages(tok, values, mask, gamma=algo.gamma, lam=algo.lam,
                                      whiten_advantages=algo.whiten_advantages)
-    elif estimator == "reinforce_pp":
-        tok = rl.token_level_rewards(seq, mask, kl=kl if kl_in_reward else None,
-                                     kl_coef=algo.kl_coef)
+    elif estimator in ("reinforce_pp", "reinforce_pp_baseline"):
+        tok = rl.token_level_rewards(seq, mask, kl=kl if kl_in_reward else None, kl_coef=coef)
         adv, ret = rl.reinforce_pp_advantages(tok, mask, gamma=algo.gamma)
     elif estimator in ("grpo", "dr_grpo", "rloo"):
         adv = rl.grpo_advantages(seq, mask)
         if kl_in_reward:
             # The KL penalty per token, as a return-to-go added to the broadcast advantage.
-            adv = adv + rl.discounted_returns(-algo.kl_coef * kl, mask, gamma=1.0)
+            adv = adv + rl.discounted_returns(-coef * kl, mask, gamma=1.0)
         if algo.whiten_advantages:
             adv = rl.whiten(adv, mask)
         ret = adv
@@ -170,9 +199,3 @@ def compute_advantages(batch: TokenBatch, raw_rewards: Tensor, algo: AlgorithmCo
         n = mask.sum().clamp(min=1)
         metrics["policy/kl_ref"] = float(kl.sum() / n)
     return {"advantages": adv * mask, "returns": ret * mask, "processed_reward": seq}, metrics
-
-
-def _last_index(mask: Tensor) -> Tensor:
-    """Index of the last True per row (0 for empty rows)."""
-    pos = torch.arange(mask.shape[1]).expand_as(mask)
-    return torch.where(mask, pos, torch.zeros_like(pos)).max(dim=1).values

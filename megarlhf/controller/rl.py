@@ -5,10 +5,15 @@ its result::
 
     rollout = generate(prompts)        N samples per prompt: token ids, texts, behaviour log-probs
     raw     = rewards(rollout)         verifier / code tests / reward model / a weighted mix
+                                       (+ DAPO's overlong shaping)
+    refill(rollout, raw)               DAPO dynamic sampling (optional): drop prompts whose
+                                       samples tie, refill from further generations
     annotate(batch)                    logp_old (+ the rollout-vs-actor log-prob check),
-                                       reference log-probs (KL), critic values (PPO)
+                                       reference log-probs (KL), critic values (PPO),
+                                       off-policy weights (optional)
     advantages(batch, raw)             reward processing + advantages (megarlhf.rl, the driver)
     train(batch, raw)                  actor (+ critic) optimizer steps, or online DPO pairs
+                                       (then the adaptive KL controller's update, optional)
     sync()                             actor -> rollout engine (the resharder, bounded buckets)
 
 Online DPO replaces the policy-gradient update: per prompt the best and the worst sample by
@@ -37,6 +42,7 @@ from megarlhf.controller.experience import (
     build_rollout,
     chunks,
     compute_advantages,
+    group_minibatches,
     minibatches,
 )
 from megarlhf.controller.run import Trainer
@@ -71,6 +77,8 @@ class RLTrainer(Trainer):
         self.temperature = job.rollout.temperature if job.rollout.temperature > 0 else 1.0
         self.roles = ["actor", "critic", "reference", "reward_model"]
         self.history: dict[str, Any] = {"eval": []}  # [[step, held-out accuracy], ...]
+        # The KL coefficient of the next step: fixed, or the adaptive controller's state.
+        self.kl_coef = job.algorithm.kl_coef
         self.reward_fn: RewardComputer | None = None
         # Asynchronous mode: the data position and weight version a save records (AsyncLoop).
         self.position: dict[str, Any] | None = None
@@ -101,7 +109,11 @@ class RLTrainer(Trainer):
         prompts = self.next_prompts()
         with self.session.timer("generate"):
             rollout = self.generate(cl, prompts, step)
-        metrics = self.learn(cl, rollout)
+        with self.session.timer("reward"):
+            scored = self.rewards(cl, rollout)
+        if self.job.algorithm.dynamic_sampling:
+            rollout, scored = self.refill(cl, rollout, scored, step)
+        metrics = self.learn(cl, rollout, scored=scored)
         metrics.update(self.sync(cl))
         metrics.update(self.step_metrics(rollout.batch, time.perf_counter() - t0))
         metrics["rollout/staleness"] = 0.0
@@ -114,17 +126,21 @@ class RLTrainer(Trainer):
             return AsyncLoop(self, cl, start).steps()
         return super().steps(cl, start)
 
-    def learn(self, cl: Cluster, rollout: Rollout, *, check_logprobs: bool = True
-              ) -> dict[str, float]:
-        """The learner's part of a step: rewards, annotations, advantages, updates."""
+    def learn(self, cl: Cluster, rollout: Rollout, *, check_logprobs: bool = True,
+              scored: tuple[torch.Tensor, dict[str, float]] | None = None) -> dict[str, float]:
+        """The learner's part of a step: rewards (unless ``scored`` gives them), annotations,
+        advantages, updates, the KL controller."""
         timer, batch = self.session.timer, rollout.batch
-        with timer("reward"):
-            raw, metrics = self.rewards(cl, rollout)
+        if scored is None:
+            with timer("reward"):
+                scored = self.rewards(cl, rollout)
+        raw, metrics = scored[0], dict(scored[1])
         with timer("logprob"):
             metrics.update(self.annotate(cl, batch, check=check_logprobs))
         metrics.update(self.advantages(batch, raw))
         with timer("train"):
             metrics.update(self.train(cl, batch, raw))
+        metrics.update(self.update_kl_coef(metrics, batch.batch_size))
         # Before the weight sync: broken weights never reach the rollout engine.
         check_finite(metrics, checkpoint_root=self.session.checkpoints.root)
         return metrics
@@ -133,7 +149,8 @@ class RLTrainer(Trainer):
         return {"sampler": len(self.prompts)}
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"sampler": self.position or self.sampler.state_dict(), "history": self.history}
+        state = {"sampler": self.position or self.sampler.state_dict(), "history": self.history,
+                 "kl_coef": self.kl_coef}
         if self.async_state is not None:
             state["asynchronous"] = self.async_state
         return state
@@ -141,6 +158,7 @@ class RLTrainer(Trainer):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
         self.history = state.get("history", self.history)
+        self.kl_coef = state.get("kl_coef", self.kl_coef)
 
     def result(self, last: int, metrics: dict[str, float], hf_dir: str | None
                ) -> dict[str, Any]:
@@ -150,34 +168,98 @@ class RLTrainer(Trainer):
         return out
 
     # ---------------------------------------------------------------- the phases
-    def next_prompts(self) -> list[PromptItem]:
-        """The next ``batch.rollout_prompts_global`` prompts in data order."""
-        return [self.prompts[i] for i in self.sampler.take(self.job.batch.rollout_prompts_global)]
+    def next_prompts(self, count: int | None = None) -> list[PromptItem]:
+        """The next ``count`` (default ``batch.rollout_prompts_global``) prompts in data
+        order."""
+        count = self.job.batch.rollout_prompts_global if count is None else count
+        return [self.prompts[i] for i in self.sampler.take(count)]
 
-    def generate(self, cl: Cluster, prompts: list[PromptItem], step: int) -> Rollout:
-        """N samples per prompt with the sampling (and seed) of step ``step``."""
+    def generate(self, cl: Cluster, prompts: list[PromptItem], step: int,
+                 round: int = 0) -> Rollout:
+        """N samples per prompt with the sampling (and seed) of step ``step`` (and its
+        dynamic-sampling round ``round``)."""
         cl.activate("rollout")
         outs = cl.rollout.generate([p.ids for p in prompts],
-                                   rollout_params(self.job, self.tokenizer, step))
+                                   rollout_params(self.job, self.tokenizer, step, round))
         return build_rollout(prompts, outs, self.tokenizer, pad_id=self.tokenizer.pad_id)
 
     def rewards(self, cl: Cluster, rollout: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
-        """Raw sequence rewards ``(B,)`` and their per-source means."""
+        """Raw sequence rewards ``(B,)`` and their per-source means, shaped by length when
+        ``algorithm.overlong_buffer`` is set (DAPO's soft overlong punishment; the per-source
+        means stay unshaped)."""
         if "reward_model" in cl:
             cl.activate("reward_model")
-        return self.reward_fn(rollout.sample_prompts, rollout.responses)
+        raw, metrics = self.reward_fn(rollout.sample_prompts, rollout.responses)
+        algo = self.job.algorithm
+        if algo.overlong_buffer is not None:
+            pen = rl.overlong_penalty(rollout.batch.fields["response_length"],
+                                      self.job.rollout.max_new_tokens, algo.overlong_buffer,
+                                      factor=algo.overlong_penalty)
+            raw = raw.float() + pen
+            metrics["reward/overlong_penalty_mean"] = float(pen.mean())
+            metrics["reward/overlong_frac"] = float((pen < 0).float().mean())
+        return raw, metrics
+
+    def refill(self, cl: Cluster, rollout: Rollout, scored: tuple[torch.Tensor, dict],
+               step: int) -> tuple[Rollout, tuple[torch.Tensor, dict[str, float]]]:
+        """DAPO dynamic sampling: keep the prompts whose samples did not all get the same
+        reward, and generate further prompts (next in data order) until
+        ``batch.rollout_prompts_global`` are kept or ``algorithm.dynamic_sampling_max_rounds``
+        extra rounds ran; what is still missing is filled with dropped prompts (their advantages
+        are 0: no policy gradient, only the KL / entropy terms).
+
+        An extra round draws ``missing * drawn / kept`` prompts (the kept fraction so far),
+        at most ``rollout_prompts_global``. The reward metrics are over every sample drawn (an
+        unbiased view of the policy); ``rollout/ds_*`` say how many rounds and prompts it took.
+        """
+        want, algo = len(rollout.prompts), self.job.algorithm
+        kept: list[tuple[PromptItem, Any, torch.Tensor]] = []
+        dropped: list[tuple[PromptItem, Any, torch.Tensor]] = []
+        sums: dict[str, float] = {}
+        drawn = samples = rounds = 0
+        while True:
+            raw, m = scored
+            groups = rollout.batch.fields["prompt_index"]
+            informative = rl.informative_groups(raw, group_ids=groups)
+            for p, (item, out) in enumerate(zip(rollout.prompts, rollout.outputs)):
+                rows = (groups == p).nonzero().flatten()
+                (kept if bool(informative[rows].all()) else dropped).append(
+                    (item, out, raw[rows]))
+            n = rollout.batch.batch_size
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v * n
+            drawn, samples, rounds = drawn + len(rollout.prompts), samples + n, rounds + 1
+            missing = want - len(kept)
+            if missing <= 0 or rounds > algo.dynamic_sampling_max_rounds:
+                break
+            count = want if not kept else min(want, -(-missing * drawn // len(kept)))
+            with self.session.timer("generate"):
+                rollout = self.generate(cl, self.next_prompts(count), step, round=rounds)
+            with self.session.timer("reward"):
+                scored = self.rewards(cl, rollout)
+        filled = max(0, want - len(kept))
+        chosen = kept[:want] + dropped[:filled]
+        merged = build_rollout([c[0] for c in chosen], [c[1] for c in chosen], self.tokenizer,
+                               pad_id=self.tokenizer.pad_id)
+        metrics = {k: v / samples for k, v in sums.items()}
+        metrics.update({"rollout/ds_rounds": float(rounds),
+                        "rollout/ds_prompts_drawn": float(drawn),
+                        "rollout/ds_kept_frac": len(kept) / max(drawn, 1),
+                        "rollout/ds_filled_prompts": float(filled)})
+        return merged, (torch.cat([c[2] for c in chosen]), metrics)
 
     def annotate(self, cl: Cluster, batch: TokenBatch, *, check: bool = True
                  ) -> dict[str, float]:
         """``logp_old``, ``logp_ref`` and ``values_old`` into the batch's fields.
 
         ``logp_old`` is the behaviour policy's (the rollout engine's) log-probs with
-        ``algorithm.use_behaviour_logprobs``, except with truncated importance sampling
-        (``algorithm.tis_cap``): then ``logp_old`` is the learner's own log-probs before the
-        update (the proximal policy) and the loss's weight ``min(pi / pi_behaviour, cap)``
-        carries the behaviour correction (with ``logp_old = logp_behaviour`` the ratio and the
-        weight would both apply ``pi / pi_behaviour``). ``check=False`` skips the rollout-vs-actor
-        log-prob check (asynchronous mode: a stale batch differs by design).
+        ``algorithm.use_behaviour_logprobs``, except with an off-policy correction
+        (``algorithm.tis_cap`` / ``off_policy_correction``): then ``logp_old`` is the learner's
+        own log-probs before the update (the proximal policy) and the weights ``is_weights``,
+        computed here once from ``pi_old / pi_behaviour`` (truncated or masked), carry the
+        behaviour correction (with ``logp_old = logp_behaviour`` the ratio and the weight would
+        both apply ``pi / pi_behaviour``). ``check=False`` skips the rollout-vs-actor log-prob
+        check (asynchronous mode: a stale batch differs by design).
 
         Raises:
             RuntimeError: the job trains with behaviour log-probs and the engine returned none
@@ -190,7 +272,8 @@ class RLTrainer(Trainer):
         if needed and behaviour is None:
             raise RuntimeError(f"{needed} trains with the rollout engine's log-probs, but the "
                                "engine returned none for this batch")
-        if job.algorithm.use_behaviour_logprobs and job.algorithm.tis_cap is None:
+        correction = job.algorithm.off_policy()
+        if job.algorithm.use_behaviour_logprobs and correction is None:
             batch.fields["logp_old"] = behaviour
             k = min(job.rollout.logprob_check_samples, batch.batch_size)
             if check and k and job.rollout.logprob_check_action != "off":
@@ -205,6 +288,13 @@ class RLTrainer(Trainer):
             if check and behaviour is not None:
                 metrics.update(self.check_logprobs(behaviour, batch.fields["logp_old"],
                                                    batch.fields["response_mask"].bool()))
+            if correction is not None:
+                lower, upper = job.algorithm.off_policy_bounds()
+                w, m = rl.off_policy_weights(batch.fields["logp_old"], behaviour,
+                                             batch.fields["response_mask"], correction,
+                                             upper=upper, lower=lower)
+                batch.fields["is_weights"] = w
+                metrics.update({f"offpolicy/{k}": float(v) for k, v in m.items()})
         if "reference" in cl:
             cl.activate("reference")
             batch.fields["logp_ref"] = cl["reference"].forward(batch, temperature=T)["logp"]
@@ -218,7 +308,8 @@ class RLTrainer(Trainer):
         f = batch.fields
         fields, metrics = compute_advantages(
             batch, raw, self.job.algorithm, self.job.advantage_estimator, self.N,
-            values=f.get("values_old"), logp=f["logp_old"], logp_ref=f.get("logp_ref"))
+            values=f.get("values_old"), logp=f["logp_old"], logp_ref=f.get("logp_ref"),
+            kl_coef=self.kl_coef)
         f.update({k: v for k, v in fields.items() if v.dim() == 2})
         if "values_old" in f:
             metrics["critic/explained_variance"] = float(rl.explained_variance(
@@ -230,6 +321,17 @@ class RLTrainer(Trainer):
         if self.job.kind == "dpo":
             return self.train_dpo(cl, batch, raw)
         return self.train_policy(cl, batch)
+
+    def update_kl_coef(self, metrics: dict[str, float], samples: int) -> dict[str, float]:
+        """The adaptive KL controller (``algorithm.kl_target``) after a step on ``samples``
+        samples whose KL to the reference was ``metrics["policy/kl_ref"]``; logs the
+        coefficient the step used."""
+        algo = self.job.algorithm
+        used = {"policy/kl_coef": self.kl_coef} if self.kl_coef > 0 else {}
+        if algo.kl_target is not None and "policy/kl_ref" in metrics:
+            self.kl_coef = rl.adaptive_kl_coef(self.kl_coef, metrics["policy/kl_ref"],
+                                               algo.kl_target, algo.kl_horizon, samples)
+        return used
 
     def sync(self, cl: Cluster) -> dict[str, float]:
         """Streams the actor's weights into the rollout engine; its time and bandwidth."""
@@ -248,8 +350,11 @@ class RLTrainer(Trainer):
         lc = float(job.rollout.max_new_tokens) \
             if algo.loss_agg_mode == "seq_mean_token_sum_norm" else None
         actor_m, critic_m = [], []
-        for rows in minibatches(batch.batch_size, job.batch.train_samples_global,
-                                algo.ppo_epochs):
+        groups = batch.fields.get("prompt_index")
+        steps = (group_minibatches(groups.tolist(), job.batch.train_prompts_global,
+                                   algo.ppo_epochs) if groups is not None else
+                 minibatches(batch.batch_size, job.batch.train_samples_global, algo.ppo_epochs))
+        for rows in steps:
             mini = batch.select(rows)
             mask = mini.fields["response_mask"].bool()
             n_tok = float(mask.sum())
@@ -262,20 +367,18 @@ class RLTrainer(Trainer):
                 critic_m.append(dict(r.metrics, grad_norm=r.grad_norm))
             cl.activate("actor")
             r = cl["actor"].train(mini, PolicyLossSpec(
-                normalizer=norm, num_tokens=n_tok, eps_low=algo.clip_eps_low,
-                eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip,
+                normalizer=norm, num_tokens=n_tok, loss_type=algo.policy_loss,
+                eps_low=algo.clip_eps_low, eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip,
                 agg_mode=algo.loss_agg_mode, length_constant=lc, entropy_coef=algo.entropy_coef,
-                kl_coef=0.0 if algo.kl_in_reward else algo.kl_coef,
-                kl_estimator=algo.kl_estimator, tis_cap=algo.tis_cap,
-                temperature=self.temperature))
+                kl_coef=0.0 if algo.kl_in_reward else self.kl_coef,
+                kl_estimator=algo.kl_estimator, kl_clamp=algo.kl_clamp,
+                use_is_weights="is_weights" in mini.fields, temperature=self.temperature))
             actor_m.append(dict(r.metrics, grad_norm=r.grad_norm, lr=r.lr))
         a = _mean_dicts(actor_m)
-        metrics = {f"policy/{k}": a[k] for k in ("loss", "pg_loss", "clip_frac", "approx_kl",
-                                                  "entropy", "ratio_mean", "grad_norm", "lr",
-                                                  "kl_loss") if k in a}
-        for k in ("is_weight_mean", "is_truncated_frac"):  # truncated importance sampling
-            if f"tis_{k}" in a:
-                metrics[f"policy/tis_{k}"] = a[f"tis_{k}"]
+        metrics = {f"policy/{k}": a[k] for k in ("loss", "pg_loss", "clip_frac", "clip_frac_low",
+                                                  "clip_frac_high", "approx_kl", "entropy",
+                                                  "ratio_mean", "grad_norm", "lr", "kl_loss")
+                   if k in a}
         metrics.update({k: v for k, v in a.items() if k.startswith("moe/")})  # router metrics
         if critic_m:
             c = _mean_dicts(critic_m)
@@ -287,7 +390,8 @@ class RLTrainer(Trainer):
 
     def train_dpo(self, cl: Cluster, batch: TokenBatch, raw: torch.Tensor) -> dict[str, float]:
         """Online DPO: best vs worst sample of each prompt, DPO loss against the reference."""
-        chosen, rejected, valid = rl.select_dpo_pairs(raw, self.N)
+        chosen, rejected, valid = rl.select_dpo_pairs(
+            raw, self.N, group_ids=batch.fields.get("prompt_index"))
         idx = [i for c, r, v in zip(chosen.tolist(), rejected.tolist(), valid.tolist()) if v
                for i in (c, r)]
         metrics = {"dpo/valid_pair_frac": float(valid.float().mean())}

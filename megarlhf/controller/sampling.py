@@ -14,6 +14,8 @@ seed from the job's::
     step (0, 1, ...)    the RL rollout of step ``step``: the synchronous and the asynchronous
                         loops alike (batch ``b`` uses ``b``, so asynchronous K = 0 reproduces
                         the synchronous run)
+    step + r * 100_003  extra round ``r >= 1`` of DAPO dynamic sampling at step ``step``
+                        (distinct from every step's own while runs are under 100_003 steps)
     PRM_LABELS = 7      the rollouts that label PRM steps (Math-Shepherd, reward-model jobs)
     RM_DATA = 11        the policy samples labelled by the verifier as reward-model data
     BEST_OF_N = 13      the samples of a best-of-N evaluation
@@ -34,6 +36,7 @@ from megarlhf.config.validate import engine_returns_logprobs
 from megarlhf.rollout.base import SamplingParams
 
 SEED_STRIDE = 1_000_003
+DYNAMIC_ROUND_STRIDE = 100_003
 PRM_LABELS = 7
 RM_DATA = 11
 BEST_OF_N = 13
@@ -64,10 +67,12 @@ def sampling_params(job: JobConfig, tokenizer, *, n: int, offset: int,
                           seed=seed_for(job, offset), logprobs=logprobs)
 
 
-def rollout_params(job: JobConfig, tokenizer, step: int) -> SamplingParams:
-    """The RL rollout of step ``step``: ``batch.n_samples_per_prompt`` samples, with the
-    behaviour log-probs when the engine can return them."""
-    return sampling_params(job, tokenizer, n=job.batch.n_samples_per_prompt, offset=step,
+def rollout_params(job: JobConfig, tokenizer, step: int, round: int = 0) -> SamplingParams:
+    """The RL rollout of step ``step`` (its dynamic-sampling round ``round``; 0 = the step's
+    own): ``batch.n_samples_per_prompt`` samples, with the behaviour log-probs when the engine
+    can return them."""
+    return sampling_params(job, tokenizer, n=job.batch.n_samples_per_prompt,
+                           offset=step + round * DYNAMIC_ROUND_STRIDE,
                            logprobs=engine_returns_logprobs(job))
 
 

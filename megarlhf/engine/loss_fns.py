@@ -12,8 +12,8 @@ global mean. (Maxima are not additive and are not reported here.)
 Batch fields each loss reads (per token ``(B, S)`` aligned with the tokens, per sequence ``(B,)``):
 
 ============  ===============================================================================
-policy        response_mask, advantages, logp_old; logp_ref (kl_coef > 0); logp_behaviour
-              (tis_cap set)
+policy        response_mask, advantages, logp_old; logp_ref (kl_coef > 0); is_weights
+              (use_is_weights: the off-policy weights the driver computed, detached)
 value         response_mask, values_old, returns
 dpo           response_mask, ref_logp_sum (per seq); rows in (chosen, rejected) pairs
 sft           loss_mask
@@ -31,20 +31,22 @@ import torch
 from torch import Tensor
 
 from megarlhf.engine.batch import MicroBatch
-from megarlhf.rl import kl as rl_kl
 from megarlhf.rl import losses as L
 from megarlhf.rl import rm_losses as R
 
 AggMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
-                  "seq_mean_token_sum_norm"]
+                  "seq_mean_token_sum_norm", "token_sum"]
+PolicyLossType = Literal["ppo", "gspo", "gspo_token", "cispo"]
 
 
 @dataclass(frozen=True)
 class PolicyLossSpec:
-    """PPO/GRPO clipped surrogate (+ optional entropy bonus, KL loss, truncated IS)."""
+    """The policy-gradient loss (PPO clip, GSPO, GSPO-token or CISPO; rl.losses), + optional
+    entropy bonus, KL loss, and off-policy weights computed by the driver."""
 
     normalizer: float  # global count for agg_mode (tokens, or sequences for seq_* modes)
     num_tokens: float  # global number of response tokens (metrics)
+    loss_type: PolicyLossType = "ppo"
     eps_low: float = 0.2
     eps_high: float = 0.2
     dual_clip: float | None = None
@@ -52,8 +54,9 @@ class PolicyLossSpec:
     length_constant: float | None = None  # seq_mean_token_sum_norm (Dr.GRPO)
     entropy_coef: float = 0.0
     kl_coef: float = 0.0  # KL to the reference as a loss term (when not in the reward)
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    tis_cap: float | None = None
+    kl_estimator: Literal["k1", "k2", "k3", "k1+", "k3+"] = "k3"
+    kl_clamp: float | None = None  # bound on |logp - logp_ref| before the estimator
+    use_is_weights: bool = False  # multiply the per-token loss by the batch field is_weights
     temperature: float = 1.0
 
 
@@ -107,23 +110,32 @@ def _scaled(metrics: dict[str, Tensor], local: float, total: float,
     return {k: metrics[k].detach().float() * w for k in keys if k in metrics}
 
 
+def _policy_terms(spec: PolicyLossSpec, logp: Tensor, f: dict[str, Tensor], mask: Tensor,
+                  mb: MicroBatch, is_w: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The policy-gradient term of ``spec.loss_type`` and its metrics."""
+    common = dict(is_weights=is_w, agg_mode=spec.agg_mode, normalizer=spec.normalizer,
+                  segment_ids=mb.segment_ids, length_constant=spec.length_constant)
+    if spec.loss_type == "ppo":
+        return L.policy_loss(logp, f["logp_old"], f["advantages"], mask, eps_low=spec.eps_low,
+                             eps_high=spec.eps_high, dual_clip=spec.dual_clip, **common)
+    if spec.loss_type in ("gspo", "gspo_token"):
+        return L.gspo_loss(logp, f["logp_old"], f["advantages"], mask, eps_low=spec.eps_low,
+                           eps_high=spec.eps_high, dual_clip=spec.dual_clip,
+                           token_level=spec.loss_type == "gspo_token", **common)
+    if spec.loss_type == "cispo":
+        return L.cispo_loss(logp, f["logp_old"], f["advantages"], mask, eps_low=spec.eps_low,
+                            eps_high=spec.eps_high, **common)
+    raise ValueError(f"unknown policy loss {spec.loss_type!r}")
+
+
 def _policy(spec: PolicyLossSpec):
     def fn(out: dict[str, Tensor], mb: MicroBatch):
         f = mb.fields
         mask = f["response_mask"].bool()
         logp = out["logp"]
         n_local = float(mask.sum())
-        is_w = None
-        extra: dict[str, Tensor] = {}
-        if spec.tis_cap is not None:
-            is_w, tis_m = L.truncated_is_weights(logp.detach(), f["logp_behaviour"], mask,
-                                                 cap=spec.tis_cap)
-            extra.update({f"tis_{k}": v for k, v in tis_m.items()})
-        loss, m = L.policy_loss(logp, f["logp_old"], f["advantages"], mask,
-                                eps_low=spec.eps_low, eps_high=spec.eps_high,
-                                dual_clip=spec.dual_clip, is_weights=is_w,
-                                agg_mode=spec.agg_mode, normalizer=spec.normalizer,
-                                segment_ids=mb.segment_ids, length_constant=spec.length_constant)
+        is_w = f["is_weights"] if spec.use_is_weights else None
+        loss, m = _policy_terms(spec, logp, f, mask, mb, is_w)
         metrics = _scaled(m, n_local, spec.num_tokens,
                           ("clip_frac", "clip_frac_low", "clip_frac_high", "dual_clip_frac",
                            "approx_kl", "ratio_mean"))
@@ -137,15 +149,12 @@ def _policy(spec: PolicyLossSpec):
             if spec.entropy_coef:
                 total = total - spec.entropy_coef * ent
         if spec.kl_coef:
-            kl = rl_kl.kl_estimate(logp, f["logp_ref"], spec.kl_estimator)
-            kl_term = L.aggregate(kl, mask, spec.agg_mode, spec.normalizer,
-                                  segment_ids=mb.segment_ids,
-                                  length_constant=spec.length_constant)
+            kl_term = L.kl_loss(logp, f["logp_ref"], mask, estimator=spec.kl_estimator,
+                                clamp=spec.kl_clamp, agg_mode=spec.agg_mode,
+                                normalizer=spec.normalizer, segment_ids=mb.segment_ids,
+                                length_constant=spec.length_constant)
             metrics["kl_loss"] = kl_term.detach()
             total = total + spec.kl_coef * kl_term
-        for k in ("tis_is_weight_mean", "tis_is_truncated_frac"):
-            if k in extra:
-                metrics[k] = extra[k].detach().float() * n_local / max(spec.num_tokens, 1.0)
         metrics["loss"] = total.detach()
         return total, metrics
 

@@ -6,6 +6,7 @@ methods.md 2.2 reward processing (:mod:`.rewards`, :mod:`.kl`), 2.3 advantages
 ``segment_ids`` (see :mod:`._segments`). All math runs in fp32 whatever the input dtype.
 """
 
+from megarlhf.rl._groups import group_index, group_sizes
 from megarlhf.rl._segments import broadcast_to_tokens
 from megarlhf.rl.advantages import (
     discounted_returns,
@@ -13,18 +14,24 @@ from megarlhf.rl.advantages import (
     gae_advantages,
     grpo_advantages,
     reinforce_pp_advantages,
+    reinforce_pp_baseline_advantages,
     rloo_advantages,
+    rloo_baseline_advantages,
     whiten,
 )
-from megarlhf.rl.kl import KL_ESTIMATORS, kl_estimate, kl_k1, kl_k2, kl_k3
+from megarlhf.rl.kl import KL_ESTIMATORS, adaptive_kl_coef, kl_estimate, kl_k1, kl_k2, kl_k3
 from megarlhf.rl.losses import (
     AGG_MODES,
+    OFF_POLICY_CORRECTIONS,
     aggregate,
     aggregate_normalizer,
+    cispo_loss,
     dpo_loss,
     entropy_loss,
     explained_variance,
+    gspo_loss,
     kl_loss,
+    off_policy_weights,
     policy_loss,
     select_dpo_pairs,
     sequence_logprobs,
@@ -35,7 +42,9 @@ from megarlhf.rl.rewards import (
     KL_MODES,
     NORMALIZATIONS,
     clip_rewards,
+    informative_groups,
     normalize_rewards,
+    overlong_penalty,
     process_rewards,
     rewards_with_kl,
     shrink_negative_rewards,
@@ -60,14 +69,19 @@ __all__ = [
     # rewards and KL (methods.md 2.2)
     "clip_rewards", "normalize_rewards", "shrink_negative_rewards", "process_rewards",
     "token_level_rewards", "rewards_with_kl", "NORMALIZATIONS", "KL_MODES",
-    "kl_k1", "kl_k2", "kl_k3", "kl_estimate", "KL_ESTIMATORS",
+    "overlong_penalty", "informative_groups",
+    "kl_k1", "kl_k2", "kl_k3", "kl_estimate", "KL_ESTIMATORS", "adaptive_kl_coef",
+    # groups (equal or unequal size)
+    "group_index", "group_sizes",
     # advantages (2.3)
     "gae_advantages", "discounted_returns", "whiten", "grpo_advantages", "dr_grpo_advantages",
-    "rloo_advantages", "reinforce_pp_advantages", "broadcast_to_tokens",
+    "rloo_advantages", "rloo_baseline_advantages", "reinforce_pp_advantages",
+    "reinforce_pp_baseline_advantages", "broadcast_to_tokens",
     # losses (2.4, 3)
-    "aggregate", "aggregate_normalizer", "AGG_MODES", "policy_loss", "value_loss",
-    "explained_variance", "entropy_loss", "kl_loss", "truncated_is_weights",
-    "sequence_logprobs", "dpo_loss", "select_dpo_pairs",
+    "aggregate", "aggregate_normalizer", "AGG_MODES", "policy_loss", "gspo_loss", "cispo_loss",
+    "value_loss", "explained_variance", "entropy_loss", "kl_loss", "truncated_is_weights",
+    "off_policy_weights", "OFF_POLICY_CORRECTIONS", "sequence_logprobs", "dpo_loss",
+    "select_dpo_pairs",
     # reward models (1.1, 1.2)
     "KIND_IGNORE", "KIND_BINARY", "KIND_CHOSEN", "KIND_REJECTED", "bradley_terry_loss",
     "binary_ce_loss", "orm_multitask_loss", "prm_step_loss", "prm_sequence_score",

@@ -7,11 +7,16 @@
 5. KL to the reference folded into per-token rewards, or kept for the loss:
    :func:`rewards_with_kl`.
 
+Before step 2 the raw reward may be shaped by length (DAPO's soft overlong punishment,
+:func:`overlong_penalty`); :func:`informative_groups` is DAPO's dynamic-sampling filter.
+
 :func:`process_rewards` runs steps 2-4; :func:`rewards_with_kl` runs step 5 and places the
 sequence reward on the last valid response token.
 
 Layout: a batch of ``B = P * N`` sequence rewards where the N responses of a prompt are
-consecutive (``r.view(P, N)``). Everything is computed in fp32 whatever the input dtype.
+consecutive (``r.view(P, N)``), or any layout with a group label per reward (``group_ids``:
+groups of unequal size, see :mod:`megarlhf.rl._groups`). Everything is computed in fp32
+whatever the input dtype.
 
 Choice of std: the *population* standard deviation (divide by N) by default, so that a
 normalized group has exactly zero mean and unit variance (up to ``eps``) and N = 1 is defined;
@@ -28,6 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from megarlhf.rl._groups import group_index, group_matrix
 from megarlhf.rl._segments import last_token_index
 from megarlhf.rl.kl import KLEstimator, kl_estimate
 
@@ -55,33 +61,45 @@ def clip_rewards(rewards: Tensor, clip: float | None) -> Tensor:
     return r.clamp(-clip, clip)
 
 
-def _standardize_rows(x: Tensor, scale_by_std: bool, unbiased_std: bool, eps: float) -> Tensor:
-    """Row-wise ``(x - mean) / (std + eps)`` (or ``x - mean``) of a ``(G, N)`` tensor."""
-    mean = x.mean(dim=-1, keepdim=True)  # (G, 1)
-    centered = x - mean
+def _standardize_groups(M: Tensor, valid: Tensor, scale_by_std: bool, unbiased_std: bool,
+                        eps: float) -> Tensor:
+    """Row-wise ``(x - mean) / (std + eps)`` (or ``x - mean``) over the valid slots of a
+    ``(G, n)`` group matrix; 0 at padding and in rows whose valid values are all equal."""
+    n = valid.sum(-1, keepdim=True)  # (G, 1)
+    x = torch.where(valid, M, 0.0)
+    mean = x.sum(-1, keepdim=True) / n.clamp(min=1)  # (G, 1)
+    centered = torch.where(valid, M - mean, 0.0)
     if scale_by_std:
-        n = x.shape[-1]
-        ddof = 1 if (unbiased_std and n > 1) else 0
-        std = (centered.square().sum(-1, keepdim=True) / (n - ddof)).sqrt()
+        ddof = ((n > 1) & unbiased_std).to(M.dtype)
+        std = (centered.square().sum(-1, keepdim=True) / (n - ddof).clamp(min=1)).sqrt()
         centered = centered / (std + eps)
-    constant = (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)) == 0  # (G, 1)
-    return torch.where(constant, torch.zeros_like(centered), centered)
+    hi = torch.where(valid, M, float("-inf")).amax(-1, keepdim=True)
+    lo = torch.where(valid, M, float("inf")).amin(-1, keepdim=True)
+    constant = hi == lo  # (G, 1): a group of one, or all rewards equal
+    return torch.where(constant | ~valid, torch.zeros_like(centered), centered)
 
 
-def normalize_rewards(rewards: Tensor, group_size: int, mode: Normalization = "group", *,
-                      scale_by_std: bool = True, unbiased_std: bool = False,
-                      eps: float = 1e-6) -> Tensor:
+def normalize_rewards(rewards: Tensor, group_size: int | None = None,
+                      mode: Normalization = "group", *, scale_by_std: bool = True,
+                      unbiased_std: bool = False, eps: float = 1e-6,
+                      group_ids: Tensor | None = None) -> Tensor:
     """Group (or batch) normalization, ``r_i = (r_i - mean(r)) / (std(r) + eps)``.
 
     Args:
-        rewards: ``(B,)`` with ``B = P * group_size``, the N responses of a prompt consecutive.
-        group_size: N, responses per prompt.
-        mode: ``"group"``: mean/std over the N responses of each prompt; with N = 1 (where a
-            group's std is 0) it normalizes over the whole batch instead, as methods.md 2.2
-            asks. ``"batch"``: over all B rewards. ``"none"``: unchanged.
+        rewards: ``(B,)`` rewards; with ``group_size`` ``B = P * group_size``, the N responses
+            of a prompt consecutive.
+        group_size: N, responses per prompt (equal groups).
+        mode: ``"group"``: mean/std over the responses of each prompt; when every group has
+            one response (N = 1, where a group's std is 0) it normalizes over the whole batch
+            instead, as methods.md 2.2 asks. ``"batch"``: over all B rewards. ``"none"``:
+            unchanged.
         scale_by_std: False only centers (``r - mean``): Dr.GRPO's "no std division".
-        unbiased_std: divide the variance by N - 1 instead of N (see the module docstring).
+        unbiased_std: divide the variance by n - 1 instead of n (n the group's size; see the
+            module docstring).
         eps: added to the std.
+        group_ids: ``(B,)`` group label of each reward instead of ``group_size``: groups of
+            unequal size, in any order (:mod:`megarlhf.rl._groups`). A group of one response
+            (among larger ones) has no one to compare with and gets 0.
 
     Returns:
         ``(B,)`` fp32. A group whose rewards are all equal gives exactly 0.
@@ -91,15 +109,15 @@ def normalize_rewards(rewards: Tensor, group_size: int, mode: Normalization = "g
     r = rewards.float()
     if r.dim() != 1:
         raise ValueError(f"rewards must be 1-D (B,), got shape {tuple(r.shape)}")
-    if group_size < 1 or r.numel() % group_size:
-        raise ValueError(f"{r.numel()} rewards are not a whole number of groups of "
-                         f"group_size={group_size}")
+    idx, G = group_index(r.numel(), group_size, group_ids, device=r.device)
     if mode == "none" or r.numel() == 0:
         return r
-    if mode == "group" and group_size > 1:
-        return _standardize_rows(r.view(-1, group_size), scale_by_std, unbiased_std,
-                                 eps).reshape(-1)  # (P, N) -> (B,)
-    return _standardize_rows(r.view(1, -1), scale_by_std, unbiased_std, eps).reshape(-1)
+    if mode == "group" and G < r.numel():  # some group has two or more responses
+        M, valid, pos = group_matrix(r, idx, G)  # (G, n_max)
+        return _standardize_groups(M, valid, scale_by_std, unbiased_std, eps)[idx, pos]
+    full = torch.ones(1, r.numel(), dtype=torch.bool, device=r.device)
+    return _standardize_groups(r.view(1, -1), full, scale_by_std, unbiased_std,
+                               eps).reshape(-1)
 
 
 def shrink_negative_rewards(rewards: Tensor, alpha: float) -> Tensor:
@@ -118,10 +136,10 @@ def shrink_negative_rewards(rewards: Tensor, alpha: float) -> Tensor:
     return torch.where(r < 0, alpha * r, r)
 
 
-def process_rewards(rewards: Tensor, group_size: int, *, clip: float | None = None,
-                    normalization: Normalization = "group", scale_by_std: bool = True,
-                    unbiased_std: bool = False, eps: float = 1e-6,
-                    shrink_alpha: float = 1.0) -> Tensor:
+def process_rewards(rewards: Tensor, group_size: int | None = None, *,
+                    clip: float | None = None, normalization: Normalization = "group",
+                    scale_by_std: bool = True, unbiased_std: bool = False, eps: float = 1e-6,
+                    shrink_alpha: float = 1.0, group_ids: Tensor | None = None) -> Tensor:
     """Steps 2-4 of methods.md 2.2: clip, then normalize, then shrink negatives.
 
     Args:
@@ -133,6 +151,7 @@ def process_rewards(rewards: Tensor, group_size: int, *, clip: float | None = No
         unbiased_std: N - 1 in the variance instead of N.
         eps: added to the std.
         shrink_alpha: multiplier of negative rewards after normalization (1 disables it).
+        group_ids: ``(B,)`` group labels instead of ``group_size`` (unequal groups).
 
     Returns:
         ``(B,)`` fp32 processed sequence rewards; for GRPO these are the advantages
@@ -140,8 +159,60 @@ def process_rewards(rewards: Tensor, group_size: int, *, clip: float | None = No
     """
     r = clip_rewards(rewards, clip)
     r = normalize_rewards(r, group_size, normalization, scale_by_std=scale_by_std,
-                          unbiased_std=unbiased_std, eps=eps)
+                          unbiased_std=unbiased_std, eps=eps, group_ids=group_ids)
     return shrink_negative_rewards(r, shrink_alpha)
+
+
+def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, *,
+                     factor: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the raw reward::
+
+        R_len(y) = 0                                  |y| <= L_max - L_buf
+                 = ((L_max - L_buf) - |y|) / L_buf    L_max - L_buf < |y| <= L_max
+                 = -1                                 |y| > L_max
+
+    times ``factor``: a linear ramp from 0 to ``-factor`` over the last ``L_buf`` tokens of the
+    length budget, so a response that runs into the limit (truncated: ``|y| = L_max``) gets the
+    full ``-factor`` and one that ends just inside the buffer a little.
+
+    Args:
+        lengths: ``(B,)`` response lengths in tokens.
+        max_len: ``L_max``, the generation budget (``rollout.max_new_tokens``).
+        buffer: ``L_buf`` in ``[1, L_max]``.
+        factor: the penalty at ``|y| >= L_max`` (>= 0).
+
+    Returns:
+        ``(B,)`` fp32, in ``[-factor, 0]``.
+    """
+    if not 1 <= buffer <= max_len:
+        raise ValueError(f"overlong buffer must be in [1, max_len={max_len}], got {buffer}")
+    if factor < 0:
+        raise ValueError(f"overlong penalty factor must be >= 0, got {factor}")
+    excess = (lengths.float() - (max_len - buffer)).clamp(min=0.0)  # tokens into the buffer
+    return -factor * (excess / buffer).clamp(max=1.0)
+
+
+def informative_groups(rewards: Tensor, group_size: int | None = None, *,
+                       group_ids: Tensor | None = None) -> Tensor:
+    """DAPO's dynamic-sampling filter: which prompts' responses did not all get the same reward.
+
+    A group whose rewards are all equal has zero advantage under every group-relative
+    estimator (GRPO, Dr.GRPO, RLOO, REINFORCE++-baseline) and gives no policy gradient.
+
+    Args:
+        rewards: ``(B,)`` rewards, grouped as :func:`normalize_rewards`.
+        group_size, group_ids: the groups (:mod:`megarlhf.rl._groups`).
+
+    Returns:
+        ``(B,)`` bool: True on every response of a group with two or more distinct rewards.
+    """
+    r = rewards.float()
+    idx, G = group_index(r.numel(), group_size, group_ids, device=r.device)
+    if r.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool, device=r.device)
+    hi = torch.full((G,), float("-inf"), device=r.device).scatter_reduce(0, idx, r, "amax")
+    lo = torch.full((G,), float("inf"), device=r.device).scatter_reduce(0, idx, r, "amin")
+    return (hi > lo)[idx]
 
 
 def token_level_rewards(seq_rewards: Tensor, mask: Tensor, *, kl: Tensor | None = None,
@@ -207,5 +278,6 @@ def rewards_with_kl(seq_rewards: Tensor, mask: Tensor, logp: Tensor, logp_ref: T
 
 __all__ = [
     "NORMALIZATIONS", "KL_MODES", "clip_rewards", "normalize_rewards", "shrink_negative_rewards",
-    "process_rewards", "token_level_rewards", "rewards_with_kl",
+    "process_rewards", "token_level_rewards", "rewards_with_kl", "overlong_penalty",
+    "informative_groups",
 ]

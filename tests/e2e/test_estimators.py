@@ -77,7 +77,7 @@ def test_estimator_runs_and_logs_sensible_metrics(demo_run, tmp_path, name):
             assert r["critic/value_loss"] > 0 and r["critic/grad_norm"] > 0
             assert r["critic/explained_variance"] <= 1
         if "tis_cap" in algorithm:
-            assert 0 < r["policy/tis_is_weight_mean"] <= algorithm["tis_cap"]
-            assert 0 <= r["policy/tis_is_truncated_frac"] <= 1
+            assert 0 < r["offpolicy/weight_mean"] <= algorithm["tis_cap"]
+            assert 0 <= r["offpolicy/truncated_frac"] <= 1
         else:
-            assert "policy/tis_is_weight_mean" not in r
+            assert "offpolicy/weight_mean" not in r

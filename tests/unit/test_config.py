@@ -356,6 +356,8 @@ def test_vllm_of_another_version_is_refused(monkeypatch):
 @pytest.mark.parametrize("needs", [{"asynchronous.enabled": True, "cluster.placement": "split",
                                     "algorithm.use_behaviour_logprobs": True},
                                    {"algorithm.tis_cap": 2.0},
+                                   {"algorithm.off_policy_correction": "icepop"},
+                                   {"algorithm.off_policy_correction": "seq_mis"},
                                    {"algorithm.use_behaviour_logprobs": True}])
 def test_behaviour_logprobs_need_sampling_the_engine_can_return_them_for(needs):
     """If this fails, an async / tis_cap / use_behaviour_logprobs run starts with sampling
@@ -387,5 +389,72 @@ def test_sampling_parameters_and_documented_seeds():
     assert (S.PRM_LABELS, S.RM_DATA, S.BEST_OF_N) == (7, 11, 13)
     vllm = build(job(seed=7, **{"rollout.engine": "vllm", "rollout.top_k": 5}))
     assert not S.rollout_params(vllm, Tok(), step=0).logprobs
+    # Dynamic sampling's extra rounds: their own seeds, distinct from every step's.
+    assert S.rollout_params(j, Tok(), step=3, round=2).seed == 7 * 1_000_003 + 3 + 2 * 100_003
     g = S.greedy_params(j, Tok())
     assert g.greedy and g.seed is None and g.stop_token_ids == (2,)
+
+
+@pytest.mark.parametrize("over,needles", [
+    ({"algorithm.policy_loss": "gspo"},
+     ["policy_loss=gspo", "loss_agg_mode=seq_mean_token_mean"]),
+    ({"algorithm.policy_loss": "cispo", "algorithm.dual_clip": 3.0},
+     ["dual_clip", "policy_loss=cispo", "dual_clip=null"]),
+    ({"kind": "dpo", "algorithm.policy_loss": "cispo"}, ["kind=dpo", "policy_loss=cispo"]),
+    ({"kind": "dpo", "algorithm.off_policy_correction": "token_tis"},
+     ["kind=dpo", "off_policy_correction"]),
+    ({"kind": "dpo", "algorithm.kl_target": 0.1, "algorithm.kl_coef": 0.1},
+     ["kl_target", "dpo_beta"]),
+    ({"algorithm.tis_cap": 2.0, "algorithm.off_policy_correction": "seq_tis"},
+     ["tis_cap", "off_policy_correction", "give one"]),
+    ({"algorithm.is_upper": 3.0}, ["is_upper", "set algorithm.off_policy_correction"]),
+    ({"algorithm.off_policy_correction": "seq_tis", "algorithm.is_lower": 0.5},
+     ["is_lower applies to the masked corrections", "remove is_lower"]),
+    ({"algorithm.off_policy_correction": "token_mis", "algorithm.is_lower": 3.0},
+     ["is_lower=3.0", "[0, is_upper=2.0)"]),
+    ({"algorithm.kl_target": 0.1}, ["kl_target", "kl_coef > 0"]),
+    ({"algorithm.kl_target": -1.0, "algorithm.kl_coef": 0.1}, ["kl_target must be > 0"]),
+    ({"algorithm.kl_horizon": 0}, ["kl_horizon must be >= 1"]),
+    ({"algorithm.kl_clamp": 0.0}, ["kl_clamp must be > 0"]),
+    ({"algorithm.kl_estimator": "k3+", "algorithm.kl_in_reward": True, "algorithm.kl_coef": 0.1},
+     ["kl_estimator=k3+", "kl_estimator=k3 or kl_in_reward=false"]),
+    ({"algorithm.kl_estimator": "k4"}, ["algorithm.kl_estimator", "k3"]),
+    ({"algorithm.overlong_buffer": 300}, ["overlong_buffer=300", "max_new_tokens=256"]),
+    ({"algorithm.overlong_buffer": 0}, ["overlong_buffer must be >= 1"]),
+    ({"algorithm.overlong_penalty": -1.0}, ["overlong_penalty must be >= 0"]),
+    ({"algorithm.dynamic_sampling": True, "batch.n_samples_per_prompt": 1},
+     ["dynamic_sampling", "n_samples_per_prompt >= 2"]),
+    ({"algorithm.dynamic_sampling": True, "asynchronous.enabled": True,
+      "cluster.placement": "split", "algorithm.use_behaviour_logprobs": True},
+     ["dynamic_sampling", "asynchronous.enabled=false or dynamic_sampling=false"]),
+    ({"algorithm.dynamic_sampling_max_rounds": -1}, ["dynamic_sampling_max_rounds"]),
+    ({"algorithm.advantage_estimator": "reinforce_pp_baseline", "batch.n_samples_per_prompt": 1},
+     ["reinforce_pp_baseline", "n_samples_per_prompt >= 2"]),
+    ({"algorithm.advantage_estimator": "rloo", "batch.n_samples_per_prompt": 1},
+     ["rloo", "n_samples_per_prompt >= 2"]),
+    ({"algorithm.loss_agg_mode": "token_summ"}, ["did you mean 'token_sum'"]),
+])
+def test_policy_method_rules(over, needles):
+    """If this fails, a policy-optimisation method's setting that cannot work (or a
+    combination of them) starts a run instead of being refused with the field and the fix."""
+    rejects(job(**over), *needles)
+
+
+@pytest.mark.parametrize("over", [
+    {"algorithm.policy_loss": "gspo", "algorithm.loss_agg_mode": "seq_mean_token_mean",
+     "algorithm.clip_eps_low": 3e-4, "algorithm.clip_eps_high": 4e-4},
+    {"algorithm.policy_loss": "gspo_token"},
+    {"algorithm.policy_loss": "cispo", "algorithm.clip_eps_low": 1.0,
+     "algorithm.clip_eps_high": 4.0},
+    {"algorithm.off_policy_correction": "icepop", "algorithm.is_lower": 0.4},
+    {"algorithm.off_policy_correction": "seq_mis", "algorithm.is_upper": 4.0,
+     "algorithm.is_lower": 0.25},
+    {"algorithm.advantage_estimator": "reinforce_pp_baseline", "algorithm.unbiased_std": True},
+    {"algorithm.kl_coef": 0.01, "algorithm.kl_target": 0.05, "algorithm.kl_horizon": 1000,
+     "algorithm.kl_estimator": "k3+", "algorithm.kl_clamp": 10.0},
+    {"algorithm.loss_agg_mode": "token_sum"},
+    {"algorithm.dynamic_sampling": True, "algorithm.overlong_buffer": 64},
+])
+def test_policy_methods_build(over):
+    """If this fails, a documented method's configuration is refused."""
+    build(job(**over))

@@ -108,3 +108,39 @@ def test_pairwise_specs_sum_to_global(split):
     want, wm = R.orm_multitask_loss(scores, b.fields["kind"], b.fields["label"])
     assert loss == pytest.approx(float(want), abs=1e-6)
     assert m["pair_accuracy"] == pytest.approx(float(wm["pair_accuracy"]), abs=1e-6)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("loss_type,agg", [("gspo", "seq_mean_token_mean"),
+                                           ("gspo_token", "token_mean"),
+                                           ("cispo", "token_mean"), ("ppo", "token_sum")])
+def test_policy_loss_types_with_is_weights_sum_to_global(split, loss_type, agg):
+    """If this fails, GSPO / GSPO-token / CISPO (or token_sum aggregation), with off-policy
+    weights and a KL loss by k3+, depend on the micro-batching or packing (GSPO's sequence
+    ratio must see whole sequences)."""
+    b = _batch(1)
+    mask = b.fields["response_mask"].bool()
+    g = torch.Generator().manual_seed(5)
+    b.fields["is_weights"] = torch.rand(mask.shape, generator=g) * mask
+    b.fields["logp_ref"] = b.fields["logp_old"] + 0.1
+    n = float(mask.sum())
+    norm = float(L.aggregate_normalizer(mask, agg))
+    spec = PolicyLossSpec(normalizer=norm, num_tokens=n, loss_type=loss_type, eps_low=0.1,
+                          eps_high=0.15, agg_mode=agg, use_is_weights=True, kl_coef=0.3,
+                          kl_estimator="k3+", kl_clamp=5.0)
+    loss, m = _run(spec, b, **split)
+    kw = dict(is_weights=b.fields["is_weights"], agg_mode=agg)
+    args = (b.fields["logp"], b.fields["logp_old"], b.fields["advantages"], mask)
+    if loss_type == "ppo":
+        pg, pm = L.policy_loss(*args, eps_low=0.1, eps_high=0.15, **kw)
+    elif loss_type == "cispo":
+        pg, pm = L.cispo_loss(*args, eps_low=0.1, eps_high=0.15, **kw)
+    else:
+        pg, pm = L.gspo_loss(*args, eps_low=0.1, eps_high=0.15,
+                             token_level=loss_type == "gspo_token", **kw)
+    kl = L.kl_loss(b.fields["logp"], b.fields["logp_ref"], mask, estimator="k3+", clamp=5.0,
+                   agg_mode=agg)
+    assert loss == pytest.approx(float(pg + 0.3 * kl), abs=1e-5)
+    assert m["pg_loss"] == pytest.approx(float(pg), abs=1e-5)
+    assert m["clip_frac"] == pytest.approx(float(pm["clip_frac"]), abs=1e-6)
+    assert m["ratio_mean"] == pytest.approx(float(pm["ratio_mean"]), abs=1e-6)

@@ -182,6 +182,7 @@ def _rl_job(**over):
 def _trainer(job):
     t = RLTrainer.__new__(RLTrainer)  # the phases alone: no tokenizer, data or session
     t.job, t.N, t.temperature = job, job.batch.n_samples_per_prompt, 1.0
+    t.kl_coef = job.algorithm.kl_coef
     t.session = SimpleNamespace(log_line=lambda line: None)
     return t
 
@@ -281,3 +282,201 @@ def test_logp_old_is_the_behaviour_policys_when_asked_and_never_a_stand_in():
     assert calls == [("forward", 4)] and torch.equal(batch.fields["logp_old"], lp)
     with pytest.raises(RuntimeError, match="tis_cap"):
         _annotated(job, None)
+
+
+# ------------------------------------------------------------------ methods of docs/methods.md
+def test_compute_advantages_uses_the_batchs_groups_of_any_size():
+    """If this fails, the driver's advantages assume N consecutive samples per prompt when the
+    batch says otherwise (a prompt that kept only some samples)."""
+    prompt_index = torch.tensor([0, 0, 0, 1])  # 3 samples of prompt 0, 1 of prompt 1
+    a = AlgorithmConfig(reward_norm_eps=1e-12)
+    batch = _batch(prompt_index=prompt_index)
+    fields, _ = compute_advantages(batch, RAW, a, "grpo", 2)
+    r = RAW[:3]
+    want = ((r - r.mean()) / r.std(unbiased=False)).tolist() + [0.0]  # a group of one: 0
+    torch.testing.assert_close(fields["advantages"], _per_row(want))
+    fields, _ = compute_advantages(batch, RAW, a, "rloo", 2)
+    want = [1.0 - 1.0, 0.0 - 1.5, 2.0 - 0.5, 0.0]
+    torch.testing.assert_close(fields["advantages"], _per_row(want))
+
+
+def test_reinforce_pp_baseline_unbiased_std_and_kl_coef_override():
+    """If this fails, REINFORCE++-baseline, unbiased_std or the adaptive controller's KL
+    coefficient do not reach the advantages."""
+    fields, _ = _adv("reinforce_pp_baseline")
+    # Group means subtracted (no std): [0.5, -0.5, 0, 0], returns-to-go then batch whitening.
+    g = _per_row([0.5, -0.5, 0.0, 0.0])
+    v = g[MASK.bool()]
+    want = (g - v.mean()) / torch.sqrt(v.var(unbiased=False) + 1e-8) * MASK
+    torch.testing.assert_close(fields["advantages"], want, atol=1e-6, rtol=0)
+    f1, _ = _adv("grpo", unbiased_std=True)
+    torch.testing.assert_close(f1["advantages"], _per_row([1, -1, 0, 0]) / math.sqrt(2))
+    a = AlgorithmConfig(reward_norm_eps=1e-12, kl_coef=0.5, kl_in_reward=True,
+                        kl_estimator="k1")
+    kw = dict(logp=torch.full((4, 4), 0.1), logp_ref=torch.zeros(4, 4))
+    f2, _ = compute_advantages(_batch(), RAW, a, "grpo", 2, kl_coef=0.0, **kw)
+    torch.testing.assert_close(f2["advantages"], _per_row([1.0, -1.0, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("algo", [{"tis_cap": 2.0},
+                                  {"off_policy_correction": "seq_tis", "is_upper": 3.0},
+                                  {"off_policy_correction": "token_mis"},
+                                  {"off_policy_correction": "seq_mis", "is_lower": 0.5},
+                                  {"off_policy_correction": "icepop"}])
+def test_annotate_computes_off_policy_weights_from_the_proximal_policy(algo):
+    """If this fails, an off-policy correction weights with the wrong log-probs (they must be
+    the learner's before the update vs the engine's), the wrong bounds, or logs nothing."""
+    grpo = {"kind": "grpo", "critic": None,
+            "algorithm": {"kl_coef": 0.0, "track_kl": False, "use_behaviour_logprobs": True,
+                          **algo}}
+    job = _rl_job(**grpo)
+    beh = torch.full((4, 4), -0.5) + 0.3 * MASK * torch.tensor([1.0, -1.0, 2.0, 0.0])[:, None]
+    batch, m, calls = _annotated(job, beh)
+    assert calls == [("forward", 4)]  # the learner scores the whole batch: logp_old
+    torch.testing.assert_close(batch.fields["logp_old"], torch.full((4, 4), -0.5))
+    corr = job.algorithm.off_policy()
+    lower, upper = job.algorithm.off_policy_bounds()
+    from megarlhf.rl import off_policy_weights
+
+    want, _ = off_policy_weights(torch.full((4, 4), -0.5), beh, MASK, corr, upper=upper,
+                                 lower=lower)
+    torch.testing.assert_close(batch.fields["is_weights"], want)
+    for k in ("weight_mean", "weight_std", "masked_frac", "truncated_frac", "ratio_max",
+              "mismatch_kl"):
+        assert f"offpolicy/{k}" in m
+    assert (job.algorithm.off_policy_bounds() == (0.5, 5.0)) == (corr == "icepop")
+
+
+def test_policy_update_passes_the_method_and_slices_unequal_groups():
+    """If this fails, the actor trains with another policy loss than configured, without the
+    off-policy weights, with a stale KL coefficient, or splits a prompt's samples over
+    optimizer steps."""
+    job = _rl_job(kind="grpo", critic=None, algorithm={
+        "ppo_epochs": 1, "kl_coef": 0.1, "kl_in_reward": False, "policy_loss": "cispo",
+        "loss_agg_mode": "token_sum", "kl_estimator": "k3+"})
+    B, S = 7, 4
+    mask = torch.ones(B, S)
+    groups = torch.tensor([0, 0, 0, 1, 2, 2, 3])  # 4 prompts, 2 per step
+    batch = TokenBatch(torch.ones(B, S, dtype=torch.long), torch.ones(B, S, dtype=torch.bool),
+                       {"response_mask": mask, "row": torch.arange(B), "prompt_index": groups,
+                        "is_weights": torch.ones(B, S)})
+    cl = FakeCluster(actor=FakeGroup("actor"))
+    t = _trainer(job)
+    t.kl_coef = 0.37  # the adaptive controller's current value
+    t.train_policy(cl, batch)
+    assert [rows for rows, _ in cl["actor"].calls] == [[0, 1, 2, 3], [4, 5, 6]]
+    for _, spec in cl["actor"].calls:
+        assert spec.loss_type == "cispo" and spec.use_is_weights and spec.kl_coef == 0.37
+        assert spec.agg_mode == "token_sum" and spec.kl_estimator == "k3+"
+
+
+def test_group_minibatches():
+    """If this fails, optimizer steps no longer hold whole prompt groups of any size."""
+    from megarlhf.controller.experience import group_minibatches
+
+    assert group_minibatches([5, 5, 1, 1, 1, 9, 2], 2, epochs=2) == \
+        [[0, 1, 2, 3, 4], [5, 6]] * 2
+    assert group_minibatches(list(torch.arange(8) // 2), 2) == minibatches(8, 4)
+    with pytest.raises(ValueError, match="3 prompt groups"):
+        group_minibatches([0, 1, 2], 2)
+
+
+def test_adaptive_kl_coefficient_updates_logs_and_is_saved():
+    """If this fails, the adaptive KL controller does not follow the measured KL, the step does
+    not log the coefficient it used, or a resumed run restarts from the initial one."""
+    job = _rl_job(kind="grpo", critic=None,
+                  algorithm={"kl_coef": 0.1, "kl_target": 0.05, "kl_horizon": 100})
+    t = _trainer(job)
+    m = t.update_kl_coef({"policy/kl_ref": 1.0}, samples=10)
+    assert m == {"policy/kl_coef": 0.1} and t.kl_coef == pytest.approx(0.1 * 1.02)
+    t.kl_coef = 0.2
+    t.sampler, t.position, t.async_state, t.history = SimpleNamespace(
+        state_dict=lambda: {}, load_state_dict=lambda s: None), None, None, {"eval": []}
+    state = t.state_dict()
+    t2 = _trainer(job)
+    t2.sampler, t2.history = t.sampler, {}
+    t2.load_state_dict(state)
+    assert t2.kl_coef == 0.2
+    fixed = _trainer(_rl_job(kind="grpo", critic=None, algorithm={"kl_coef": 0.1}))
+    fixed.update_kl_coef({"policy/kl_ref": 1.0}, samples=10)
+    assert fixed.kl_coef == 0.1
+
+
+def _scripted_trainer(job, rewards_of_prompt):
+    """A trainer whose generation gives each prompt 2 samples and whose rewards are scripted
+    per prompt (prompt ids [p])."""
+    from megarlhf.observability import PhaseTimer
+
+    t = _trainer(job)
+    t.tokenizer = Tok()
+    t.session = SimpleNamespace(log_line=lambda line: None, timer=PhaseTimer())
+    queue = [PromptItem(ids=[p]) for p in range(100)]
+    t.drawn, t.rounds = [], []
+
+    def next_prompts(count=None):
+        out = [queue.pop(0) for _ in range(count)]
+        t.drawn.append([p.ids[0] for p in out])
+        return out
+
+    def generate(cl, prompts, step, round=0):
+        t.rounds.append(round)
+        outs = [RolloutOutput(tuple(p.ids), (Sample((7, p.ids[0]), None, "stop"),
+                                              Sample((8, p.ids[0]), None, "stop")))
+                for p in prompts]
+        return build_rollout(prompts, outs, Tok())
+
+    def rewards(cl, rollout):
+        r = torch.tensor([rewards_of_prompt[p.ids[0]][i % 2]
+                          for i, p in enumerate(rollout.sample_prompts)])
+        return r, {"reward/math_mean": float(r.mean())}
+
+    t.next_prompts, t.generate, t.rewards = next_prompts, generate, rewards
+    return t
+
+
+def test_dynamic_sampling_refills_from_further_generations():
+    """If this fails, DAPO dynamic sampling keeps tied prompts, does not refill from the next
+    prompts with the round's own seed, does not stop after its rounds, or logs wrong counts."""
+    tied, mixed = (1.0, 1.0), (1.0, 0.0)
+    script = {0: tied, 1: mixed, 2: tied, 3: mixed, 4: tied, 5: mixed, 6: tied, 7: tied,
+              8: tied}
+    job = _rl_job(kind="grpo", critic=None, batch={"rollout_prompts_global": 3,
+                                                   "train_prompts_global": 3},
+                  algorithm={"dynamic_sampling": True, "dynamic_sampling_max_rounds": 2})
+    t = _scripted_trainer(job, script)
+    first = t.generate(None, t.next_prompts(3), 5)
+    merged, (raw, m) = t.refill(None, first, t.rewards(None, first), 5)
+    # Round 1 keeps prompt 1 of 3; the kept fraction 1/3 asks for 2 * 3 = 6 -> capped at 3.
+    assert t.drawn == [[0, 1, 2], [3, 4, 5]] and t.rounds == [0, 1]
+    assert [p.ids[0] for p in merged.prompts] == [1, 3, 5]
+    assert raw.tolist() == [1.0, 0.0] * 3
+    assert merged.batch.fields["prompt_index"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert m["rollout/ds_rounds"] == 2 and m["rollout/ds_prompts_drawn"] == 6
+    assert m["rollout/ds_kept_frac"] == 0.5 and m["rollout/ds_filled_prompts"] == 0
+    assert m["reward/math_mean"] == pytest.approx(9 / 12)  # over all 12 samples drawn
+
+    # Out of rounds: what is missing is filled with dropped (tied) prompts.
+    job0 = _rl_job(kind="grpo", critic=None, batch={"rollout_prompts_global": 3,
+                                                    "train_prompts_global": 3},
+                   algorithm={"dynamic_sampling": True, "dynamic_sampling_max_rounds": 0})
+    t = _scripted_trainer(job0, script)
+    first = t.generate(None, t.next_prompts(3), 0)
+    merged, (raw, m) = t.refill(None, first, t.rewards(None, first), 0)
+    assert [p.ids[0] for p in merged.prompts] == [1, 0, 2] and t.rounds == [0]
+    assert m["rollout/ds_filled_prompts"] == 2 and m["rollout/ds_rounds"] == 1
+
+
+def test_overlong_shaping_of_the_raw_reward():
+    """If this fails, DAPO's soft overlong punishment does not reach the reward the advantages
+    are computed from, or its metrics are missing."""
+    job = _rl_job(kind="grpo", critic=None, rollout={"max_new_tokens": 4},
+                  algorithm={"overlong_buffer": 2, "overlong_penalty": 0.5})
+    t = _trainer(job)
+    t.reward_fn = lambda prompts, responses: (torch.ones(len(responses)), {})
+    lengths = [[1] * 2, [1] * 3, [1] * 4, [1]]
+    outs = [RolloutOutput((5,), tuple(Sample(tuple(ids), None, "stop") for ids in lengths))]
+    rollout = build_rollout([PromptItem(ids=[5])], outs, Tok())
+    raw, m = t.rewards(FakeCluster(), rollout)
+    torch.testing.assert_close(raw, torch.tensor([1.0, 0.75, 0.5, 1.0]))
+    assert m["reward/overlong_frac"] == 0.5
+    assert m["reward/overlong_penalty_mean"] == pytest.approx(-0.75 / 4)

@@ -35,6 +35,8 @@ def test_aggregate_modes_hand_values():
     assert aggregate(VALUES, MASK, "seq_mean_token_sum").item() == pytest.approx((6 + 4) / 2)
     assert aggregate(VALUES, MASK, "seq_mean_token_sum_norm", length_constant=4).item() == \
         pytest.approx((6 / 4 + 4 / 4) / 2)
+    assert aggregate(VALUES, MASK, "token_sum").item() == pytest.approx(10)
+    assert aggregate(VALUES, MASK, "token_sum", normalizer=7).item() == pytest.approx(10)
     with pytest.raises(ValueError, match="length_constant"):
         aggregate(VALUES, MASK, "seq_mean_token_sum_norm")
     with pytest.raises(ValueError, match="token_mean"):
@@ -75,6 +77,9 @@ def test_aggregate_contract_microbatches_sum_to_global(mode):
     total.backward()
     torch.testing.assert_close(total, full)
     torch.testing.assert_close(x.grad, grad_full)
+    if mode == "token_sum":  # no denominator: the normalizer (one per piece) is ignored
+        assert int(normalizer) == len(pieces)
+        return
     expected_norm = mask.sum() if mode == "token_mean" else (mask.sum(1) > 0).sum()
     assert int(normalizer) == int(expected_norm)
 
