@@ -181,7 +181,9 @@ class RoleWorker:
                         tp_rank=c.tp_rank, pp_rank=c.pp_rank, cp_rank=c.cp_rank,
                         is_output_rank=c.is_output_rank,
                         node_ip=ray.util.get_node_ip_address(), pid=os.getpid(),
-                        devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+                        devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                        node_id=ray.get_runtime_context().get_node_id(),
+                        rendezvous=f"{master_addr}:{master_port}")
 
     # ------------------------------------------------------------------ compute
     @register(Dispatch.DP_SPLIT, Collect.DP_CONCAT, split=("batch",))

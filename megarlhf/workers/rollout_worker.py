@@ -168,7 +168,8 @@ class RolloutWorker:
 
         return RankInfo(rank=self.replica, dp_rank=self.replica, dp_size=-1,
                         node_ip=ray.util.get_node_ip_address(), pid=os.getpid(),
-                        devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+                        devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                        node_id=ray.get_runtime_context().get_node_id())
 
     @register(Dispatch.ONE_TO_ALL, Collect.RANK0)
     def weight_manifest(self):

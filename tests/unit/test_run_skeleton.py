@@ -37,6 +37,9 @@ class FakeGroup:
 
 
 class FakeCluster(dict):
+    def describe(self):
+        return "n0 -> this process"
+
     def __enter__(self):
         return self
 
