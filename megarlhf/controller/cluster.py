@@ -177,25 +177,10 @@ class Cluster:
 
     def node_lost_error(self, lost: list[str], *, during: str, resume_hint: str
                         ) -> NodeLostError:
-        """The error that ends a run after ``lost`` nodes left: each node with the logical node
-        it was, its address and the roles and ranks it held; then ``resume_hint``."""
-        held = self.held_by_node()
-        logical = {n.node_id: (k, n) for k, n in self.placement.nodes.items()} \
-            if self.placement else {}
-        lines = []
-        for nid in lost:
-            k, n = logical.get(nid, (None, None))
-            name = f"Ray node {nid[:8]}" + (f" ({n.address}, placement node n{k})" if n else "")
-            roles = held.get(nid, {})
-            what = "; ".join(
-                f"{role} {'replica' if role == 'rollout' else 'rank'}"
-                f"{'s' if len(ranks) > 1 else ''} {format_runs(sorted(ranks))}"
-                for role, ranks in roles.items()) or "no rank of this job"
-            lines.append(f"  {name}: {what}")
-        head = (f"lost {len(lost)} Ray node{'s' if len(lost) > 1 else ''} {during}; the run "
-                "stopped (the surviving ranks cannot continue without their peers):")
-        return NodeLostError("\n".join([head, *lines, resume_hint]), nodes=lost,
-                             held={nid: held.get(nid, {}) for nid in lost})
+        """The error that ends a run after ``lost`` nodes left (:func:`node_lost_error`)."""
+        return node_lost_error(lost, self.held_by_node(),
+                               self.placement.nodes if self.placement else {},
+                               during=during, resume_hint=resume_hint)
 
     # -- teardown ----------------------------------------------------------------------------
     def shutdown(self) -> None:
@@ -215,6 +200,29 @@ class Cluster:
         if placement is not None:
             placement.release()
             self.placement = None
+
+
+def node_lost_error(lost: list[str], held: dict[str, dict[str, list[int]]],
+                    nodes: dict[int, NodeSlots], *, during: str, resume_hint: str
+                    ) -> NodeLostError:
+    """The error that ends a run after the Ray nodes ``lost`` left: each with the placement
+    node it was (``nodes``: logical node -> Ray node), its address, and the roles and ranks
+    (rollout: replicas) it held (``held``: Ray node id -> {role: ranks}); then
+    ``resume_hint``."""
+    logical = {n.node_id: (k, n) for k, n in nodes.items()}
+    lines = []
+    for nid in lost:
+        k, n = logical.get(nid, (None, None))
+        name = f"Ray node {nid[:8]}" + (f" ({n.address}, placement node n{k})" if n else "")
+        what = "; ".join(
+            f"{role} {'replica' if role == 'rollout' else 'rank'}"
+            f"{'s' if len(ranks) > 1 else ''} {format_runs(sorted(ranks))}"
+            for role, ranks in held.get(nid, {}).items()) or "no rank of this job"
+        lines.append(f"  {name}: {what}")
+    head = (f"lost {len(lost)} Ray node{'s' if len(lost) > 1 else ''} {during}; the run "
+            "stopped (the surviving ranks cannot continue without their peers):")
+    return NodeLostError("\n".join([head, *lines, resume_hint]), nodes=lost,
+                         held={nid: held.get(nid, {}) for nid in lost})
 
 
 def slot_resource_for(job: JobConfig) -> str:
