@@ -574,7 +574,7 @@ def node_rows(plan: Plan) -> list[list[str]]:
                 parts = [f"{k} {format_runs(sorted({c[k] for c in coords}))}"
                          for k, size in (("pp", layout.pp), ("dp", layout.dp), ("cp", layout.cp))
                          if size > 1]
-                where = ", ".join(parts) or "all of the role"
+                where = ", ".join(parts) or "the whole role"
                 if 0 in units:
                     where += "; rendezvous (rank 0)"
             rows.append([f"n{node}", name, gpus, what, where])

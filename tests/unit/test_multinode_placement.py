@@ -61,7 +61,7 @@ def test_units_on_nodes_and_plan_prints_the_node_of_every_rank():
     rows = node_rows(make_plan(job))
     assert rows == [
         ["n0", "actor", "GPUs 0-3", "ranks 0-3", "pp 0-1; rendezvous (rank 0)"],
-        ["n1", "reference", "GPUs 0-1", "ranks 0-1", "all of the role; rendezvous (rank 0)"],
+        ["n1", "reference", "GPUs 0-1", "ranks 0-1", "the whole role; rendezvous (rank 0)"],
         ["n1", "rollout", "GPUs 2-3", "replicas 0-1", "TP1 each"],
     ]
     text = format_plan(make_plan(job))
