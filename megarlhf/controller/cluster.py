@@ -149,8 +149,9 @@ class Cluster:
         if self.rollout is not None:
             groups["rollout"] = self.rollout
         for role, g in groups.items():
+            size = self.plan.role(role).tp if role == "rollout" else 1
             for info in g.ranks:
-                node = info.node_id or self.placement.node_of(role, info.rank).node_id
+                node = info.node_id or self.placement.node_of(role, info.rank * size).node_id
                 out.setdefault(node, {}).setdefault(role, []).append(info.rank)
         return out
 
@@ -168,8 +169,8 @@ class Cluster:
         while True:
             try:
                 alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-            except Exception:  # noqa: BLE001 - the GCS itself is gone (head node lost)
-                return sorted(ours)
+            except Exception:  # noqa: BLE001 - the GCS itself is gone: no verdict to give
+                return []
             lost = sorted(ours - alive)
             if lost or time.monotonic() >= end:
                 return lost
