@@ -53,10 +53,10 @@ NODE_VERDICT_S = 40.0
 
 def _peer_gone(e: WorkerError) -> bool:
     """A failure that a lost node could explain: a rank died, hung, or saw its peer die."""
-    text = str(e)
+    text = str(e)  # a rank's error may carry a peer's death (weight sync: a rollout replica)
     return (isinstance(e, (WorkerDiedError, WorkerTimeoutError, GroupBrokenError))
-            or "had not finished" in text or "ActorDiedError" in text
-            or "ActorUnavailableError" in text or "RayActorError" in text)
+            or any(k in text for k in ("had not finished", "WorkerDiedError", "ActorDiedError",
+                                       "ActorUnavailableError", "RayActorError")))
 
 
 class Trainer:
