@@ -204,17 +204,28 @@ def _check_ranks_follow_plan(rec):
     assert len(set(rdv)) == len(rdv)  # each role its own world
 
 
-def test_split_grpo_step_on_two_nodes_matches_single_process(cluster, inputs, tmp_path):
-    """If this fails, a GRPO step whose roles sit on different nodes (actor on one, reference
-    and rollout on the other) differs from the one-process engine, or its ranks do not land
-    where `megarlhf plan` puts them."""
+@pytest.fixture(scope="module")
+def split_run(cluster, inputs, tmp_path_factory):
+    """The split job, 3 steps, run by the driver in this process: the record of its first
+    actor update and its metrics (the uninterrupted reference of the lost-node test)."""
     from megarlhf.config import load_config
     from unit._inputs import write_config
 
-    cfg = write_config(str(tmp_path / "split.yaml"), _split(inputs, tmp_path / "split"))
+    tmp = tmp_path_factory.mktemp("split")
+    cfg = write_config(str(tmp / "split.yaml"), _split(inputs, tmp / "out", **SPLIT_STEPS))
     t = _recording_trainer(load_config(cfg))
     t.run()
-    rec = t.record
+    return t.record, _metrics(str(tmp / "out"))
+
+
+SPLIT_STEPS = {"train.steps": 3}
+
+
+def test_split_grpo_step_on_two_nodes_matches_single_process(split_run, inputs):
+    """If this fails, a GRPO step whose roles sit on different nodes (actor on one, reference
+    and rollout on the other) differs from the one-process engine, or its ranks do not land
+    where `megarlhf plan` puts them."""
+    rec, _ = split_run
     _check_ranks_follow_plan(rec)
     n0, n1 = rec["nodes"][0], rec["nodes"][1]
     assert {i.node_id for i in rec["ranks"]["actor"]} == {n0}
@@ -280,20 +291,15 @@ def _bound_node(logical: int) -> str:
     return ""
 
 
-def test_lost_node_ends_the_run_and_resume_continues_exactly(cluster, inputs, tmp_path):
+def test_lost_node_ends_the_run_and_resume_continues_exactly(cluster, inputs, split_run,
+                                                             tmp_path):
     """If this fails, losing a node mid-run hangs the job, ends it without saying which node,
     roles, ranks and checkpoint, or a resume on a replacement node diverges from an
     uninterrupted run."""
-    from megarlhf.config import load_config
-    from megarlhf.controller.rl import train_rl
     from unit._inputs import write_config
 
-    over = {"train.steps": 4, "checkpoint": {"save_every": 1, "keep_last": 4}}
-    ref_out = tmp_path / "ref"
-    train_rl(load_config(write_config(str(tmp_path / "ref.yaml"),
-                                      _split(inputs, ref_out, **over))))
-    ref = _metrics(str(ref_out))
-
+    _, ref = split_run  # the same job, uninterrupted
+    over = {**SPLIT_STEPS, "checkpoint": {"save_every": 1, "keep_last": 3}}
     out = tmp_path / "lost"
     cfg = write_config(str(tmp_path / "lost.yaml"), _split(
         inputs, out, **over, **{"cluster.ray_address": cluster.address}))
