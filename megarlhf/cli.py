@@ -54,6 +54,9 @@ USER_ERRORS: list[tuple[str, str, int]] = [
     ("megarlhf.models.builder", "ModelBuildError", 2),
     ("megarlhf.observability.divergence", "DivergenceError", 1),
     ("megarlhf.controller.rl", "LogprobMismatchError", 1),  # rollout.logprob_check_action=stop
+    # Not a user error, but its message is the whole story (the lost node, what it held, the
+    # checkpoint to resume from): printed without a traceback, exit code 1.
+    ("megarlhf.controller.cluster", "NodeLostError", 1),
 ]
 
 

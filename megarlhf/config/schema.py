@@ -563,7 +563,9 @@ class ClusterConfig:
     # and critic+reward model; split: every role on its own GPUs.
     placement: Literal["colocate_all", "colocate_pairs", "split"] = "colocate_all"
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    ray_address: str | None = None  # null starts a local Ray cluster
+    # host:port of a running Ray cluster's head (or "auto"); null: $RAY_ADDRESS if set (ray job
+    # submit sets it), else a local Ray cluster is started
+    ray_address: str | None = None
 
     def __post_init__(self):
         check(self.num_nodes >= 1 and self.gpus_per_node >= 1,

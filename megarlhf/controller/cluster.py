@@ -11,9 +11,13 @@ rollout engine sleeps while a trainer uses the GPUs it shares.
 Ray placement groups (:class:`ClusterPlacement`): one group per (pool, node), each
 ``STRICT_PACK`` — all of its bundles on one Ray node. The alternative, one ``PACK`` group per
 pool, lets Ray spill a pool's bundles over nodes in an order it chooses, so TP groups could
-straddle nodes and the bundle -> node map would have to be rediscovered after the fact. With
-per-node groups the planner's logical nodes are exact inside a pool; which physical node hosts
-a logical node (and whether two pools' groups share one) is Ray's choice.
+straddle nodes and the bundle -> node map would have to be rediscovered after the fact. Each
+logical node of the plan is bound to a Ray node of its own before anything is reserved
+(:func:`~megarlhf.planning.placement.assign_nodes`), and every group of that logical node is
+pinned there (a ``ray.io/node-id`` bundle label selector): the pools sharing a logical node
+share its Ray node, two logical nodes never share one, and the node map ``megarlhf plan``
+prints is the one that runs. :attr:`ClusterPlacement.nodes` keeps the binding; a failure
+names the Ray node (:meth:`Cluster.lost_nodes`, :class:`NodeLostError`).
 
 Slots are ``{"GPU": 1}`` bundles on a GPU cluster (or a local cluster that declares fake GPUs,
 ``ray.init(num_gpus=8)``), and ``{"CPU": 1}`` bundles in *CPU-slot* mode: on a machine without
@@ -24,14 +28,37 @@ demo (:func:`slot_resource_for` picks the mode).
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import torch
 
 from megarlhf.config import JobConfig
 from megarlhf.config.validate import active_roles
-from megarlhf.planning.placement import PlacementError, PlacementPlan, Slot, plan_placement
+from megarlhf.planning.placement import (
+    NodeSlots,
+    PlacementError,
+    PlacementPlan,
+    Slot,
+    assign_nodes,
+    format_runs,
+    plan_placement,
+)
 from megarlhf.workers import RoleSpec, RolloutGroup, RolloutSpec, WorkerGroup
+
+
+class NodeLostError(RuntimeError):
+    """A Ray node that held some of the job's ranks left the cluster; the run stopped.
+
+    Attributes:
+        nodes: the lost Ray nodes' ids.
+        held: for each lost node id, ``{role: ranks}`` (rollout: replica indices) it held.
+    """
+
+    def __init__(self, message: str, *, nodes: list[str], held: dict[str, dict[str, list[int]]]):
+        super().__init__(message)
+        self.nodes = list(nodes)
+        self.held = held
 
 
 class Cluster:
@@ -109,6 +136,53 @@ class Cluster:
                 continue
         return False
 
+    # -- nodes -------------------------------------------------------------------------------
+    def describe(self) -> str:
+        """Where the plan's nodes run (``n0 -> Ray node 10.0.0.1 (3fa2c1de), ...``)."""
+        return self.placement.describe() if self.placement is not None else "released"
+
+    def held_by_node(self) -> dict[str, dict[str, list[int]]]:
+        """Ray node id -> ``{role: ranks}`` (rollout: replica indices), as the workers
+        reported where they run."""
+        out: dict[str, dict[str, list[int]]] = {}
+        groups = dict(self.groups)
+        if self.rollout is not None:
+            groups["rollout"] = self.rollout
+        for role, g in groups.items():
+            size = self.plan.role(role).tp if role == "rollout" else 1
+            for info in g.ranks:
+                node = info.node_id or self.placement.node_of(role, info.rank * size).node_id
+                out.setdefault(node, {}).setdefault(role, []).append(info.rank)
+        return out
+
+    def lost_nodes(self, wait_s: float = 0.0, poll_s: float = 0.5) -> list[str]:
+        """Ids of the Ray nodes of this job's placement that Ray reports dead.
+
+        With ``wait_s > 0`` it waits up to that long for such a verdict (Ray declares a node
+        dead some seconds after its raylet stops answering health checks); [] when none came.
+        """
+        import ray
+
+        ours = {n.node_id for n in self.placement.nodes.values()} if self.placement else set()
+        ours |= set(self.held_by_node())
+        end = time.monotonic() + wait_s
+        while True:
+            try:
+                alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+            except Exception:  # noqa: BLE001 - the GCS itself is gone: no verdict to give
+                return []
+            lost = sorted(ours - alive)
+            if lost or time.monotonic() >= end:
+                return lost
+            time.sleep(poll_s)
+
+    def node_lost_error(self, lost: list[str], *, during: str, resume_hint: str
+                        ) -> NodeLostError:
+        """The error that ends a run after ``lost`` nodes left (:func:`node_lost_error`)."""
+        return node_lost_error(lost, self.held_by_node(),
+                               self.placement.nodes if self.placement else {},
+                               during=during, resume_hint=resume_hint)
+
     # -- teardown ----------------------------------------------------------------------------
     def shutdown(self) -> None:
         for g in list(self.groups.values()):
@@ -127,6 +201,29 @@ class Cluster:
         if placement is not None:
             placement.release()
             self.placement = None
+
+
+def node_lost_error(lost: list[str], held: dict[str, dict[str, list[int]]],
+                    nodes: dict[int, NodeSlots], *, during: str, resume_hint: str
+                    ) -> NodeLostError:
+    """The error that ends a run after the Ray nodes ``lost`` left: each with the placement
+    node it was (``nodes``: logical node -> Ray node), its address, and the roles and ranks
+    (rollout: replicas) it held (``held``: Ray node id -> {role: ranks}); then
+    ``resume_hint``."""
+    logical = {n.node_id: (k, n) for k, n in nodes.items()}
+    lines = []
+    for nid in lost:
+        k, n = logical.get(nid, (None, None))
+        name = f"Ray node {nid[:8]}" + (f" ({n.address}, placement node n{k})" if n else "")
+        what = "; ".join(
+            f"{role} {'replica' if role == 'rollout' else 'rank'}"
+            f"{'s' if len(ranks) > 1 else ''} {format_runs(sorted(ranks))}"
+            for role, ranks in held.get(nid, {}).items()) or "no rank of this job"
+        lines.append(f"  {name}: {what}")
+    head = (f"lost {len(lost)} Ray node{'s' if len(lost) > 1 else ''} {during}; the run "
+            "stopped (the surviving ranks cannot continue without their peers):")
+    return NodeLostError("\n".join([head, *lines, resume_hint]), nodes=lost,
+                         held={nid: held.get(nid, {}) for nid in lost})
 
 
 def slot_resource_for(job: JobConfig) -> str:
@@ -151,8 +248,10 @@ def slot_resource_for(job: JobConfig) -> str:
 
 
 def init_ray(job: JobConfig, **kwargs: Any) -> None:
-    """Connects to ``cluster.ray_address`` or starts a local cluster sized for the job.
+    """Connects to a running Ray cluster, or starts a local one sized for the job.
 
+    A running cluster is ``cluster.ray_address`` (``host:port`` of its head, or ``auto``), else
+    ``RAY_ADDRESS`` from the environment (``ray job submit`` sets it for the job's entrypoint).
     Locally without CUDA (the CPU demo) the cluster declares one CPU slot per configured GPU
     (at least the machine's cores), so CPU-slot placement groups fit; with CUDA it uses the
     machine's GPUs. Does nothing when Ray is already initialised (tests start their own).
@@ -161,8 +260,9 @@ def init_ray(job: JobConfig, **kwargs: Any) -> None:
 
     if ray.is_initialized():
         return
-    if job.cluster.ray_address:
-        ray.init(address=job.cluster.ray_address, **kwargs)
+    address = job.cluster.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
         return
     if torch.cuda.is_available() and job.cluster.device != "cpu":
         ray.init(**kwargs)
@@ -171,14 +271,39 @@ def init_ray(job: JobConfig, **kwargs: Any) -> None:
                  **kwargs)
 
 
+def ray_nodes(resource: str) -> list[NodeSlots]:
+    """The live Ray nodes with their total and free ``resource``."""
+    import ray
+
+    try:  # free resources per node: Ray's state API (private; totals alone without it)
+        from ray._private.state import available_resources_per_node
+
+        free = available_resources_per_node()
+    except Exception:  # noqa: BLE001 - an older or newer Ray without it
+        free = {}
+    out = []
+    for n in ray.nodes():
+        if not n.get("Alive"):
+            continue
+        total = float(n.get("Resources", {}).get(resource, 0.0))
+        out.append(NodeSlots(n["NodeID"], n.get("NodeManagerAddress", "?"), total,
+                             float(free.get(n["NodeID"], {}).get(resource, total))))
+    return out
+
+
 class ClusterPlacement:
-    """The plan's pools reserved as Ray placement groups (one STRICT_PACK group per pool and node).
+    """The plan's pools reserved as Ray placement groups (one STRICT_PACK group per pool and
+    node), every logical node on a Ray node of its own.
 
     Args:
         plan: the placement plan.
         slot_resource: ``"GPU"`` or ``"CPU"`` (see :func:`slot_resource_for`).
         timeout_s: how long to wait for Ray to reserve every group; past it the groups are
             released and :class:`PlacementError` says what was missing.
+
+    Attributes:
+        nodes: logical node -> the Ray node (:class:`~megarlhf.planning.placement.NodeSlots`)
+            that hosts it.
     """
 
     def __init__(self, plan: PlacementPlan, slot_resource: str = "GPU", timeout_s: float = 120.0):
@@ -189,13 +314,17 @@ class ClusterPlacement:
             raise ValueError(f"slot_resource must be 'GPU' or 'CPU', got {slot_resource!r}")
         self.plan = plan
         self.slot_resource = slot_resource
+        self.nodes: dict[int, NodeSlots] = assign_nodes(plan, ray_nodes(slot_resource),
+                                                        slot_resource)
         self._groups: dict[tuple[int, int], Any] = {}
         self._bundle: dict[tuple[int, Slot], tuple[tuple[int, int], int]] = {}
         for pool in plan.pools:
             for node in sorted({s.node for s in pool.slots}):
                 idx = pool.slots_on(node)
+                pin = {"ray.io/node-id": self.nodes[node].node_id}
                 pg = placement_group([{slot_resource: 1} for _ in idx], strategy="STRICT_PACK",
-                                     name=f"megarlhf-pool{pool.index}-n{node}")
+                                     name=f"megarlhf-pool{pool.index}-n{node}",
+                                     bundle_label_selector=[pin for _ in idx])
                 self._groups[(pool.index, node)] = pg
                 for b, i in enumerate(idx):
                     self._bundle[(pool.index, pool.slots[i])] = ((pool.index, node), b)
@@ -205,12 +334,13 @@ class ClusterPlacement:
             missing = [pending[r] for r in not_ready]
             for pg in self._groups.values():
                 remove_placement_group(pg)
-            desc = ", ".join(f"pool {p} on node {n} "
-                             f"({len(plan.pools[p].slots_on(n))} x {{{slot_resource}: 1}})"
+            desc = ", ".join(f"pool {p} on node n{n} = Ray node {self.nodes[n].address} "
+                             f"({self.nodes[n].node_id[:8]}; "
+                             f"{len(plan.pools[p].slots_on(n))} x {{{slot_resource}: 1}})"
                              for p, n in missing)
             raise PlacementError(
                 f"Ray could not reserve {desc} within {timeout_s:.0f} s: each needs that many "
-                f"{slot_resource}s free on a single Ray node. The cluster has "
+                f"{slot_resource}s free on that Ray node. The cluster has "
                 f"{ray.cluster_resources()} in total and {ray.available_resources()} free; add "
                 "nodes, free resources, or shrink the roles")
 
@@ -243,6 +373,15 @@ class ClusterPlacement:
         else:
             opts.update(num_cpus=frac, num_gpus=0)
         return opts
+
+    def node_of(self, role: str, slot_index: int) -> NodeSlots:
+        """The Ray node of ``role``'s slot ``slot_index``."""
+        return self.nodes[self.plan.role(role).slots[slot_index].node]
+
+    def describe(self) -> str:
+        """``n0 -> Ray node 10.0.0.1 (3fa2c1de), ...``: where each logical node runs."""
+        return ", ".join(f"n{k} -> Ray node {n.address} ({n.node_id[:8]})"
+                         for k, n in self.nodes.items())
 
     def bundle_indices(self, role: str, slots: range) -> list[int]:
         """Bundle indices (inside their one placement group) of ``role``'s ``slots``."""

@@ -44,6 +44,19 @@ from megarlhf.controller.session import Session
 from megarlhf.data.job_data import load_job_tokenizer
 from megarlhf.observability.divergence import check_finite
 from megarlhf.planning import validate
+from megarlhf.workers import GroupBrokenError, WorkerDiedError, WorkerError, WorkerTimeoutError
+
+# How long a failed call waits for Ray to declare a node dead (its health checks notice a
+# stopped raylet within ~15-30 s); only after a failure that looks like a lost peer.
+NODE_VERDICT_S = 40.0
+
+
+def _peer_gone(e: WorkerError) -> bool:
+    """A failure that a lost node could explain: a rank died, hung, or saw its peer die."""
+    text = str(e)  # a rank's error may carry a peer's death (weight sync: a rollout replica)
+    return (isinstance(e, (WorkerDiedError, WorkerTimeoutError, GroupBrokenError))
+            or any(k in text for k in ("had not finished", "WorkerDiedError", "ActorDiedError",
+                                       "ActorUnavailableError", "RayActorError")))
 
 
 class Trainer:
@@ -123,23 +136,58 @@ class Trainer:
                 check_resume_data(job, self.data_sizes() or {})  # before any worker starts
             with self.open_cluster() as cl:
                 session.install_signal_handlers()  # after ray.init, which installs its own
+                session.log_line(f"megarlhf: placement: {cl.describe()}")
                 self.roles = [r for r in self.roles if r in cl]
-                last = start = self.resume(cl)
-                self.begin(cl, start)
-                session.start_progress(start, self.progress_keys)
-                for last, metrics in self.steps(cl, start):
-                    session.log(last, metrics)
-                    # A NaN/inf loss or grad norm: stop with the last good checkpoint kept.
-                    check_finite(metrics, step=last, checkpoint_root=session.checkpoints.root)
-                    if self.save_due(last):
-                        self.save(cl, last)
-                    if session.stop_requested:
-                        break
-                if last == job.train.steps:
-                    hf_dir = self.export(cl)
+                during = "while resuming"
+                try:
+                    last = start = self.resume(cl)
+                    during = f"before step {start + 1}"
+                    self.begin(cl, start)
+                    session.start_progress(start, self.progress_keys)
+                    during = f"during step {start + 1}"
+                    for last, metrics in self.steps(cl, start):
+                        session.log(last, metrics)
+                        # A NaN/inf loss or grad norm: stop with the last good checkpoint kept.
+                        check_finite(metrics, step=last,
+                                     checkpoint_root=session.checkpoints.root)
+                        if self.save_due(last):
+                            during = f"while saving step {last}"
+                            self.save(cl, last)
+                        during = f"during step {last + 1}"
+                        if session.stop_requested:
+                            break
+                    during = "while exporting hf/"
+                    if last == job.train.steps:
+                        hf_dir = self.export(cl)
+                except WorkerError as e:
+                    # A node that left takes ranks of several roles with it: say which, and
+                    # where to resume, instead of one role's "rank died".
+                    lost = cl.lost_nodes(wait_s=NODE_VERDICT_S if _peer_gone(e) else 0.0)
+                    if lost:
+                        raise cl.node_lost_error(lost, during=during,
+                                                 resume_hint=self.resume_hint()) from e
+                    raise
         finally:
             session.close()
         return self.result(last, metrics, hf_dir)
+
+    def resume_hint(self) -> str:
+        """Where a restart continues from: the last complete checkpoint, and the command."""
+        job, ckpt = self.job, self.session.checkpoints
+        try:
+            latest = ckpt.latest_step_dir()
+        except RuntimeError as e:  # a pointer to an incomplete save (never written that way)
+            return f"No usable checkpoint: {e}"
+        again = (f"once the Ray cluster has {job.cluster.num_nodes} node(s) with "
+                 f"{job.cluster.gpus_per_node} GPUs again (replace the lost node, or change "
+                 "cluster.num_nodes and the roles' num_gpus to what is left)")
+        if latest is None:
+            return (f"No complete checkpoint yet under {ckpt.root} (checkpoint.save_every = "
+                    f"{job.checkpoint.save_every}): a restart begins at step 0; restart "
+                    f"{again}.")
+        step = ckpt.read_driver_state(latest).get("step", "?")
+        return (f"The last complete checkpoint is {latest} (step {step}): resume from it with "
+                f"`megarlhf train {job.kind} CONFIG --resume` (the same output_dir) {again}.")
 
     def save_due(self, last: int) -> bool:
         """Step ``last`` is saved: every ``checkpoint.save_every`` steps, when a signal asked

@@ -89,6 +89,16 @@ class ParallelLayout:
     def model_parallel_size(self) -> int:
         return self.tp * self.pp * self.cp
 
+    def coords(self, rank: int) -> dict[str, int]:
+        """``{"tp", "cp", "dp", "pp"}`` of ``rank`` in megatron's order (tp fastest, then cp,
+        dp, pp: ``rank = tp + TP*(cp + CP*(dp + DP*pp))``)."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside a world of {self.world_size}")
+        tp, rest = rank % self.tp, rank // self.tp
+        cp, rest = rest % self.cp, rest // self.cp
+        dp, pp = rest % self.dp, rest // self.dp
+        return {"tp": tp, "cp": cp, "dp": dp, "pp": pp}
+
     def describe(self) -> str:
         s = f"TP{self.tp}/PP{self.pp}"
         if self.vpp > 1:

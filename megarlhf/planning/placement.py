@@ -112,9 +112,30 @@ class PlacementPlan:
         pool = self.pools[self.roles[name].pool]
         return tuple(r for r in pool.roles if r != name)
 
+    @property
+    def nodes(self) -> tuple[int, ...]:
+        """The logical nodes any role uses."""
+        return tuple(sorted({s.node for p in self.pools for s in p.slots}))
+
+    def units_on(self, name: str, node: int) -> list[int]:
+        """Ranks of trainer role ``name`` (rank ``r`` on slot ``r``), or replicas of the rollout
+        (replica ``k`` on slots ``[k*tp, (k+1)*tp)``, inside one node), on logical node
+        ``node``."""
+        rp = self.role(name)
+        size = rp.tp if name == "rollout" else 1
+        return [u for u in range(len(rp.slots) // size) if rp.slots[u * size].node == node]
+
+    def slots_per_node(self) -> dict[int, int]:
+        """GPUs (slots) each logical node holds, over all pools."""
+        out: dict[int, int] = {}
+        for p in self.pools:
+            for s in p.slots:
+                out[s.node] = out.get(s.node, 0) + 1
+        return dict(sorted(out.items()))
+
     def describe(self) -> str:
         lines = [f"placement {self.mode}: {self.num_nodes} node(s) x {self.gpus_per_node} GPUs; "
-                 "one STRICT_PACK placement group per (pool, node)"]
+                 "each node n<k> one Ray node, one STRICT_PACK placement group per (pool, node)"]
         for p in self.pools:
             share = "" if len(p.roles) == 1 else f", {p.fraction:g} GPU per process (time-shared)"
             lines.append(f"  pool {p.index}: {', '.join(p.roles)} on {format_slots(p.slots)}"
@@ -139,6 +160,11 @@ def format_slots(slots: tuple[Slot, ...] | list[Slot]) -> str:
         parts.append(f"{nodes}:{per_node[i][1]}")
         i = j + 1
     return ", ".join(parts)
+
+
+def format_runs(xs: list[int]) -> str:
+    """``0-3,6`` for ``[0, 1, 2, 3, 6]`` (sorted integers)."""
+    return _runs(list(xs))
 
 
 def _runs(xs: list[int]) -> str:
@@ -222,3 +248,49 @@ def plan_placement(job: JobConfig) -> PlacementPlan:
             f"but the cluster has num_nodes*gpus_per_node = {c.num_nodes}*{gpn} = {total}; "
             "add nodes, shrink num_gpus, or colocate roles")
     return PlacementPlan(c.placement, c.num_nodes, gpn, tuple(pools), placements)
+
+
+@dataclass(frozen=True)
+class NodeSlots:
+    """A Ray node as the node assignment sees it: its id, address and slot resources."""
+
+    node_id: str
+    address: str
+    total: float
+    available: float
+
+
+def assign_nodes(plan: PlacementPlan, nodes: list[NodeSlots], resource: str = "GPU"
+                 ) -> dict[int, NodeSlots]:
+    """Binds every logical node of ``plan`` to its own Ray node (pure; raises
+    :class:`PlacementError`).
+
+    Every pool's slots on logical node ``k`` go to the same Ray node, and two logical nodes never
+    share one: the node structure ``megarlhf plan`` prints is the one that runs. Logical nodes
+    are bound largest first, each to the Ray node with the most free ``resource`` that holds
+    it (then the most in total, then the lowest id, so the choice is deterministic); a node
+    whose free resources are short (another job) is taken only when no other holds it, and its
+    placement groups wait for the resources.
+    """
+    demand = plan.slots_per_node()
+    free = sorted(nodes, key=lambda n: n.node_id)
+    out: dict[int, NodeSlots] = {}
+    for k in sorted(demand, key=lambda k: (-demand[k], k)):
+        fits = [n for n in free if n.total >= demand[k]]
+        if not fits:
+            have = ", ".join(f"{n.address} ({n.node_id[:8]}): {n.total:g}" for n in nodes) \
+                or "none"
+            taken = ", ".join(f"n{j} -> {n.address} ({n.node_id[:8]})" for j, n in
+                              sorted(out.items()))
+            raise PlacementError(
+                f"node n{k} of the placement needs {demand[k]} {resource}s on one Ray node "
+                f"({plan.num_nodes} node(s) x {plan.gpus_per_node} in the config), but no "
+                f"free Ray node has that many (Ray nodes and their {resource}s: {have}"
+                f"{'; already bound: ' + taken if taken else ''}). Start Ray on "
+                f"{len(demand)} nodes with at least cluster.gpus_per_node {resource}s each, "
+                "or set cluster.num_nodes / gpus_per_node to what the Ray cluster has")
+        best = min(fits, key=lambda n: (n.available < demand[k], -n.available, -n.total,
+                                        n.node_id))
+        out[k] = best
+        free.remove(best)
+    return dict(sorted(out.items()))

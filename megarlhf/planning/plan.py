@@ -86,7 +86,13 @@ from megarlhf.config.validate import active_roles, global_batch_sequences, train
 from megarlhf.models.arch import load_hf_config
 from megarlhf.models.families import arch_spec
 from megarlhf.parallel.layout import ParallelLayout
-from megarlhf.planning.placement import RL_KINDS, PlacementPlan, format_slots, plan_placement
+from megarlhf.planning.placement import (
+    RL_KINDS,
+    PlacementPlan,
+    format_runs,
+    format_slots,
+    plan_placement,
+)
 
 GIB = 2**30
 PROCESS_OVERHEAD_GIB = 1.0
@@ -546,6 +552,35 @@ def _table(rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:
                              for i, c in enumerate(r)).rstrip() for r in rows]
 
 
+def node_rows(plan: Plan) -> list[list[str]]:
+    """One row per (logical node, role): which ranks (rollout: replicas) of the role it holds,
+    and their pipeline stages / data-parallel replicas / context-parallel ranks."""
+    pl, rows = plan.placement, []
+    for node in pl.nodes:
+        for name in pl.roles:
+            units = pl.units_on(name, node)
+            if not units:
+                continue
+            rp = pl.roles[name]
+            gpus = "GPU" + ("s " if len(rp.slots) > 1 else " ") + format_runs(sorted(
+                {s.gpu for s in rp.slots if s.node == node}))
+            if name == "rollout":
+                what = f"replica{'s' if len(units) > 1 else ''} {format_runs(units)}"
+                where = f"TP{rp.tp} each"
+            else:
+                layout = plan.roles[name].layout
+                what = f"rank{'s' if len(units) > 1 else ''} {format_runs(units)}"
+                coords = [layout.coords(r) for r in units]
+                parts = [f"{k} {format_runs(sorted({c[k] for c in coords}))}"
+                         for k, size in (("pp", layout.pp), ("dp", layout.dp), ("cp", layout.cp))
+                         if size > 1]
+                where = ", ".join(parts) or "the whole role"
+                if 0 in units:
+                    where += "; rendezvous (rank 0)"
+            rows.append([f"n{node}", name, gpus, what, where])
+    return rows
+
+
 def format_plan(plan: Plan) -> str:
     """The plan as printed by ``megarlhf plan``."""
     job, pl = plan.job, plan.placement
@@ -567,6 +602,10 @@ def format_plan(plan: Plan) -> str:
         rows.append([name, model, format_slots(rp.slots), layout,
                      ", ".join(pl.colocated_with(name)) or "-", off])
     out += _table(rows)
+    if len(pl.nodes) > 1:
+        out += ["", "ranks per node (rank r of a role on its GPU r, TP fastest, then CP, DP, PP; "
+                    "each role's rank 0 hosts its rendezvous):"]
+        out += _table(node_rows(plan))
     out += ["", "memory per GPU, GiB (worst pipeline stage; formulas: megarlhf/planning/plan.py)"]
     rows = [["role", "params/GPU", "weights", "grads", "optim", "activ", "total", "micro-batch"]]
     for name, est in plan.roles.items():

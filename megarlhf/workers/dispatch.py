@@ -118,6 +118,8 @@ class RankInfo:
         is_output_rank: this rank's results represent its replica (last PP stage, TP 0, CP 0).
         node_ip, pid: where the worker process runs (for error messages).
         devices: the accelerator ids Ray gave it (CUDA_VISIBLE_DEVICES), "" on CPU slots.
+        node_id: the Ray node it runs on (hex; several nodes may share an IP).
+        rendezvous: ``host:port`` of the torch.distributed world it joined (its role's rank 0).
     """
 
     rank: int
@@ -130,12 +132,15 @@ class RankInfo:
     node_ip: str = ""
     pid: int = 0
     devices: str = ""
+    node_id: str = ""
+    rendezvous: str = ""
 
     def where(self) -> str:
         coords = f"dp {self.dp_rank}, tp {self.tp_rank}, pp {self.pp_rank}"
         if self.cp_rank:
             coords += f", cp {self.cp_rank}"
-        return f"{coords}; pid {self.pid} on {self.node_ip or '?'}"
+        node = f", Ray node {self.node_id[:8]}" if self.node_id else ""
+        return f"{coords}; pid {self.pid} on {self.node_ip or '?'}{node}"
 
 
 @dataclass

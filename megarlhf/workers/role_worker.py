@@ -126,13 +126,15 @@ class RoleWorker:
     """
 
     def __init__(self, role: str, rank: int, world_size: int, env: dict[str, str] | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, share: int = 1):
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks on demand (hangs)
         os.environ.update(env or {})
         self.role = role
         self.rank = rank
         self.world_size = world_size
-        self.threads = threads
+        # Default: this node's cores over the role's ``share`` ranks on it (counted here: the
+        # driver's node may have other cores than the workers').
+        self.threads = threads or max(1, (os.cpu_count() or 1) // max(1, share))
         self.engine = None
         self.ctx = None
         self.spec: RoleSpec | None = None
@@ -181,7 +183,9 @@ class RoleWorker:
                         tp_rank=c.tp_rank, pp_rank=c.pp_rank, cp_rank=c.cp_rank,
                         is_output_rank=c.is_output_rank,
                         node_ip=ray.util.get_node_ip_address(), pid=os.getpid(),
-                        devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+                        devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                        node_id=ray.get_runtime_context().get_node_id(),
+                        rendezvous=f"{master_addr}:{master_port}")
 
     # ------------------------------------------------------------------ compute
     @register(Dispatch.DP_SPLIT, Collect.DP_CONCAT, split=("batch",))
@@ -284,7 +288,8 @@ class WorkerGroup(ActorGroup):
             startup_timeout_s: bound of the start (process group + model build + weights).
             pg_timeout_s: torch.distributed timeout inside the role's world: a collective
                 waiting for a dead peer raises after this long on the surviving ranks.
-            threads: torch threads per rank on CPU; default cores / ranks of the role per node.
+            threads: torch threads per rank on CPU; default the node's cores / the role's ranks
+                on that node.
             env: extra environment variables for the workers.
         """
         import ray
@@ -298,12 +303,10 @@ class WorkerGroup(ActorGroup):
         env = dict(env or {})
         if placement.slot_resource == "CPU":
             env.setdefault("MEGARLHF_FORCE_CPU", "1")  # CPU slots: no accelerator, even if present
-        if threads is None:
-            per_node = max(sum(1 for s in rp.slots if s.node == n) for n in rp.nodes)
-            threads = max(1, (os.cpu_count() or 1) // per_node)
+        per_node = {n: sum(1 for s in rp.slots if s.node == n) for n in rp.nodes}
         remote = ray.remote(RoleWorker)
         actors = [remote.options(**placement.actor_options(role, r)).remote(
-            role, r, world, env, threads) for r in range(world)]
+            role, r, world, env, threads, per_node[rp.slots[r].node]) for r in range(world)]
         boot = [RankInfo(rank=r, dp_rank=0, dp_size=1) for r in range(world)]
         group = cls(role, actors, boot, RoleWorker, call_timeout_s=call_timeout_s,
                     poll_s=poll_s, grace_s=grace_s)

@@ -120,15 +120,15 @@ class RolloutWorker:
     """One rollout replica in a Ray actor (see the module docstring)."""
 
     def __init__(self, replica: int, spec: RolloutSpec, env: dict[str, str] | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, share: int = 1):
         faulthandler.register(signal.SIGUSR1, all_threads=True)
         os.environ.update(env or {})
         import torch
 
         from megarlhf.rollout import default_rollout_kind, make_rollout_engine
 
-        if threads:
-            torch.set_num_threads(threads)
+        # Default: this node's cores over the ``share`` replicas on it.
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, share)))
         self.replica = replica
         self.spec = spec
         cpu = os.environ.get("MEGARLHF_FORCE_CPU") == "1" or not torch.cuda.is_available()
@@ -168,7 +168,8 @@ class RolloutWorker:
 
         return RankInfo(rank=self.replica, dp_rank=self.replica, dp_size=-1,
                         node_ip=ray.util.get_node_ip_address(), pid=os.getpid(),
-                        devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+                        devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                        node_id=ray.get_runtime_context().get_node_id())
 
     @register(Dispatch.ONE_TO_ALL, Collect.RANK0)
     def weight_manifest(self):
@@ -302,8 +303,7 @@ class RolloutGroup(ActorGroup):
         env = dict(env or {})
         if placement.slot_resource == "CPU":
             env.setdefault("MEGARLHF_FORCE_CPU", "1")
-        if threads is None:
-            threads = max(1, (os.cpu_count() or 1) // max(1, n))
+        first_node = [rp.slots[k * spec.tp].node for k in range(n)]
         remote = ray.remote(RolloutWorker)
         actors = []
         for k in range(n):
@@ -314,7 +314,8 @@ class RolloutGroup(ActorGroup):
                     map(str, placement.bundle_indices(role, slots)))
                 e["VLLM_RAY_PER_WORKER_GPUS"] = str(rp.fraction)
             opts = placement.actor_options(role, slots[0], whole_group=spec.tp)
-            actors.append(remote.options(**opts).remote(k, spec, e, threads))
+            actors.append(remote.options(**opts).remote(
+                k, spec, e, threads, first_node.count(first_node[k])))
         boot = [RankInfo(rank=k, dp_rank=k, dp_size=n) for k in range(n)]
         group = cls(role, actors, boot, RolloutWorker, call_timeout_s=call_timeout_s,
                     poll_s=poll_s, grace_s=grace_s)

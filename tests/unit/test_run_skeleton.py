@@ -37,6 +37,9 @@ class FakeGroup:
 
 
 class FakeCluster(dict):
+    def describe(self):
+        return "n0 -> this process"
+
     def __enter__(self):
         return self
 
@@ -147,3 +150,81 @@ def test_sigterm_on_a_due_step_saves_once_and_resume_continues(tmp_path):
     again = CountingTrainer(_job(tmp_path, save_every=2, resume=True))
     again.run()
     assert _saves(again.log) == [] and again.done == 5
+
+
+class NodeLossCluster(FakeCluster):
+    """Ray node "deadbeef..." held actor ranks 2-3 and rollout replica 1; it is reported lost."""
+
+    lost = ["deadbeef00112233"]
+
+    def lost_nodes(self, wait_s=0.0):
+        self.waited = wait_s
+        return list(self.lost)
+
+    def node_lost_error(self, lost, *, during, resume_hint):
+        from megarlhf.controller.cluster import node_lost_error
+        from megarlhf.planning.placement import NodeSlots
+
+        held = {"deadbeef00112233": {"actor": [3, 2], "rollout": [1]},
+                "cafe": {"actor": [0, 1], "rollout": [0]}}
+        nodes = {0: NodeSlots("cafe", "10.0.0.1", 2, 0),
+                 1: NodeSlots("deadbeef00112233", "10.0.0.2", 2, 0)}
+        return node_lost_error(lost, held, nodes, during=during, resume_hint=resume_hint)
+
+
+class DyingTrainer(CountingTrainer):
+    """A rank dies in step ``die_at`` (0-based), as when its node goes away."""
+
+    def __init__(self, job, die_at, lost=True):
+        super().__init__(job)
+        self.die_at = die_at
+        self.cluster = NodeLossCluster(actor=FakeGroup(self.log))
+        if not lost:
+            self.cluster.lost = []
+
+    def open_cluster(self):
+        return self.cluster
+
+    def step(self, cl, step):
+        from megarlhf.workers import WorkerDiedError
+
+        if step == self.die_at:
+            raise WorkerDiedError("actor rank 2 died during train() after 1.0 s", role="actor",
+                                  ranks=[2], method="train")
+        return super().step(cl, step)
+
+
+def test_lost_node_ends_the_run_naming_node_roles_ranks_and_checkpoint(tmp_path):
+    """If this fails, a lost node ends a run with one role's 'rank died' (or a hang) instead of
+    the node, everything it held, and the checkpoint to resume from."""
+    from megarlhf.cli import user_error_code
+    from megarlhf.controller.cluster import NodeLostError
+    from megarlhf.workers import WorkerDiedError
+
+    job = _job(tmp_path, save_every=2)
+    t = DyingTrainer(job, die_at=3)
+    with pytest.raises(NodeLostError) as e:
+        t.run()
+    msg = str(e.value)
+    assert msg.startswith("lost 1 Ray node during step 4; the run stopped")
+    assert "Ray node deadbeef (10.0.0.2, placement node n1): actor ranks 2-3; rollout " \
+           "replica 1" in msg
+    ckpt = os.path.join(job.output_dir, "checkpoints", "step_000002")
+    assert f"The last complete checkpoint is {ckpt} (step 2)" in msg
+    assert "megarlhf train sft CONFIG --resume" in msg
+    assert e.value.nodes == ["deadbeef00112233"]
+    assert e.value.held == {"deadbeef00112233": {"actor": [3, 2], "rollout": [1]}}
+    assert isinstance(e.value.__cause__, WorkerDiedError)
+    assert t.cluster.waited == run_mod.NODE_VERDICT_S  # a dead rank: wait for Ray's verdict
+    assert user_error_code(e.value) == 1  # the CLI prints it without a traceback, exit 1
+
+    # Before any checkpoint: a restart begins at step 0, and says so.
+    t = DyingTrainer(_job(tmp_path / "b", save_every=0), die_at=0)
+    with pytest.raises(NodeLostError, match="No complete checkpoint yet .* a restart begins "
+                                            "at step 0"):
+        t.run()
+
+    # A rank that died on a node that is still there: the worker's own error, unchanged.
+    t = DyingTrainer(_job(tmp_path / "c"), die_at=1, lost=False)
+    with pytest.raises(WorkerDiedError, match="actor rank 2 died"):
+        t.run()
