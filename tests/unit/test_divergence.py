@@ -62,6 +62,9 @@ def _fake_cluster(actor):
         def __contains__(self, role):
             return role == "actor"
 
+        def describe(self):
+            return "n0 -> this process (fake)"
+
         def __enter__(self):
             return self
 
