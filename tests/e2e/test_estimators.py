@@ -1,6 +1,8 @@
-"""Every advantage estimator and RL option end to end, briefly: two steps each on the demo
+"""Advantage estimators and RL options end to end, briefly: two steps each on the demo
 task from the demo's SFT model (actor TP1, colocated on 2 CPU slots), and the logged metrics
-checked for sense. Not a learning test (tests/e2e/test_trainers.py is): what breaks here is
+checked for sense: GAE with the KL in the reward (PPO), GRPO with token TIS. RLOO with a KL
+loss, REINFORCE++ with the KL in the reward, REINFORCE++-baseline and Dr.GRPO run (with the
+same checks) inside tests/e2e/test_methods.py's combined runs, to pay for fewer starts. Not a learning test (tests/e2e/test_trainers.py is): what breaks here is
 the glue - an estimator or option that no longer runs through the driver, the workers and the
 loss, or logs a metric that cannot be right."""
 
@@ -22,11 +24,6 @@ CASES = {
                          {"critic": {"num_gpus": 1, "micro_batch_size_per_rank": 16,
                                      "optimizer": {"lr": 1.0e-4}}}),
     "grpo_tis_cap": ("grpo", {"advantage_estimator": "grpo", "tis_cap": 2.0}, {}),
-    "dr_grpo": ("grpo", {"advantage_estimator": "dr_grpo",
-                         "loss_agg_mode": "seq_mean_token_sum_norm"}, {}),
-    "rloo_kl_loss": ("grpo", {"advantage_estimator": "rloo", **K3}, {}),
-    "reinforce_pp_kl_in_reward": ("grpo", {"advantage_estimator": "reinforce_pp",
-                                           "kl_in_reward": True, **K3}, {}),
 }
 
 

@@ -1,10 +1,18 @@
 """The policy-optimisation methods of docs/methods.md end to end on the demo task: each run
-trains briefly from the demo's SFT model with the demo's GRPO config and one method's keys,
-and must raise the verifier reward and the held-out accuracy, with the method's own metrics
-logged and in range. Methods are grouped so that every one runs once (the suite's time):
-GSPO with sequence TIS and the adaptive KL controller (k3+, clamp), GSPO-token with sequence
-masked IS, CISPO with IcePop, DAPO (dynamic sampling, overlong shaping, clip-higher) with token
-masked IS, REINFORCE++-baseline with token-sum aggregation and the unbiased std."""
+trains briefly from the demo's SFT model with the demo's GRPO config (actor at TP1: what is
+tested here is the method, tests/e2e/test_trainers.py covers TP2) and one combination of
+methods, and must raise the verifier reward and the held-out accuracy, with every metric
+finite and in range and each method's own metrics logged.
+
+Runs dominate the suite's time (each pays a worker and engine start), so methods and advantage
+estimators are combined so that every one runs once in four runs:
+
+* GSPO + RLOO + sequence TIS + a KL loss (k3+, clamp) with the adaptive KL controller;
+* GSPO-token + REINFORCE++ + KL in the reward (k3) + sequence masked IS;
+* CISPO + REINFORCE++-baseline + token-sum aggregation + the unbiased std + IcePop;
+* DAPO (dynamic sampling, overlong shaping, clip-higher) + Dr.GRPO + token masked IS.
+
+GAE (PPO) and GRPO with token TIS are in tests/e2e/test_estimators.py."""
 
 import math
 import os
@@ -16,28 +24,31 @@ from _e2e_helpers import read_metrics, set_dotted
 
 pytestmark = pytest.mark.e2e
 
-STEPS = 16
+STEPS = 12
+GSPO_CLIP = {"clip_eps_low": 3.0e-4, "clip_eps_high": 4.0e-4}
 CASES = {
-    "gspo_seq_tis_adaptive_kl": {
-        "policy_loss": "gspo", "loss_agg_mode": "seq_mean_token_mean",
-        "clip_eps_low": 3.0e-4, "clip_eps_high": 4.0e-4,
+    "gspo_rloo_seq_tis_adaptive_kl": {
+        "policy_loss": "gspo", "loss_agg_mode": "seq_mean_token_mean", **GSPO_CLIP,
+        "advantage_estimator": "rloo",
         "off_policy_correction": "seq_tis", "is_upper": 2.0,
         "kl_coef": 0.05, "kl_target": 0.02, "kl_horizon": 2560, "kl_estimator": "k3+",
         "kl_clamp": 10.0},
-    "gspo_token_seq_mis": {
-        "policy_loss": "gspo_token", "loss_agg_mode": "seq_mean_token_mean",
-        "clip_eps_low": 3.0e-4, "clip_eps_high": 4.0e-4,
+    "gspo_token_reinforce_pp_kl_in_reward_seq_mis": {
+        "policy_loss": "gspo_token", "loss_agg_mode": "seq_mean_token_mean", **GSPO_CLIP,
+        "advantage_estimator": "reinforce_pp", "kl_in_reward": True, "kl_coef": 0.05,
+        "kl_estimator": "k3",
         "off_policy_correction": "seq_mis", "is_upper": 2.0, "is_lower": 0.5},
-    "cispo_icepop": {
+    "cispo_reinforce_pp_baseline_token_sum_icepop": {
         "policy_loss": "cispo", "clip_eps_low": 1.0, "clip_eps_high": 0.28,
-        "off_policy_correction": "icepop"},
-    "dapo_token_mis": {
-        "dynamic_sampling": True, "dynamic_sampling_max_rounds": 2, "overlong_buffer": 8,
-        "clip_eps_low": 0.2, "clip_eps_high": 0.28, "loss_agg_mode": "token_mean",
-        "off_policy_correction": "token_mis", "is_upper": 2.0},
-    "reinforce_pp_baseline_token_sum": {
         "advantage_estimator": "reinforce_pp_baseline", "loss_agg_mode": "token_sum",
-        "unbiased_std": True},
+        "unbiased_std": True, "track_kl": False,
+        "off_policy_correction": "icepop"},
+    "dapo_dr_grpo_token_mis": {
+        "dynamic_sampling": True, "dynamic_sampling_max_rounds": 2, "overlong_buffer": 8,
+        "clip_eps_low": 0.2, "clip_eps_high": 0.28,
+        "advantage_estimator": "dr_grpo", "loss_agg_mode": "seq_mean_token_sum_norm",
+        "track_kl": False,
+        "off_policy_correction": "token_mis", "is_upper": 2.0},
 }
 
 
@@ -45,6 +56,7 @@ def _job(demo_run, out, algorithm):
     path = os.path.join(os.path.dirname(__import__("megarlhf.demo").demo.__file__), "grpo.yaml")
     job = yaml.safe_load(open(path))
     job.update(output_dir=str(out), logging={"progress_bar": False})
+    job["actor"].update(parallel={"tp": 1}, num_gpus=1, micro_batch_size_per_rank=64)
     job["actor"]["model"]["hf_dir"] = demo_run["sft_hf"]
     job["data"].update(train_path=demo_run["prompts_train"],
                        eval_path=demo_run["prompts_heldout"])
@@ -75,6 +87,17 @@ def test_method_raises_the_verifier_reward(demo_run, tmp_path, name):
         assert all(math.isfinite(v) for v in r.values()), r
         assert r["rollout/logprob_diff_max"] <= 0.01  # the engine serves the actor's weights
         assert 0 <= r["policy/clip_frac"] <= 1 and r["policy/grad_norm"] > 0
+        assert 0 <= r["reward/raw_mean"] <= 1 and 0 <= r["reward/accuracy"] <= 1
+        # Group-normalized / group-centred / whitened rewards and leave-one-out baselines
+        # average 0 (the KL penalty in the reward is inside what is normalized).
+        assert abs(r["reward/normalized_mean"]) < 1e-4, r["reward/normalized_mean"]
+        assert r["policy/entropy"] > 0 and r["policy/lr"] > 0 and r["policy/approx_kl"] >= 0
+        assert abs(r["policy/ratio_mean"] - 1) < 0.1  # near on-policy: 2 steps per rollout
+        assert 0 < r["policy/response_length"] <= 40 and 0 <= r["rollout/truncated_frac"] <= 1
+        if algo.get("track_kl", True):
+            assert r["policy/kl_ref"] >= -1e-6  # k3 >= 0 (0 at step 1: actor = reference)
+        in_loss = algo.get("kl_coef", 0) > 0 and not algo.get("kl_in_reward")
+        assert ("policy/kl_loss" in r) == in_loss, r.keys()
         if "off_policy_correction" not in algo:
             assert "offpolicy/weight_mean" not in r
             continue

@@ -357,7 +357,7 @@ def test_ray_job_submit_with_a_runtime_env_runs_a_two_node_job(cluster, inputs, 
     out = tmp_path / "sft"
     job = sft_config(inputs, str(out), **{
         "cluster": {"num_nodes": 2, "gpus_per_node": 1, "device": "auto"},
-        "actor.num_gpus": 2, "train.steps": 2})
+        "actor.num_gpus": 2, "actor.micro_batch_size_per_rank": 2, "train.steps": 2})
     cfg = write_config(str(tmp_path / "sft.yaml"), job)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     runtime_env = {"working_dir": ROOT,
