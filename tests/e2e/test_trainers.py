@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from _e2e_helpers import read_metrics, set_dotted
+from _e2e_helpers import check_rl_step_metrics, read_metrics, set_dotted
 
 pytestmark = pytest.mark.e2e
 
@@ -83,8 +83,14 @@ def _reward_gain(rows, k):
     return sum(r[-k:]) / k - sum(r[:k]) / k
 
 
+# GAE with the KL penalty in the reward (k3): the PPO path of every estimator option.
+PPO_ALGO = {"advantage_estimator": "gae", "gamma": 1.0, "lam": 0.95, "whiten_advantages": True,
+            "track_kl": True, "kl_in_reward": True, "kl_coef": 0.05, "kl_estimator": "k3"}
+
+
 def test_ppo_raises_verifier_reward(demo_run, tmp_path):
-    """If this fails, PPO (critic, GAE, clipped losses) does not learn on the demo task."""
+    """If this fails, PPO (critic, GAE with the KL in the reward, clipped losses) does not learn
+    on the demo task, or logs a metric that cannot be right."""
     from megarlhf.config import load_config
     from megarlhf.controller.rl import train_rl
 
@@ -92,16 +98,14 @@ def test_ppo_raises_verifier_reward(demo_run, tmp_path):
         **TP1,  # the demo covers the actor at TP2
         "critic": {"parallel": {"pp": 2}, "num_gpus": 2, "micro_batch_size_per_rank": 128,
                    "optimizer": {"lr": 1.0e-3}},
-        "algorithm": {"advantage_estimator": "gae", "gamma": 1.0, "lam": 0.95,
-                      "whiten_advantages": True, "track_kl": True},
+        "algorithm": PPO_ALGO,
         "train": {"steps": 24, "eval_every": 24, "eval_prompts": 200}})
     hist = train_rl(load_config(cfg))
     (s0, a0), (s1, a1) = hist["eval"][0], hist["eval"][-1]
     rows = read_metrics(str(tmp_path / "ppo"))
     assert a1 > a0 + 0.03, hist["eval"]
     assert _reward_gain(rows, 8) > 0.02
-    assert all("critic/value_loss" in r and "critic/explained_variance" in r
-               for r in rows if r["step"] > 0)
+    check_rl_step_metrics([r for r in rows if r["step"] > 0], PPO_ALGO, kind="ppo")
 
 
 def test_online_dpo_raises_verifier_reward(demo_run, tmp_path):
@@ -153,18 +157,22 @@ def _wait_for(pred, proc, timeout):
 
 def test_sigterm_kill9_and_resume_continue_exactly(demo_run, tmp_path):
     """If this fails, SIGTERM does not stop cleanly with a checkpoint, a kill -9 during a save
-    corrupts the latest checkpoint, or a resumed run diverges from an uninterrupted one."""
+    corrupts the latest checkpoint, or a resumed run diverges from an uninterrupted one (GRPO
+    with token TIS; or GRPO with ``tis_cap`` logs a metric that cannot be right)."""
     over = {"train": {"steps": 6, "eval_every": 0},
             "batch": {"rollout_prompts_global": 16, "train_prompts_global": 16,
                       "n_samples_per_prompt": 4},
             **TP1, "actor.micro_batch_size_per_rank": 64,
-            "algorithm.track_kl": False}  # one actor worker and the engine: 4 runs start
+            "algorithm.track_kl": False,  # one actor worker and the engine: 4 runs start
+            "algorithm.tis_cap": 2.0}  # GRPO with token TIS (its metrics checked below)
     ref_cfg = _rl_job(demo_run, tmp_path / "ref", "grpo", **over)
     from megarlhf.config import load_config
     from megarlhf.controller.rl import train_rl
 
     train_rl(load_config(ref_cfg))
     ref = {r["step"]: r for r in read_metrics(str(tmp_path / "ref"))}
+    check_rl_step_metrics([r for s, r in sorted(ref.items()) if s > 0],
+                          {"track_kl": False, "tis_cap": 2.0})
 
     out = tmp_path / "crash"
     cfg = _rl_job(demo_run, out, "grpo", **over, checkpoint={"save_every": 1, "keep_last": 3})
