@@ -184,10 +184,12 @@ def _recorded_mismatch(inst: JobInstance, info: dict[str, Any]) -> str | None:
     got = info.get("command")
     if got is not None and got != want:
         got = [str(g) for g in got]
-        was = [g for g in got if g not in want] or ["(same arguments, another order)"]
+        was = [g for g in got if g not in want]
         now = [w for w in want if w not in got]
-        return (f"{inst.out_dir} completed with {shlex.join(was)}; the study now gives "
-                f"{shlex.join(now) if now else 'no such argument'}")
+        if not was and not now:
+            return f"{inst.out_dir} completed with the same arguments in another order"
+        return (f"{inst.out_dir} completed with {shlex.join(was) if was else '-'}; the "
+                f"study now gives {shlex.join(now) if now else '-'} instead")
     return None
 
 
