@@ -112,21 +112,30 @@ def _job_refs(job: JobSpec) -> list[str]:
     return [r for t in texts for r in _references(t) if r != "study"]
 
 
-def _check_refs(spec: StudySpec) -> dict[str, list[str]]:
-    """Job name -> names of the jobs it reads (``${name}``); refuses unknown or later jobs."""
-    order = list(spec.jobs)
+def _check_refs(spec: StudySpec) -> tuple[list[str], dict[str, list[str]]]:
+    """The jobs in an order where each comes after the jobs it reads (``${name}``; the
+    file's order otherwise), and job name -> the names it reads. Refuses unknown names and
+    cycles."""
+    names = list(spec.jobs)
     deps: dict[str, list[str]] = {}
-    for i, (name, job) in enumerate(spec.jobs.items()):
-        refs = _job_refs(job)
+    for name, job in spec.jobs.items():
+        refs = list(dict.fromkeys(_job_refs(job)))
         for r in refs:
             if r not in spec.jobs:
                 raise StudyError(f"jobs.{name}: ${{{r}}} names no job of this study (jobs: "
-                                 f"{', '.join(order)}; ${{study}} is the study's output_dir)")
-            if order.index(r) >= i:
-                raise StudyError(f"jobs.{name}: ${{{r}}} refers to a job that is not listed "
-                                 f"before {name}; list the jobs in the order they run")
-        deps[name] = list(dict.fromkeys(refs))
-    return deps
+                                 f"{', '.join(names)}; ${{study}} is the study's output_dir)")
+            if r == name:
+                raise StudyError(f"jobs.{name}: ${{{name}}} refers to the job itself")
+        deps[name] = refs
+    order: list[str] = []
+    while len(order) < len(names):
+        ready = [n for n in names if n not in order and all(d in order for d in deps[n])]
+        if not ready:
+            left = [n for n in names if n not in order]
+            raise StudyError(f"jobs {', '.join(left)} read each other's outputs in a cycle; "
+                             "a job can only read jobs that run before it")
+        order.append(ready[0])
+    return order, {n: sorted(ds, key=order.index) for n, ds in deps.items()}
 
 
 def _short_names(factors: list[Factor]) -> dict[str, str]:
@@ -137,7 +146,7 @@ def _short_names(factors: list[Factor]) -> dict[str, str]:
 
 def expand(spec: StudySpec) -> StudyPlan:
     """The runs and job instances of ``spec`` (module docstring)."""
-    deps = _check_refs(spec)
+    order, deps = _check_refs(spec)
     shorts = _short_names(spec.factors)
     labels = {f.name: {_label(v): v for v in f.values} for f in spec.factors}
     for f in spec.factors:
@@ -147,7 +156,8 @@ def expand(spec: StudySpec) -> StudyPlan:
     # Which factors (and whether the seed) determine each job, through what it reads.
     affected: dict[str, list[Factor]] = {}
     seeded: dict[str, bool] = {}
-    for name, job in spec.jobs.items():
+    for name in order:
+        job = spec.jobs[name]
         fs = [f for f in spec.factors if f.job == name]
         for d in deps[name]:
             fs += [f for f in affected[d] if f not in fs]
@@ -161,7 +171,8 @@ def expand(spec: StudySpec) -> StudyPlan:
         values = {f.name: v for f, v in zip(spec.factors, point)}
         for seed in seeds:
             run = Run(index=len(runs), point=dict(values), seed=seed, jobs={})
-            for name, job in spec.jobs.items():
+            for name in order:
+                job = spec.jobs[name]
                 fs = affected[name]
                 s = seed if seeded[name] else None
                 parts = [f"{shorts[f.name]}-{_label(values[f.name])}" for f in fs]
