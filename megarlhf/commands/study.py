@@ -78,22 +78,27 @@ def run(args) -> int:
 
 
 def _plan_all(plan) -> int:
+    """`megarlhf plan` of every distinct job config of the study (seeds aside)."""
+    import tempfile
+
     from megarlhf.config import load_config
     from megarlhf.planning.plan import format_plan, make_plan
     from megarlhf.study.sweep import _stand_ins
 
     fits = True
     seen = set()
-    for key, inst in plan.instances.items():
-        if inst.job.builtin is not None:
-            continue
-        over = [o for o in _stand_ins(inst, plan) if not o.startswith("seed=")]
-        sig = (inst.job.config, tuple(over))
-        if sig in seen:
-            continue
-        seen.add(sig)
-        p = make_plan(load_config(inst.job.config, over))
-        fits &= p.fits
-        print(f"== {key}: {'fits' if p.fits else 'DOES NOT FIT'}")
-        print(format_plan(p))
+    key = plan.spec.seed_key + "="
+    with tempfile.TemporaryDirectory(prefix="megarlhf-study-") as tmp:
+        for name, inst in plan.instances.items():
+            if inst.job.builtin is not None:
+                continue
+            over = [o for o in _stand_ins(inst, plan, tmp) if not o.startswith(key)]
+            sig = (inst.job.config, tuple(o.replace(tmp, "") for o in over))
+            if sig in seen:
+                continue
+            seen.add(sig)
+            p = make_plan(load_config(inst.job.config, over))
+            fits &= p.fits
+            print(f"== {name}: {'fits' if p.fits else 'DOES NOT FIT'}")
+            print(format_plan(p))
     return 0 if fits else 1

@@ -82,8 +82,11 @@ class JobSpec:
 class Factor:
     """One swept setting of one job.
 
+    A factor may set the same key of several jobs (``rm+bon.reward.rm_type``: the reward model
+    trained and the evaluation that reads it).
+
     Attributes:
-        job: the job it applies to.
+        job: the (first) job it applies to.
         key: the dotted config key (a list factor) or the factor's name (variants).
         values: the values (list factor) or the variant labels, in sweep order.
         variants: label -> dotted overrides, for a variants factor; None for a list factor.
@@ -93,10 +96,15 @@ class Factor:
     key: str
     values: list[Any]
     variants: dict[Any, list[str]] | None = None
+    also: list[str] = field(default_factory=list)  # further jobs it sets (``a+b.key``)
+
+    @property
+    def jobs(self) -> list[str]:
+        return [self.job] + list(self.also)
 
     @property
     def name(self) -> str:
-        return f"{self.job}.{self.key}"
+        return f"{'+'.join(self.jobs)}.{self.key}"
 
     @property
     def short(self) -> str:
@@ -389,11 +397,15 @@ def _parse_factors(raw: Any, jobs: dict[str, JobSpec]) -> list[Factor]:
     factors = []
     for name, values in raw.items():
         name = str(name)
-        job, _, key = name.partition(".")
-        if job not in jobs or not key:
-            raise StudyError(f"sweep.factors.{name}: a factor is <job>.<config key> with a job "
-                             f"of this study ({', '.join(jobs)}){_near(job, list(jobs))}")
-        spec = jobs[job]
+        head, _, key = name.partition(".")
+        targets = head.split("+")
+        for job in targets:
+            if job not in jobs or not key:
+                raise StudyError(f"sweep.factors.{name}: a factor is <job>.<config key> (or "
+                                 f"<job>+<job>.<key>) with jobs of this study "
+                                 f"({', '.join(jobs)}){_near(job, list(jobs))}")
+        job = targets[0]
+        specs = [jobs[t] for t in targets]
         where = f"sweep.factors.{name}"
         if isinstance(values, dict):  # variants: label -> {dotted key: value}
             if not values:
@@ -405,9 +417,10 @@ def _parse_factors(raw: Any, jobs: dict[str, JobSpec]) -> list[Factor]:
                     raise StudyError(f"{where}.{label}: a variant is a non-empty mapping of "
                                      "config keys to values")
                 for k, v in over.items():
-                    _check_factor_value(spec, str(k), v, f"{where}.{label}.{k}", BUILTINS)
+                    for spec in specs:
+                        _check_factor_value(spec, str(k), v, f"{where}.{label}.{k}", BUILTINS)
                 variants[label] = [f"{k}={format_value(v)}" for k, v in over.items()]
-            factors.append(Factor(job, key, list(values), variants))
+            factors.append(Factor(job, key, list(values), variants, targets[1:]))
             continue
         if not isinstance(values, list):
             raise StudyError(f"{where}: give a list of values (or a mapping of variants)")
@@ -415,10 +428,11 @@ def _parse_factors(raw: Any, jobs: dict[str, JobSpec]) -> list[Factor]:
             raise StudyError(f"{where}: the sweep is empty: no values; give at least one, "
                              "e.g. [1, 4, 16]")
         for v in values:
-            _check_factor_value(spec, key, v, where, BUILTINS)
+            for spec in specs:
+                _check_factor_value(spec, key, v, where, BUILTINS)
         if len({format_value(v) for v in values}) != len(values):
             raise StudyError(f"{where}: {values} lists a value twice; list each once")
-        factors.append(Factor(job, key, list(values)))
+        factors.append(Factor(job, key, list(values), also=targets[1:]))
     names = [f.name for f in factors]
     if len(set(names)) != len(names):
         raise StudyError("sweep.factors: a factor is listed twice")

@@ -158,7 +158,7 @@ def expand(spec: StudySpec) -> StudyPlan:
     seeded: dict[str, bool] = {}
     for name in order:
         job = spec.jobs[name]
-        fs = [f for f in spec.factors if f.job == name]
+        fs = [f for f in spec.factors if name in f.jobs]
         for d in deps[name]:
             fs += [f for f in affected[d] if f not in fs]
         affected[name] = [f for f in spec.factors if f in fs]  # sweep order
@@ -192,7 +192,7 @@ def expand(spec: StudySpec) -> StudyPlan:
                 if job.command is not None:
                     over = [_subst(o, dirs) for o in job.overrides]
                     for f in spec.factors:
-                        if f.job == name:
+                        if name in f.jobs:
                             over += f.overrides(values[f.name])
                     if s is not None:
                         over.append(f"{spec.seed_key}={s}")
@@ -200,7 +200,7 @@ def expand(spec: StudySpec) -> StudyPlan:
                 else:
                     params = json.loads(_subst(json.dumps(job.params), dirs))
                     for f in spec.factors:
-                        if f.job == name:
+                        if name in f.jobs:
                             for o in f.overrides(values[f.name]):
                                 k, _, v = o.partition("=")
                                 params[k] = json.loads(v)
@@ -217,19 +217,23 @@ def _subst(text: str, dirs: dict[str, str]) -> str:
 
 
 # ------------------------------------------------------------------------------ validation
-def _stand_ins(inst: JobInstance, plan: StudyPlan) -> list[str]:
-    """``inst``'s overrides, a model an upstream job has not produced yet replaced by that
-    job's architecture (``X.model.hf_dir=<upstream>/hf`` -> ``X.model.arch={...}``)."""
+def _stand_ins(inst: JobInstance, plan: StudyPlan, tmp: str) -> list[str]:
+    """``inst``'s overrides, a model an upstream job has not produced yet replaced by a stand-in
+    directory under ``tmp`` holding only that job's architecture (``config.json``): what the
+    config, model-aware and placement rules read of a model."""
     out = []
     ups = [plan.instances[d] for d in inst.deps]
     for o in inst.overrides:
         key, _, value = o.partition("=")
         up = next((u for u in ups if value.startswith(u.out_dir + os.sep) or value == u.out_dir),
                   None)
-        if key.endswith("model.hf_dir") and up is not None and not os.path.isdir(value) \
+        if key.endswith("hf_dir") and up is not None and not os.path.isdir(value) \
                 and up.arch is not None:
-            out.append(f"{key}=null")
-            out.append(f"{key[:-len('hf_dir')]}arch={json.dumps(up.arch)}")
+            d = os.path.join(tmp, up.key.replace("/", "__"))
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(up.arch, f)
+            out.append(f"{key}={d}")
         else:
             out.append(o)
     return out
@@ -254,34 +258,12 @@ def validate_plan(plan: StudyPlan) -> None:
     Raises:
         StudyError: every problem, each once, with the job instances it concerns.
     """
-    from megarlhf.commands import check_command_kind
-    from megarlhf.config import ConfigError, load_config
-    from megarlhf.config.base import from_dict
-    from megarlhf.planning import validate
-    from megarlhf.study.builtins import BUILTINS
+    import tempfile
 
     problems: dict[str, list[str]] = {}
-    for inst in plan.instances.values():
-        job = inst.job
-        try:
-            if job.builtin is not None:
-                from_dict(BUILTINS[job.builtin].params, inst.params)
-                continue
-            over = _stand_ins(inst, plan)
-            words = job.command.split()
-            if len(words) == 2:
-                check_command_kind(job.config, over, words[1], words[0])
-            cfg = validate(load_config(job.config, over))
-            inst.kind = cfg.kind
-            if words[0] == "train" and cfg.kind == "bon":
-                raise ConfigError("kind: bon is an evaluation: use command: eval bon")
-            if words[0] == "eval" and cfg.kind != "bon":
-                raise ConfigError(f"kind: {cfg.kind} is trained, not evaluated: use command: "
-                                  f"train {cfg.kind}")
-            inst.arch = _model_arch(cfg)
-        except (ConfigError, StudyError, ValueError) as e:
-            msg = str(e).replace("invalid config:\n  - ", "").replace("\n  - ", "; ")
-            problems.setdefault(f"jobs.{job.name}: {msg}", []).append(inst.key)
+    with tempfile.TemporaryDirectory(prefix="megarlhf-study-") as tmp:
+        for inst in plan.instances.values():
+            _validate_instance(inst, plan, tmp, problems)
     if problems:
         lines = []
         for msg, keys in problems.items():
@@ -289,3 +271,34 @@ def validate_plan(plan: StudyPlan) -> None:
             lines.append(f"{msg} (in {where})")
         raise StudyError(f"{plan.spec.path}: the study cannot run; nothing was started:\n  - "
                          + "\n  - ".join(lines))
+
+
+def _validate_instance(inst: JobInstance, plan: StudyPlan, tmp: str,
+                       problems: dict[str, list[str]]) -> None:
+    """One instance's checks (:func:`validate_plan`); problems are collected by message."""
+    from megarlhf.commands import check_command_kind
+    from megarlhf.config import ConfigError, load_config
+    from megarlhf.config.base import from_dict
+    from megarlhf.planning import validate
+    from megarlhf.study.builtins import BUILTINS
+
+    job = inst.job
+    try:
+        if job.builtin is not None:
+            from_dict(BUILTINS[job.builtin].params, inst.params)
+            return
+        over = _stand_ins(inst, plan, tmp)
+        words = job.command.split()
+        if len(words) == 2:
+            check_command_kind(job.config, over, words[1], words[0])
+        cfg = validate(load_config(job.config, over))
+        inst.kind = cfg.kind
+        if words[0] == "train" and cfg.kind == "bon":
+            raise ConfigError("kind: bon is an evaluation: use command: eval bon")
+        if words[0] == "eval" and cfg.kind != "bon":
+            raise ConfigError(f"kind: {cfg.kind} is trained, not evaluated: use command: "
+                              f"train {cfg.kind}")
+        inst.arch = _model_arch(cfg)
+    except (ConfigError, StudyError, ValueError) as e:
+        msg = str(e).replace("invalid config:\n  - ", "").replace("\n  - ", "; ")
+        problems.setdefault(f"jobs.{job.name}: {msg}", []).append(inst.key)
