@@ -229,7 +229,10 @@ def _stand_ins(inst: JobInstance, plan: StudyPlan, tmp: str) -> list[str]:
                   None)
         if key.endswith("hf_dir") and up is not None and not os.path.isdir(value) \
                 and up.arch is not None:
-            d = os.path.join(tmp, up.key.replace("/", "__"))
+            import hashlib
+
+            text = json.dumps(up.arch, sort_keys=True)  # one directory per architecture
+            d = os.path.join(tmp, "arch-" + hashlib.sha1(text.encode()).hexdigest()[:12])
             os.makedirs(d, exist_ok=True)
             with open(os.path.join(d, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(up.arch, f)

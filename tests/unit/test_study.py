@@ -648,13 +648,29 @@ def test_shipped_mini_study_validates(path, tmp_path):
     assert len(plan.runs) >= 2
 
 
+@pytest.fixture(scope="module")
+def sparse_8b(tmp_path_factory):
+    """A Llama-3-8B HF directory (config.json, sparse safetensors, a test tokenizer)."""
+    from _inputs import make_inputs, sparse_hf_model
+    from test_examples import LLAMA3_8B
+
+    d = tmp_path_factory.mktemp("sparse8b")
+    inputs = make_inputs(str(d / "inputs"))
+    return sparse_hf_model(str(d / "llama3_8b"), LLAMA3_8B, head="lm",
+                           tokenizer_from=inputs["lm"])
+
+
 @pytest.mark.parametrize("path", [p for p in SHIPPED if p.endswith("8b.yaml")],
                          ids=lambda p: os.path.basename(os.path.dirname(p)))
-def test_shipped_8b_study_plans(path, tmp_path, capsys):
+def test_shipped_8b_study_plans(path, tmp_path, capsys, sparse_8b):
     """If this fails, a shipped 8B study does not validate or does not fit its GPUs
-    (`megarlhf study 8b.yaml --plan` is what its header tells users to run first)."""
+    (`megarlhf study 8b.yaml --plan` is what its header tells users to run first). Best-of-N
+    jobs read their policy's config.json: they get an 8B directory, as a user passes theirs."""
     from megarlhf.cli import main
 
-    assert main(["study", path, f"output_dir={tmp_path}", "--plan"]) == 0, \
+    spec = load_study(path)
+    over = [f"{n}.actor.model.hf_dir={sparse_8b}" for n, j in spec.jobs.items()
+            if j.config and j.config.endswith("8b_bon.yaml")]
+    assert main(["study", path, f"output_dir={tmp_path}"] + over + ["--plan"]) == 0, \
         capsys.readouterr().err
     assert "DOES NOT FIT" not in capsys.readouterr().out
