@@ -53,7 +53,7 @@ USER_ERRORS: list[tuple[str, str, int]] = [
     ("megarlhf.models.arch", "ArchError", 2),
     ("megarlhf.models.families", "UnsupportedArchitecture", 2),
     ("megarlhf.models.builder", "ModelBuildError", 2),
-    ("megarlhf.study.spec", "StudyError", 2),
+    ("megarlhf.study.errors", "StudyError", 2),
     ("megarlhf.study.plot", "PlotUnavailable", 2),
     ("megarlhf.observability.divergence", "DivergenceError", 1),
     ("megarlhf.controller.rl", "LogprobMismatchError", 1),  # rollout.logprob_check_action=stop

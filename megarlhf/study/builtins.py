@@ -18,6 +18,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from megarlhf.config.base import check
+from megarlhf.data.datasets import write_jsonl
+from megarlhf.data.demo_task import ArithmeticConfig, ArithmeticTask, write_demo_data
+from megarlhf.data.tokenizer import ChatTemplate, train_sentencepiece
+from megarlhf.demo import REQUIRED_CHARS
 
 
 @dataclass
@@ -45,9 +49,6 @@ class DemoDataParams:
 
 def demo_data(params: DemoDataParams, out_dir: str) -> dict[str, Any]:
     """Writes the task files (and tokenizer) into ``out_dir``; returns name -> path."""
-    from megarlhf.data.datasets import write_jsonl
-    from megarlhf.data.demo_task import ArithmeticConfig, ArithmeticTask, write_demo_data
-
     task = ArithmeticTask(ArithmeticConfig(
         min_operands=params.min_operands, max_operands=params.max_operands,
         max_value=params.max_value, operators=params.operators))
@@ -75,9 +76,6 @@ def demo_data(params: DemoDataParams, out_dir: str) -> dict[str, Any]:
         files["labelled_heldout"] = str(write_jsonl(
             os.path.join(out_dir, "labelled_heldout.jsonl"), labelled))
     if params.tokenizer:
-        from megarlhf.data.tokenizer import ChatTemplate, train_sentencepiece
-        from megarlhf.demo import REQUIRED_CHARS
-
         problems = task.problems("train", params.n_train, params.seed)
         tok = train_sentencepiece([p.prompt + p.solution for p in problems],
                                   os.path.join(out_dir, "tokenizer"), vocab_size=64,

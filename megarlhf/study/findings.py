@@ -28,8 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from megarlhf.study import stats
-from megarlhf.study.aggregate import RunData
+from megarlhf.study.errors import StudyError
 from megarlhf.study.stats import Estimate, judge
+
+# A run's data: megarlhf.study.aggregate.RunData (point, seed, jobs: name -> JobData).
+RunData = Any
 
 
 # ------------------------------------------------------------------------------ results
@@ -212,8 +215,6 @@ class Finding:
 
     def check(self, spec) -> None:
         """The study file gives what the analysis reads (raises StudyError)."""
-        from megarlhf.study.spec import StudyError
-
         bad = [k for k in spec.analysis if k not in self.defaults]
         if bad:
             raise StudyError(f"analysis.{bad[0]}: not a setting of study {self.name} (its "
@@ -238,8 +239,6 @@ class Finding:
 
 
 def _numeric_factor(factors, name: str, min_levels: int):
-    from megarlhf.study.spec import StudyError
-
     f = factors[0]
     if any(_num(v) is None for v in f.values):
         raise StudyError(f"sweep.factors.{f.name}: study {name} needs numeric values (or "
@@ -432,8 +431,6 @@ class RMDataDiversity(Finding):
     factors = (2, 2)
 
     def _pair(self, factors):
-        from megarlhf.study.spec import StudyError
-
         pf = _factor_by_suffix(factors, ("rm_num_prompts",))
         rf = _factor_by_suffix(factors, ("rm_responses_per_prompt",))
         if pf is None or rf is None or any(_num(v) is None for v in pf.values + rf.values):
@@ -494,8 +491,6 @@ class PRMvsORM(Finding):
     jobs = ("own_job", "other_job")
 
     def check_factors(self, factors, p):
-        from megarlhf.study.spec import StudyError
-
         f = factors[0]
         if _level(f, "prm") is None or _level(f, "orm") is None:
             raise StudyError(f"sweep.factors.{f.name}: study {self.name} compares the values "
@@ -540,8 +535,6 @@ class PPOvsGRPO(Finding):
     jobs = ("job",)
 
     def check_factors(self, factors, p):
-        from megarlhf.study.spec import StudyError
-
         f = factors[0]
         if _level(f, "ppo") is None or _level(f, "grpo") is None:
             raise StudyError(f"sweep.factors.{f.name}: study {self.name} compares the values "
@@ -608,8 +601,6 @@ class Staleness(Finding):
     factors = (2, 2)
 
     def _pair(self, factors):
-        from megarlhf.study.spec import StudyError
-
         kf = _factor_by_suffix(factors, ("max_staleness",))
         mf = next((f for f in factors if f is not kf), None)
         if kf is None or mf is None or any(_num(v) is None for v in kf.values):
@@ -618,8 +609,6 @@ class Staleness(Finding):
         return mf, kf
 
     def check_factors(self, factors, p):
-        from megarlhf.study.spec import StudyError
-
         mf, kf = self._pair(factors)
         if _level(mf, str(p["robust"]).lower()) is None or len(mf.values) < 2:
             raise StudyError(f"sweep.factors.{mf.name}: study {self.name} needs the value "
@@ -676,8 +665,6 @@ class AsyncSpeedup(Finding):
         return s, a
 
     def check_factors(self, factors, p):
-        from megarlhf.study.spec import StudyError
-
         s, a = self._levels(factors[0])
         if s is None or a is None:
             raise StudyError(f"sweep.factors.{factors[0].name}: study {self.name} compares "
@@ -752,8 +739,6 @@ class Custom(Finding):
     factors = (0, 2)
 
     def check(self, spec) -> None:
-        from megarlhf.study.spec import StudyError
-
         super().check(spec)
         p = self.params(spec.analysis)
         if p["job"] not in spec.jobs:

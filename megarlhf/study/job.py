@@ -22,6 +22,11 @@ import os
 import sys
 import time
 
+from megarlhf.checkpoint.atomic import mark_complete
+from megarlhf.cli import main as cli_main
+from megarlhf.config.base import from_dict
+from megarlhf.study.builtins import BUILTINS
+
 EXIT_INCOMPLETE = 3  # the command returned 0 but its final outputs are missing
 
 
@@ -49,21 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     command = [c for c in args.command if c != "--"] if args.command[:1] == ["--"] \
         else list(args.command)
-    from megarlhf.checkpoint.atomic import mark_complete
 
     t0 = time.time()
     if args.builtin is not None:
-        from megarlhf.config.base import from_dict
-        from megarlhf.study.builtins import BUILTINS
-
         b = BUILTINS[args.builtin]
         result = b.run(from_dict(b.params, json.loads(args.params)), args.out)
         missing = [f for f in b.outputs if not os.path.isfile(os.path.join(args.out, f))]
         rc = 0
         what = ["builtin", args.builtin]
     else:
-        from megarlhf.cli import main as cli_main
-
         rc = cli_main(command)
         result = None
         missing = final_outputs_missing(command, args.out) if rc == 0 else []

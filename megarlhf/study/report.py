@@ -23,6 +23,7 @@ from megarlhf.checkpoint.atomic import write_file_atomic, write_json_atomic
 from megarlhf.study import stats
 from megarlhf.study.aggregate import RunData, collect
 from megarlhf.study.findings import FINDINGS, Analysis, Verdict
+from megarlhf.study.plot import draw
 from megarlhf.study.sweep import StudyPlan
 
 
@@ -74,8 +75,6 @@ def write_report(plan: StudyPlan, failed: dict[str, str] | None = None) -> dict[
     write_file_atomic(os.path.join(res_dir, "table.md"), table)
     png = None
     if analysis.panels:
-        from megarlhf.study.plot import draw
-
         png = draw(analysis.panels, os.path.join(res_dir, f"{spec.study}.png"), spec.title)
     v = analysis.verdict
     result = {"study": spec.study, "title": spec.title, "claim": finding.claim,

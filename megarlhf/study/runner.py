@@ -38,8 +38,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from megarlhf.checkpoint.atomic import read_complete, write_file_atomic, write_json_atomic
-from megarlhf.study.spec import StudyError
+from megarlhf.checkpoint.atomic import (
+    read_complete,
+    read_marker,
+    write_file_atomic,
+    write_json_atomic,
+    write_marker,
+)
+from megarlhf.checkpoint.outputs import OutputError, claim_dir
+from megarlhf.study.errors import StudyError
+from megarlhf.study.report import write_report
 from megarlhf.study.sweep import JobInstance, StudyPlan
 
 STUDY_OUTPUTS = ("study.yaml", "plan.json", "jobs", "logs", "results", ".lock")
@@ -210,9 +218,6 @@ def completed(plan: StudyPlan) -> tuple[set[str], list[str]]:
 
 def claim_study_dir(plan: StudyPlan) -> None:
     """The study's output_dir is new, empty, or this study's own (never anything else)."""
-    from megarlhf.checkpoint.atomic import read_marker, write_marker
-    from megarlhf.checkpoint.outputs import OutputError, claim_dir
-
     spec = plan.spec
     writer = f"study {spec.study}"
     info = read_marker(spec.output_dir) if os.path.isdir(spec.output_dir) else None
@@ -300,8 +305,6 @@ def run_study(plan: StudyPlan, launcher: Launcher, *, progress: bool = True,
                 bar.close()
         out.done = [k for k in plan.instances if k in done]
         if report:
-            from megarlhf.study.report import write_report
-
             out.results = write_report(plan, failed=out.failed)
     return out
 

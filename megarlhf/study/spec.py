@@ -41,17 +41,15 @@ from typing import Any, Sequence
 
 from megarlhf.config.base import ConfigError, _coerce
 from megarlhf.config.schema import JobConfig
+from megarlhf.study.builtins import BUILTINS
+from megarlhf.study.errors import StudyError
+from megarlhf.study.findings import FINDINGS
 
 STUDY_KEYS = ("study", "title", "description", "output_dir", "jobs", "sweep", "analysis")
 JOB_KEYS = ("command", "builtin", "config", "overrides", "params", "seeded")
 SWEEP_KEYS = ("factors", "seeds", "seed_key")
 COMMANDS = ("train", "train sft", "train rm", "train ppo", "train grpo", "train dpo", "eval bon")
 MAX_FACTORS = 2
-
-
-class StudyError(ValueError):
-    """A study file (or its overrides) is wrong; the message names the setting and the fix
-    (the CLI prints it and exits with code 2, before any job starts)."""
 
 
 @dataclass
@@ -271,9 +269,6 @@ def load_study(path: str, overrides: Sequence[str] = ()) -> StudySpec:
 
 
 def _parse(path: str, data: dict[str, Any]) -> StudySpec:
-    from megarlhf.study.builtins import BUILTINS
-    from megarlhf.study.findings import FINDINGS
-
     unknown = [k for k in data if k not in STUDY_KEYS]
     if unknown:
         raise StudyError(f"unknown study setting {unknown[0]!r}{_near(unknown[0], STUDY_KEYS)}"
@@ -387,8 +382,6 @@ def _parse_job(name: str, j: Any, base: str, builtins: dict[str, Any]) -> JobSpe
 
 
 def _parse_factors(raw: Any, jobs: dict[str, JobSpec]) -> list[Factor]:
-    from megarlhf.study.builtins import BUILTINS
-
     if not isinstance(raw, dict):
         raise StudyError("sweep.factors: give a mapping <job>.<key>: [values]")
     if len(raw) > MAX_FACTORS:

@@ -25,7 +25,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from megarlhf.study.spec import Factor, JobSpec, StudyError, StudySpec
+from megarlhf.config import ConfigError, load_config
+from megarlhf.config.loader import declared_kind
+from megarlhf.config.base import from_dict
+from megarlhf.planning import validate
+from megarlhf.study.builtins import BUILTINS
+from megarlhf.study.errors import StudyError
+from megarlhf.study.spec import Factor, JobSpec, StudySpec
 
 REF = re.compile(r"\$\{([^}]*)\}")
 
@@ -279,12 +285,6 @@ def validate_plan(plan: StudyPlan) -> None:
 def _validate_instance(inst: JobInstance, plan: StudyPlan, tmp: str,
                        problems: dict[str, list[str]]) -> None:
     """One instance's checks (:func:`validate_plan`); problems are collected by message."""
-    from megarlhf.commands import check_command_kind
-    from megarlhf.config import ConfigError, load_config
-    from megarlhf.config.base import from_dict
-    from megarlhf.planning import validate
-    from megarlhf.study.builtins import BUILTINS
-
     job = inst.job
     try:
         if job.builtin is not None:
@@ -292,8 +292,11 @@ def _validate_instance(inst: JobInstance, plan: StudyPlan, tmp: str,
             return
         over = _stand_ins(inst, plan, tmp)
         words = job.command.split()
-        if len(words) == 2:
-            check_command_kind(job.config, over, words[1], words[0])
+        declared = declared_kind(job.config, over)
+        if len(words) == 2 and declared is not None and declared != words[1]:
+            raise ConfigError(f"{job.config} says kind: {declared}, but the job's command is "
+                              f"`{job.command}`; set command: {words[0]} {declared} (or "
+                              f"command: train, which runs the config's kind)")
         cfg = validate(load_config(job.config, over))
         inst.kind = cfg.kind
         if words[0] == "train" and cfg.kind == "bon":
