@@ -59,6 +59,12 @@ def run(args) -> int:
             print(f"  problem: {p}", file=sys.stderr)
         return 0
     if args.report:
+        from megarlhf.checkpoint.atomic import read_marker
+
+        info = read_marker(spec.output_dir) if os.path.isdir(spec.output_dir) else None
+        if info is None or info.get("writer") != f"study {spec.study}":
+            raise UsageError(f"--report: {spec.output_dir} holds no run of study {spec.study}; "
+                             "run the study first (without --report)")
         res = write_report(plan)
     else:
         address = args.ray_address or os.environ.get("RAY_ADDRESS")
