@@ -46,7 +46,7 @@ def draw(panels, path: str, title: str) -> str:
             hi = [m + s for m, s in zip(c.mean, c.std)]
             if any(s > 0 for s in c.std):
                 ax.fill_between(c.x, lo, hi, color=color, alpha=0.18, linewidth=0)
-            if c.points and len(c.points) > len(c.x):
+            if c.points and len(c.points) > len(c.x) and len(c.x) < 30:
                 ax.scatter([x for x, _ in c.points], [y for _, y in c.points], s=10,
                            color=color, alpha=0.5, zorder=3)
         if panel.xlog and all(x > 0 for c in panel.curves for x in c.x):
@@ -54,6 +54,11 @@ def draw(panels, path: str, title: str) -> str:
             xs = sorted({x for c in panel.curves for x in c.x})
             ax.set_xticks(xs)
             ax.set_xticklabels([f"{x:g}" for x in xs])
+        elif not panel.xticks:
+            xs = sorted({x for c in panel.curves for x in c.x})
+            if 1 < len(xs) <= 8:
+                ax.set_xticks(xs)
+                ax.set_xticklabels([f"{x:g}" for x in xs])
         if panel.xticks:
             ax.set_xticks([x for x, _ in panel.xticks])
             ax.set_xticklabels([t for _, t in panel.xticks])
