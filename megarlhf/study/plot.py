@@ -34,7 +34,7 @@ def draw(panels, path: str, title: str) -> str:
     """Draws ``panels`` into ``path`` (PNG, written atomically); returns the path."""
     plt = _pyplot()
     n = max(1, len(panels))
-    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(5.6 * n, 4.3), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         for i, c in enumerate(panel.curves):
             if not c.x:
@@ -69,7 +69,9 @@ def draw(panels, path: str, title: str) -> str:
         ax.grid(alpha=0.3)
         if any(c.x for c in panel.curves):
             ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=11)
+    import textwrap
+
+    fig.suptitle(textwrap.fill(title, width=int(55 * n)), fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
