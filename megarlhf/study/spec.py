@@ -5,12 +5,19 @@ A study is a *base job* (one or more megarlhf jobs chained by their outputs) plu
 
     study: responses_per_prompt        # the finding: its analysis, plot and verdict
     output_dir: outputs/studies/responses_per_prompt_mini
-    jobs:                              # in order; ${name} is that job's output directory
+    jobs:                              # ${name} is that job's output directory
       data: {builtin: demo-data}
-      sft:  {command: train sft, config: ../_base/mini_sft.yaml, seeded: false,
-             overrides: [data.train_path=${data}/sft_train.jsonl, ...]}
-      rl:   {command: train grpo, config: ../_base/mini_grpo.yaml,
-             overrides: [actor.model.hf_dir=${sft}/hf, ...]}
+      sft:
+        command: train sft
+        config: ../_base/mini_sft.yaml     # relative to the study file
+        seeded: false                      # once for the whole study
+        overrides:                         # block lists: ${...} is not valid in [a, b]
+          - data.train_path=${data}/sft_train.jsonl
+      rl:
+        command: train grpo
+        config: ../_base/mini_grpo.yaml
+        overrides:
+          - actor.model.hf_dir=${sft}/hf
     sweep:
       factors:                         # <job>.<config key>: values
         rl.batch.n_samples_per_prompt: [1, 2, 4, 8]
