@@ -181,15 +181,19 @@ def _rows(n: int, value: float):
         {"step": s, "reward/raw_mean": value, "eval/accuracy": value} for s in range(1, n + 1)]
 
 
+ARCH = yaml.safe_load(open(os.path.join(BASE, "mini_sft.yaml")))["actor"]["model"]["arch"]
+
+
 def _write_job(out_dir: str, command, rows=(), complete=True):
-    """What a job leaves behind: metrics, the HF export, COMPLETE.json (as study.job does)."""
+    """What a job leaves behind: metrics, the HF export (its config.json), COMPLETE.json (as
+    study.job does)."""
     os.makedirs(os.path.join(out_dir, "tensorboard"), exist_ok=True)
     with open(os.path.join(out_dir, "tensorboard", "metrics.jsonl"), "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     if complete:
         os.makedirs(os.path.join(out_dir, "hf"), exist_ok=True)
-        open(os.path.join(out_dir, "hf", "config.json"), "w").write("{}")
+        open(os.path.join(out_dir, "hf", "config.json"), "w").write(json.dumps(ARCH))
         mark_complete(out_dir, {"command": command, "seconds": 1.0})
 
 
@@ -674,3 +678,32 @@ def test_shipped_8b_study_plans(path, tmp_path, capsys, sparse_8b):
     assert main(["study", path, f"output_dir={tmp_path}"] + over + ["--plan"]) == 0, \
         capsys.readouterr().err
     assert "DOES NOT FIT" not in capsys.readouterr().out
+
+
+def test_dry_run_lists_jobs_and_what_is_done_without_writing(tmp_path, capsys):
+    """If this fails, `megarlhf study --dry-run` runs or writes something, or misreports which
+    jobs a rerun would skip."""
+    from megarlhf.cli import main
+
+    path = _study(tmp_path)
+    assert main(["study", path, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "6 runs, 8 jobs (0 complete)" in out and out.count("[todo]") == 8
+    assert "megarlhf train grpo" in out and not os.path.exists(tmp_path / "out")
+    plan = expand(load_study(path))
+    with pytest.raises(KeyboardInterrupt):
+        run_study(plan, FakeLauncher(fail_after=3), progress=False, poll_s=0)
+    assert main(["study", path, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "(3 complete)" in out and out.count("[done]") == 3
+    assert main(["study", path, "--report"]) == 1  # 0 of 6 runs complete: not a success
+    assert "0 of 6 runs" in capsys.readouterr().out
+
+
+def test_report_of_a_study_never_run_is_refused(tmp_path, capsys):
+    """If this fails, `--report` writes results into a directory the study never ran in."""
+    from megarlhf.cli import main
+
+    assert main(["study", _study(tmp_path), "--report"]) == 2
+    assert "run the study first" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
