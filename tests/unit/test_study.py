@@ -696,8 +696,8 @@ def test_dry_run_lists_jobs_and_what_is_done_without_writing(tmp_path, capsys):
     assert main(["study", path, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "(3 complete)" in out and out.count("[done]") == 3
-    assert main(["study", path, "--report"]) == 1  # 0 of 6 runs complete: not a success
-    assert "0 of 6 runs" in capsys.readouterr().out
+    assert main(["study", path, "--report"]) == 1  # 1 of 6 runs complete: not a success
+    assert "(1 of 6 runs)" in capsys.readouterr().out
 
 
 def test_report_of_a_study_never_run_is_refused(tmp_path, capsys):
