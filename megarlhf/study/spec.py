@@ -140,9 +140,19 @@ class StudySpec:
 
 
 def format_value(value: Any) -> str:
-    """A value as the text of a ``key=value`` override (YAML reads JSON back exactly)."""
+    """A value as the text of a ``key=value`` override: a plain string as itself where YAML
+    reads it back unchanged (``kind=ppo``: commands compare the kind as text), anything else
+    as JSON (which YAML reads back exactly)."""
     import json
 
+    import yaml
+
+    if isinstance(value, str) and value and value == value.strip():
+        try:
+            if yaml.safe_load(value) == value:
+                return value
+        except yaml.YAMLError:
+            pass
     return json.dumps(value)
 
 

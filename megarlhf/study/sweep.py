@@ -299,6 +299,9 @@ def _validate_instance(inst: JobInstance, plan: StudyPlan, tmp: str,
                               f"command: train, which runs the config's kind)")
         cfg = validate(load_config(job.config, over))
         inst.kind = cfg.kind
+        if declared is not None and declared != cfg.kind:  # what the CLI compares, as text
+            raise ConfigError(f"kind is given as {declared!r}; write it as a plain word "
+                              f"(kind: {cfg.kind})")
         if words[0] == "train" and cfg.kind == "bon":
             raise ConfigError("kind: bon is an evaluation: use command: eval bon")
         if words[0] == "eval" and cfg.kind != "bon":

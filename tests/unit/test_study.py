@@ -98,7 +98,8 @@ def test_factor_on_an_upstream_job_splits_its_downstream_jobs(tmp_path):
 def test_two_factors_and_variants_expand_to_the_cartesian_product(tmp_path):
     """If this fails, a two-factor sweep (algorithm x staleness) misses combinations, or a
     variant's settings are not applied together."""
-    path = _study(tmp_path, **{"study": "staleness", "sweep.factors": {
+    path = _study(tmp_path, **{"study": "staleness", "jobs.rl.command": "train",
+                               "sweep.factors": {
         "rl.method": {"grpo": {"kind": "grpo"},
                       "dpo": {"kind": "dpo", "algorithm.dpo_beta": 0.1}},
         "rl.asynchronous.max_staleness": [0, 2]}, "sweep.seeds": [7]})
@@ -107,8 +108,10 @@ def test_two_factors_and_variants_expand_to_the_cartesian_product(tmp_path):
         {"rl.method": m, "rl.asynchronous.max_staleness": k}
         for m in ("grpo", "dpo") for k in (0, 2)]
     dpo = plan.instances["rl/method-dpo+max_staleness-2+seed-7"]
-    assert {"kind=\"dpo\"", "algorithm.dpo_beta=0.1", "asynchronous.max_staleness=2",
+    assert {"kind=dpo", "algorithm.dpo_beta=0.1", "asynchronous.max_staleness=2",
             "seed=7"} <= set(dpo.overrides)
+    validate_plan(plan)
+    assert dpo.argv()[:2] == ["train", "dpo"]  # what the CLI's kind check compares
 
 
 def test_command_line_overrides_reach_jobs_and_study_settings(tmp_path):
