@@ -45,6 +45,7 @@ class Curve:
     mean: list[float]
     std: list[float]
     points: list[tuple[float, float]] = field(default_factory=list)
+    color: int | None = None  # matplotlib's C<n>; None: by position
 
 
 @dataclass
@@ -711,16 +712,18 @@ class AsyncSpeedup(Finding):
             judge(e.shown(), e.contradicted()),
             f"wall-clock to the sync final {p['metric']} ({target:.3f}, {w}-step mean): sync / "
             f"async = {ratio:.2f}x (geometric mean over {len(logs)} seed pairs; log ratio "
-            f"{e.text()}), i.e. {100 * (1 - 1 / ratio) if ratio == ratio else math.nan:.0f}% "
-            "less time",
+            f"{e.text()}): async took "
+            + (f"{100 * (1 - 1 / ratio):.0f}% less time" if ratio >= 1
+               else f"{100 * (1 / ratio - 1):.0f}% more time" if ratio == ratio else "?"),
             f"reproduced when log(sync time / async time) > {stats.Z:g} SE; not reproduced "
             f"when < -{stats.Z:g} SE (clock: running sum of {clock})",
             {"speedup": ratio, "log_ratio": e.value, "log_ratio_se": e.se, "target": target})
         panel = Panel(f"{p['metric']} vs wall-clock", f"seconds (running sum of {clock})",
                       f"{p['metric']} ({w}-step mean)",
                       [Curve(f"{name} (seed {r.seed})", [t for t, _ in curves[id(r)]],
-                             [v for _, v in curves[id(r)]], [0.0] * len(curves[id(r)]))
-                       for lvl, name in ((s_lvl, "sync"), (a_lvl, "async"))
+                             [v for _, v in curves[id(r)]], [0.0] * len(curves[id(r)]),
+                             color=c)
+                       for lvl, name, c in ((s_lvl, "sync", 0), (a_lvl, "async", 1))
                        for r in g.get(lvl, []) if curves.get(id(r))])
         return Analysis(["seed", "sync: s to target", "async: s to target", "speed-up",
                          "sync final", "async final"], rows, [panel], verdict,

@@ -39,7 +39,7 @@ def draw(panels, path: str, title: str) -> str:
         for i, c in enumerate(panel.curves):
             if not c.x:
                 continue
-            color = f"C{i % 10}"
+            color = f"C{(c.color if c.color is not None else i) % 10}"
             ax.plot(c.x, c.mean, marker="o" if len(c.x) < 30 else None, color=color,
                     label=c.label, linewidth=1.6, markersize=4)
             lo = [m - s for m, s in zip(c.mean, c.std)]
