@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "tqdm",
     "pyarrow",
     "math-verify>=0.7",
+    "matplotlib>=3.7",  # `megarlhf study` plots (imported only by megarlhf/study/plot.py)
 ]
 
 EXTRAS = {
@@ -25,7 +26,7 @@ EXTRAS = {
     # it is listed for bare-metal installs. vLLM is pinned: megarlhf/rollout/vllm_engine.py follows
     # this version's API exactly.
     "gpu": ["vllm==0.32.0", "transformer-engine[pytorch]>=2.6"],
-    "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "matplotlib"],
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6"],
 }
 
 setup(

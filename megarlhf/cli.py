@@ -22,6 +22,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("score", "megarlhf.commands.score"),
     ("convert", "megarlhf.commands.convert"),
     ("plan", "megarlhf.commands.plan"),
+    ("study", "megarlhf.commands.study"),
 ]
 
 
@@ -52,6 +53,8 @@ USER_ERRORS: list[tuple[str, str, int]] = [
     ("megarlhf.models.arch", "ArchError", 2),
     ("megarlhf.models.families", "UnsupportedArchitecture", 2),
     ("megarlhf.models.builder", "ModelBuildError", 2),
+    ("megarlhf.study.errors", "StudyError", 2),
+    ("megarlhf.study.plot", "PlotUnavailable", 2),
     ("megarlhf.observability.divergence", "DivergenceError", 1),
     ("megarlhf.controller.rl", "LogprobMismatchError", 1),  # rollout.logprob_check_action=stop
     # Not a user error, but its message is the whole story (the lost node, what it held, the

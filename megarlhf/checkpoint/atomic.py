@@ -81,3 +81,47 @@ def publish(tmp_dir: str, final_dir: str, overwrite: bool = False,
     fsync_path(os.path.dirname(final_dir) or ".")
     if old is not None:
         shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+
+
+def write_file_atomic(path: str, data: str | bytes) -> None:
+    """Writes ``path`` whole or not at all: ``<path>.tmp-<pid>``, fsync, rename into place.
+
+    A reader (or a resumed study) sees the previous content or the complete new one, never a
+    half-written file, whatever kills the writer.
+    """
+    mode = "wb" if isinstance(data, bytes) else "w"
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(os.path.dirname(os.path.abspath(path)))
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """:func:`write_file_atomic` of ``obj`` as indented JSON."""
+    write_file_atomic(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
+
+
+# A job that finished and wrote its final outputs gets this file in its directory, written
+# last and atomically (like a checkpoint's ``COMPLETE``): its presence is the only proof of
+# completion a study runner (megarlhf.study) accepts.
+COMPLETE = "COMPLETE.json"
+
+
+def mark_complete(directory: str, info: dict[str, Any]) -> None:
+    """Writes ``<directory>/COMPLETE.json`` (atomically, last)."""
+    write_json_atomic(os.path.join(directory, COMPLETE),
+                      {"format": MARKER_FORMAT + ".complete", **info})
+
+
+def read_complete(directory: str) -> dict[str, Any] | None:
+    """The completion record of ``directory``, or None where the job did not complete."""
+    try:
+        with open(os.path.join(directory, COMPLETE), encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and \
+        info.get("format") == MARKER_FORMAT + ".complete" else None
