@@ -1,7 +1,7 @@
 """``megarlhf study``: sweep expansion, validation messages, resume after a kill, aggregation,
 the nine findings' verdicts on synthetic metrics, the report and plot, and the shipped study
 files (examples/studies/). Jobs are faked here (a launcher that writes what a job writes);
-tests/e2e/test_study.py runs a tiny real study."""
+tests/e2e/test_study_end_to_end.py runs a tiny real study."""
 
 import glob
 import json
