@@ -262,8 +262,17 @@ def init_ray(job: JobConfig, **kwargs: Any) -> None:
         return
     address = job.cluster.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **kwargs)
-        return
+        # A busy head (a job's entrypoint started while its cluster is loaded) can miss Ray's
+        # connect deadline once: try again before giving up.
+        for attempt in range(3):
+            try:
+                ray.init(address=address, **kwargs)
+                return
+            except ConnectionError as e:
+                if attempt == 2:
+                    raise
+                print(f"megarlhf: {e}; retrying in {5 * (attempt + 1)} s", flush=True)
+                time.sleep(5 * (attempt + 1))
     if torch.cuda.is_available() and job.cluster.device != "cpu":
         ray.init(**kwargs)
     else:

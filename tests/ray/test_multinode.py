@@ -363,13 +363,13 @@ def test_ray_job_submit_with_a_runtime_env_runs_a_two_node_job(cluster, inputs, 
     runtime_env = {"working_dir": ROOT,
                    "excludes": [".git", ".venv", "tests", "docs", "outputs", "*.egg-info"],
                    "env_vars": {"PYTHONUNBUFFERED": "1"}}
-    r = subprocess.run(
-        [sys.executable, "-m", "ray.scripts.scripts", "job", "submit",
-         "--address", cluster.dashboard_url, "--runtime-env-json", json.dumps(runtime_env),
-         "--", sys.executable, "-c",
-         "import megarlhf, os, sys; print('megarlhf from', os.path.dirname(megarlhf.__file__));"
-         "from megarlhf.cli import main; sys.exit(main(['train', 'sft', " + repr(cfg) + "]))"],
-        env=env, capture_output=True, text=True, timeout=600)
+    # The head's job agent registers a few seconds after the nodes: until then the dashboard
+    # answers "No available agent to submit job, please try again later" (nothing ran).
+    for attempt in range(12):
+        r = _submit(cluster, runtime_env, cfg, env)
+        if r.returncode == 0 or "No available agent" not in r.stdout + r.stderr:
+            break
+        time.sleep(5)
     text = r.stdout + r.stderr
     assert r.returncode == 0, text[-4000:]
     assert "succeeded" in text.lower(), text[-4000:]
@@ -379,3 +379,14 @@ def test_ray_job_submit_with_a_runtime_env_runs_a_two_node_job(cluster, inputs, 
     # Both ranks on worker nodes of their own (the head has no GPUs).
     assert "megarlhf: placement: n0 -> Ray node" in text and ", n1 -> Ray node" in text
     assert os.path.isdir(out / "hf") and glob.glob(str(out / "checkpoints" / "step_*"))
+
+
+def _submit(cluster, runtime_env, cfg, env):
+    """``ray job submit`` of a 2-step SFT job (the README's command), waiting for its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "job", "submit",
+         "--address", cluster.dashboard_url, "--runtime-env-json", json.dumps(runtime_env),
+         "--", sys.executable, "-c",
+         "import megarlhf, os, sys; print('megarlhf from', os.path.dirname(megarlhf.__file__));"
+         "from megarlhf.cli import main; sys.exit(main(['train', 'sft', " + repr(cfg) + "]))"],
+        env=env, capture_output=True, text=True, timeout=600)
