@@ -58,10 +58,14 @@ def cluster():
     port = _free_port()
     c = Cluster(initialize_head=True, head_node_args=dict(
         num_cpus=1, num_gpus=0, include_dashboard=True, dashboard_host="127.0.0.1",
-        dashboard_port=port))
+        dashboard_port=port, dashboard_agent_listen_port=_free_port()))
     try:
+        # Each node's dashboard agent (runtime envs, job submission) on a port of its own: the
+        # default (52365) may be held by another Ray on the machine, and then job submission
+        # answers "No available agent".
         for _ in range(2):
-            c.add_node(num_cpus=1, num_gpus=GPUS_PER_NODE)
+            c.add_node(num_cpus=1, num_gpus=GPUS_PER_NODE,
+                       dashboard_agent_listen_port=_free_port())
         c.wait_for_nodes()
         # cluster_utils records this cluster as the machine's "current" one, which a plain
         # ray.init() elsewhere on the machine would join; nothing here relies on it.
