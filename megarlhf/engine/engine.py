@@ -205,6 +205,9 @@ class MegatronEngine:
             attention_mask = None
         if self.moe is not None:
             self.moe.before_forward(mb, model)
+            pad = self.moe.padding_mask(mb, model)
+            if pad is not None:
+                kwargs["padding_mask"] = pad.to(self._device())
         dev = self._device()
         ids = mb.input_ids.to(dev)
         pos = mb.position_ids.to(dev)

@@ -14,8 +14,10 @@ Load-balancing aux loss
     by that count, ``N = sum over micro-batches and DP ranks of n_mb`` (tokens a router sees on
     one TP rank: ``b*s``, or ``b*s/tp`` with sequence parallelism), which makes the gradient
     that of ``coeff * sum_mb n_mb * aux_mb / N``: the token-weighted mean of the micro-batches'
-    aux losses, whatever the micro-batching and the DP size. (Padding tokens are routed and
-    counted like the others; packing keeps them few.)
+    aux losses, whatever the micro-batching and the DP size. Padding tokens take no part: the
+    engine passes megatron the micro-batch's padding mask (:meth:`MoEHooks.padding_mask`), so
+    the routers leave them out of the aux loss (``f_e``, ``P_e`` and the token count megatron
+    scales by), and ``N`` counts real tokens only.
 
 Router metrics (per global layer ``L``, over the step's real tokens, every rank of the role)
     ``moe/layer_L/max_expert_load``  share of the step's (token, slot) assignments that went
@@ -152,11 +154,32 @@ class MoEHooks:
             r.clear()
         clear_aux_losses_tracker()
         if training and self.base_coeff > 0:
-            n = torch.tensor([sum(m.input_ids.numel() for m in mbs) / self.sp_size],
+            n = torch.tensor([sum(_aux_tokens(m) for m in mbs) / self.sp_size],
                              dtype=torch.float64, device=_device())
             if self.ctx.layout.dp * self.ctx.layout.cp > 1:
                 torch.distributed.all_reduce(n, group=self.ctx.dp_cp_group)
             self.config.moe_aux_loss_coeff = self.base_coeff / max(float(n), 1.0)
+
+    def padding_mask(self, mb: MicroBatch, model) -> torch.Tensor | None:
+        """``padding_mask`` for megatron's ``GPTModel.forward``: ``(b, s)`` bool, True where the
+        micro-batch holds no token (its routers then leave the position out of the aux loss).
+        None for an empty filler micro-batch (no real token at all: megatron's aux loss would
+        divide by a token count of 0 and turn the step's gradients into NaN); its pad tokens
+        are routed and counted as tokens, as :func:`_aux_tokens` says.
+
+        megatron 0.16.1 scatters the mask over the sequence-parallel ranks only on the first
+        pipeline stage (``GPTModel._preprocess``, ``pre_process``); a later stage's chunk gets
+        it as passed, so there it is this TP rank's block of the sequence already.
+        """
+        real = _real_tokens(mb)
+        if not bool(real.any()):
+            return None
+        pad = ~real
+        if self.sp_size > 1 and not getattr(_unwrap(model), "pre_process", True):
+            s = pad.shape[1] // self.sp_size
+            r = self.ctx.tp_rank
+            pad = pad[:, r * s: (r + 1) * s].contiguous()
+        return pad
 
     def before_forward(self, mb: MicroBatch, model) -> None:
         """In a micro-batch's forward step: which tokens are real, and replay targets."""
@@ -287,6 +310,22 @@ class MoEHooks:
 
 def _device() -> torch.device:
     return current_platform().device
+
+
+def _aux_tokens(mb: MicroBatch) -> int:
+    """Tokens the routers count in ``mb``'s aux loss: its real tokens, or all of its positions
+    for an empty filler micro-batch (see :meth:`MoEHooks.padding_mask`)."""
+    n = int(_real_tokens(mb).sum())
+    return n if n > 0 else mb.input_ids.numel()
+
+
+def _unwrap(model):
+    """The megatron ``GPTModel`` inside DDP / Float16Module wrappers."""
+    seen = 0
+    while hasattr(model, "module") and seen < 8:
+        model = model.module
+        seen += 1
+    return model
 
 
 def _real_tokens(mb: MicroBatch) -> torch.Tensor:

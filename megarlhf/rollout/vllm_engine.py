@@ -31,7 +31,11 @@ version's source:
 
 Weights travel as HF-named full tensors (the engine contract); vLLM's ``load_weights`` fuses
 q/k/v and gate/up and takes each TP rank's shard. The stream is cut into buckets of at most
-``weight_bucket_bytes`` (a larger tensor travels alone), each packed into one byte payload
+``weight_bucket_bytes`` (a larger tensor travels alone). Where vLLM's workers share the
+caller's ``/dev/shm`` (probed once per engine), each bucket is written into a shared-memory
+segment and only its path and layout cross the RPC (:mod:`megarlhf.rollout.shared_buckets`:
+one bucket of host memory, shared by caller and workers). Otherwise each is packed into one
+byte payload
 (:func:`pack_bucket`: names, dtypes, shapes, offsets and the raw bytes) and sent with one
 ``collective_rpc`` per bucket, so host memory holds one bucket (and its packed copy) at a time,
 whatever the model size. Tensors are not passed as tensors: between the ``LLM`` and its
@@ -58,6 +62,7 @@ Only this module imports vLLM, and only inside functions.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -65,7 +70,8 @@ from typing import Any
 
 import torch
 
-from megarlhf.rollout.base import iter_weight_buckets  # noqa: F401 (re-exported)
+from megarlhf.rollout import shared_buckets
+from megarlhf.rollout.base import iter_weight_buckets
 from megarlhf.rollout.base import (
     RolloutEngine,
     RolloutOutput,
@@ -84,6 +90,9 @@ PINNED_VLLM_VERSION = "0.32.0"
 WORKER_EXTENSION_CLS = f"{__name__}.VLLMWorkerExtension"
 LOGPROBS_MODE = "processed_logprobs"
 DEFAULT_WEIGHT_BUCKET_BYTES = 256 * 2**20
+# How buckets reach vLLM's workers: "shm" (shared-memory segments, megarlhf.rollout.
+# shared_buckets), "bytes" (packed into the RPC), "auto" (shm where the workers see it).
+WEIGHT_TRANSPORTS = ("auto", "shm", "bytes")
 DEFAULT_CPU_KV_CACHE_BYTES = 2**30
 TIED_EMBEDDING_NAME = "model.embed_tokens.weight"
 # Head sizes vLLM 0.32's CPU attention backend runs (``CPUAttentionBackend.
@@ -352,17 +361,39 @@ def unpack_bucket(payload: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
     flat = torch.empty(0, dtype=torch.uint8)
     if buffer:
         flat = torch.frombuffer(buffer, dtype=torch.uint8)
-    out = []
-    for name, dtype_name, shape, offset in zip(
-        payload["names"], payload["dtypes"], payload["shapes"], payload["offsets"], strict=True
-    ):
-        dtype = getattr(torch, dtype_name)
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * dtype.itemsize
-        out.append((str(name), flat[offset : offset + nbytes].view(dtype).view(shape)))
-    return out
+    return shared_buckets.tensor_views(
+        flat, payload["names"], payload["dtypes"], payload["shapes"], payload["offsets"])
+
+
+def _nbytes(dtype_name: str, shape: Sequence[int]) -> int:
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    return numel * getattr(torch, dtype_name).itemsize
+
+
+class _Peekable:
+    """An iterator that remembers the item it handed out last, so that a consumer failing on
+    that item (a shared-memory segment that could not be reserved for it) can hand the rest of
+    the stream, that item first, to another transport."""
+
+    def __init__(self, it: Iterator[tuple[str, torch.Tensor]]):
+        self._it = it
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[str, torch.Tensor]:
+        self._last = None
+        self._last = next(self._it)
+        return self._last
+
+    def with_pending(self) -> Iterator[tuple[str, torch.Tensor]]:
+        last, self._last = self._last, None
+        if last is not None:
+            yield last
+        yield from self._it
 
 
 def _sampled_logprobs(logprobs: Any, token_ids: list[int], where: str) -> list[float]:
@@ -588,9 +619,21 @@ class VLLMWorkerExtension:
         self._megarlhf_pending: dict[int, tuple[str, torch.Tensor]] = {}
         self._megarlhf_processed = _record_processed_layers()
 
+    def megarlhf_probe_shared_memory(self, payload: dict, expected: list[int]) -> bool:
+        """Whether this worker reads a shared-memory segment the caller wrote."""
+        from megarlhf.rollout.shared_buckets import check_probe
+
+        return check_probe(payload, expected)
+
     def megarlhf_load_weights(self, payload: dict) -> int:
-        """Load one :func:`pack_bucket` payload of HF-named full tensors; vLLM fuses and shards."""
-        weights = unpack_bucket(payload)
+        """Load one bucket of HF-named full tensors (a shared-memory segment's payload or a
+        :func:`pack_bucket` payload); vLLM fuses and shards."""
+        if "shm" in payload:
+            from megarlhf.rollout.shared_buckets import open_shared_bucket
+
+            weights = open_shared_bucket(payload)
+        else:
+            weights = unpack_bucket(payload)
         pending = self._megarlhf_pending
         for name, tensor in weights:
             pending[id(tensor)] = (name, tensor)
@@ -654,6 +697,9 @@ class VLLMRolloutEngine(RolloutEngine):
         llm: a ``vllm.LLM`` built with :func:`build_llm_kwargs` (the adapter checks that its
             ``logprobs_mode`` is ``"processed_logprobs"`` when it can see it).
         weight_bucket_bytes: most bytes of weights per ``collective_rpc`` call.
+        weight_transport: how buckets reach the workers: "shm" (shared-memory segments, see
+            :mod:`megarlhf.rollout.shared_buckets`), "bytes" (packed into the RPC) or "auto"
+            (shm if every worker reads a probe segment, decided at the first update).
         sleep_level: vLLM sleep level for :meth:`sleep`: 1 keeps the weights in host memory,
             2 drops them (every update must then carry all of them).
         sampling_params_factory: builds a vLLM ``SamplingParams`` from keywords; defaults to
@@ -679,6 +725,7 @@ class VLLMRolloutEngine(RolloutEngine):
         manifest: WeightManifest | None = None,
         platform: str = "cuda",
         tied_embeddings: bool = False,
+        weight_transport: str = "auto",
     ):
         if sleep_level not in (1, 2):
             raise ValueError(f"vLLM sleep_level must be 1 or 2, got {sleep_level!r}")
@@ -704,6 +751,8 @@ class VLLMRolloutEngine(RolloutEngine):
         self._manifest = manifest
         self.platform = platform
         self.tied_embeddings = tied_embeddings
+        self.weight_transport = weight_transport  # validated by the setter
+        self.last_transport: str | None = None  # what the last update used
         self._state = "awake"  # "awake" | "asleep" | "weights_awake" (KV cache still asleep)
 
     @classmethod
@@ -714,6 +763,7 @@ class VLLMRolloutEngine(RolloutEngine):
         weight_bucket_bytes: int = DEFAULT_WEIGHT_BUCKET_BYTES,
         sleep_level: int = 1,
         allow_version_mismatch: bool = False,
+        weight_transport: str = "auto",
         **llm_kwargs: Any,
     ) -> VLLMRolloutEngine:
         """Build the ``vllm.LLM`` for one replica (see :func:`build_llm_kwargs`) and wrap it.
@@ -761,6 +811,7 @@ class VLLMRolloutEngine(RolloutEngine):
             manifest=manifest,
             platform=platform,
             tied_embeddings=tied,
+            weight_transport=weight_transport,
         )
 
     def weight_manifest(self) -> WeightManifest | None:
@@ -808,18 +859,18 @@ class VLLMRolloutEngine(RolloutEngine):
             self._llm.wake_up(tags=["weights"])
             self._state = "weights_awake"
         count = nbytes = buckets = 0
+        shm_dir = self._transport()
         self._llm.collective_rpc("megarlhf_begin_weight_update")
+        payloads = self._payloads(self._checked(named_tensors), shm_dir)
         try:
-            stream = self._checked(named_tensors)
-            for bucket in iter_weight_buckets(stream, self.weight_bucket_bytes):
-                count += len(bucket)
-                nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
-                payload = pack_bucket(bucket)
-                bucket = None
+            for payload, n, size in payloads:
                 self._llm.collective_rpc("megarlhf_load_weights", args=(payload,))
                 payload = None
+                count += n
+                nbytes += size
                 buckets += 1
         except BaseException:
+            payloads.close()  # unlinks a shared-memory segment still open
             # Finish anyway: vLLM then puts back the layers the partial stream left incomplete.
             try:
                 self._llm.collective_rpc("megarlhf_finish_weight_update")
@@ -859,6 +910,88 @@ class VLLMRolloutEngine(RolloutEngine):
         )
         logger.info("vLLM engine: weight update: %s", stats.summary())
         return stats
+
+    @property
+    def weight_transport(self) -> str:
+        return self._weight_transport
+
+    @weight_transport.setter
+    def weight_transport(self, value: str) -> None:
+        if value not in WEIGHT_TRANSPORTS:
+            raise ValueError(
+                f"vLLM weight_transport must be one of {WEIGHT_TRANSPORTS}, got {value!r}")
+        self._weight_transport = value
+        self._shm_dir: str | None = None  # decided by the next update (see _transport)
+        self._transport_decided = False
+
+    def _transport(self) -> str | None:
+        """The shared-memory directory buckets go through, or None for the bytes transport.
+
+        Decided once per engine: "auto" uses ``/dev/shm`` if every vLLM worker reads a probe
+        segment the caller wrote there (same node and IPC namespace), "shm" insists on it (an
+        error otherwise), "bytes" never uses it.
+        """
+        if self._transport_decided:
+            return self._shm_dir
+        self._transport_decided = True
+        if self.weight_transport == "bytes":
+            return None
+        directory = shared_buckets.shm_directory()
+        probe = shared_buckets.probe(directory)
+        ok = False
+        if probe is not None:
+            bucket, token = probe
+            try:
+                seen = self._llm.collective_rpc(
+                    "megarlhf_probe_shared_memory", args=(bucket.payload(), token))
+                ok = bool(seen) and all(bool(x) for x in seen)
+            finally:
+                bucket.close()
+        if ok:
+            self._shm_dir = directory
+        elif self.weight_transport == "shm":
+            raise RuntimeError(
+                "vLLM engine: weight_transport='shm' but vLLM's workers cannot read a segment "
+                f"this process wrote in {shared_buckets.SHM_DIRECTORY} (missing, not writable, "
+                "full, or another node/IPC namespace); use weight_transport='auto' or 'bytes'"
+            )
+        else:
+            logger.info("vLLM engine: weights travel as bytes through vLLM's RPC (workers do not "
+                        "share this process's %s)", shared_buckets.SHM_DIRECTORY)
+        return self._shm_dir
+
+    def _payloads(
+        self, stream: Iterator[tuple[str, torch.Tensor]], shm_dir: str | None
+    ) -> Iterator[tuple[dict[str, Any], int, int]]:
+        """``(payload, tensors, bytes)`` per bucket: shared-memory segments when ``shm_dir``,
+        else packed bytes; a segment /dev/shm cannot reserve switches the rest of the stream to
+        bytes (with a warning naming the fix)."""
+        if shm_dir is not None:
+            stream = _Peekable(stream)
+            buckets = shared_buckets.iter_shared_buckets(stream, self.weight_bucket_bytes, shm_dir)
+            try:
+                for bucket in buckets:
+                    self.last_transport = "shm"
+                    yield bucket.payload(), len(bucket), sum(
+                        _nbytes(d, s) for d, s in zip(bucket.dtypes, bucket.shapes, strict=True))
+            except shared_buckets.SharedMemoryFull as e:
+                logger.warning(
+                    "vLLM engine: %s could not reserve a %d MiB weight bucket (%s); this update "
+                    "goes on through vLLM's RPC (slower, more memory). Give the container more "
+                    "shared memory (docker --shm-size / --ipc=host) or lower "
+                    "rollout.weight_sync_bucket_mib", shm_dir, self.weight_bucket_bytes >> 20, e)
+                stream = stream.with_pending()
+            else:
+                return
+            finally:
+                buckets.close()
+        for bucket in iter_weight_buckets(stream, self.weight_bucket_bytes):
+            self.last_transport = "bytes"
+            size = sum(t.numel() * t.element_size() for _, t in bucket)
+            payload = pack_bucket(bucket)
+            n = len(bucket)
+            bucket = None
+            yield payload, n, size
 
     def _checked(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]]

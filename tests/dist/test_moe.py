@@ -58,7 +58,8 @@ def _loss_fn(normalizer):
     return fn
 
 
-def _engine(hf_dir, lay, *, train=True, replay=False, recompute="none", aux=None):
+def _engine(hf_dir, lay, *, train=True, replay=False, recompute="none", aux=None,
+            micro_batch_size=1):
     from megarlhf.config.schema import ModelConfig, OptimizerConfig
     from megarlhf.engine.engine import MegatronEngine
     from megarlhf.models.builder import build_model
@@ -76,7 +77,7 @@ def _engine(hf_dir, lay, *, train=True, replay=False, recompute="none", aux=None
     # gradient's precision.
     opt = OptimizerConfig(name="sgd", lr=LR, clip_grad=0.0, use_distributed_optimizer=False) \
         if train else None
-    return ctx, MegatronEngine(bundle, opt, micro_batch_size=1)
+    return ctx, MegatronEngine(bundle, opt, micro_batch_size=micro_batch_size)
 
 
 def _dp_rows(results, key):
@@ -248,28 +249,33 @@ def rank_aux_gradient(hf_dir, coeff):
     n_resp = int(batch.fields["response_mask"].sum())
     out = {}
     for c in (coeff, 0.0):
-        ctx, eng = _engine(hf_dir, {}, aux=c)
+        # 3 sequences of unequal length per micro-batch: padded positions in every one
+        ctx, eng = _engine(hf_dir, {}, aux=c, micro_batch_size=3)
         chunk = eng.bundle.unwrapped()[0]
         routers = {i: l.mlp.router for i, l in enumerate(chunk.decoder.layers)}
         before = {i: r.weight.detach().clone() for i, r in routers.items()}
         inputs = {i: [] for i in routers}
+        ids = []  # each micro-batch's (b, s) input ids: pad id 0 marks padding
         hooks = [r.register_forward_pre_hook(
             lambda m, args, _i=i: inputs[_i].append(args[0].detach().clone()))
             for i, r in routers.items()]
+        hooks.append(chunk.register_forward_pre_hook(
+            lambda m, args: ids.append(args[0].detach().clone())))
         eng.train_step(batch, _loss_fn(n_resp))
         for h in hooks:
             h.remove()
         # megatron DDP's gradient buffer (fp32) still holds the step's gradient.
         out[c] = {"grad": {i: r.weight.main_grad.detach().clone() for i, r in routers.items()},
-                  "inputs": inputs, "weights": before}
+                  "inputs": inputs, "weights": before, "ids": ids}
         destroy_parallel()
     return out
 
 
 def test_aux_loss_gradient_is_the_token_weighted_mean_over_micro_batches(sources):
     """If this fails, the load-balancing loss reaches the router with the wrong scale (e.g.
-    megatron's per-token convention multiplying it by a token count nobody divides by) or the
-    wrong formula."""
+    megatron's per-token convention multiplying it by a token count nobody divides by), the
+    wrong formula, or counts padding positions (micro-batches of 3 unequal sequences) as
+    tokens."""
     d, model = sources["qwen3_moe"]
     coeff = 0.01
     r = run_distributed(rank_aux_gradient, 1, d, coeff, timeout=300)[0]
@@ -280,10 +286,14 @@ def test_aux_loss_gradient_is_the_token_weighted_mean_over_micro_batches(sources
     for layer in (last,):
         xs = r[coeff]["inputs"][layer]
         W = r[coeff]["weights"][layer].clone().requires_grad_(True)
-        n = [x.shape[0] * x.shape[1] for x in xs]  # tokens per micro-batch (one sequence each)
+        # real tokens in router order ((s, b) flattened), from the ids alone
+        real = [(i != 0).t().reshape(-1) for i in r[coeff]["ids"]]
+        assert len(real) == len(xs) == 3 and all(not m.all() for m in real)
+        n = [int(m.sum()) for m in real]  # real tokens per micro-batch
+        assert sum(n) == sum(LENGTHS)
         total = 0.0
-        for x, t in zip(xs, n):
-            logits = x.reshape(-1, x.shape[-1]).float() @ W.t()
+        for x, m, t in zip(xs, real, n):
+            logits = x.reshape(-1, x.shape[-1])[m].float() @ W.t()
             probs = torch.softmax(logits, dim=-1)
             counts = torch.zeros(E).scatter_add_(
                 0, torch.topk(probs, k, dim=-1).indices.flatten(), torch.ones(t * k))

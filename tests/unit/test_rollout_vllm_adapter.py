@@ -12,6 +12,7 @@ test_rollout_vllm_real.py runs the real engine (vLLM's CPU build) end to end.
 
 import importlib
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -20,6 +21,7 @@ import torch
 
 from megarlhf.rollout import make_rollout_engine
 from megarlhf.rollout.base import SamplingParams, WeightSyncError
+from megarlhf.rollout.shared_buckets import check_probe, open_shared_bucket
 from megarlhf.rollout.vllm_engine import (
     LOGPROBS_MODE,
     PINNED_VLLM_VERSION,
@@ -85,6 +87,8 @@ class FakeLLM:
         self.missing_per_worker = [[], []]  # two TP workers
         self.unconsumed_per_worker = [[], []]
         self.fail_on_load = None
+        self.shared_memory = True  # whether the "workers" see this process's /dev/shm
+        self.received = []  # decoded buckets, one list of (name, tensor clone) per load RPC
 
     def generate(self, prompts, sampling_params, use_tqdm=True):
         self.calls.append(("generate", prompts, sampling_params, use_tqdm))
@@ -103,8 +107,14 @@ class FakeLLM:
 
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
         self.calls.append(("rpc", method, args))
+        if method == "megarlhf_probe_shared_memory":
+            return [self.shared_memory and check_probe(*args)] * 2
         if method == "megarlhf_load_weights" and self.fail_on_load is not None:
             raise RuntimeError(self.fail_on_load)
+        if method == "megarlhf_load_weights":  # decode now: a segment is gone after the RPC
+            payload = args[0]
+            views = open_shared_bucket(payload) if "shm" in payload else unpack_bucket(payload)
+            self.received.append([(n, t.clone()) for n, t in views])
         if method == "megarlhf_finish_weight_update":
             return [{"missing": m, "unconsumed": u, "incomplete": []} for m, u in
                     zip(self.missing_per_worker, self.unconsumed_per_worker)]
@@ -236,11 +246,15 @@ def test_generate_through_fake_llm():
         engine.generate([[100]], params)
 
 
-def test_weight_stream_is_bucketed_into_rpc_calls():
-    """Broken: weight sync holds the whole model at once, drops or reorders tensors."""
+@pytest.mark.parametrize("transport", ["shm", "bytes", "auto-without-shm"])
+def test_weight_stream_is_bucketed_into_rpc_calls(transport):
+    """Broken: weight sync holds the whole model at once, drops or reorders tensors (through
+    shared-memory segments, packed bytes, or bytes because the workers cannot see /dev/shm)."""
     llm = FakeLLM()
     llm.missing_per_worker = [["model.layers.1.mlp.gate_up_proj.weight"], []]
-    engine = make_engine(llm, weight_bucket_bytes=1000)
+    llm.shared_memory = transport != "auto-without-shm"
+    engine = make_engine(llm, weight_bucket_bytes=1000,
+                         weight_transport="bytes" if transport == "bytes" else "auto")
     sizes = [50, 100, 60, 300, 10, 200, 100, 20]  # fp32 elements: 200 .. 1200 bytes
     source = [(f"w{i}", torch.arange(n, dtype=torch.float32) + i) for i, n in enumerate(sizes)]
     produced = []
@@ -261,14 +275,21 @@ def test_weight_stream_is_bucketed_into_rpc_calls():
     llm.collective_rpc = rpc
     stats = engine.update_weights(stream())
 
+    probe = [] if transport == "bytes" else ["megarlhf_probe_shared_memory"]
     assert llm.names() == [
+        *probe,
         "megarlhf_begin_weight_update",
         *["megarlhf_load_weights"] * stats.buckets,
         "megarlhf_finish_weight_update",
         "reset_prefix_cache",
     ]
     payloads = [c[2][0] for c in llm.calls if c[0] == "rpc" and c[1] == "megarlhf_load_weights"]
-    buckets = [unpack_bucket(p) for p in payloads]
+    want_shm = transport == "shm"
+    assert engine.last_transport == ("shm" if want_shm else "bytes")
+    assert all(("shm" in p) == want_shm and ("data" in p) != want_shm for p in payloads)
+    if want_shm:  # every segment is unlinked once its RPC returned
+        assert not any(os.path.exists(p["shm"]) for p in payloads)
+    buckets = llm.received
     flat = [item for b in buckets for item in b]
     assert [n for n, _ in flat] == [n for n, _ in source]
     for (_, got), (_, want) in zip(flat, source, strict=True):
@@ -284,6 +305,47 @@ def test_weight_stream_is_bucketed_into_rpc_calls():
     assert stats.tensors == len(sizes) and stats.bytes == 4 * sum(sizes)
     assert stats.buckets == len(buckets) > 1
     assert stats.missing == ("model.layers.1.mlp.gate_up_proj.weight",)
+
+
+def test_full_shared_memory_falls_back_to_bytes_mid_stream(monkeypatch, caplog):
+    """Broken: a /dev/shm too small for a bucket (Docker's 64 MiB default) fails the sync, or
+    the fallback loses, repeats or reorders the tensor that did not fit."""
+    import errno
+    import logging
+
+    llm = FakeLLM()
+    engine = make_engine(llm, weight_bucket_bytes=100)
+    real = os.posix_fallocate
+    sizes = []
+
+    def fallocate(fd, offset, length):
+        sizes.append(length)
+        if length > 16 and len([s for s in sizes if s > 16]) >= 2:  # the 2nd bucket on
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    source = [(f"w{i}", torch.full((20,), float(i))) for i in range(5)]  # 80 bytes each
+    with caplog.at_level(logging.WARNING, logger="megarlhf.rollout.vllm_engine"):
+        stats = engine.update_weights(iter(source))
+    payloads = [c[2][0] for c in llm.calls if c[0] == "rpc" and c[1] == "megarlhf_load_weights"]
+    assert ["shm" in p for p in payloads] == [True, False, False, False, False]
+    flat = [item for b in llm.received for item in b]
+    assert [n for n, _ in flat] == [n for n, _ in source]
+    assert all(torch.equal(g, w) for (_, g), (_, w) in zip(flat, source, strict=True))
+    assert stats.tensors == 5 and stats.bytes == 400 and engine.last_transport == "bytes"
+    assert "--shm-size" in caplog.text and "weight_sync_bucket_mib" in caplog.text
+
+
+def test_shm_transport_insisted_on_but_not_shared():
+    """Broken: weight_transport='shm' silently degrades, or fails inside vLLM's workers."""
+    llm = FakeLLM()
+    llm.shared_memory = False
+    engine = make_engine(llm, weight_transport="shm")
+    with pytest.raises(RuntimeError, match="cannot read a segment"):
+        engine.update_weights(iter([("w", torch.ones(2))]))
+    with pytest.raises(ValueError, match="weight_transport must be one of"):
+        make_engine(FakeLLM(), weight_transport="nccl")
 
 
 def test_pack_bucket_round_trip():

@@ -8,7 +8,8 @@ and weight sync into vLLM against memcpy. Everything is measured side by side in
 * weight sync: ``VLLMRolloutEngine.update_weights`` streaming the model's HF-named tensors
   (held by this process, as the trainer's resharder hands them over) in buckets of
   ``--bucket-mib``; HF bytes per second (median), against a warm memcpy of the same bytes in
-  bucket-sized copies. Peak extra memory, from the kernel's resident-set high-water mark
+  bucket-sized copies; each bucket size with each transport (``--transport``: shared-memory
+  segments, or bytes through vLLM's RPC), in turn on the same engine. Peak extra memory, from the kernel's resident-set high-water mark
   (``VmHWM`` reset through ``/proc/<pid>/clear_refs``) minus the resident set before the sync,
   for this process (packing; vLLM's engine core runs in it on CPU) and for vLLM's worker
   process (receiving, loading); the bound from the design is one bucket plus the largest
@@ -108,7 +109,7 @@ def bench_generate(spec, model_dir, repeats):
     return out
 
 
-def bench_sync(spec, model_dir, model, bucket_mib, repeats):
+def bench_sync(spec, model_dir, model, bucket_mib, repeats, transports=("shm", "bytes")):
     from megarlhf.rollout.vllm_engine import VLLMRolloutEngine
 
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -120,8 +121,9 @@ def bench_sync(spec, model_dir, model, bucket_mib, repeats):
                                    max_model_len=spec["prompt_len"] + spec["new_tokens"])
     workers = _worker_pids()
     rows = []
-    for mib in bucket_mib:
+    for mib, transport in [(m, t) for m in bucket_mib for t in transports]:
         eng.weight_bucket_bytes = mib * 2**20
+        eng.weight_transport = transport
         times, peaks_self, peaks_worker = [], [], []
         for _ in range(repeats):
             rss_self = _reset_peak(os.getpid())
@@ -130,6 +132,7 @@ def bench_sync(spec, model_dir, model, bucket_mib, repeats):
             stats = eng.update_weights(iter(sd.items()))
             times.append(time.perf_counter() - t)
             assert stats.bytes == total and stats.missing == (), stats
+            assert eng.last_transport == transport, (eng.last_transport, transport)
             peaks_self.append(_kib(os.getpid(), "VmHWM") * 1024 - rss_self)
             peaks_worker.append(max([_kib(p, "VmHWM") * 1024 - r for p, r in rss_w.items()],
                                     default=float("nan")))
@@ -148,7 +151,8 @@ def bench_sync(spec, model_dir, model, bucket_mib, repeats):
                 left -= k
             mc.append(time.perf_counter() - t)
         del src, dst
-        rows.append(dict(bucket_mib=mib, time=statistics.median(times), memcpy=statistics.median(mc),
+        rows.append(dict(bucket_mib=mib, transport=transport, time=statistics.median(times),
+                         memcpy=statistics.median(mc),
                          peak_self=max(peaks_self), peak_worker=max(peaks_worker)))
     eng.close()
     return dict(total=total, largest=largest, rows=rows, workers=len(workers))
@@ -160,6 +164,9 @@ def main(argv=None):
     ap.add_argument("--what", choices=["all", "generate", "sync"], default="all")
     ap.add_argument("--bucket-mib", type=int, nargs="+", default=[64, 512])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--transport", nargs="+", choices=["shm", "bytes"], default=["shm", "bytes"],
+                    help="how buckets reach vLLM's worker: shared-memory segments or bytes "
+                         "through vLLM's RPC (each bucket size is measured with each, in turn)")
     args = ap.parse_args(argv)
     spec = MODELS[args.model]
     t0 = time.perf_counter()
@@ -181,16 +188,16 @@ def main(argv=None):
                   f"{', '.join(f'{x:.0f}' for x in r['rates'])} |")
         print(f"\nvLLM / transformers: {g['vllm']['tok_s'] / g['hf']['tok_s']:.2f}x")
     if args.what in ("all", "sync"):
-        s = bench_sync(spec, model_dir, model, args.bucket_mib, args.repeats)
+        s = bench_sync(spec, model_dir, model, args.bucket_mib, args.repeats, args.transport)
         mib = 2**20
         print(f"\nweight sync into vLLM (TP1, {s['workers']} worker process): "
               f"{s['total'] / mib:.1f} MiB of HF tensors, largest {s['largest'] / mib:.1f} MiB\n")
-        print("| bucket | median time (s) | GB/s | vs memcpy (warm) | peak extra (MiB): caller "
-              "| vLLM worker | bound: bucket + largest (MiB) |")
-        print("|---|---|---|---|---|---|---|")
+        print("| bucket | transport | median time (s) | GB/s | vs memcpy (warm) | peak extra "
+              "(MiB): caller | vLLM worker | bound: bucket + largest (MiB) |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in s["rows"]:
             b = min(r["bucket_mib"] * mib, s["total"])
-            print(f"| {r['bucket_mib']} MiB | {r['time']:.3f} | {s['total'] / r['time'] / 1e9:.2f} "
+            print(f"| {r['bucket_mib']} MiB | {r['transport']} | {r['time']:.3f} | {s['total'] / r['time'] / 1e9:.2f} "
                   f"| {r['memcpy'] / r['time']:.3f} | {r['peak_self'] / mib:.0f} | "
                   f"{r['peak_worker'] / mib:.0f} | {(b + s['largest']) / mib:.0f} |")
     print(f"\nwhole run {time.perf_counter() - t0:.0f} s")
