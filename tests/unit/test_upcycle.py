@@ -1,0 +1,73 @@
+"""Sparse upcycling of a dense HF checkpoint into Mixtral (megarlhf.checkpoint.upcycle).
+
+Oracle: transformers' forward of the dense model; the upcycled Mixtral (identical experts,
+renormalised top-k) must compute the same logits within fp32 rounding (1e-5), and megarlhf's
+Mixtral family must accept the result."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from megarlhf.checkpoint.upcycle import upcycle_to_mixtral
+from megarlhf.models.tiny import save_tiny_hf_model, tiny_arch
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("dense"))
+    model = save_tiny_hf_model(d, tiny_arch("llama", num_layers=2, vocab_size=64), seed=1)
+    return d, model.eval()
+
+
+def test_upcycled_mixtral_computes_the_dense_function(dense, tmp_path):
+    """Broken: the upcycled policy does not start from the dense model (wrong expert names,
+    gate/up/down swapped, router weights not renormalised) or megarlhf refuses it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megarlhf.models.families import arch_spec
+
+    src, model = dense
+    out = upcycle_to_mixtral(src, str(tmp_path / "moe"), num_experts=4, topk=2, seed=3)
+    moe = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(moe).__name__ == "MixtralForCausalLM"
+    ids = torch.randint(3, 64, (3, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        gap = (moe(ids).logits - model(ids).logits).abs().max().item()
+    assert gap < 1e-5, gap
+    spec = arch_spec(AutoConfig.from_pretrained(out))
+    assert spec.moe.num_experts == 4 and spec.moe.topk == 2 and spec.moe.norm_topk_prob
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["sliding_window"] is None
+    # the router is random, not zero: routing differs between tokens
+    from safetensors.torch import load_file
+
+    sd = load_file(os.path.join(out, "model.safetensors"))
+    assert sd["model.layers.0.block_sparse_moe.gate.weight"].std() > 0
+    assert torch.equal(sd["model.layers.1.block_sparse_moe.experts.3.w2.weight"],
+                       model.state_dict()["model.layers.1.mlp.down_proj.weight"])
+
+
+def test_upcycle_refuses_bad_input(dense, tmp_path):
+    """Broken: a bad request writes a broken checkpoint or overwrites a directory."""
+    src, _ = dense
+    with pytest.raises(ValueError, match="topk must be an integer in"):
+        upcycle_to_mixtral(src, str(tmp_path / "a"), num_experts=2, topk=3)
+    with pytest.raises(ValueError, match="num_experts must be a positive integer"):
+        upcycle_to_mixtral(src, str(tmp_path / "a"), num_experts=0)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        upcycle_to_mixtral(src, str(full))
+    assert (full / "keep.txt").read_text() == "mine"
+    moe_src = tmp_path / "q"
+    save_tiny_hf_model(str(moe_src), tiny_arch("qwen3_moe", num_layers=1))
+    with pytest.raises(ValueError, match="'qwen3_moe' model; upcycling into Mixtral takes"):
+        upcycle_to_mixtral(str(moe_src), str(tmp_path / "b"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        upcycle_to_mixtral(str(tmp_path), str(tmp_path / "c"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
