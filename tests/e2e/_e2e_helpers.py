@@ -54,3 +54,32 @@ def check_rl_step_metrics(rows: list[dict], algorithm: dict, kind: str = "grpo")
             assert 0 <= r["offpolicy/truncated_frac"] <= 1
         elif "off_policy_correction" not in algorithm:
             assert "offpolicy/weight_mean" not in r
+
+
+def check_method_metrics(rows: list[dict], algo: dict) -> None:
+    """The method-specific metrics of docs/methods.md for a run with these ``algorithm``
+    overrides (rows of steps > 0): off-policy weights and masks, GSPO's sequence clipping, the
+    adaptive KL coefficient, dynamic sampling's rounds and refills."""
+    for r in rows:
+        if "off_policy_correction" not in algo:
+            assert "offpolicy/weight_mean" not in r
+            continue
+        # Off-policy weights: the synchronous engine is close to the learner, weights near 1.
+        assert 0 <= r["offpolicy/masked_frac"] <= 0.05
+        assert abs(r["offpolicy/weight_mean"] - 1) < 0.05 and r["offpolicy/weight_std"] >= 0
+        assert r["offpolicy/ratio_min"] <= 1 <= r["offpolicy/ratio_max"] + 1e-6
+        assert r["offpolicy/mismatch_kl"] >= 0
+    last = rows[-1]
+    if algo.get("policy_loss", "ppo").startswith("gspo"):
+        # GSPO's clip range is a sequence ratio's: the second update of a rollout clips.
+        assert max(r["policy/clip_frac"] for r in rows) > 0
+    if "kl_target" in algo:
+        beta = [r["policy/kl_coef"] for r in rows]
+        assert beta[0] == algo["kl_coef"] and beta != [beta[0]] * len(beta)
+        assert all(b > 0 for b in beta) and "policy/kl_loss" in last
+    if algo.get("dynamic_sampling"):
+        for r in rows:
+            assert 1 <= r["rollout/ds_rounds"] <= 3 and r["rollout/ds_prompts_drawn"] >= 64
+            assert 0 < r["rollout/ds_kept_frac"] <= 1 and r["rollout/ds_filled_prompts"] >= 0
+            assert -1 <= r["reward/overlong_penalty_mean"] <= 0
+        assert max(r["rollout/ds_rounds"] for r in rows) >= 2  # some step had to refill
