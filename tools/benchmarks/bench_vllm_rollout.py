@@ -9,11 +9,12 @@ and weight sync into vLLM against memcpy. Everything is measured side by side in
   (held by this process, as the trainer's resharder hands them over) in buckets of
   ``--bucket-mib``; HF bytes per second (median), against a warm memcpy of the same bytes in
   bucket-sized copies; each bucket size with each transport (``--transport``: shared-memory
-  segments, or bytes through vLLM's RPC), in turn on the same engine. Peak extra memory, from the kernel's resident-set high-water mark
-  (``VmHWM`` reset through ``/proc/<pid>/clear_refs``) minus the resident set before the sync,
-  for this process (packing; vLLM's engine core runs in it on CPU) and for vLLM's worker
-  process (receiving, loading); the bound from the design is one bucket plus the largest
-  tensor.
+  segments, or bytes through vLLM's RPC), in turn on the same engine, after one warm-up
+  update. Peak extra memory: a separate process samples ``/proc/<pid>/status`` every 2 ms
+  during each update, private (``RssAnon``) and shared-memory (``RssShmem``) pages apart (a
+  shared-memory bucket is the same physical pages in the caller and the worker), for this
+  process (packing; vLLM's engine core runs in it on CPU) and for vLLM's worker process
+  (receiving, loading); the bound from the design is one bucket plus the largest tensor.
 
     python tools/benchmarks/bench_vllm_rollout.py --model demo   # the demo's model and batch
     python tools/benchmarks/bench_vllm_rollout.py --model 1b     # a ~1B llama, bf16
@@ -44,18 +45,52 @@ MODELS = {
 }
 
 
-def _kib(pid: int, field: str) -> int:
+# A separate process samples the resident set of the caller and the vLLM worker every 2 ms
+# (a thread of the caller would not run while it copies): private (RssAnon) and shared-memory
+# (RssShmem) pages apart, since a shared-memory bucket is the same physical pages in both.
+_SAMPLER = r"""
+import signal, sys, time
+pids = [int(p) for p in sys.argv[1:]]
+keys = ("RssAnon", "RssShmem")
+def read(pid):
+    d = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
+            k = line.split(":")[0]
+            if k in keys:
+                d[k] = int(line.split()[1]) * 1024
+    return d
+base = {p: read(p) for p in pids}
+peak = {p: dict(v) for p, v in base.items()}
+def done(*_):
+    print({p: {k: peak[p][k] - base[p][k] for k in keys} for p in pids}, flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, done)
+print("ready", flush=True)
+while True:
+    for p in pids:
+        for k, v in read(p).items():
+            if v > peak[p][k]:
+                peak[p][k] = v
+    time.sleep(0.002)
+"""
 
 
-def _reset_peak(pid: int) -> int:
-    with open(f"/proc/{pid}/clear_refs", "w") as f:
-        f.write("5")
-    return _kib(pid, "VmRSS") * 1024
+def _sampled(pids, fn):
+    """Runs ``fn()`` while sampling ``pids``; ``(result, {pid: {RssAnon, RssShmem}})`` with
+    each the peak minus the value before."""
+    import ast
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", _SAMPLER, *map(str, pids)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    try:
+        result = fn()
+    finally:
+        time.sleep(0.05)
+        proc.terminate()
+    return result, ast.literal_eval(proc.communicate()[0].strip())
 
 
 def _worker_pids() -> list[int]:
@@ -124,18 +159,22 @@ def bench_sync(spec, model_dir, model, bucket_mib, repeats, transports=("shm", "
     for mib, transport in [(m, t) for m in bucket_mib for t in transports]:
         eng.weight_bucket_bytes = mib * 2**20
         eng.weight_transport = transport
-        times, peaks_self, peaks_worker = [], [], []
+        eng.update_weights(iter(sd.items()))  # warm-up: first-update costs, the probe
+        times, peaks = [], []
         for _ in range(repeats):
-            rss_self = _reset_peak(os.getpid())
-            rss_w = {p: _reset_peak(p) for p in workers}
             t = time.perf_counter()
-            stats = eng.update_weights(iter(sd.items()))
+            stats, peak = _sampled([os.getpid(), *workers],
+                                   lambda: eng.update_weights(iter(sd.items())))
             times.append(time.perf_counter() - t)
             assert stats.bytes == total and stats.missing == (), stats
             assert eng.last_transport == transport, (eng.last_transport, transport)
-            peaks_self.append(_kib(os.getpid(), "VmHWM") * 1024 - rss_self)
-            peaks_worker.append(max([_kib(p, "VmHWM") * 1024 - r for p, r in rss_w.items()],
-                                    default=float("nan")))
+            peaks.append(peak)
+        me = os.getpid()
+
+        def worst(key, caller, peaks=peaks, me=me):
+            return max(p[me][key] if caller else max(p[w][key] for w in workers)
+                       for p in peaks)
+
         # memcpy of the same bytes in bucket-sized copies into one warm buffer
         n = min(mib * 2**20, total)
         src = torch.empty(n, dtype=torch.uint8).random_()
@@ -153,7 +192,9 @@ def bench_sync(spec, model_dir, model, bucket_mib, repeats, transports=("shm", "
         del src, dst
         rows.append(dict(bucket_mib=mib, transport=transport, time=statistics.median(times),
                          memcpy=statistics.median(mc),
-                         peak_self=max(peaks_self), peak_worker=max(peaks_worker)))
+                         caller_anon=worst("RssAnon", True), caller_shm=worst("RssShmem", True),
+                         worker_anon=worst("RssAnon", False),
+                         worker_shm=worst("RssShmem", False)))
     eng.close()
     return dict(total=total, largest=largest, rows=rows, workers=len(workers))
 
@@ -193,13 +234,15 @@ def main(argv=None):
         print(f"\nweight sync into vLLM (TP1, {s['workers']} worker process): "
               f"{s['total'] / mib:.1f} MiB of HF tensors, largest {s['largest'] / mib:.1f} MiB\n")
         print("| bucket | transport | median time (s) | GB/s | vs memcpy (warm) | peak extra "
-              "(MiB): caller | vLLM worker | bound: bucket + largest (MiB) |")
+              "MiB, caller: private + shared | vLLM worker: private + shared | bound: bucket + "
+              "largest (MiB) |")
         print("|---|---|---|---|---|---|---|---|")
         for r in s["rows"]:
             b = min(r["bucket_mib"] * mib, s["total"])
             print(f"| {r['bucket_mib']} MiB | {r['transport']} | {r['time']:.3f} | {s['total'] / r['time'] / 1e9:.2f} "
-                  f"| {r['memcpy'] / r['time']:.3f} | {r['peak_self'] / mib:.0f} | "
-                  f"{r['peak_worker'] / mib:.0f} | {(b + s['largest']) / mib:.0f} |")
+                  f"| {r['memcpy'] / r['time']:.3f} | {r['caller_anon'] / mib:.0f} + "
+                  f"{r['caller_shm'] / mib:.0f} | {r['worker_anon'] / mib:.0f} + "
+                  f"{r['worker_shm'] / mib:.0f} | {(b + s['largest']) / mib:.0f} |")
     print(f"\nwhole run {time.perf_counter() - t0:.0f} s")
 
 
