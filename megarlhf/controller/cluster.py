@@ -76,12 +76,24 @@ class Cluster:
         self._sleeping = False
         try:
             wanted = roles if roles is not None else list(active_roles(job))
+            start_rollout = rollout and "rollout" in self.plan.roles
+            # The rollout engines start while the trainer roles build their models (vLLM's
+            # import and engine start and megatron's model build overlap), except where a
+            # colocated engine sizes its KV cache from the free accelerator memory: it must not
+            # measure while a trainer on its GPUs is still allocating.
+            overlap = start_rollout and (self.placement.slot_resource == "CPU"
+                                         or not self._shares_pool("rollout", set(wanted)))
+            if overlap:
+                self.rollout = RolloutGroup.create(
+                    self.placement, RolloutSpec.from_job(job), wait=False)
             for role in wanted:
                 spec = RoleSpec.from_job(job, role, pad_id=pad_id)
                 self.groups[role] = WorkerGroup.create(self.placement, spec)
                 rc = active_roles(job)[role]
                 self._offloadable[role] = bool(rc.offload)
-            if rollout and "rollout" in self.plan.roles:
+            if overlap:
+                self.rollout.wait_started()
+            elif start_rollout:
                 self.rollout = RolloutGroup.create(
                     self.placement, RolloutSpec.from_job(job))
         except BaseException:

@@ -70,7 +70,7 @@ from typing import Any
 
 import torch
 
-from megarlhf.rollout import shared_buckets
+import megarlhf.rollout.shared_buckets as shared_buckets
 from megarlhf.rollout.base import iter_weight_buckets
 from megarlhf.rollout.base import (
     RolloutEngine,

@@ -286,8 +286,12 @@ class RolloutGroup(ActorGroup):
                role: str = "rollout", call_timeout_s: float = 1800.0,
                startup_timeout_s: float = 1800.0, threads: int | None = None,
                env: dict[str, str] | None = None, poll_s: float = 0.5,
-               grace_s: float = 3.0) -> "RolloutGroup":
+               grace_s: float = 3.0, wait: bool = True) -> "RolloutGroup":
         """Starts one actor per replica on ``role``'s placement slots.
+
+        With ``wait=False`` it returns as soon as the actors are asked for (each builds its
+        engine in its own process meanwhile); :meth:`wait_started` then waits for them, so the
+        caller can start other roles' workers in the meantime.
 
         Replica ``k`` runs on slots ``[k*tp, (k+1)*tp)`` (inside one node). With ``tp > 1`` the
         replica actor itself takes no accelerator: vLLM starts its TP workers as Ray tasks on
@@ -320,13 +324,21 @@ class RolloutGroup(ActorGroup):
         group = cls(role, actors, boot, RolloutWorker, call_timeout_s=call_timeout_s,
                     poll_s=poll_s, grace_s=grace_s)
         group.spec = spec
-        try:
-            infos = group.describe(timeout_s=startup_timeout_s)
-        except BaseException:
-            group.shutdown()
-            raise
-        group.ranks = [replace(i, dp_size=n) for i in infos]
+        group._startup_timeout_s = startup_timeout_s
+        if wait:
+            group.wait_started()
         return group
+
+    def wait_started(self, timeout_s: float | None = None) -> "RolloutGroup":
+        """Waits until every replica's engine is up (see ``create(wait=False)``); on a failure
+        the group is shut down and the error raised."""
+        try:
+            infos = self.describe(timeout_s=timeout_s or self._startup_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.ranks = [replace(i, dp_size=len(self.actors)) for i in infos]
+        return self
 
     @classmethod
     def from_job(cls, job: JobConfig, placement, **kwargs) -> "RolloutGroup":

@@ -37,7 +37,20 @@ FAKES = {
         '    with open(os.environ["FAKE_PIDS"], "a") as f:\n'
         '        f.write(f"{os.getpid()}\\n")\n'
         '    os.execvp("sleep", ["sleep", "600"])\n'),
-    "fake-python": _LOG + 'sys.stdin.read()\n',
+    # The node wait: like Ray's, it returns once every node's `ray start --block` step is up
+    # (on a loaded box a background step's fake can take seconds to start).
+    "fake-python": _LOG + (
+        'import time\n'
+        'sys.stdin.read()\n'
+        'end = time.monotonic() + 60\n'
+        'while time.monotonic() < end:\n'
+        '    try:\n'
+        '        n = len(open(os.environ["FAKE_PIDS"]).read().split())\n'
+        '    except FileNotFoundError:\n'
+        '        n = 0\n'
+        '    if n >= int(os.environ["SLURM_JOB_NUM_NODES"]):\n'
+        '        break\n'
+        '    time.sleep(0.05)\n'),
     "fake-megarlhf": _LOG + 'sys.exit(int(os.environ.get("FAKE_EXIT", "0")))\n',
 }
 
