@@ -2,6 +2,7 @@
 
     megarlhf convert hf-to-megatron --hf-dir D --out C --tp T --pp P [--vpp V] [--ep E --etp X]
     megarlhf convert megatron-to-hf --ckpt C --out D [--dtype bf16|fp16|fp32] [--shard-size 5GB]
+    megarlhf convert upcycle --hf-dir D --out M [--experts 8] [--topk 2] [--seed 0]
 
 Runs on T*P local ranks (gloo on CPU); P * lcm(T, E*X) for MoE models with expert parallelism.
 The library is :mod:`megarlhf.checkpoint.convert`.
@@ -53,6 +54,18 @@ def register(sub) -> None:
     _common(b)
     b.set_defaults(func=_megatron_to_hf)
 
+    u = conv.add_parser("upcycle", help="dense llama/mistral HF model -> Mixtral HF model whose "
+                                        "experts are copies of its MLP (sparse upcycling)")
+    u.add_argument("--hf-dir", required=True, help="the dense HF model directory")
+    u.add_argument("--out", required=True, help="HF directory to create (new or empty)")
+    u.add_argument("--experts", type=int, default=8, help="experts per layer")
+    u.add_argument("--topk", type=int, default=2, help="experts per token")
+    u.add_argument("--router-std", type=float, default=0.02, help="router init std")
+    u.add_argument("--aux-loss-coef", type=float, default=0.01,
+                   help="router_aux_loss_coef written into the config")
+    u.add_argument("--seed", type=int, default=0, help="router init seed")
+    u.set_defaults(func=_upcycle)
+
 
 def _common(p) -> None:
     p.add_argument("--overwrite", action="store_true",
@@ -60,6 +73,20 @@ def _common(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--timeout", type=float, default=24 * 3600.0,
                    help="seconds before the conversion is stopped")
+
+
+def _upcycle(args) -> int:
+    from megarlhf.checkpoint.upcycle import upcycle_to_mixtral
+
+    try:
+        out = upcycle_to_mixtral(args.hf_dir, args.out, num_experts=args.experts,
+                                 topk=args.topk, router_std=args.router_std,
+                                 router_aux_loss_coef=args.aux_loss_coef, seed=args.seed)
+    except (ValueError, OSError) as e:
+        return _fail(e)
+    print(f"megarlhf convert: wrote the upcycled Mixtral ({args.experts} experts, top-"
+          f"{args.topk}) to {out}")
+    return 0
 
 
 def _fail(e: Exception) -> int:

@@ -71,3 +71,17 @@ def test_upcycle_refuses_bad_input(dense, tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         upcycle_to_mixtral(str(tmp_path), str(tmp_path / "c"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_upcycle(dense, tmp_path, capsys):
+    """Broken: `megarlhf convert upcycle` is missing, writes nothing, or a bad request ends in
+    a traceback instead of one line and exit code 2."""
+    from megarlhf.cli import main
+
+    src, _ = dense
+    assert main(["convert", "upcycle", "--hf-dir", src, "--out", str(tmp_path / "m"),
+                 "--experts", "2", "--topk", "1"]) == 0
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert main(["convert", "upcycle", "--hf-dir", src, "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "Traceback" not in err
