@@ -976,10 +976,11 @@ class VLLMRolloutEngine(RolloutEngine):
                         _nbytes(d, s) for d, s in zip(bucket.dtypes, bucket.shapes, strict=True))
             except shared_buckets.SharedMemoryFull as e:
                 logger.warning(
-                    "vLLM engine: %s could not reserve a %d MiB weight bucket (%s); this update "
-                    "goes on through vLLM's RPC (slower, more memory). Give the container more "
-                    "shared memory (docker --shm-size / --ipc=host) or lower "
+                    "vLLM engine: %s could not reserve a %d MiB weight bucket (%s); this and "
+                    "later updates go through vLLM's RPC (slower, more memory). Give the "
+                    "container more shared memory (docker --shm-size / --ipc=host) or lower "
                     "rollout.weight_sync_bucket_mib", shm_dir, self.weight_bucket_bytes >> 20, e)
+                self._shm_dir = None  # decided: no second failed reservation per update
                 stream = stream.with_pending()
             else:
                 return

@@ -335,6 +335,13 @@ def test_full_shared_memory_falls_back_to_bytes_mid_stream(monkeypatch, caplog):
     assert all(torch.equal(g, w) for (_, g), (_, w) in zip(flat, source, strict=True))
     assert stats.tensors == 5 and stats.bytes == 400 and engine.last_transport == "bytes"
     assert "--shm-size" in caplog.text and "weight_sync_bucket_mib" in caplog.text
+    # Later updates go straight to bytes: no probe, no failed reservation, no new warning.
+    calls, reservations = len(llm.calls), len(sizes)
+    caplog.clear()
+    engine.update_weights(iter(source))
+    names = [c[1] for c in llm.calls[calls:] if c[0] == "rpc"]
+    assert "megarlhf_probe_shared_memory" not in names and len(sizes) == reservations
+    assert engine.last_transport == "bytes" and "--shm-size" not in caplog.text
 
 
 def test_shm_transport_insisted_on_but_not_shared():
