@@ -21,6 +21,8 @@ import shutil
 
 import torch
 
+from megarlhf.checkpoint.atomic import publish, temp_dir_for
+
 _DENSE_TYPES = ("llama", "mistral")
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".index.json")
 
@@ -134,19 +136,23 @@ def upcycle_to_mixtral(
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"upcycle: rope scaling {rope!r} is not carried over; use a model "
                          "with default RoPE")
-    tmp = out_dir.rstrip("/") + ".partial"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
+    tmp = temp_dir_for(out_dir)
+    if os.path.lexists(tmp):
+        raise FileExistsError(f"upcycle: {tmp} exists (left by an interrupted run?); remove it")
     os.makedirs(tmp)
-    save_file(out, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(mix, f, indent=2)
-    for name in os.listdir(src_dir):  # tokenizer and chat template
-        path = os.path.join(src_dir, name)
-        if name == "config.json" or name.endswith(_WEIGHT_FILES) or not os.path.isfile(path):
-            continue
-        shutil.copy2(path, os.path.join(tmp, name))
-    if os.path.exists(out_dir):
-        os.rmdir(out_dir)  # empty (checked above)
-    os.replace(tmp, out_dir)
+    try:
+        save_file(out, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(mix, f, indent=2)
+        for name in os.listdir(src_dir):  # tokenizer and chat template
+            path = os.path.join(src_dir, name)
+            if name == "config.json" or name.endswith(_WEIGHT_FILES) or not os.path.isfile(path):
+                continue
+            shutil.copy2(path, os.path.join(tmp, name))
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # empty (checked above)
+        publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours: created above
+        raise
     return out_dir

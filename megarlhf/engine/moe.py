@@ -212,7 +212,8 @@ class MoEHooks:
         if not bool(real.any()):
             return None
         pad = ~real
-        if self.sp_size > 1 and not getattr(_unwrap(model), "pre_process", True):
+        chunk = self.bundle.unwrapped()[self._chunk_of.get(id(model), 0)]
+        if self.sp_size > 1 and not getattr(chunk, "pre_process", True):
             s = pad.shape[1] // self.sp_size
             r = self.ctx.tp_rank
             pad = pad[:, r * s: (r + 1) * s].contiguous()
@@ -355,14 +356,6 @@ def _aux_tokens(mb: MicroBatch) -> int:
     n = int(_real_tokens(mb).sum())
     return n if n > 0 else mb.input_ids.numel()
 
-
-def _unwrap(model):
-    """The megatron ``GPTModel`` inside DDP / Float16Module wrappers."""
-    seen = 0
-    while hasattr(model, "module") and seen < 8:
-        model = model.module
-        seen += 1
-    return model
 
 
 def _real_tokens(mb: MicroBatch) -> torch.Tensor:

@@ -440,6 +440,17 @@ class RolloutEngine(abc.ABC):
         """Stop the engine's helper processes (if any); the engine is unusable afterwards."""
 
 
+def check_stream_item(item: tuple[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
+    """One ``(name, tensor)`` of a weight stream, checked: a bad item is named here rather than
+    failing inside the engine."""
+    name, tensor = item
+    if not isinstance(name, str):
+        raise TypeError(f"update_weights: tensor names must be strings, got {name!r}")
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"update_weights: {name!r} is a {type(tensor).__name__}, not a tensor")
+    return name, tensor
+
+
 def iter_weight_buckets(
     named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -455,11 +466,7 @@ def iter_weight_buckets(
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
     for item in named_tensors:
-        name, tensor = item
-        if not isinstance(name, str):
-            raise TypeError(f"update_weights: tensor names must be strings, got {name!r}")
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"update_weights: {name!r} is a {type(tensor).__name__}, not a tensor")
+        name, tensor = check_stream_item(item)
         nbytes = tensor.numel() * tensor.element_size()
         if bucket and size + nbytes > bucket_bytes:
             yield bucket

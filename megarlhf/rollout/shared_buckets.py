@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from megarlhf.rollout.base import check_stream_item
+
 logger = logging.getLogger(__name__)
 
 SHM_DIRECTORY = "/dev/shm"
@@ -110,6 +112,7 @@ class SharedBucket:
         self.shapes: list[list[int]] = []
         self.offsets: list[int] = []
         self.used = 0
+        self.nbytes = 0  # the tensors' bytes (``used`` less the alignment padding)
 
     def fits(self, nbytes: int) -> bool:
         return _aligned(self.used) + nbytes <= self.capacity
@@ -133,6 +136,7 @@ class SharedBucket:
         self.shapes.append(list(tensor.shape))
         self.offsets.append(start)
         self.used = start + nbytes
+        self.nbytes += nbytes
 
     def __len__(self) -> int:
         return len(self.names)
@@ -211,13 +215,8 @@ def iter_shared_buckets(
     current: SharedBucket | None = None
     try:
         for item in named_tensors:
-            name, tensor = item
+            name, tensor = check_stream_item(item)
             item = None
-            if not isinstance(name, str):
-                raise TypeError(f"update_weights: tensor names must be strings, got {name!r}")
-            if not isinstance(tensor, torch.Tensor):
-                raise TypeError(
-                    f"update_weights: {name!r} is a {type(tensor).__name__}, not a tensor")
             nbytes = tensor.numel() * tensor.element_size()
             if current is not None and not current.fits(nbytes):
                 yield current

@@ -365,13 +365,6 @@ def unpack_bucket(payload: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
         flat, payload["names"], payload["dtypes"], payload["shapes"], payload["offsets"])
 
 
-def _nbytes(dtype_name: str, shape: Sequence[int]) -> int:
-    numel = 1
-    for d in shape:
-        numel *= int(d)
-    return numel * getattr(torch, dtype_name).itemsize
-
-
 class _Peekable:
     """An iterator that remembers the item it handed out last, so that a consumer failing on
     that item (a shared-memory segment that could not be reserved for it) can hand the rest of
@@ -972,8 +965,7 @@ class VLLMRolloutEngine(RolloutEngine):
             try:
                 for bucket in buckets:
                     self.last_transport = "shm"
-                    yield bucket.payload(), len(bucket), sum(
-                        _nbytes(d, s) for d, s in zip(bucket.dtypes, bucket.shapes, strict=True))
+                    yield bucket.payload(), len(bucket), bucket.nbytes
             except shared_buckets.SharedMemoryFull as e:
                 logger.warning(
                     "vLLM engine: %s could not reserve a %d MiB weight bucket (%s); this and "
