@@ -94,6 +94,33 @@ def init_platform(force_cpu: bool | None = None, local_rank: int | None = None) 
 quiet_known_warnings()
 
 
+# Environment variables this process set as defaults for a library (``default_env``), with the
+# value it chose. Rank processes started by ``platform.launch`` decide these for themselves: a
+# fork server started after the choice would otherwise hand it on (an in-process vLLM engine
+# core's setting reaching a rank that hosts its own engine next to a process group).
+_DEFAULTED_ENV: dict[str, str] = {}
+
+
+def default_env(name: str, value: str) -> str:
+    """Sets ``name`` to ``value`` unless the user set it; returns the value in force.
+
+    Like ``os.environ.setdefault``, except that a value this process chose earlier is replaced
+    (each call decides afresh) and is remembered so that child ranks do not inherit it
+    (:func:`process_env_defaults`).
+    """
+    current = os.environ.get(name)
+    if current is not None and _DEFAULTED_ENV.get(name) != current:
+        return current  # the user's
+    os.environ[name] = value
+    _DEFAULTED_ENV[name] = value
+    return value
+
+
+def process_env_defaults() -> list[str]:
+    """Names of the variables whose current value is a default this process chose."""
+    return [k for k, v in _DEFAULTED_ENV.items() if os.environ.get(k) == v]
+
+
 def current_platform() -> Platform:
     """The platform chosen by :func:`init_platform` (initialising it on first use)."""
     return _PLATFORM if _PLATFORM is not None else init_platform()

@@ -50,8 +50,11 @@ def _context():
     return _CTX
 
 
-def _rank_main(fn, rank, world_size, port, args, kwargs, queue, threads, env, pg_timeout_s):
+def _rank_main(fn, rank, world_size, port, args, kwargs, queue, threads, env, pg_timeout_s,
+               unset=()):
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    for name in unset:  # the caller's own defaults (platform.default_env): each rank decides
+        os.environ.pop(name, None)
     os.environ.update(env)
     os.environ.update(
         RANK=str(rank),
@@ -124,11 +127,14 @@ def run_distributed(
     queue = ctx.Queue()
     procs = []
     pg_timeout_s = max(10, int(timeout))
+    from megarlhf.platform import process_env_defaults
+
+    unset = [k for k in process_env_defaults() if k not in (env or {})]
     for rank in range(world_size):
         p = ctx.Process(
             target=_rank_main,
             args=(fn, rank, world_size, port, args, kwargs, queue, threads_per_rank, env or {},
-                  pg_timeout_s),
+                  pg_timeout_s, unset),
             daemon=daemon,
         )
         p.start()

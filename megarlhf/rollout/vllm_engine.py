@@ -767,9 +767,11 @@ class VLLMRolloutEngine(RolloutEngine):
         """
         import os
 
+        from megarlhf.platform import default_env
+
         # vLLM logs every prefix-cache reset and engine step at INFO; keep warnings (set the
         # variable to INFO or DEBUG to see them). Read when vLLM is first imported.
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        default_env("VLLM_LOGGING_LEVEL", "WARNING")
         installed = installed_vllm_version()
         if installed is None:
             raise RuntimeError(vllm_install_hint()) from None
@@ -779,7 +781,7 @@ class VLLMRolloutEngine(RolloutEngine):
 
         platform = "cpu" if current_platform.is_cpu() else "cuda"
         if platform == "cpu":
-            os.environ.setdefault(
+            default_env(
                 "VLLM_CPU_OMP_THREADS_BIND",
                 cpu_threads_binding(int(llm_kwargs.get("tensor_parallel_size", 1))))
             # The engine core in this process rather than its own: one interpreter fewer to boot
@@ -791,7 +793,7 @@ class VLLMRolloutEngine(RolloutEngine):
             import torch.distributed as dist
 
             in_process = not (dist.is_available() and dist.is_initialized())
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else "1")
+            default_env("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else "1")
         _quiet_expected_warnings()
         manifest = hf_weight_manifest(os.fspath(model))
         tied = bool(_read_config(os.fspath(model)).get("tie_word_embeddings", False))

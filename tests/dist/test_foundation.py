@@ -96,3 +96,36 @@ def test_ddp_optimizer_step_tp2_dp2_matches_single_process(hf_dir):
     for loss, gn in run_distributed(rank_sft_step, 4, hf_dir, 2, timeout=180):
         assert abs(loss - ref_loss) / ref_loss < 1e-5
         assert abs(gn - ref_gn) / ref_gn < 1e-5
+
+
+def rank_env(names):
+    import os
+
+    return {n: os.environ.get(n) for n in names}
+
+
+def test_ranks_decide_the_callers_library_defaults_for_themselves(monkeypatch):
+    """A default this process chose for a library (``platform.default_env``: vLLM's in-process
+    engine core in the pytest process) must not reach ranks, which host engines of their own
+    next to a process group; the user's own settings and ``env=`` do. Without this the
+    dist-tier vLLM syncs failed whenever a unit test had built an in-process engine first."""
+    import megarlhf.platform as plat
+
+    monkeypatch.setattr(plat, "_DEFAULTED_ENV", {})
+    for name in ("MEGARLHF_T_OURS", "MEGARLHF_T_USER", "MEGARLHF_T_PASSED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MEGARLHF_T_USER", "user")
+    assert plat.default_env("MEGARLHF_T_USER", "ours") == "user"  # the user's wins
+    assert plat.default_env("MEGARLHF_T_OURS", "0") == "0"
+    assert plat.default_env("MEGARLHF_T_OURS", "1") == "1"  # our own earlier choice is redecided
+    assert plat.default_env("MEGARLHF_T_PASSED", "0") == "0"
+    assert sorted(plat.process_env_defaults()) == ["MEGARLHF_T_OURS", "MEGARLHF_T_PASSED"]
+    # Rank processes fork from a fork server and get its environment: restart it now, so that
+    # it holds the defaults above, as it does when a unit test's engine came before the tier.
+    import multiprocessing.forkserver
+
+    multiprocessing.forkserver._forkserver._stop()
+    got = run_distributed(rank_env, 2, ["MEGARLHF_T_OURS", "MEGARLHF_T_USER", "MEGARLHF_T_PASSED"],
+                          env={"MEGARLHF_T_PASSED": "passed"}, timeout=60)
+    assert got == [{"MEGARLHF_T_OURS": None, "MEGARLHF_T_USER": "user",
+                    "MEGARLHF_T_PASSED": "passed"}] * 2
