@@ -7,6 +7,13 @@ the "other task" a reward model is tested on for generalisation (finding 6). Bes
 files it writes reward-model data for held-out prompts (``pairs_heldout``,
 ``labelled_heldout``: reference vs corrupted solutions), so reward models can be evaluated on
 prompts they never saw.
+
+``policy-samples``: reward-model data from a policy's own samples, labelled by the answer
+verifier (:func:`megarlhf.controller.rm_data.sample_and_label`, as the demo's ORM stage does):
+labelled responses, (right, wrong) pairs and, with ``step_label_rollouts``, Math-Shepherd step
+labels; a held-out share of the prompts in ``*_eval`` files. Reward models trained on it learn
+to rank the mistakes the policy really makes (reference-vs-corrupted pairs do not: studies 2
+and 6 found such RMs pick worse answers of the policy as N grows).
 """
 
 from __future__ import annotations
@@ -88,6 +95,67 @@ def demo_data(params: DemoDataParams, out_dir: str) -> dict[str, Any]:
     return files
 
 
+@dataclass
+class PolicySamplesParams:
+    """Parameters of the ``policy-samples`` builtin."""
+
+    policy: str = ""  # the policy: an HF model directory (e.g. ${sft}/hf)
+    prompts: str = ""  # prompts with ground-truth answers (jsonl / parquet)
+    tokenizer: str | None = None  # the policy's tokenizer, if its directory has none
+    # A job YAML lending cluster, rollout and data settings; null: the CPU demo's rm.yaml.
+    config: str | None = None
+    n_per_prompt: int = 8  # responses sampled per prompt
+    num_prompts: int | None = None  # the first this many prompts (null: all)
+    temperature: float | None = None  # null: the config's rollout.temperature
+    eval_fraction: float = 0.1  # share of the prompts written to the held-out files
+    max_pairs_per_prompt: int | None = 4
+    all_pairs: bool = True  # every (right, wrong) combination, capped as above
+    step_label_rollouts: int = 0  # K > 0: Math-Shepherd step labels from K rollouts per step
+    seed: int = 0
+
+    def __post_init__(self):
+        check(bool(self.policy), "policy: give the policy's HF model directory (e.g. ${sft}/hf)")
+        check(bool(self.prompts), "prompts: give a prompts file with answers (e.g. "
+                                  "${data}/prompts_train.jsonl)")
+        check(self.n_per_prompt >= 2, "n_per_prompt must be >= 2 (pairs need a right and a "
+                                      "wrong response of the same prompt)")
+        check(self.num_prompts is None or self.num_prompts >= 1, "num_prompts must be >= 1 "
+                                                                 "(or null: every prompt)")
+        check(0.0 <= self.eval_fraction < 1.0, "eval_fraction must be in [0, 1)")
+        check(self.max_pairs_per_prompt is None or self.max_pairs_per_prompt >= 1,
+              "max_pairs_per_prompt must be >= 1 (or null: no cap)")
+        check(self.step_label_rollouts >= 0, "step_label_rollouts must be >= 0 (0: off)")
+        check(self.temperature is None or self.temperature > 0,
+              "temperature must be > 0 (greedy decoding gives N identical samples)")
+
+
+def policy_samples(params: PolicySamplesParams, out_dir: str) -> dict[str, Any]:
+    """Samples, labels and writes RM data into ``out_dir``; returns paths and counts."""
+    from megarlhf.config import load_config
+    from megarlhf.controller.rm_data import sample_and_label
+    from megarlhf.demo import config_path
+
+    overrides = [f"actor.model.hf_dir={params.policy}", f"output_dir={out_dir}",
+                 f"seed={params.seed}", f"data.labelled_path={out_dir}/labelled.jsonl",
+                 "train.eval_every=0", "logging.progress_bar=false"]
+    if params.tokenizer:
+        overrides.append(f"actor.model.tokenizer={params.tokenizer}")
+    job = load_config(params.config or config_path("rm"), overrides)
+    result = sample_and_label(job, params.policy, params.prompts, out_dir,
+                              n_per_prompt=params.n_per_prompt, num_prompts=params.num_prompts,
+                              temperature=params.temperature,
+                              eval_fraction=params.eval_fraction,
+                              max_pairs_per_prompt=params.max_pairs_per_prompt,
+                              all_pairs=params.all_pairs,
+                              step_label_rollouts=params.step_label_rollouts)
+    print(f"policy-samples: {result['num_responses']} samples of {result['num_prompts']} "
+          f"prompts (accuracy {result['accuracy']:.3f}): {result['num_pairs']} training pairs",
+          flush=True)
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
 @dataclass(frozen=True)
 class Builtin:
     params: type
@@ -97,4 +165,6 @@ class Builtin:
 
 BUILTINS: dict[str, Builtin] = {
     "demo-data": Builtin(DemoDataParams, demo_data, ("summary.json",)),
+    "policy-samples": Builtin(PolicySamplesParams, policy_samples,
+                              ("summary.json", "labelled.jsonl", "pairs.jsonl")),
 }

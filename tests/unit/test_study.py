@@ -139,6 +139,9 @@ def test_command_line_overrides_reach_jobs_and_study_settings(tmp_path):
      ["rollout.engine", "'tensorrt'"]),
     ({"study": "bigger_is_better"}, ["bigger_is_better", "responses_per_prompt"]),
     ({"jobs.rl.overrides": ["actor.model.hf_dir=${sfft}/hf"]}, ["${sfft}", "names no job"]),
+    ({"jobs.samples": {"builtin": "policy-samples", "seeded": False, "params": {
+        "policy": "${sft}/hf", "prompts": "${data}/prompts_train.jsonl", "n_per_prompt": 1}}},
+     ["samples", "n_per_prompt must be >= 2"]),
 ])
 def test_bad_study_gets_one_message_naming_the_setting(tmp_path, capsys, over, words):
     """If this fails, a study with a nonexistent key, a wrongly typed value or an empty sweep
@@ -316,6 +319,37 @@ def test_job_wrapper_marks_complete_only_after_final_outputs(tmp_path):
     assert job.final_outputs_missing(["train", "grpo", "c.yaml"], run) == [
         "hf/config.json (the run did not reach train.steps)"]
     assert job.final_outputs_missing(["eval", "bon", "c.yaml"], run) == ["bon.json"]
+
+
+def test_policy_samples_builtin_labels_the_policys_own_samples(tmp_path, monkeypatch):
+    """If this fails, the policy-samples builtin (RM data from the policy's own samples, for
+    the reward-model studies) samples another model, with the wrong tokenizer or seed, or
+    leaves no summary to mark the job complete with."""
+    import megarlhf.controller.rm_data as rm_data
+    from megarlhf.study import job
+
+    seen = {}
+
+    def fake(job_cfg, policy, prompts, out_dir, **kw):
+        seen.update(job=job_cfg, policy=policy, prompts=prompts, **kw)
+        for f in ("labelled.jsonl", "pairs.jsonl"):
+            open(os.path.join(out_dir, f), "w").write("{}\n")
+        return {"labelled": "l", "pairs": "p", "num_prompts": 3, "num_responses": 24,
+                "num_pairs": 5, "accuracy": 0.5}
+
+    monkeypatch.setattr(rm_data, "sample_and_label", fake)
+    out = str(tmp_path / "samples")
+    os.makedirs(out)
+    assert job.main(["--out", out, "--builtin", "policy-samples", "--params", json.dumps(
+        {"policy": "/m/hf", "prompts": "/d/p.jsonl", "tokenizer": "/d/tok.model",
+         "n_per_prompt": 8, "num_prompts": 3, "step_label_rollouts": 2, "seed": 5})]) == 0
+    assert seen["policy"] == "/m/hf" and seen["prompts"] == "/d/p.jsonl"
+    assert seen["job"].actor.model.hf_dir == "/m/hf"
+    assert seen["job"].actor.model.tokenizer == "/d/tok.model" and seen["job"].seed == 5
+    assert seen["job"].rollout.engine == "vllm"  # the demo's rm.yaml lends the rollout
+    assert (seen["n_per_prompt"], seen["num_prompts"], seen["step_label_rollouts"]) == (8, 3, 2)
+    assert read_complete(out)["result"]["num_pairs"] == 5
+    assert json.load(open(os.path.join(out, "summary.json")))["accuracy"] == 0.5
 
 
 def test_local_launcher_runs_a_job_in_its_own_process(tmp_path):
