@@ -21,6 +21,9 @@ def register(sub) -> None:
                         "one job at a time on this machine")
     p.add_argument("--max-concurrent", type=int, default=4,
                    help="Ray jobs running at once (with --ray-address)")
+    p.add_argument("--python", default="python",
+                   help="the Python interpreter that runs each Ray job on the cluster's nodes "
+                        "(with --ray-address; default: `python` on their PATH)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the study and list its jobs and what is complete; run nothing")
     p.add_argument("--plan", action="store_true",
@@ -68,8 +71,8 @@ def run(args) -> int:
         res = write_report(plan)
     else:
         address = args.ray_address or os.environ.get("RAY_ADDRESS")
-        launcher = (RayJobLauncher(address, max_concurrent=args.max_concurrent) if address
-                    else LocalLauncher())
+        launcher = (RayJobLauncher(address, max_concurrent=args.max_concurrent,
+                                   python=args.python) if address else LocalLauncher())
         outcome = run_study(plan, launcher, progress=not args.no_progress)
         res = outcome.results
         if outcome.failed:

@@ -1,11 +1,15 @@
 """``megarlhf study`` end to end on CPU: a tiny real study (the demo task's data builtin and two
-SFT runs of a few steps, a 2-run sweep over the learning rate), run through the CLI: each job
-a real `megarlhf train sft` process; then run again, which must skip every complete job.
-Kill-and-resume is tested at unit level (tests/unit/test_study.py) with a fake launcher: a real
-one would cost minutes the suite does not have. About 60 s on 2 cores."""
+SFT runs of a few steps, a 2-run sweep over the learning rate), run through the CLI on a Ray
+cluster (``--ray-address``): each job a real Ray job (Ray's job server, ``JobSubmissionClient``)
+running `megarlhf train sft`, which joins the cluster as a job does; the two SFT jobs at once.
+Then run again, which must skip every complete job and submit nothing. The local launcher (a
+subprocess per job) is tested at unit level (tests/unit/test_study.py), as is kill-and-resume
+with a fake launcher: a real one would cost minutes the suite does not have. About 40 s on
+2 cores."""
 
 import json
 import os
+import sys
 
 import pytest
 import yaml
@@ -43,14 +47,41 @@ def _study(tmp_path) -> str:
     return str(path)
 
 
-def test_tiny_study_runs_real_jobs_and_resumes(tmp_path, capsys):
-    """If this fails, `megarlhf study` cannot run real megarlhf jobs end to end (subprocess per
-    job, ${job} paths between them, completion markers, metrics read back, plot and report),
-    or running it again reruns finished jobs."""
+@pytest.fixture
+def job_server():
+    """The dashboard (job server) address of this session's Ray cluster (the e2e runs before
+    this test started one), or of a local one started here."""
+    import ray
+    from ray._private.worker import get_dashboard_url
+
+    pytest.importorskip("ray.dashboard", reason="Ray's job server needs ray[default]")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    url = get_dashboard_url()
+    if not url:
+        pytest.skip("this session's Ray cluster runs without its dashboard (the job server)")
+    return "http://" + url
+
+
+def test_tiny_study_runs_real_jobs_as_ray_jobs_and_resumes(tmp_path, capsys, job_server):
+    """If this fails, `megarlhf study --ray-address` cannot run real megarlhf jobs end to end
+    on a Ray cluster (job submission and polling, ${job} paths between jobs, completion markers
+    written by the jobs, their logs, metrics read back, plot and report), or running it again
+    reruns (resubmits) finished jobs."""
+    from ray.job_submission import JobSubmissionClient
+
     from megarlhf.cli import main
 
+    client = JobSubmissionClient(job_server)
+    before = {j.submission_id for j in client.list_jobs()}
     path = _study(tmp_path)
-    assert main(["study", path, "--no-progress"]) == 0, capsys.readouterr()
+    ray_args = ["--ray-address", job_server, "--max-concurrent", "2", "--python",
+                sys.executable, "--no-progress"]
+    assert main(["study", path, *ray_args]) == 0, capsys.readouterr()
+    submitted = [j for j in client.list_jobs() if j.submission_id not in before]
+    assert sorted(j.metadata["megarlhf_study_job"] for j in submitted) == [
+        "data/base", "sft/lr-0.001+seed-1", "sft/lr-0.003+seed-1"]
+    assert all(str(j.status).endswith("SUCCEEDED") for j in submitted)
     out = tmp_path / "study"
     jobs = ["data/base", "sft/lr-0.001+seed-1", "sft/lr-0.003+seed-1"]
     for key in jobs:
@@ -65,11 +96,13 @@ def test_tiny_study_runs_real_jobs_and_resumes(tmp_path, capsys):
     assert all(r["final"]["sft"]["step"] == 3 for r in runs)
     assert (out / "results" / "custom.png").read_bytes()[:4] == b"\x89PNG"
     assert "| sft/loss | 0.003 | 1 |" in (out / "results" / "table.md").read_text()
-    assert "sft__lr-0.001+seed-1.log" in os.listdir(out / "logs")
+    log = (out / "logs" / "sft__lr-0.001+seed-1.log").read_text()
+    assert "$ ray job" in log and "megarlhf" in log  # the job's own output, fetched from Ray
     capsys.readouterr()
 
     # Again: every job is complete, nothing runs.
-    assert main(["study", path, "--no-progress"]) == 0
+    assert main(["study", path, *ray_args]) == 0
     said = capsys.readouterr().out
     assert "3 of 3 jobs already complete" in said and "running the other 0" in said
     assert complete == json.loads((sft / "COMPLETE.json").read_text())
+    assert len([j for j in client.list_jobs() if j.submission_id not in before]) == 3

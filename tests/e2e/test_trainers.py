@@ -124,9 +124,17 @@ def test_online_dpo_raises_verifier_reward(demo_run, tmp_path):
 
 # ---------------------------------------------------------------- kill -9 and resume
 def _launch(cfg, *extra):
+    """``megarlhf train grpo CFG`` in a process of its own, joining this process's Ray cluster
+    (started by the runs before it) as a job would join a cluster's: a local cluster per launch
+    costs its start-up (GCS, raylet, dashboard: seconds of 2 busy cores) each time."""
+    import ray
+
+    env = dict(os.environ)
+    if ray.is_initialized():
+        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     log = open(cfg + ".log", "ab")  # a file, not a pipe: a full pipe would block the run
     p = subprocess.Popen([sys.executable, "-m", "megarlhf.cli", "train", "grpo", cfg, *extra],
-                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     p.log_path = cfg + ".log"
     return p
 
