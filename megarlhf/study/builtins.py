@@ -24,11 +24,13 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from megarlhf.config import load_config
 from megarlhf.config.base import check
+from megarlhf.controller import rm_data
 from megarlhf.data.datasets import write_jsonl
 from megarlhf.data.demo_task import ArithmeticConfig, ArithmeticTask, write_demo_data
 from megarlhf.data.tokenizer import ChatTemplate, train_sentencepiece
-from megarlhf.demo import REQUIRED_CHARS
+from megarlhf.demo import REQUIRED_CHARS, config_path
 
 
 @dataclass
@@ -131,17 +133,13 @@ class PolicySamplesParams:
 
 def policy_samples(params: PolicySamplesParams, out_dir: str) -> dict[str, Any]:
     """Samples, labels and writes RM data into ``out_dir``; returns paths and counts."""
-    from megarlhf.config import load_config
-    from megarlhf.controller.rm_data import sample_and_label
-    from megarlhf.demo import config_path
-
     overrides = [f"actor.model.hf_dir={params.policy}", f"output_dir={out_dir}",
                  f"seed={params.seed}", f"data.labelled_path={out_dir}/labelled.jsonl",
                  "train.eval_every=0", "logging.progress_bar=false"]
     if params.tokenizer:
         overrides.append(f"actor.model.tokenizer={params.tokenizer}")
     job = load_config(params.config or config_path("rm"), overrides)
-    result = sample_and_label(job, params.policy, params.prompts, out_dir,
+    result = rm_data.sample_and_label(job, params.policy, params.prompts, out_dir,
                               n_per_prompt=params.n_per_prompt, num_prompts=params.num_prompts,
                               temperature=params.temperature,
                               eval_fraction=params.eval_fraction,
