@@ -129,7 +129,7 @@ def run_distributed(
     pg_timeout_s = max(10, int(timeout))
     from megarlhf.platform import process_env_defaults
 
-    unset = [k for k in process_env_defaults() if k not in (env or {})]
+    unset = process_env_defaults()  # then ``env`` is applied on top in each rank
     for rank in range(world_size):
         p = ctx.Process(
             target=_rank_main,

@@ -139,13 +139,11 @@ def policy_samples(params: PolicySamplesParams, out_dir: str) -> dict[str, Any]:
     if params.tokenizer:
         overrides.append(f"actor.model.tokenizer={params.tokenizer}")
     job = load_config(params.config or config_path("rm"), overrides)
-    result = rm_data.sample_and_label(job, params.policy, params.prompts, out_dir,
-                              n_per_prompt=params.n_per_prompt, num_prompts=params.num_prompts,
-                              temperature=params.temperature,
-                              eval_fraction=params.eval_fraction,
-                              max_pairs_per_prompt=params.max_pairs_per_prompt,
-                              all_pairs=params.all_pairs,
-                              step_label_rollouts=params.step_label_rollouts)
+    result = rm_data.sample_and_label(
+        job, params.policy, params.prompts, out_dir, n_per_prompt=params.n_per_prompt,
+        num_prompts=params.num_prompts, temperature=params.temperature,
+        eval_fraction=params.eval_fraction, max_pairs_per_prompt=params.max_pairs_per_prompt,
+        all_pairs=params.all_pairs, step_label_rollouts=params.step_label_rollouts)
     print(f"policy-samples: {result['num_responses']} samples of {result['num_prompts']} "
           f"prompts (accuracy {result['accuracy']:.3f}): {result['num_pairs']} training pairs",
           flush=True)
