@@ -583,6 +583,10 @@ class AsyncConfig:
 
     enabled: bool = False
     max_staleness: int = 1  # K: generation uses weights at most K updates old
+    # Exactly K (after the first K steps, a resume or an evaluation) instead of at most K: the
+    # learner waits when the rollout is the slower side (for studies of off-policyness; the
+    # default is the faster schedule, whose staleness stays near 1 in that case).
+    fixed_staleness: bool = False
 
     def __post_init__(self):
         check(self.max_staleness >= 0, "asynchronous.max_staleness must be >= 0")

@@ -176,6 +176,9 @@ def config_errors(job: JobConfig) -> list[str]:
             errors.append("kind=dpo ranks several samples per prompt: set "
                           "batch.n_samples_per_prompt >= 2")
 
+    if job.asynchronous.fixed_staleness and not job.asynchronous.enabled:
+        errors.append("asynchronous.fixed_staleness sets the staleness of an asynchronous run: "
+                      "set asynchronous.enabled=true (or drop fixed_staleness)")
     if job.asynchronous.enabled:
         if job.kind not in POLICY_KINDS:
             errors.append("asynchronous.enabled applies to ppo, grpo and dpo jobs only")

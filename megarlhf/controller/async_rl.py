@@ -28,6 +28,10 @@ How the pieces fit:
   :class:`~megarlhf.controller.async_schedule.StalenessError`. Each step logs
   ``rollout/staleness``, ``rollout/weight_version``, ``time/learner_wait`` (the learner idle,
   waiting for data) and ``time/rollout_wait`` (the rollout idle, waiting for a sync).
+  K is a bound: with a rollout slower than the learner the staleness stays near 1.
+  ``asynchronous.fixed_staleness: true`` makes it exactly K (after the first K steps; the
+  learner waits for the rollout to take each version it still needs), for studies of
+  off-policyness.
 * **Off-policy losses.** ``algorithm.use_behaviour_logprobs`` (required; validation refuses
   sampling settings whose engine cannot return the log-probs): PPO/GRPO ratios use the
   rollout engine's log-probs as ``logp_old``. An off-policy correction (``algorithm.tis_cap``,
@@ -106,7 +110,8 @@ class AsyncLoop:
         self.t, self.cl = trainer, cl
         self.K = job.asynchronous.max_staleness
         self.sched = AsyncSchedule(job.train.steps, self.K, start=start,
-                                   eval_every=job.train.eval_every)
+                                   eval_every=job.train.eval_every,
+                                   fixed=job.asynchronous.fixed_staleness)
         self.learner_version = self.rollout_version = start  # counted here, checked
         self.generated: dict[int, _Generated] = {}
         self.position_before: dict[int, dict[str, Any]] = {}  # batch -> data position

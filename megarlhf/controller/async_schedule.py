@@ -20,6 +20,14 @@ and the schedule keeps ``staleness <= K`` (``asynchronous.max_staleness``) by co
 * evaluation at version ``L`` (every ``eval_every`` steps) is a barrier: nothing new starts until
   the rollout is idle, then sync to ``L`` (if needed), evaluate, continue.
 
+With ``fixed=True`` (``asynchronous.fixed_staleness``) every batch is sampled *exactly* ``K``
+versions before it is trained (batch ``b`` with version ``b - K``; the first ``K`` batches after
+the start, a resume or an evaluation with the newest weights there are): the rollout is synced
+only to the version the next batch needs, and the learner waits rather than move past that
+version before the sync. Without it a rollout slower than the learner is synced as soon as
+both are free, so the staleness stays near 1 whatever ``K`` is: fastest, but not a controlled
+amount of off-policyness (what a study of it needs).
+
 ``K = 0`` degenerates to the synchronous order ``generate(b), train(b), sync`` for every ``b``;
 ``K = 1`` is "one step off-policy": batch ``b + 1`` is generated with version ``b`` while the
 learner trains batch ``b``, then both meet for the sync.
@@ -80,9 +88,11 @@ class AsyncSchedule:
         start: the first step (resume); the learner and the rollout both hold version ``start``
             (the driver syncs before the loop).
         eval_every: evaluation barrier every this many steps (0: none).
+        fixed: staleness exactly ``K`` rather than at most ``K`` (see the module doc).
     """
 
-    def __init__(self, steps: int, max_staleness: int, *, start: int = 0, eval_every: int = 0):
+    def __init__(self, steps: int, max_staleness: int, *, start: int = 0, eval_every: int = 0,
+                 fixed: bool = False):
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
         if not 0 <= start <= steps:
@@ -90,6 +100,7 @@ class AsyncSchedule:
         self.steps = steps
         self.K = max_staleness
         self.eval_every = eval_every
+        self.fixed = fixed
         self.learner_version = start  # L: batches trained
         self.rollout_version = start  # R: version the rollout holds
         self.next_batch = start       # the next batch to generate (data order)
@@ -129,14 +140,20 @@ class AsyncSchedule:
                 out.append(Task(SYNC, version=v) if R < v else Task(EVAL, version=v))
             self.running += out
             return out
-        if learner_idle and rollout_idle and R < L and self.next_batch < self.steps:
+        # fixed: the version the next batch is to be sampled with (older ones are not kept)
+        target = self.next_batch - self.K
+        if (learner_idle and rollout_idle and R < L and self.next_batch < self.steps
+                and (not self.fixed or R < target <= L)):
             out.append(Task(SYNC, version=L))
             self.running += out
             return out
         if rollout_idle and self.next_batch < self.steps and self.next_batch - R <= self.K:
             out.append(Task(GENERATE, batch=self.next_batch, version=R))
             self.next_batch += 1
-        if learner_idle and L < self.steps and L in self.ready:
+        # fixed: training batch L drops version L, which batch L + K (not started yet) is to be
+        # sampled with: wait until the rollout holds it
+        hold = self.fixed and R < L and self.next_batch <= L + self.K < self.steps
+        if learner_idle and L < self.steps and L in self.ready and not hold:
             v = self.ready.pop(L)
             s = L - v
             if s > self.K:  # cannot happen by construction; a violated invariant is a bug
@@ -188,17 +205,18 @@ class SimResult:
 
 def simulate(steps: int, max_staleness: int, gen_time: Callable[[int], float],
              train_time: Callable[[int], float], sync_time: float | Callable[[int], float] = 0.0,
-             *, eval_every: int = 0, eval_time: float = 0.0, start: int = 0) -> SimResult:
+             *, eval_every: int = 0, eval_time: float = 0.0, start: int = 0,
+             fixed: bool = False) -> SimResult:
     """Runs :class:`AsyncSchedule` on a simulated clock (no Ray, no threads).
 
     Args:
-        steps, max_staleness, eval_every, start: as :class:`AsyncSchedule`.
+        steps, max_staleness, eval_every, start, fixed: as :class:`AsyncSchedule`.
         gen_time: generation duration of batch ``b``.
         train_time: learner duration of batch ``b`` (reward, scoring, updates).
         sync_time: duration of a sync (a number, or a function of the version pushed).
         eval_time: duration of an evaluation.
     """
-    sched = AsyncSchedule(steps, max_staleness, start=start, eval_every=eval_every)
+    sched = AsyncSchedule(steps, max_staleness, start=start, eval_every=eval_every, fixed=fixed)
     sync_fn = sync_time if callable(sync_time) else (lambda v: sync_time)
     now = 0.0
     ends: list[tuple[float, int, Task]] = []  # (end time, start seq, task)

@@ -597,7 +597,8 @@ class Staleness(Finding):
     claim = ("Online DPO tolerates off-policy (stale) data best: its final reward falls least "
              "as the staleness K grows (PPO, RLOO and online DPO at K = 0, 1, 2, 4).")
     source = "Asynchronous RLHF (methods.md section 3)"
-    defaults = {"job": "rl", "metric": "reward/raw_mean", "last": 5, "robust": "dpo"}
+    defaults = {"job": "rl", "metric": "reward/raw_mean", "last": 5, "robust": "dpo",
+                "staleness_metric": "rollout/staleness"}
     jobs = ("job",)
     factors = (2, 2)
 
@@ -623,20 +624,38 @@ class Staleness(Finding):
         ks = sorted(kf.values, key=_num)
         robust = _level(mf, str(p["robust"]).lower())
         fn = _last(p["job"], p["metric"], p["last"])
+        sm = p["staleness_metric"]
+        # K is a bound: the x axis is the staleness each run measured (its mean over the run),
+        # which stays below K where the rollout is the slower side unless the runs set
+        # asynchronous.fixed_staleness.
+        measured = {}
+        for r in runs:
+            d = _job_data(r, p["job"])
+            v = d.values(sm) if d is not None else []
+            if d is not None and d.rows and not v:
+                raise StudyError(f"run {r.label or r.point}: job {p['job']} logged no {sm}; study "
+                                 f"{self.name} fits the final {p['metric']} against the "
+                                 f"staleness each run measured (analysis.staleness_metric)")
+            if v:
+                measured[id(r)] = stats.mean(v)
         slopes, curves, rows = {}, [], []
         for m in mf.values:
-            mine = [r for r in runs if r.point[mf.name] == m]
-            per_k = {k: _vals([r for r in mine if r.point[kf.name] == k], fn) for k in ks}
-            slopes[m] = stats.slope([_num(k) for k in ks for _ in per_k[k]],
-                                    [y for k in ks for y in per_k[k]])
-            curves.append(_curve(str(m), [_num(k) for k in ks], [per_k[k] for k in ks]))
-            rows.append([str(m)] + [_fmt(per_k[k]) for k in ks] + [slopes[m].text(4)])
+            mine = [r for r in runs if r.point[mf.name] == m and fn(r) is not None
+                    and id(r) in measured]
+            per_k = {k: [r for r in mine if r.point[kf.name] == k] for k in ks}
+            slopes[m] = stats.slope([measured[id(r)] for r in mine], [fn(r) for r in mine])
+            xs = [stats.mean([measured[id(r)] for r in per_k[k]]) if per_k[k] else _num(k)
+                  for k in ks]
+            curves.append(_curve(str(m), xs, [_vals(per_k[k], fn) for k in ks]))
+            rows.append([str(m)] + [
+                f"{_fmt(_vals(per_k[k], fn))} (staleness {xs[i]:.2f})" if per_k[k] else "-"
+                for i, k in enumerate(ks)] + [slopes[m].text(4)])
         others = [m for m in mf.values if m != robust]
         diffs = {m: slopes[robust] - slopes[m] for m in others}
         verdict = Verdict(
             judge(all(d.shown() for d in diffs.values()),
                   any(d.contradicted() for d in diffs.values())),
-            "slope of final " + p["metric"] + " per unit of K: "
+            "slope of final " + p["metric"] + " per unit of measured staleness: "
             + "; ".join(f"{m}: {slopes[m].text(4)}" for m in mf.values)
             + "; " + "; ".join(f"{robust} - {m}: {d.text(4)}" for m, d in diffs.items()),
             f"reproduced when {robust}'s slope exceeds every other algorithm's by > "
@@ -645,9 +664,9 @@ class Staleness(Finding):
              **{f"slope_{m}_se": slopes[m].se for m in mf.values},
              **{f"diff_{m}": d.value for m, d in diffs.items()},
              **{f"diff_{m}_se": d.se for m, d in diffs.items()}})
-        panel = Panel(f"Final {p['metric']} vs staleness K", "staleness K (max_staleness)",
+        panel = Panel(f"Final {p['metric']} vs staleness", f"staleness ({sm}, run mean)",
                       f"final {p['metric']} (last {p['last']} steps)", curves)
-        return Analysis(["algorithm"] + [f"K={k}" for k in ks] + ["slope per K"], rows,
+        return Analysis(["algorithm"] + [f"K={k}" for k in ks] + ["slope per unit"], rows,
                         [panel], verdict)
 
 

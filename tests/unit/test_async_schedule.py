@@ -58,10 +58,10 @@ def synchronous_order(steps, eval_every, start=0):
 
 
 @settings(max_examples=300, deadline=None)
-@given(run=runs(), K=st.integers(0, 4))
-def test_staleness_never_exceeds_K_and_every_batch_is_trained_once_in_order(run, K):
+@given(run=runs(), K=st.integers(0, 4), fixed=st.booleans())
+def test_staleness_never_exceeds_K_and_every_batch_is_trained_once_in_order(run, K, fixed):
     steps = run[0]
-    r = _sim(run, K)
+    r = _sim(run, K, fixed=fixed)
     assert len(r.staleness) == steps
     assert all(0 <= s <= K for s in r.staleness)
     trained = [t.batch for _, _, t in r.trace if t.kind == TRAIN]
@@ -79,9 +79,9 @@ def test_staleness_never_exceeds_K_and_every_batch_is_trained_once_in_order(run,
 
 
 @settings(max_examples=300, deadline=None)
-@given(run=runs(), K=st.integers(0, 4))
-def test_resources_never_overlap_and_sync_lands_between_generations_and_steps(run, K):
-    r = _sim(run, K)
+@given(run=runs(), K=st.integers(0, 4), fixed=st.booleans())
+def test_resources_never_overlap_and_sync_lands_between_generations_and_steps(run, K, fixed):
+    r = _sim(run, K, fixed=fixed)
     eps = 1e-9
     for role in ("learner", "rollout"):
         spans = sorted((s, e) for s, e, t in r.trace
@@ -111,10 +111,10 @@ def test_learner_waits_only_for_data_or_its_own_sync(run, K):
 
 
 @settings(max_examples=300, deadline=None)
-@given(run=runs())
-def test_K0_is_the_synchronous_order(run):
+@given(run=runs(), fixed=st.booleans())
+def test_K0_is_the_synchronous_order(run, fixed):
     steps, gen, train, sync, eval_every, _ = run
-    r = _sim(run, 0)
+    r = _sim(run, 0, fixed=fixed)
     assert r.order() == synchronous_order(steps, eval_every)
     assert r.staleness == [0] * steps
     expected = sum(gen) + sum(train) + sync * sum(1 for k, _ in r.order() if k == SYNC) + \
@@ -182,6 +182,31 @@ def test_resume_starts_both_sides_at_the_saved_version():
     assert r.staleness == [0, 1]
     assert simulate(5, 0, lambda b: 1.0, lambda b: 1.0, start=3).order() == \
         synchronous_order(5, 0, start=3)
+
+
+@settings(max_examples=500, deadline=None)
+@given(run=runs(), K=st.integers(0, 4), start=st.integers(0, 12))
+def test_fixed_staleness_samples_every_batch_exactly_K_versions_before_it_is_trained(
+        run, K, start):
+    """If this fails, asynchronous.fixed_staleness does not control the off-policyness (the
+    staleness study's x axis): batch b must be trained at staleness min(K, b - start) whatever
+    the two sides' speeds, without a stall."""
+    steps, gen, train, sync, _, _ = run
+    start = min(start, steps)
+    r = simulate(steps, K, lambda b: gen[b], lambda b: train[b], sync, start=start, fixed=True)
+    assert r.staleness == [min(K, b - start) for b in range(start, steps)]
+
+
+def test_fixed_staleness_holds_K_when_generation_is_the_slower_side():
+    """Generation 3x slower than a step: the default syncs whenever both sides are free, so
+    the staleness stays at 1 for any K; fixed holds K and costs the learner's idle time only."""
+    gen, train = (lambda b: 3.0), (lambda b: 1.0)
+    free = simulate(10, 4, gen, train, 0.1)
+    fixed = simulate(10, 4, gen, train, 0.1, fixed=True)
+    assert set(free.staleness[1:]) == {1}
+    assert fixed.staleness == [0, 1, 2, 3, 4, 4, 4, 4, 4, 4]
+    # Both are bound by generation: 10 generations and the last step, plus the syncs.
+    assert fixed.makespan == pytest.approx(free.makespan, rel=0.05)
 
 
 def test_a_violated_invariant_raises_staleness_error():

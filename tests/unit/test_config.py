@@ -431,6 +431,8 @@ def test_sampling_parameters_and_documented_seeds():
       "cluster.placement": "split", "algorithm.use_behaviour_logprobs": True},
      ["dynamic_sampling", "asynchronous.enabled=false or dynamic_sampling=false"]),
     ({"algorithm.dynamic_sampling_max_rounds": -1}, ["dynamic_sampling_max_rounds"]),
+    ({"asynchronous.fixed_staleness": True},
+     ["asynchronous.fixed_staleness", "asynchronous.enabled=true"]),
     ({"algorithm.advantage_estimator": "reinforce_pp_baseline", "batch.n_samples_per_prompt": 1},
      ["reinforce_pp_baseline", "n_samples_per_prompt >= 2"]),
     ({"algorithm.advantage_estimator": "rloo", "batch.n_samples_per_prompt": 1},

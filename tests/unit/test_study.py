@@ -629,10 +629,36 @@ def test_verdict_staleness(slopes, d, outcome):
     mf = Factor("rl", "method", list(slopes), {m: [f"kind={m}"] for m in slopes})
     kf = Factor("rl", "asynchronous.max_staleness", [0, 1, 2, 4])
     runs = [R({mf.name: m, kf.name: k}, s,
-              rl=J([{"step": t, "reward/raw_mean": 0.7 - b * k + e * d} for t in range(1, 8)]))
+              rl=J([{"step": t, "reward/raw_mean": 0.7 - b * k + e * d,
+                     "rollout/staleness": float(min(k, t - 1))} for t in range(1, 8)]))
             for m, b in slopes.items() for k in (0, 1, 2, 4) for s, e in enumerate(NOISE)]
     v = _verdict("staleness", runs, [mf, kf])
     assert v.outcome == outcome, v.statistic
+
+
+def test_staleness_is_fitted_against_the_staleness_each_run_measured():
+    """If this fails, the off-policy study puts its runs at the bound K they were given instead
+    of the staleness they had: a rollout slower than the learner keeps batches one version old
+    whatever K is (asynchronous.fixed_staleness off), and the slope per K would be read off
+    points that all sit at staleness 1."""
+    mf = Factor("rl", "method", ["ppo", "dpo"], {m: [f"kind={m}"] for m in ("ppo", "dpo")})
+    kf = Factor("rl", "asynchronous.max_staleness", [0, 1, 4])
+
+    def runs(measured):  # final reward 0.7 - 0.02 x (the staleness the run had)
+        return [R({mf.name: m, kf.name: k}, s, rl=J([
+            {"step": t, "reward/raw_mean": 0.7 - 0.02 * measured[k] + e * 0.001,
+             "rollout/staleness": float(measured[k])} for t in range(1, 6)]))
+            for m in ("ppo", "dpo") for k in (0, 1, 4) for s, e in enumerate(NOISE)]
+    exact = FINDINGS["staleness"].analyze(runs({0: 0, 1: 1, 4: 4}), [mf, kf], {})
+    capped = FINDINGS["staleness"].analyze(runs({0: 0, 1: 1, 4: 1}), [mf, kf], {})
+    for a in (exact, capped):
+        assert a.verdict.values["slope_ppo"] == pytest.approx(-0.02, abs=1e-3)
+    # Against the nominal K the capped runs would give a slope near -0.004.
+    assert "(staleness 1.00)" in capped.rows[0][3] and "(staleness 4.00)" in exact.rows[0][3]
+    missing = [R({mf.name: m, kf.name: k}, 1, rl=J([{"step": 1, "reward/raw_mean": 0.5}]))
+               for m in ("ppo", "dpo") for k in (0, 1, 4)]
+    with pytest.raises(StudyError, match="logged no rollout/staleness"):
+        FINDINGS["staleness"].analyze(missing, [mf, kf], {})
 
 
 @pytest.mark.parametrize("async_dt, outcome", [
