@@ -628,7 +628,7 @@ class Staleness(Finding):
         # K is a bound: the x axis is the staleness each run measured (its mean over the run),
         # which stays below K where the rollout is the slower side unless the runs set
         # asynchronous.fixed_staleness.
-        measured = {}
+        points = {}  # per run: (its mean measured staleness, its final metric)
         for r in runs:
             d = _job_data(r, p["job"])
             v = d.values(sm) if d is not None else []
@@ -636,20 +636,20 @@ class Staleness(Finding):
                 raise StudyError(f"run {r.label or r.point}: job {p['job']} logged no {sm}; study "
                                  f"{self.name} fits the final {p['metric']} against the "
                                  f"staleness each run measured (analysis.staleness_metric)")
-            if v:
-                measured[id(r)] = stats.mean(v)
+            y = fn(r)
+            if v and y is not None and math.isfinite(y):
+                points[id(r)] = (stats.mean(v), float(y))
         slopes, curves, rows = {}, [], []
         for m in mf.values:
-            mine = [r for r in runs if r.point[mf.name] == m and fn(r) is not None
-                    and id(r) in measured]
-            per_k = {k: [r for r in mine if r.point[kf.name] == k] for k in ks}
-            slopes[m] = stats.slope([measured[id(r)] for r in mine], [fn(r) for r in mine])
-            xs = [stats.mean([measured[id(r)] for r in per_k[k]]) if per_k[k] else _num(k)
-                  for k in ks]
-            curves.append(_curve(str(m), xs, [_vals(per_k[k], fn) for k in ks]))
-            rows.append([str(m)] + [
-                f"{_fmt(_vals(per_k[k], fn))} (staleness {xs[i]:.2f})" if per_k[k] else "-"
-                for i, k in enumerate(ks)] + [slopes[m].text(4)])
+            per_k = {k: [points[id(r)] for r in runs if id(r) in points
+                         and r.point[mf.name] == m and r.point[kf.name] == k] for k in ks}
+            mine = [pt for k in ks for pt in per_k[k]]
+            slopes[m] = stats.slope([x for x, _ in mine], [y for _, y in mine])
+            xs = [stats.mean([x for x, _ in per_k[k]]) if per_k[k] else _num(k) for k in ks]
+            ys = [[y for _, y in per_k[k]] for k in ks]
+            curves.append(_curve(str(m), xs, ys))
+            rows.append([str(m)] + [f"{_fmt(y)} (staleness {x:.2f})" if y else "-"
+                                    for x, y in zip(xs, ys)] + [slopes[m].text(4)])
         others = [m for m in mf.values if m != robust]
         diffs = {m: slopes[robust] - slopes[m] for m in others}
         verdict = Verdict(
