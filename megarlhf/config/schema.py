@@ -186,8 +186,12 @@ class RolloutConfig:
     # vLLM's KV cache per replica in GiB, set explicitly; null: the gpu_memory_utilization share
     # on GPUs, 1 GiB on CPU (vLLM's CPU build).
     kv_cache_gib: float | None = None
-    # Weight sync streams HF-named tensors in buckets of at most this many MiB.
+    # Weight sync: what one rollout worker may hold of an update in flight, in MiB (the
+    # trainer's owners share it: each sends buckets of this / owners; a larger tensor alone).
     weight_sync_bucket_mib: int = 512
+    # A weight sync whose peer (an owner rank or a rollout worker) is silent this long stops
+    # the run with an error naming it; the replicas then serve nothing until a full sync.
+    weight_sync_timeout_s: float = 600.0
     # After each sync the actor re-scores a probe batch the engine generated; over the threshold
     # (max |logp_rollout - logp_actor|) the run warns or stops.
     logprob_check_samples: int = 4
@@ -203,6 +207,8 @@ class RolloutConfig:
         check(0 < self.gpu_memory_utilization < 1,
               "rollout.gpu_memory_utilization must be in (0, 1)")
         check(self.weight_sync_bucket_mib >= 1, "rollout.weight_sync_bucket_mib must be >= 1")
+        check(self.weight_sync_timeout_s > 0, "rollout.weight_sync_timeout_s must be > 0 "
+              "(seconds a weight sync waits for a silent peer)")
         check(self.kv_cache_gib is None or self.kv_cache_gib * 2**30 >= 2**20,
               "rollout.kv_cache_gib must be at least 1 MiB (e.g. 1.0), or null for vLLM's default")
         check(self.logprob_check_samples >= 0, "rollout.logprob_check_samples must be >= 0")

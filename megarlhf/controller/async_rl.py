@@ -153,7 +153,7 @@ class AsyncLoop:
 
     def run_sync(self, task: Task) -> None:
         """Pushes the learner's weights into the rollout (both sides wait for it)."""
-        m = self.t.sync(self.cl)
+        m = self.t.sync(self.cl, task.version)
         dt = m["time/weight_sync"]
         self.syncs.append((dt, m["perf/weight_sync_gb_per_s"] * 1e9 * dt))
         self.rollout_version = task.version

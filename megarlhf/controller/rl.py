@@ -14,7 +14,7 @@ its result::
     advantages(batch, raw)             reward processing + advantages (megarlhf.rl, the driver)
     train(batch, raw)                  actor (+ critic) optimizer steps, or online DPO pairs
                                        (then the adaptive KL controller's update, optional)
-    sync()                             actor -> rollout engine (the resharder, bounded buckets)
+    sync()                             actor -> rollout engine (every owner rank sends its share)
 
 Online DPO replaces the policy-gradient update: per prompt the best and the worst sample by
 reward form a (chosen, rejected) pair trained with the DPO loss against the reference.
@@ -83,6 +83,7 @@ class RLTrainer(Trainer):
         # Asynchronous mode: the data position and weight version a save records (AsyncLoop).
         self.position: dict[str, Any] | None = None
         self.async_state: dict[str, Any] | None = None
+        self.rollout_version: int | None = None  # the weight version the rollout serves
 
     # ---------------------------------------------------------------- the run
     def open_cluster(self) -> Cluster:
@@ -96,7 +97,7 @@ class RLTrainer(Trainer):
                 else self.tokenizer  # a reward model without tokenizer files shares the policy's
             scorer = RewardModelScorer(self.job, cl["reward_model"], tok)
         self.reward_fn = RewardComputer(self.job, scorer)
-        self.sync(cl)  # the engine serves exactly the actor's weights
+        self.sync(cl, start)  # the engine serves exactly the actor's weights (version start)
         if start == 0 and self.job.train.eval_every:
             ev = self.evaluate(cl, 0)
             if ev:
@@ -114,7 +115,7 @@ class RLTrainer(Trainer):
         if self.job.algorithm.dynamic_sampling:
             rollout, scored = self.refill(cl, rollout, scored, step)
         metrics = self.learn(cl, rollout, scored=scored)
-        metrics.update(self.sync(cl))
+        metrics.update(self.sync(cl, step + 1))
         metrics.update(self.step_metrics(rollout.batch, time.perf_counter() - t0))
         metrics["rollout/staleness"] = 0.0
         metrics.update(self.evaluate(cl, step + 1))
@@ -180,7 +181,8 @@ class RLTrainer(Trainer):
         dynamic-sampling round ``round``)."""
         cl.activate("rollout")
         outs = cl.rollout.generate([p.ids for p in prompts],
-                                   rollout_params(self.job, self.tokenizer, step, round))
+                                   rollout_params(self.job, self.tokenizer, step, round),
+                                   weight_version=self.rollout_version)
         return build_rollout(prompts, outs, self.tokenizer, pad_id=self.tokenizer.pad_id)
 
     def rewards(self, cl: Cluster, rollout: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
@@ -333,14 +335,20 @@ class RLTrainer(Trainer):
                                                algo.kl_target, algo.kl_horizon, samples)
         return used
 
-    def sync(self, cl: Cluster) -> dict[str, float]:
-        """Streams the actor's weights into the rollout engine; its time and bandwidth."""
+    def sync(self, cl: Cluster, version: int) -> dict[str, float]:
+        """The actor's weights into the rollout engine as weight version ``version`` (the
+        actor's step); its time, bandwidth and phases."""
         cl.activate("actor", "rollout")
         t0 = time.perf_counter()
-        stats = cl["actor"].sync_weights_to(cl.rollout)
+        res = cl["actor"].sync_weights_to(cl.rollout, version=version)
         dt = time.perf_counter() - t0
-        nbytes = stats[0].bytes if stats else 0
-        return {"time/weight_sync": dt, "perf/weight_sync_gb_per_s": nbytes / max(dt, 1e-9) / 1e9}
+        self.rollout_version = version
+        out = {"time/weight_sync": dt,
+               "perf/weight_sync_gb_per_s": res.bytes / max(dt, 1e-9) / 1e9,
+               "rollout/weight_version": float(version)}
+        out.update({f"time/weight_sync_{k.removesuffix('_s')}": v
+                    for k, v in res.phases().items()})
+        return out
 
     # ---------------------------------------------------------------- the updates
     def train_policy(self, cl: Cluster, batch: TokenBatch) -> dict[str, float]:

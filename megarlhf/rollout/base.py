@@ -220,6 +220,10 @@ class WeightUpdateStats:
         missing: the engine's parameters that this call did not cover, in the engine's own names
             (HF names for the HF engine; vLLM's fused names for vLLM); None if the engine cannot
             tell. An empty tuple means every parameter was written.
+        version: the weight version the engine serves afterwards.
+        phases: seconds per phase of the update on the engine's side (vLLM: ``wait_s``
+            waiting for the wire, ``load_s`` in vLLM's loaders, ``finish_s`` processing the
+            layers; the slowest worker's).
     """
 
     tensors: int
@@ -227,6 +231,8 @@ class WeightUpdateStats:
     seconds: float
     buckets: int
     missing: tuple[str, ...] | None = field(default=None)
+    version: str | None = None
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def gb_per_s(self) -> float:
@@ -386,9 +392,10 @@ class RolloutEngine(abc.ABC):
     """A generation engine the driver talks to; one instance per rollout replica.
 
     Lifecycle when colocated with training: ``sleep()`` before the trainer runs (the engine
-    gives back its accelerator memory), ``update_weights(stream)`` with the new actor weights,
-    ``wake_up()``, then ``generate``. Engines may accept ``update_weights`` while asleep (vLLM
-    first retakes only its weight memory, and retakes its KV cache in ``wake_up``).
+    gives back its accelerator memory), a weight update (the trainer's: ``start_weight_update``,
+    ``receive_weights``, ``finish_weight_update``; or ``update_weights(stream)`` from this
+    process), ``wake_up()``, then ``generate``. Engines accept updates while asleep (vLLM first
+    retakes only its weight memory, and retakes its KV cache in ``wake_up``).
     """
 
     @abc.abstractmethod
@@ -415,6 +422,66 @@ class RolloutEngine(abc.ABC):
         gathers one bucket at a time). Unknown names, or shapes that do not fit, raise an error
         that names the tensor.
         """
+
+    # The weight-transfer protocol (vLLM's: init once; per update start -> receive ->
+    # finish with the weight version; see megarlhf.weights.transfer). The defaults serve an
+    # engine that lives in this process (the transformers engine): this process joins every
+    # owner's group as the replica's one worker and feeds the received stream to
+    # update_weights. The vLLM engine overrides them with vLLM's worker RPCs.
+    def init_weight_transfer(self, init_info: dict) -> None:
+        """Join every owner's transfer group (blocks until the owners open them)."""
+        from megarlhf.weights.transfer import open_receiver_wires
+
+        if int(init_info.get("workers_per_replica", 1)) != 1:
+            raise ValueError(f"{type(self).__name__} is one process: workers_per_replica must "
+                             f"be 1, got {init_info['workers_per_replica']}")
+        for w in getattr(self, "_transfer_wires", []):
+            w.close()
+        self._transfer_timeout_s = float(init_info.get("timeout_s", 600.0))
+        self._transfer_wires = open_receiver_wires(
+            init_info["rendezvous"], int(init_info["rank_offset"]), int(init_info["world_size"]),
+            init_info.get("wire", "gloo"), self._transfer_timeout_s)
+
+    def start_weight_update(self) -> None:
+        """Begin an update (the engine serves nothing new until it is finished)."""
+        import time
+
+        self._transfer_parts: list[WeightUpdateStats] = []
+        self._transfer_start = time.perf_counter()
+
+    def receive_weights(self, update_info: dict) -> None:
+        """Receive one transfer (``update_info["spec"]``) from the owners and load it."""
+        from megarlhf.weights.transfer import TransferSpec, iter_received
+
+        if not hasattr(self, "_transfer_wires"):
+            raise RuntimeError(f"{type(self).__name__}: receive_weights before "
+                               "init_weight_transfer")
+        spec = TransferSpec.from_dict(update_info["spec"])
+        stream = iter_received(spec, self._transfer_wires,
+                               device=getattr(self, "device", "cpu"),
+                               timeout_s=self._transfer_timeout_s,
+                               where=f"{type(self).__name__}, weight version "
+                                     f"{update_info.get('version')}")
+        self._transfer_parts.append(self.update_weights(stream))
+
+    def finish_weight_update(self, version: str | None) -> WeightUpdateStats:
+        """End the update; the engine serves weight version ``version`` from now on."""
+        import time
+
+        parts = getattr(self, "_transfer_parts", [])
+        missing = None
+        if parts and all(p.missing is not None for p in parts):
+            missing = tuple(sorted(set.intersection(*(set(p.missing) for p in parts))))
+        self._weight_version = version
+        return WeightUpdateStats(
+            tensors=sum(p.tensors for p in parts), bytes=sum(p.bytes for p in parts),
+            seconds=time.perf_counter() - getattr(self, "_transfer_start", time.perf_counter()),
+            buckets=sum(p.buckets for p in parts), missing=missing, version=version)
+
+    @property
+    def weight_version(self) -> str | None:
+        """The weight version the engine serves (None: not known)."""
+        return getattr(self, "_weight_version", None)
 
     def weight_manifest(self) -> WeightManifest | None:
         """The HF-named tensors :meth:`update_weights` takes (None: the engine cannot tell).
@@ -476,3 +543,34 @@ def iter_weight_buckets(
         item = tensor = None
     if bucket:
         yield bucket
+
+
+class LocalSyncClient:
+    """vLLM's ``VLLMWeightSyncClient`` protocol over rollout engines in this process (tests,
+    benchmarks, a single-process setup): what :class:`~megarlhf.workers.rollout_worker.
+    RolloutSyncClient` does for Ray replicas. Engine ``k`` is replica ``k``; calls run on every
+    engine at once (the transfer groups' rendezvous and broadcasts need all of them)."""
+
+    def __init__(self, engines: Sequence[RolloutEngine]):
+        self.engines = list(engines)
+
+    def _all(self, fn) -> list:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=len(self.engines)) as pool:
+            futures = [pool.submit(fn, k, e) for k, e in enumerate(self.engines)]
+            return [f.result() for f in futures]
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        w = int(init_info["workers_per_replica"])
+        self._all(lambda k, e: e.init_weight_transfer(
+            {**init_info, "rank_offset": int(init_info.get("rank_offset", 1)) + k * w}))
+
+    def start_weight_update(self) -> None:
+        self._all(lambda k, e: e.start_weight_update())
+
+    def update_weights(self, update_info: dict) -> None:
+        self._all(lambda k, e: e.receive_weights(update_info))
+
+    def finish_weight_update(self, weight_version: str | None = None) -> list:
+        return self._all(lambda k, e: e.finish_weight_update(weight_version))

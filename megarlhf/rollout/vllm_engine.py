@@ -7,56 +7,27 @@ It follows vLLM ``PINNED_VLLM_VERSION`` exactly; the APIs it relies on, as found
 version's source:
 
 * ``vllm.LLM(model, tensor_parallel_size=..., enable_sleep_mode=True,
-  worker_extension_cls=..., logprobs_mode="processed_logprobs", skip_tokenizer_init=True, ...)``
-  (``vllm/entrypoints/llm.py``; the extra keywords are ``EngineArgs`` fields,
-  ``vllm/engine/arg_utils.py``).
+  worker_extension_cls=..., logprobs_mode="processed_logprobs", skip_tokenizer_init=True,
+  weight_transfer_config=WeightTransferConfig(backend="megarlhf"), ...)``
+  (``vllm/entrypoints/llm.py``; the extra keywords are ``EngineArgs`` fields).
 * ``LLM.generate(prompts, sampling_params, use_tqdm=False)`` with ``{"prompt_token_ids": [...]}``
-  prompts (``vllm/inputs/llm.py: TokensPrompt``) and one ``vllm.SamplingParams`` per prompt
-  (``vllm/sampling_params.py``); it returns ``RequestOutput``s in prompt order, each with ``n``
-  ``CompletionOutput``s (``vllm/outputs.py``: ``index``, ``token_ids``, ``logprobs``,
-  ``finish_reason`` as the strings "stop" / "length" / "abort" ...).
+  prompts and one ``vllm.SamplingParams`` per prompt; outputs: :mod:`.vllm_outputs`.
 * ``LLM.sleep(level=1)`` / ``LLM.wake_up(tags=None | ["weights"] | ["kv_cache"])``: level 1
   offloads the weights to host memory and drops the KV cache; a partial wake keeps scheduling
   paused until every tag is awake again (``vllm/v1/engine/core.py``).
-* ``LLM.collective_rpc(method_name, args=...)`` runs a method of the worker extension class on
-  every worker (``vllm/v1/worker/worker_base.py`` mixes ``worker_extension_cls`` into the
-  worker; its attribute names must not clash with the worker's own).
-* Weight loading inside a worker: ``self.model_runner.get_model().load_weights(weights=...)``
-  (``get_model()`` unwraps the CUDA-graph wrapper that ``model_runner.model`` may be), framed
-  by ``initialize_layerwise_reload(model)`` / ``finalize_layerwise_reload(model, model_config)``
-  from ``vllm/model_executor/model_loader/reload`` — the same sequence vLLM's own
-  ``GPUModelRunner.reload_weights`` and its IPC/NCCL weight-transfer engines use, so layers are
-  re-processed (quantization, fused layouts) once all of their tensors have arrived.
+* Weight updates through vLLM's weight-transfer API (``vllm/distributed/weight_transfer/``):
+  ``LLM.collective_rpc`` of the worker methods ``init_weight_transfer_engine(init_info)``,
+  ``start_weight_update()``, ``update_weights(update_info)``, ``finish_weight_update()``
+  (``vllm/v1/worker/gpu_worker.py``, inherited by the CPU worker), then
+  ``LLM.llm_engine.set_weight_version(version)``: every token generated afterwards is labelled
+  with it (``CompletionOutput.weight_versions``), which :meth:`VLLMRolloutEngine.generate`
+  checks. The backend is megarlhf's own (:mod:`.vllm_transfer`: every trainer owner sends its
+  share on a gloo or NCCL group of its own; :mod:`megarlhf.weights.transfer`).
 * ``LLM.reset_prefix_cache()`` returns False when it could not reset.
 
-Weights travel as HF-named full tensors (the engine contract); vLLM's ``load_weights`` fuses
-q/k/v and gate/up and takes each TP rank's shard. The stream is cut into buckets of at most
-``weight_bucket_bytes`` (a larger tensor travels alone). Where vLLM's workers share the
-caller's ``/dev/shm`` (probed once per engine), each bucket is written into a shared-memory
-segment and only its path and layout cross the RPC (:mod:`megarlhf.rollout.shared_buckets`:
-one bucket of host memory, shared by caller and workers). Otherwise each is packed into one
-byte payload
-(:func:`pack_bucket`: names, dtypes, shapes, offsets and the raw bytes) and sent with one
-``collective_rpc`` per bucket, so host memory holds one bucket (and its packed copy) at a time,
-whatever the model size. Tensors are not passed as tensors: between the ``LLM`` and its
-engine-core process vLLM encodes RPC arguments with msgpack and decodes them without type
-information (``vllm/v1/serial_utils.py``, ``EngineCoreProc``'s generic decoder), so a tensor
-would arrive as ``[dtype, shape, buffer]``; bytes arrive as bytes, also through the multiprocess
-executor's pickled message queue. This path copies through host memory; vLLM's CUDA-IPC weight
-transfer is the faster path for colocated replicas.
-
-Log-probs: the LLM is built with ``logprobs_mode="processed_logprobs"`` and each request asks
-for ``logprobs=0`` (the sampled token only). In this mode vLLM returns the log-softmax of the
-logits after temperature (``Sampler.sample`` / ``TopKTopPSampler``, ``vllm/v1/sample/``; model
-runner V2: ``vllm/v1/worker/gpu/sample/sampler.py``); greedy requests skip the temperature, so
-they get ``log_softmax(logits)``. That is :mod:`megarlhf.rollout.base`'s definition as long as
-no top-k/top-p filter is active: with one, vLLM reports the log-prob under the filtered,
-renormalised distribution, which no setting of the pinned version turns back into the
-full-vocabulary number ("raw_logprobs" is taken before temperature). So a request with top-k/top-p
-and ``logprobs=True`` is refused; sample without them, or ask for ``logprobs=False`` and let
-the learner compute them.
-
-Only this module imports vLLM, and only inside functions.
+Internals it reaches past the API are all in :mod:`megarlhf.compat.vllm`, checked at import.
+Only this module, :mod:`.vllm_outputs`, :mod:`.vllm_transfer` and :mod:`megarlhf.compat.vllm`
+import vLLM, and this one only inside functions.
 """
 
 from __future__ import annotations
@@ -65,47 +36,40 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
-import megarlhf.rollout.shared_buckets as shared_buckets
-from megarlhf.rollout.base import iter_weight_buckets
+from megarlhf.compat.vllm import PINNED_VLLM_VERSION
 from megarlhf.rollout.base import (
     RolloutEngine,
     RolloutOutput,
-    Sample,
     SamplingParams,
     WeightManifest,
     WeightSyncError,
     WeightUpdateStats,
     hf_weight_manifest,
+    iter_weight_buckets,
     validate_prompts,
 )
+from megarlhf.rollout.vllm_outputs import convert_request_outputs, to_vllm_sampling_kwargs
+from megarlhf.weights.transfer import BACKEND_NAME, Wire, free_port, pack_bucket
 
 logger = logging.getLogger(__name__)
 
-PINNED_VLLM_VERSION = "0.32.0"
-WORKER_EXTENSION_CLS = f"{__name__}.VLLMWorkerExtension"
+WORKER_EXTENSION_CLS = "megarlhf.rollout.vllm_transfer.VLLMWorkerExtension"
 LOGPROBS_MODE = "processed_logprobs"
-DEFAULT_WEIGHT_BUCKET_BYTES = 256 * 2**20
-# How buckets reach vLLM's workers: "shm" (shared-memory segments, megarlhf.rollout.
-# shared_buckets), "bytes" (packed into the RPC), "auto" (shm where the workers see it).
-WEIGHT_TRANSPORTS = ("auto", "shm", "bytes")
+DEFAULT_WEIGHT_BUCKET_BYTES = 512 * 2**20  # rollout.weight_sync_bucket_mib's default
 DEFAULT_CPU_KV_CACHE_BYTES = 2**30
-TIED_EMBEDDING_NAME = "model.embed_tokens.weight"
 # Head sizes vLLM 0.32's CPU attention backend runs (``CPUAttentionBackend.
 # get_supported_head_sizes``; a unit test checks this copy against the installed vLLM). Config
 # validation refuses other head sizes before anything starts.
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-# msgpack's bin type holds < 4 GiB: a bucket's bytes travel in frames of at most this size.
-_FRAME_BYTES = 2**30
-_ALIGN_BYTES = 16
 
 # Keywords the adapter must own: its output conversion and weight sync depend on them.
-_OWNED_LLM_KWARGS = ("logprobs_mode", "worker_extension_cls", "skip_tokenizer_init", "model")
-
+_OWNED_LLM_KWARGS = ("logprobs_mode", "worker_extension_cls", "skip_tokenizer_init", "model",
+                     "weight_transfer_config")
 
 def vllm_install_hint() -> str:
     """One line naming the install command for this machine's vLLM build."""
@@ -235,6 +199,9 @@ def build_llm_kwargs(
         enable_prefix_caching=enable_prefix_caching,
         logprobs_mode=LOGPROBS_MODE,
         worker_extension_cls=WORKER_EXTENSION_CLS,
+        # vLLM builds each worker's weight-transfer engine from this (megarlhf's backend,
+        # registered by the worker extension's module in every worker process).
+        weight_transfer_config={"backend": BACKEND_NAME},
         skip_tokenizer_init=True,  # token ids in, token ids out
     )
     if max_model_len is not None:
@@ -285,442 +252,39 @@ def cpu_threads_binding(tensor_parallel_size: int, cpus: Sequence[int] | None = 
     return "|".join(",".join(map(str, g)) for g in groups)
 
 
-def to_vllm_sampling_kwargs(params: SamplingParams, prompt_index: int) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.SamplingParams`` for prompt ``prompt_index`` of a call.
-
-    vLLM gives child ``i`` of an ``n``-sample request the seed ``seed + i``; prompt ``j`` gets
-    ``seed + j * n`` so that every sample of the call has its own seed (``seed + j*n + i``, as
-    in the HF engine). ``ignore_eos`` makes ``stop_token_ids`` the only stop condition besides
-    the length (our contract: the caller lists EOS itself); without it vLLM would also stop at
-    the EOS ids of the model's generation config.
-    """
-    if params.logprobs and params.filters_vocabulary:
-        raise ValueError(
-            f"vLLM engine: top_k={params.top_k} / top_p={params.top_p} with logprobs=True: vLLM "
-            f"{PINNED_VLLM_VERSION} reports log-probs of the top-k/top-p *filtered* distribution, "
-            "not log_softmax(logits / T) over the full vocabulary that the learner computes. "
-            "Sample without top-k/top-p (top_k=-1, top_p=1), or set sampling logprobs=False and "
-            "let the learner compute the old log-probs."
-        )
-    kwargs: dict[str, Any] = dict(
-        n=params.n,
-        temperature=float(params.temperature),
-        top_p=float(params.top_p),
-        top_k=params.top_k if params.top_k_enabled else 0,
-        max_tokens=params.max_new_tokens,
-        stop_token_ids=list(params.stop_token_ids),
-        ignore_eos=True,
-        detokenize=False,
-        logprobs=0 if params.logprobs else None,
-        flat_logprobs=True,
-        seed=None if params.seed is None else params.seed + prompt_index * params.n,
-    )
-    return kwargs
-
-
-def pack_bucket(bucket: Sequence[tuple[str, torch.Tensor]]) -> dict[str, Any]:
-    """One bucket of tensors -> a payload of plain Python values that survives vLLM's RPC.
-
-    ``data`` is the raw bytes of the tensors, each starting 16-byte aligned, written once into a
-    ``bytearray`` (the only copy made here) and cut into frames below msgpack's 4 GiB limit;
-    ``offsets[i]`` is where tensor ``i`` starts.
-    """
-    names, dtypes, shapes, offsets = [], [], [], []
-    offset = 0
-    for name, tensor in bucket:
-        offset += -offset % _ALIGN_BYTES  # every tensor starts aligned, so the worker can view it
-        names.append(name)
-        dtypes.append(str(tensor.dtype).removeprefix("torch."))
-        shapes.append(list(tensor.shape))
-        offsets.append(offset)
-        offset += tensor.numel() * tensor.element_size()
-    buf = bytearray(offset)
-    if offset:
-        flat = torch.frombuffer(buf, dtype=torch.uint8)  # (bytes,) a view of buf
-        for (_, tensor), start in zip(bucket, offsets, strict=True):
-            src = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-            flat[start:start + src.numel()].copy_(src)
-        del flat, src
-    frames = [buf] if offset <= _FRAME_BYTES else [
-        buf[i:i + _FRAME_BYTES] for i in range(0, offset, _FRAME_BYTES)]
-    return dict(names=names, dtypes=dtypes, shapes=shapes, offsets=offsets, data=frames)
-
-
-def unpack_bucket(payload: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
-    """The inverse of :func:`pack_bucket` (runs in the vLLM worker): ``(name, tensor)`` pairs.
-
-    The tensors are views of one writable buffer: the received frame itself when it arrives as
-    one ``bytearray`` (vLLM's pickled multiprocessing path), else a joined copy (msgpack
-    delivers immutable ``bytes``).
-    """
-    data = payload["data"]
-    if len(data) == 1 and isinstance(data[0], bytearray):
-        buffer = data[0]
-    else:
-        buffer = bytearray().join(data)
-    flat = torch.empty(0, dtype=torch.uint8)
-    if buffer:
-        flat = torch.frombuffer(buffer, dtype=torch.uint8)
-    return shared_buckets.tensor_views(
-        flat, payload["names"], payload["dtypes"], payload["shapes"], payload["offsets"])
-
-
-class _Peekable:
-    """An iterator that remembers the item it handed out last, so that a consumer failing on
-    that item (a shared-memory segment that could not be reserved for it) can hand the rest of
-    the stream, that item first, to another transport."""
-
-    def __init__(self, it: Iterator[tuple[str, torch.Tensor]]):
-        self._it = it
-        self._last: tuple[str, torch.Tensor] | None = None
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[str, torch.Tensor]:
-        self._last = None
-        self._last = next(self._it)
-        return self._last
-
-    def with_pending(self) -> Iterator[tuple[str, torch.Tensor]]:
-        last, self._last = self._last, None
-        if last is not None:
-            yield last
-        yield from self._it
-
-
-def _sampled_logprobs(logprobs: Any, token_ids: list[int], where: str) -> list[float]:
-    """The log-prob of each sampled token from vLLM's per-position sample logprobs.
-
-    ``logprobs`` is vLLM's ``FlatLogprobs`` (``flat_logprobs=True``: flat ``token_ids`` /
-    ``logprobs`` lists cut by ``start_indices`` / ``end_indices``, read directly here) or a list
-    of ``{token_id: Logprob}`` dicts, one per position.
-    """
-    if logprobs is None or len(logprobs) != len(token_ids):
-        got = None if logprobs is None else len(logprobs)
-        raise RuntimeError(
-            f"vLLM returned {got} log-prob positions for {len(token_ids)} tokens ({where})"
-        )
-    flat = all(hasattr(logprobs, a) for a in ("start_indices", "end_indices", "token_ids"))
-    values = []
-    for t, tok in enumerate(token_ids):
-        value = None
-        if flat:
-            for i in range(logprobs.start_indices[t], logprobs.end_indices[t]):
-                if logprobs.token_ids[i] == tok:
-                    value = logprobs.logprobs[i]
-                    break
-        else:
-            entry = logprobs[t]
-            if entry is not None and tok in entry:
-                value = entry[tok].logprob
-        if value is None:
-            raise RuntimeError(
-                f"vLLM returned no log-prob for the sampled token {tok} ({where}, token {t})"
-            )
-        values.append(float(value))
-    return values
-
-
-def convert_request_outputs(
-    request_outputs: Sequence[Any],
-    prompt_token_ids: Sequence[Sequence[int]],
-    params: SamplingParams,
-) -> list[RolloutOutput]:
-    """vLLM ``RequestOutput``s (one per prompt, in order) -> our :class:`RolloutOutput`s.
-
-    Checks what the adapter relies on: one output per prompt in prompt order, ``n`` samples
-    each (sorted by ``CompletionOutput.index``), finish reasons "stop"/"length" only, and one
-    log-prob per response token (with ``logprobs=0`` each position holds the sampled token).
-    """
-    if len(request_outputs) != len(prompt_token_ids):
-        raise RuntimeError(
-            f"vLLM returned {len(request_outputs)} outputs for {len(prompt_token_ids)} prompts"
-        )
-    results = []
-    for j, (out, prompt) in enumerate(zip(request_outputs, prompt_token_ids, strict=True)):
-        echoed = getattr(out, "prompt_token_ids", None)
-        if echoed is not None and list(echoed) != list(prompt):
-            raise RuntimeError(f"vLLM output {j} belongs to another prompt (outputs out of order)")
-        completions = sorted(out.outputs, key=lambda c: c.index)
-        if len(completions) != params.n:
-            raise RuntimeError(
-                f"vLLM returned {len(completions)} samples for prompt {j}, expected n={params.n}"
-            )
-        samples = []
-        for c in completions:
-            where = f"prompt {j}, sample {c.index}"
-            if c.finish_reason not in ("stop", "length"):
-                raise RuntimeError(
-                    f"vLLM sample finished with {c.finish_reason!r} ({where}); expected 'stop' "
-                    "or 'length' (was the request aborted, or the engine put to sleep?)"
-                )
-            token_ids = [int(t) for t in c.token_ids]
-            logprobs = None
-            if params.logprobs:
-                logprobs = _sampled_logprobs(c.logprobs, token_ids, where)
-            samples.append(
-                Sample(token_ids=token_ids, logprobs=logprobs, finish_reason=c.finish_reason)
-            )
-        results.append(RolloutOutput(prompt_token_ids=prompt, samples=tuple(samples)))
-    return results
-
-
-class _ExpectedWarningsFilter(logging.Filter):
-    """Drops vLLM warnings that say nothing wrong about how megarlhf uses it: about the
-    tokenizer it was told not to load (megarlhf passes token ids in and out and lists stop ids
-    itself; vLLM logs the first with a whole traceback), and, at every weight update, that the
-    rotary embedding (a buffer computed from the config, no weights) "failed to load"."""
-
-    _MESSAGES = ("Chat template warmup failed", "token id because tokenizer is not initialized",
-                 "%s: Failed to load weights")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = str(record.msg)
-        if msg == "%s: Failed to load weights":
-            return record.args != ("RotaryEmbedding",)
-        return not any(m in msg for m in self._MESSAGES)
-
-
-def _quiet_expected_warnings() -> None:
-    for name in ("vllm.renderers.base", "vllm.model_executor.model_loader.reload.layerwise"):
-        lg = logging.getLogger(name)
-        if not any(isinstance(f, _ExpectedWarningsFilter) for f in lg.filters):
-            lg.addFilter(_ExpectedWarningsFilter())
 
 
 def _read_config(model_dir: str) -> dict[str, Any]:
     import json
-    import os
 
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
         return json.load(f)
 
 
-def _loadable_numel(layer: torch.nn.Module, total: int | None) -> int | None:
-    """Elements a complete update loads into ``layer``: vLLM's layer size, except for vocab
-    embeddings, whose rows are padded (to a multiple of 64) beyond the real vocabulary."""
-    idx = getattr(layer, "shard_indices", None)
-    dim = getattr(layer, "embedding_dim", None)
-    if total is None or idx is None or dim is None:
-        return total
-    return min(total, (idx.num_org_elements + idx.num_added_elements) * dim)
-
-
-def _report(worker_report: dict[str, list[str]], key: str) -> list[str]:
-    """``worker_report[key]``: one worker's :meth:`VLLMWorkerExtension.
-    megarlhf_finish_weight_update` report."""
-    return list(worker_report[key])
-
-
-class _ProcessedLayers:
-    """Records the layers vLLM's layerwise reload processed (all their weights arrived) while
-    installed: it wraps ``layerwise._layerwise_process``, which vLLM calls by its module-level
-    name when a layer completes (and in ``finalize_layerwise_reload``).
-
-    On vLLM's CPU platform it also drops a layer's packed GEMM kernel (``cpu_linear``: a
-    oneDNN / SGL handle holding its own packed copy of the weight) just before the layer is
-    reprocessed. vLLM replaces it there anyway, but only after packing the new weights, so the
-    old and the new packed copies and the freshly materialised layer were alive together: the
-    worker's peak extra memory was ~2.3x the largest layer (1.03B model: 293 MiB against a
-    125 MiB embedding); without the old copy it is about one layer.
-    """
-
-    def __init__(self, drop_packed_kernels: bool = False):
-        from vllm.model_executor.model_loader.reload import layerwise
-
-        self._module = layerwise
-        self._original = layerwise._layerwise_process
-        self.layers: set[int] = set()
-
-        def process(layer, info, _original=self._original, _seen=self.layers,
-                    _drop=drop_packed_kernels):
-            _seen.add(id(layer))
-            if _drop:
-                # Processing sets a new one; a layer whose processing fails is broken either
-                # way (vLLM has already replaced its tensors) and the update raises.
-                layer.__dict__.pop("cpu_linear", None)
-            return _original(layer, info)
-
-        layerwise._layerwise_process = process
-
-    def stop(self) -> set[int]:
-        self._module._layerwise_process = self._original
-        return self.layers
-
-
-def _record_processed_layers() -> _ProcessedLayers:
-    from vllm.platforms import current_platform
-
-    return _ProcessedLayers(drop_packed_kernels=current_platform.is_cpu())
-
-
-def _prepack_reloaded_cpu_experts(model: torch.nn.Module, processed: set[int]) -> None:
-    """Redo the CPU MoE kernel's weight prepacking for reloaded expert layers.
-
-    vLLM 0.32's unquantized MoE method runs ``fused_experts.process_weights_after_loading``
-    (where the CPU kernel prepacks w13/w2 into its grouped-GEMM layout) only the first time;
-    on a weight update it skips it ("No-op by default" on GPUs), so the CPU kernel would read
-    the new, unpacked weights as if packed: measured 0.04-0.6 nats off after a sync, no error.
-    Only on vLLM's CPU platform, only for expert layers this update processed.
-    """
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return
-    for module in model.modules():
-        if id(module) not in processed:
-            continue
-        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
-        experts = getattr(kernel, "fused_experts", None)
-        if experts is None or not hasattr(experts, "isa"):
-            continue  # not the CPU experts kernel
-        experts.process_weights_after_loading(module)
-
-
-class _ConsumptionTracker(torch.overrides.TorchFunctionMode):
-    """Notes which streamed tensors vLLM's loaders touched (any torch op taking them).
-
-    vLLM's ``load_weights`` silently skips names it does not route to a parameter (a tied
-    ``lm_head`` is skipped by design, and a naming mismatch can be skipped by accident); such a
-    tensor is never passed to a torch op. ``pending`` maps ``id(tensor)`` to ``(name, tensor)``
-    (the reference keeps the id from being reused) and loses an entry when the tensor is used.
-    """
-
-    def __init__(self, pending: dict[int, tuple[str, torch.Tensor]]):
-        super().__init__()
-        self.pending = pending
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.pending:
-            stack = [args, kwargs]
-            while stack:
-                x = stack.pop()
-                if isinstance(x, torch.Tensor):
-                    self.pending.pop(id(x), None)
-                elif isinstance(x, (list, tuple)):
-                    stack.extend(x)
-                elif isinstance(x, dict):
-                    stack.extend(x.values())
-        return func(*args, **kwargs)
-
-
-class VLLMWorkerExtension:
-    """Mixed into every vLLM worker (``worker_extension_cls``); reached via ``collective_rpc``.
-
-    ``self`` is the vLLM worker: ``self.model_runner``, ``self.model_config`` and
-    ``self.device`` are the worker's. Method names carry a ``megarlhf_`` prefix because vLLM
-    refuses extension attributes that clash with the worker's own (it has ``update_weights``).
-
-    Every streamed tensor must be consumed: one that no vLLM weight loader took by the end of
-    the update (:meth:`megarlhf_finish_weight_update`) is reported by name, as is every model
-    parameter that no tensor wrote.
-    """
-
-    def megarlhf_begin_weight_update(self) -> None:
-        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
-
-        _quiet_expected_warnings()  # this runs in vLLM's worker process
-        initialize_layerwise_reload(self.model_runner.get_model())
-        self._megarlhf_loaded: set[str] = set()
-        self._megarlhf_pending: dict[int, tuple[str, torch.Tensor]] = {}
-        self._megarlhf_processed = _record_processed_layers()
-
-    def megarlhf_probe_shared_memory(self, payload: dict, expected: list[int]) -> bool:
-        """Whether this worker reads a shared-memory segment the caller wrote."""
-        from megarlhf.rollout.shared_buckets import check_probe
-
-        return check_probe(payload, expected)
-
-    def megarlhf_load_weights(self, payload: dict) -> int:
-        """Load one bucket of HF-named full tensors (a shared-memory segment's payload or a
-        :func:`pack_bucket` payload); vLLM fuses and shards."""
-        if "shm" in payload:
-            from megarlhf.rollout.shared_buckets import open_shared_bucket
-
-            weights = open_shared_bucket(payload)
-        else:
-            weights = unpack_bucket(payload)
-        pending = self._megarlhf_pending
-        for name, tensor in weights:
-            pending[id(tensor)] = (name, tensor)
-        try:
-            with _ConsumptionTracker(pending):
-                loaded = self.model_runner.get_model().load_weights(weights=weights)
-        except Exception as e:
-            names = [name for name, _ in weights]
-            raise RuntimeError(f"vLLM could not load the weight bucket {names}: {e!r}") from e
-        self._megarlhf_loaded.update(loaded or ())
-        return len(weights)
-
-    def megarlhf_finish_weight_update(self) -> dict[str, list[str]]:
-        """Process the loaded layers; report what this update missed.
-
-        A layer that received only part of its weights (some of q/k/v, say) would be
-        processed by vLLM's ``finalize_layerwise_reload`` with the unloaded part uninitialised
-        (garbage or NaN, measured; no error). Such a layer is put back to its previous weights
-        instead and reported as ``incomplete``: a layer's tensors must all come in one update.
-
-        Returns:
-            ``{"missing": [...], "unconsumed": [...], "incomplete": [...]}``: model
-            parameters (vLLM's fused names) that no tensor wrote, streamed HF names that no
-            vLLM weight loader took, and layers that got part of their weights (kept as they
-            were).
-        """
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-        from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
-
-        model = self.model_runner.get_model()
-        incomplete = []
-        for name, layer in model.named_modules():
-            info = get_layerwise_info(layer)
-            total = _loadable_numel(layer, info.load_numel_total)
-            if total is not None and 0 < info.load_numel < total:
-                incomplete.append(f"{name} ({info.load_numel} of {total} elements)")
-                info.load_numel = 0  # finalize then puts the previous weights back
-                info.loaded_weights = []
-        pending = getattr(self, "_megarlhf_pending", {})
-        processed = getattr(self, "_megarlhf_processed", None)
-        try:
-            with _ConsumptionTracker(pending):  # layers that completed only now use them
-                finalize_layerwise_reload(model, self.model_config)
-        finally:
-            done = processed.stop() if processed is not None else set()
-            self._megarlhf_processed = None
-        _prepack_reloaded_cpu_experts(model, done)
-        torch.accelerator.synchronize()
-        loaded = getattr(self, "_megarlhf_loaded", set())
-        unconsumed = sorted(name for name, _ in pending.values())
-        self._megarlhf_loaded = set()
-        self._megarlhf_pending = {}
-        missing = sorted(name for name, _ in model.named_parameters() if name not in loaded)
-        return {"missing": missing, "unconsumed": unconsumed, "incomplete": incomplete}
-
-
 class VLLMRolloutEngine(RolloutEngine):
     """:class:`RolloutEngine` over one ``vllm.LLM``; build it with :meth:`create`.
 
+    Weights arrive through vLLM's weight-transfer API with megarlhf's backend: a trainer
+    (:class:`megarlhf.weights.transfer.OwnersTrainerEngine`) calls :meth:`init_weight_transfer`
+    once, then per sync :meth:`start_weight_update`, :meth:`receive_weights` (while its owners
+    send) and :meth:`finish_weight_update` with the weight version. :meth:`update_weights`
+    sends a stream this process holds through the same backend, this process being the only
+    owner.
+
+    The engine serves only weights it knows completely: before the first complete update (or
+    after a failed one) :meth:`generate` refuses, and every generated token must carry the
+    version of the last finished update (vLLM's per-token labels).
+
     Args:
-        llm: a ``vllm.LLM`` built with :func:`build_llm_kwargs` (the adapter checks that its
-            ``logprobs_mode`` is ``"processed_logprobs"`` when it can see it).
-        weight_bucket_bytes: most bytes of weights per ``collective_rpc`` call.
-        weight_transport: how buckets reach the workers: "shm" (shared-memory segments, see
-            :mod:`megarlhf.rollout.shared_buckets`), "bytes" (packed into the RPC) or "auto"
-            (shm if every worker reads a probe segment, decided at the first update).
+        llm: a ``vllm.LLM`` built with :func:`build_llm_kwargs`.
+        weight_bucket_bytes: bucket bound of :meth:`update_weights` (a local stream).
         sleep_level: vLLM sleep level for :meth:`sleep`: 1 keeps the weights in host memory,
             2 drops them (every update must then carry all of them).
-        sampling_params_factory: builds a vLLM ``SamplingParams`` from keywords; defaults to
-            ``vllm.SamplingParams``.
-        manifest: the HF tensors the model takes (:func:`~megarlhf.rollout.base.
-            hf_weight_manifest` of its directory); each streamed tensor is checked against it
-            before its bucket is sent. None skips that check.
-        platform: "cuda" or "cpu"; on CPU sleep/wake are no-ops (vLLM's CPU backend has no
-            sleep mode and its memory is host memory anyway).
-        tied_embeddings: the model ties ``lm_head`` to the input embedding. The stream then
-            has no ``lm_head.weight`` (the contract), but vLLM 0.32's layerwise reload does not
-            carry a new embedding into the tied ``lm_head`` (measured: 0.19 nats off after an
-            update): the adapter sends the embedding under both names.
+        sampling_params_factory: builds a vLLM ``SamplingParams``; default ``vllm.SamplingParams``.
+        manifest: the HF tensors the model takes; each streamed tensor is checked against it.
+        platform: "cuda" or "cpu"; on CPU sleep/wake are no-ops.
+        initial_version: the weight version the engine starts with ("base": the weights it
+            loaded; None when it starts from dummy weights, which it must not serve).
     """
 
     def __init__(
@@ -732,8 +296,7 @@ class VLLMRolloutEngine(RolloutEngine):
         sampling_params_factory: Callable[..., Any] | None = None,
         manifest: WeightManifest | None = None,
         platform: str = "cuda",
-        tied_embeddings: bool = False,
-        weight_transport: str = "auto",
+        initial_version: str | None = "base",
     ):
         if sleep_level not in (1, 2):
             raise ValueError(f"vLLM sleep_level must be 1 or 2, got {sleep_level!r}")
@@ -742,7 +305,7 @@ class VLLMRolloutEngine(RolloutEngine):
                 f"weight_bucket_bytes must be a positive integer, got {weight_bucket_bytes!r}"
             )
         model_config = getattr(llm, "model_config", None)
-        mode = getattr(model_config, "logprobs_mode", LOGPROBS_MODE)
+        mode = getattr(model_config, "logprobs_mode", None)
         if mode != LOGPROBS_MODE:
             raise ValueError(
                 f"the vLLM LLM was built with logprobs_mode={mode!r}; the rollout contract needs "
@@ -758,10 +321,14 @@ class VLLMRolloutEngine(RolloutEngine):
         self._sampling_params_factory = sampling_params_factory
         self._manifest = manifest
         self.platform = platform
-        self.tied_embeddings = tied_embeddings
-        self.weight_transport = weight_transport  # validated by the setter
-        self.last_transport: str | None = None  # what the last update used
         self._state = "awake"  # "awake" | "asleep" | "weights_awake" (KV cache still asleep)
+        self._version: str | None = initial_version
+        if initial_version is not None:
+            llm.llm_engine.set_weight_version(initial_version)
+        self._updating = False
+        self._update_start = 0.0
+        self._local_wire: Wire | None = None  # this process as the only owner (update_weights)
+        self._local_updates = 0
 
     @classmethod
     def create(
@@ -771,17 +338,15 @@ class VLLMRolloutEngine(RolloutEngine):
         weight_bucket_bytes: int = DEFAULT_WEIGHT_BUCKET_BYTES,
         sleep_level: int = 1,
         allow_version_mismatch: bool = False,
-        weight_transport: str = "auto",
         **llm_kwargs: Any,
     ) -> VLLMRolloutEngine:
         """Build the ``vllm.LLM`` for one replica (see :func:`build_llm_kwargs`) and wrap it.
 
         The platform (CUDA or vLLM's CPU build) is vLLM's own ``current_platform``. On CPU, a
         TP > 1 replica gets ``VLLM_CPU_OMP_THREADS_BIND`` (:func:`cpu_threads_binding`) unless
-        it is set already.
+        it is set already. With ``load_format="dummy"`` the engine serves nothing before the
+        first weight update.
         """
-        import os
-
         from megarlhf.platform import default_env
 
         # vLLM logs every prefix-cache reset and engine step at INFO; keep warnings (set the
@@ -793,6 +358,8 @@ class VLLMRolloutEngine(RolloutEngine):
         check_vllm_version(installed, allow_mismatch=allow_version_mismatch)
         import vllm
         from vllm.platforms import current_platform
+
+        from megarlhf.compat import vllm as compat
 
         platform = "cpu" if current_platform.is_cpu() else "cuda"
         if platform == "cpu":
@@ -809,9 +376,9 @@ class VLLMRolloutEngine(RolloutEngine):
 
             in_process = not (dist.is_available() and dist.is_initialized())
             default_env("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else "1")
-        _quiet_expected_warnings()
+        compat.quiet_expected_warnings()
         manifest = hf_weight_manifest(os.fspath(model))
-        tied = bool(_read_config(os.fspath(model)).get("tie_word_embeddings", False))
+        dummy = llm_kwargs.get("load_format") == "dummy"
         llm = vllm.LLM(**build_llm_kwargs(os.fspath(model), platform=platform, **llm_kwargs))
         return cls(
             llm,
@@ -820,12 +387,17 @@ class VLLMRolloutEngine(RolloutEngine):
             sampling_params_factory=vllm.SamplingParams,
             manifest=manifest,
             platform=platform,
-            tied_embeddings=tied,
-            weight_transport=weight_transport,
+            initial_version=None if dummy else "base",
         )
 
     def weight_manifest(self) -> WeightManifest | None:
         return self._manifest
+
+    @property
+    def weight_version(self) -> str | None:
+        """The version of the weights the engine serves; None: none it may serve (dummy
+        weights, an update under way, or a failed one)."""
+        return self._version
 
     # --------------------------------------------------------------- generation
 
@@ -843,6 +415,12 @@ class VLLMRolloutEngine(RolloutEngine):
             raise TypeError(f"params must be megarlhf SamplingParams, got {type(params).__name__}")
         if self._state != "awake":
             raise RuntimeError(f"vLLM engine: generate() while {self._state}; call wake_up() first")
+        if self._version is None:
+            raise RuntimeError(
+                "vLLM engine: generate() before a complete weight update ("
+                + ("one is under way" if self._updating else "the engine holds dummy weights "
+                   "or its last update failed") + "): it would sample from weights that are "
+                "not the trainer's")
         validate_prompts(prompt_token_ids, self._vocab_size)
         prompts = [{"prompt_token_ids": [int(t) for t in p]} for p in prompt_token_ids]
         sampling = [
@@ -850,170 +428,131 @@ class VLLMRolloutEngine(RolloutEngine):
             for j in range(len(prompts))
         ]
         outputs = self._llm.generate(prompts, sampling, use_tqdm=False)
-        return convert_request_outputs(outputs, prompt_token_ids, params)
+        return convert_request_outputs(outputs, prompt_token_ids, params,
+                                       weight_version=self._version)
 
     # ------------------------------------------------------------------ weights
+
+    def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
+        """Every worker joins the owners' groups (``init_weight_transfer_engine``); blocks
+        until the owners open them (they do so concurrently)."""
+        self._close_local_wire()
+        self._llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        """Begins an update: wakes only the weights if asleep (the KV cache stays asleep until
+        :meth:`wake_up`), and stops serving until :meth:`finish_weight_update`."""
+        if self._updating:
+            raise RuntimeError("vLLM engine: a weight update is already under way")
+        if self._state == "asleep":
+            self._llm.wake_up(tags=["weights"])
+            self._state = "weights_awake"
+        self._version = None
+        self._update_start = time.perf_counter()
+        self._llm.collective_rpc("start_weight_update")
+        self._updating = True
+
+    def receive_weights(self, update_info: dict[str, Any]) -> None:
+        """Workers receive and load one transfer (``update_weights``); returns when every bucket
+        of ``update_info["spec"]`` is loaded. A failure leaves the engine serving nothing."""
+        if not self._updating:
+            raise RuntimeError("vLLM engine: receive_weights without start_weight_update")
+        try:
+            self._llm.collective_rpc("update_weights", kwargs={"update_info": update_info})
+        except BaseException:
+            self._updating = False  # vLLM's worker ended the update; the weights are mixed
+            raise
+
+    def finish_weight_update(self, version: str | None) -> WeightUpdateStats:
+        """Processes the loaded layers (``finish_weight_update``), checks every worker's report,
+        labels further output with ``version`` and resets the prefix cache (its KV came from the
+        old weights)."""
+        if not self._updating:
+            raise RuntimeError("vLLM engine: finish_weight_update without start_weight_update")
+        self._updating = False
+        self._llm.collective_rpc("finish_weight_update")
+        reports = self._llm.collective_rpc("megarlhf_weight_report")
+        missing = tuple(sorted({n for r in reports for n in r["missing"]}))
+        if missing and self.sleep_level == 2:
+            raise WeightSyncError(
+                f"vLLM engine: sleep_level=2 dropped the weights, but this update did not write "
+                f"{list(missing)[:8]}; stream every weight, or use sleep_level=1")
+        self.reset_prefix_cache()
+        version = str(version) if version is not None else f"local-{self._local_updates}"
+        self._llm.llm_engine.set_weight_version(version)
+        self._version = version
+        r0 = reports[0]
+        stats = WeightUpdateStats(
+            tensors=int(r0["tensors"]), bytes=int(r0["bytes"]),
+            seconds=time.perf_counter() - self._update_start, buckets=int(r0["buckets"]),
+            missing=missing, version=version,
+            phases={"wait_s": max(r["wait_s"] for r in reports),
+                    "load_s": max(r["load_s"] for r in reports),
+                    "finish_s": max(r["finish_s"] for r in reports)})
+        logger.info("vLLM engine: weight update: %s", stats.summary())
+        return stats
 
     def update_weights(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]]
     ) -> WeightUpdateStats:
-        """Stream HF-named full tensors into every worker, one bounded bucket per RPC.
+        """Sends a stream of HF-named full tensors that this process holds, through the same
+        backend: this process is the only owner (a loopback group with this replica's workers),
+        buckets of at most ``weight_bucket_bytes`` (a larger tensor alone), one
+        ``update_weights`` call per bucket. Each tensor is checked against the manifest before
+        its bucket is sent."""
+        from concurrent.futures import ThreadPoolExecutor
 
-        While asleep, only the weight memory is woken first (the KV cache stays asleep until
-        :meth:`wake_up`). Afterwards the prefix cache is reset: its KV came from the old
-        weights. ``missing`` in the returned stats lists vLLM (fused) parameter names no bucket
-        wrote.
-        """
-        start = time.perf_counter()
-        if self._state == "asleep":
-            self._llm.wake_up(tags=["weights"])
-            self._state = "weights_awake"
-        count = nbytes = buckets = 0
-        shm_dir = self._transport()
-        self._llm.collective_rpc("megarlhf_begin_weight_update")
-        payloads = self._payloads(self._checked(named_tensors), shm_dir)
+        wire = self._local_transfer()
+        self._local_updates += 1
+        self.start_weight_update()
         try:
-            for payload, n, size in payloads:
-                self._llm.collective_rpc("megarlhf_load_weights", args=(payload,))
-                payload = None
-                count += n
-                nbytes += size
-                buckets += 1
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                for bucket in iter_weight_buckets(self._checked(named_tensors),
+                                                  self.weight_bucket_bytes):
+                    spec, flat = pack_bucket(bucket)
+                    del bucket
+                    info = {"spec": {"owners": [0], "buckets": [spec_dict(spec)]},
+                            "version": None}
+                    future = pool.submit(self.receive_weights, info)
+                    wire.broadcast(flat)
+                    del flat
+                    future.result()
         except BaseException:
-            payloads.close()  # unlinks a shared-memory segment still open
-            # Finish anyway: vLLM then puts back the layers the partial stream left incomplete.
-            try:
-                self._llm.collective_rpc("megarlhf_finish_weight_update")
-            except Exception:
-                logger.exception("vLLM engine: finishing the failed weight update also failed")
+            self._updating = False
             raise
-        per_worker = self._llm.collective_rpc("megarlhf_finish_weight_update")
-        missing = tuple(sorted({n for w in per_worker for n in _report(w, "missing")}))
-        unconsumed = sorted({n for w in per_worker for n in _report(w, "unconsumed")})
-        incomplete = sorted({n for w in per_worker for n in _report(w, "incomplete")})
-        if incomplete:
-            raise WeightSyncError(
-                f"vLLM engine: the layers {incomplete[:6]} received only part of their weights "
-                "in this update; they keep their previous weights (vLLM would have filled the "
-                "rest with uninitialised memory). Send all tensors of a layer (q/k/v, gate/up, "
-                "...) in one update_weights call"
-            )
-        if unconsumed:
-            raise WeightSyncError(
-                f"vLLM engine: the streamed tensors {unconsumed[:8]} were not taken by any of "
-                "vLLM's weight loaders (vLLM skipped them); its model keeps stale values where "
-                "they should go. The HF names the trainer streams do not match what vLLM's "
-                "model class loads"
-            )
-        if missing and self.sleep_level == 2:
-            raise RuntimeError(
-                f"vLLM engine: sleep_level=2 dropped the weights, but this update did not write "
-                f"{list(missing)}; stream every weight, or use sleep_level=1"
-            )
-        self.reset_prefix_cache()
-        stats = WeightUpdateStats(
-            tensors=count,
-            bytes=nbytes,
-            seconds=time.perf_counter() - start,
-            buckets=buckets,
-            missing=missing,
-        )
-        logger.info("vLLM engine: weight update: %s", stats.summary())
-        return stats
+        return self.finish_weight_update(None)
 
-    @property
-    def weight_transport(self) -> str:
-        return self._weight_transport
-
-    @weight_transport.setter
-    def weight_transport(self, value: str) -> None:
-        if value not in WEIGHT_TRANSPORTS:
-            raise ValueError(
-                f"vLLM weight_transport must be one of {WEIGHT_TRANSPORTS}, got {value!r}")
-        self._weight_transport = value
-        self._shm_dir: str | None = None  # decided by the next update (see _transport)
-        self._transport_decided = False
-
-    def _transport(self) -> str | None:
-        """The shared-memory directory buckets go through, or None for the bytes transport.
-
-        Decided once per engine: "auto" uses ``/dev/shm`` if every vLLM worker reads a probe
-        segment the caller wrote there (same node and IPC namespace), "shm" insists on it (an
-        error otherwise), "bytes" never uses it.
-        """
-        if self._transport_decided:
-            return self._shm_dir
-        self._transport_decided = True
-        if self.weight_transport == "bytes":
-            return None
-        directory = shared_buckets.shm_directory()
-        probe = shared_buckets.probe(directory)
-        ok = False
-        if probe is not None:
-            bucket, token = probe
-            try:
-                seen = self._llm.collective_rpc(
-                    "megarlhf_probe_shared_memory", args=(bucket.payload(), token))
-                ok = bool(seen) and all(bool(x) for x in seen)
-            finally:
-                bucket.close()
-        if ok:
-            self._shm_dir = directory
-        elif self.weight_transport == "shm":
-            raise RuntimeError(
-                "vLLM engine: weight_transport='shm' but vLLM's workers cannot read a segment "
-                f"this process wrote in {shared_buckets.SHM_DIRECTORY} (missing, not writable, "
-                "full, or another node/IPC namespace); use weight_transport='auto' or 'bytes'"
-            )
-        else:
-            logger.info("vLLM engine: weights travel as bytes through vLLM's RPC (workers do not "
-                        "share this process's %s)", shared_buckets.SHM_DIRECTORY)
-        return self._shm_dir
-
-    def _payloads(
-        self, stream: Iterator[tuple[str, torch.Tensor]], shm_dir: str | None
-    ) -> Iterator[tuple[dict[str, Any], int, int]]:
-        """``(payload, tensors, bytes)`` per bucket: shared-memory segments when ``shm_dir``,
-        else packed bytes; a segment /dev/shm cannot reserve switches the rest of the stream to
-        bytes (with a warning naming the fix)."""
-        if shm_dir is not None:
-            stream = _Peekable(stream)
-            buckets = shared_buckets.iter_shared_buckets(stream, self.weight_bucket_bytes, shm_dir)
-            try:
-                for bucket in buckets:
-                    self.last_transport = "shm"
-                    yield bucket.payload(), len(bucket), bucket.nbytes
-            except shared_buckets.SharedMemoryFull as e:
-                logger.warning(
-                    "vLLM engine: %s could not reserve a %d MiB weight bucket (%s); this and "
-                    "later updates go through vLLM's RPC (slower, more memory). Give the "
-                    "container more shared memory (docker --shm-size / --ipc=host) or lower "
-                    "rollout.weight_sync_bucket_mib", shm_dir, self.weight_bucket_bytes >> 20, e)
-                self._shm_dir = None  # decided: no second failed reservation per update
-                stream = stream.with_pending()
-            else:
-                return
-            finally:
-                buckets.close()
-        for bucket in iter_weight_buckets(stream, self.weight_bucket_bytes):
-            self.last_transport = "bytes"
-            size = sum(t.numel() * t.element_size() for _, t in bucket)
-            payload = pack_bucket(bucket)
-            n = len(bucket)
-            bucket = None
-            yield payload, n, size
-
-    def _checked(
-        self, named_tensors: Iterable[tuple[str, torch.Tensor]]
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """The stream, each tensor checked against the manifest before its bucket is sent; a
-        tied embedding is also sent as ``lm_head.weight`` (see ``tied_embeddings``)."""
+    def _checked(self, named_tensors):
         for name, tensor in named_tensors:
             if self._manifest is not None and isinstance(tensor, torch.Tensor):
                 self._manifest.check_tensor(name, tensor.shape)
             yield name, tensor
-            if self.tied_embeddings and name == TIED_EMBEDDING_NAME:
-                yield "lm_head.weight", tensor
+
+    def _local_transfer(self) -> Wire:
+        """This process's loopback group with the replica's workers (opened once)."""
+        if self._local_wire is not None:
+            return self._local_wire
+        from concurrent.futures import ThreadPoolExecutor
+
+        workers = int(self._llm.llm_engine.vllm_config.parallel_config.world_size)
+        port = free_port()
+        info = dict(rendezvous=[["127.0.0.1", port]], world_size=1 + workers, rank_offset=1,
+                    wire="gloo" if self.platform == "cpu" else "nccl", timeout_s=600.0,
+                    workers_per_replica=workers)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(self._llm.collective_rpc, "init_weight_transfer_engine",
+                                 kwargs={"init_info": info})
+            try:
+                wire = Wire(info["wire"], "127.0.0.1", port, 0, 1 + workers, 600.0)
+            finally:
+                future.result()
+        self._local_wire = wire
+        return wire
+
+    def _close_local_wire(self) -> None:
+        if self._local_wire is not None:
+            self._local_wire.close()
+            self._local_wire = None
 
     # --------------------------------------------------------------- lifecycle
 
@@ -1047,9 +586,8 @@ class VLLMRolloutEngine(RolloutEngine):
 
     def close(self) -> None:
         """Shut vLLM's engine-core (and worker) processes down now, not at interpreter exit."""
-        core = getattr(getattr(self._llm, "llm_engine", None), "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+        self._close_local_wire()
+        self._llm.llm_engine.engine_core.shutdown()
         self._state = "closed"
 
     def reset_prefix_cache(self) -> None:
@@ -1058,3 +596,10 @@ class VLLMRolloutEngine(RolloutEngine):
                 "vLLM engine: reset_prefix_cache() failed (requests still running?); cached "
                 "prefixes would carry KV from the previous weights"
             )
+
+
+def spec_dict(bucket) -> dict[str, Any]:
+    """One :class:`~megarlhf.weights.transfer.BucketSpec` as the dict a TransferSpec carries."""
+    from megarlhf.weights.transfer import TransferSpec
+
+    return TransferSpec(owners=(0,), buckets=(bucket,)).to_dict()["buckets"][0]

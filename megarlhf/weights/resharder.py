@@ -173,9 +173,7 @@ class ReshardPlan:
 
     def buckets(self, bucket_bytes: int, dtype: torch.dtype | None = None) -> list[list[int]]:
         """Entry indices per bucket: greedy, in order, each <= bucket_bytes unless one tensor."""
-        if not isinstance(bucket_bytes, int) or isinstance(bucket_bytes, bool) \
-                or bucket_bytes < 1:
-            raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
+        _check_bucket_bytes(bucket_bytes)
         out: list[list[int]] = []
         cur: list[int] = []
         size = 0
@@ -188,6 +186,38 @@ class ReshardPlan:
             size += n
         if cur:
             out.append(cur)
+        return out
+
+    def owner(self, entry: int) -> int:
+        """The global rank that assembles HF tensor ``entry`` and sends it on (weight sync):
+        the holder of its first TP shard (expert-TP shard), i.e. TP rank 0 of the pipeline
+        stage (or expert-parallel rank) that holds it."""
+        return self.units[self.entries[entry].unit].sources[0]
+
+    def owners(self) -> tuple[int, ...]:
+        """Every owner rank (see :meth:`owner`), ascending."""
+        return tuple(sorted({self.owner(i) for i in range(len(self.entries))}))
+
+    def owned_buckets(self, bucket_bytes: int, dtype: torch.dtype | None = None
+                      ) -> list[tuple[int, list[int]]]:
+        """``(owner, entry indices)`` per bucket: each owner's tensors in HF order, greedily
+        packed up to ``bucket_bytes`` (aligned as :func:`bucket_layout` lays them out; a larger
+        tensor travels alone). The list is in the order the buckets close, the same on every
+        rank; a rank takes part only in the buckets of its owner(s)."""
+        _check_bucket_bytes(bucket_bytes)
+        out: list[tuple[int, list[int]]] = []
+        cur: dict[int, list[int]] = {}
+        size: dict[int, int] = {}
+        for i, e in enumerate(self.entries):
+            o = self.owner(i)
+            n = self.nbytes(e, dtype)
+            end = -(-size.get(o, 0) // _ALIGN) * _ALIGN + n
+            if cur.get(o) and end > bucket_bytes:
+                out.append((o, cur.pop(o)))
+                size[o], end = 0, n
+            cur.setdefault(o, []).append(i)
+            size[o] = end
+        out.extend((o, b) for o, b in sorted(cur.items()))
         return out
 
     def pieces(self, unit: int, shard: int) -> list[ShardPiece]:
@@ -211,6 +241,24 @@ class ReshardPlan:
                         out.append(_Transfer(pos, e.unit, s, pi, g, tag))
                         tag += 1
         return out
+
+
+def _check_bucket_bytes(bucket_bytes) -> None:
+    if not isinstance(bucket_bytes, int) or isinstance(bucket_bytes, bool) or bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
+
+
+def bucket_layout(plan: ReshardPlan, bucket: list[int], dtype: torch.dtype | None = None
+                  ) -> tuple[list[int], int]:
+    """Byte offset of each tensor of ``bucket`` in its packed form (each start aligned to
+    64 bytes), and the packed size: how a bucket lies in the receive buffer, in the flat
+    bytes an owner sends, and in the buffer a rollout worker receives into."""
+    offsets, off = [], 0
+    for i in bucket:
+        off = -(-off // _ALIGN) * _ALIGN
+        offsets.append(off)
+        off += plan.nbytes(plan.entries[i], dtype)
+    return offsets, off
 
 
 def _rank_world() -> tuple[int, int]:
@@ -368,6 +416,102 @@ def iter_hf_weights(bundle: ModelBundle, *, bucket_bytes: int,
             with torch.no_grad():
                 _send(plan, transfers, dtype, rank, dst_rank, local)
             yield []
+
+
+@dataclass
+class OwnedBucket:
+    """One bucket on the rank that owns it (:func:`iter_owned_buckets`).
+
+    Attributes:
+        index: its position in ``plan.owned_buckets(bucket_bytes, dtype)`` (the same on every
+            rank and on the receivers).
+        names: HF names, in HF order.
+        tensors: the full HF tensors, views of ``flat``.
+        flat: the packed bytes (uint8, laid out by :func:`bucket_layout`): what goes on the wire.
+    """
+
+    index: int
+    names: list[str]
+    tensors: list[torch.Tensor]
+    flat: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel()
+
+
+def iter_owned_buckets(bundle: ModelBundle, *, bucket_bytes: int,
+                       dtype: torch.dtype | None = None, plan: ReshardPlan | None = None,
+                       reuse_buffer: bool = True, to_all: bool = False
+                       ) -> Iterator[OwnedBucket]:
+    """Collective generator: every owner rank assembles its own share of the HF model.
+
+    The weight-sync form of :func:`iter_hf_weights`: instead of one destination for the whole
+    model, each HF tensor is assembled on its owner (:meth:`ReshardPlan.owner`: TP rank 0 of the
+    pipeline stage that holds it; under expert parallelism the rank holding the expert), which
+    receives the other TP ranks' regions of it (inside its stage) and yields whole buckets of
+    its own tensors. No rank receives another stage's weights; owners work concurrently (a rank
+    waits only for the TP peers of its own stage).
+
+    Every rank of the role calls it with the same arguments and iterates it to the end; a rank
+    yields only the buckets it owns (none on ranks that own nothing).
+
+    Args:
+        bucket_bytes: bound on one owner's bucket (packed, in the output dtype); a larger tensor
+            travels alone.
+        dtype: output dtype; default the parameters'.
+        plan: from :func:`plan_hf_weights` (a collective when None).
+        reuse_buffer: every bucket of this rank lands in one buffer kept by ``plan`` (sized to
+            this rank's largest bucket): a bucket is valid until the next is requested.
+        to_all: every rank yields every bucket: the owner broadcasts each bucket over the
+            role's world once assembled (colocated CUDA-IPC sync, where each GPU's rollout
+            worker reads the whole model from the trainer rank on its own GPU).
+
+    Memory (per rank, beyond the model): one buffer of this rank's largest bucket (at most
+    ``max(bucket_bytes, largest tensor)``), plus on a sender copies of its regions of one bucket.
+    """
+    from megarlhf.platform import current_platform
+
+    if plan is None:
+        plan = plan_hf_weights(bundle)
+    rank, world = _rank_world()
+    if plan.world_size != world:
+        raise ValueError(f"the plan was made in a world of {plan.world_size} ranks, this one "
+                         f"has {world}; make a new plan with plan_hf_weights")
+    comm_device = current_platform().device if world > 1 else None
+    local = {(lp.chunk, lp.name): lp.param.detach() for lp in local_params(bundle)}
+    buckets = plan.owned_buckets(bucket_bytes, dtype)
+    mine = [b for o, b in buckets if o == rank or to_all]
+    arena_bytes = max((bucket_layout(plan, b, dtype)[1] for b in mine), default=0)
+    tag = 0
+    for index, (owner, bucket) in enumerate(buckets):
+        transfers = plan.transfers(bucket, tag)
+        tag += len(transfers)
+        if rank == owner or to_all:
+            offsets, total = bucket_layout(plan, bucket, dtype)
+            device = _dev(comm_device, local)
+            arena = (plan.receive_buffer(arena_bytes, device) if reuse_buffer
+                     else torch.empty(total, dtype=torch.uint8, device=device))
+            outs = []
+            for i, off in zip(bucket, offsets):
+                e = plan.entries[i]
+                n = plan.nbytes(e, dtype)
+                outs.append(arena[off: off + n].view(plan.out_dtype(e, dtype)).view(e.shape))
+            with torch.no_grad():
+                if rank == owner:
+                    _receive(plan, transfers, outs, rank, local)
+                elif any(plan.units[t.unit].sources[t.shard] == rank for t in transfers):
+                    _send(plan, transfers, dtype, rank, owner, local)
+                if to_all and world > 1:
+                    torch.distributed.broadcast(arena[:total], src=owner)
+            item = OwnedBucket(index, [plan.entries[i].name for i in bucket], outs,
+                               arena[:total])
+            del outs, arena
+            yield item
+            del item
+        elif any(plan.units[t.unit].sources[t.shard] == rank for t in transfers):
+            with torch.no_grad():
+                _send(plan, transfers, dtype, rank, owner, local)
 
 
 def _dev(comm_device, local) -> torch.device:

@@ -18,9 +18,15 @@ train(batch, spec)         DP_SPLIT(batch)    OUTPUT_RANK0    StepResult (same o
 offload() / onload()       ONE_TO_ALL         ALL             bytes moved, per rank
 execute(fn, *a, **k)       ONE_TO_ALL         ALL             fn(worker, *a, **k), per rank
 status()                   ONE_TO_ALL         ALL             per-rank state (offloaded, memory)
-push_weights(...)          ONE_TO_ALL         RANK0           used by sync_weights_to
+init_weight_transfer(...)  ONE_TO_ALL         ALL             per rank: owner or not, its bytes
+send_weights(version)      ONE_TO_ALL         ALL             per rank: SendStats (as a dict)
 hf_weight_shapes()         ONE_TO_ALL         RANK0           [(hf_name, shape)] the resharder sends
 =========================  =================  ==============  ====================================
+
+Weight sync (:meth:`WorkerGroup.sync_weights_to`) goes through vLLM's weight-transfer protocol
+with megarlhf's backend (:mod:`megarlhf.weights.transfer`): every owner rank (TP rank 0 of each
+pipeline stage; each expert-holding rank under EP) sends its own share straight to every
+rollout worker, concurrently; rank 0 drives the rollout side's start / update / finish.
 
 ``execute`` is the generic broadcast for anything else that every rank must do together
 (saving or loading a checkpoint: ``group.execute(save_fn, path)`` with
@@ -45,10 +51,10 @@ from megarlhf.models.builder import build_model
 from megarlhf.parallel.layout import ParallelLayout, initialize_parallel
 from megarlhf.platform import init_platform
 from megarlhf.weights.loader import load_hf_dir
-from megarlhf.weights.resharder import iter_hf_weights, plan_hf_weights
+from megarlhf.weights.resharder import plan_hf_weights
 from megarlhf.workers.dispatch import Collect, Dispatch, RankInfo, register
 from megarlhf.workers.group import ActorGroup
-from megarlhf.workers.rollout_worker import RolloutWorker
+from megarlhf.workers.rollout_worker import RolloutSyncClient, RolloutWorker
 
 @dataclass(frozen=True)
 class RoleSpec:
@@ -138,6 +144,7 @@ class RoleWorker:
         self.engine = None
         self.ctx = None
         self.spec: RoleSpec | None = None
+        self._transfer = None  # the weight-transfer engine (init_weight_transfer)
 
     # ------------------------------------------------------------------ bootstrap
     @register(Dispatch.ONE_TO_ALL, Collect.RANK0)
@@ -230,39 +237,43 @@ class RoleWorker:
         """Collective: the ``(hf_name, shape)`` of every tensor the resharder streams, in order."""
         return [(e.name, tuple(e.shape)) for e in plan_hf_weights(self.engine.bundle).entries]
 
-    @register(Dispatch.ONE_TO_ALL, Collect.RANK0)
-    def push_weights(self, rollout_actors: list, rollout_ranks: list[RankInfo],
-                     bucket_bytes: int, dtype=None, replica_timeout_s: float = 600.0
-                     ) -> dict[str, int]:
-        """Every rank streams the resharder; rank 0 pushes each bucket to every replica.
+    @register(Dispatch.ONE_TO_ALL, Collect.ALL)
+    def init_weight_transfer(self, rollout_actors: list, rollout_ranks: list[RankInfo],
+                             workers_per_replica: int, bucket_bytes: int, dtype, wire: str,
+                             timeout_s: float) -> dict[str, Any]:
+        """Collective: opens the transfer groups (every owner its own) and, on rank 0, has
+        every rollout worker join them (:meth:`OwnersTrainerEngine.trainer_init`)."""
+        import ray
 
-        The resharder (:func:`megarlhf.weights.resharder.iter_hf_weights`) is a collective
-        generator every rank iterates in step; on rank 0 it yields lists of ``(hf_name, full
-        tensor)`` (at most ``bucket_bytes`` each, a larger tensor alone) in host memory, cast to
-        ``dtype``, and ``[]`` elsewhere. Rank 0 puts each bucket in Ray's object store once and
-        calls ``load_weight_bucket`` on every replica; at most two buckets are in flight (the
-        one being loaded and the next being produced), so memory stays bounded whatever the
-        model size.
-        """
-        dst = self.rank == 0
-        replicas = (ActorGroup("rollout", rollout_actors, rollout_ranks, RolloutWorker,
-                               call_timeout_s=replica_timeout_s) if dst else None)
-        pending = None
-        tensors = nbytes = buckets = 0
-        for bucket in iter_hf_weights(self.engine.bundle, bucket_bytes=bucket_bytes,
-                                      dtype=dtype, dst_rank=0, device="cpu"):
-            if not dst or not bucket:
-                continue
-            if pending is not None:
-                pending.result()  # the previous bucket is loaded everywhere
-            pending = replicas.submit("load_weight_bucket", list(bucket))
-            tensors += len(bucket)
-            nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
-            buckets += 1
-            bucket = None
-        if pending is not None:
-            pending.result()
-        return {"tensors": tensors, "bytes": nbytes, "buckets": buckets}
+        from megarlhf.weights.transfer import OwnersTrainerEngine, TrainerInitInfo
+
+        client = None
+        if self.rank == 0:
+            client = RolloutSyncClient(ActorGroup("rollout", rollout_actors, rollout_ranks,
+                                                  RolloutWorker, call_timeout_s=timeout_s))
+        info = TrainerInitInfo(rank=self.rank, host=ray.util.get_node_ip_address(),
+                               num_receivers=len(rollout_actors) * workers_per_replica,
+                               workers_per_replica=workers_per_replica,
+                               bucket_bytes=bucket_bytes, dtype=dtype, wire=wire,
+                               timeout_s=timeout_s)
+        if self._transfer is not None:
+            self._transfer.shutdown()
+            self._transfer = None
+        self._transfer = OwnersTrainerEngine.trainer_init(info, self.engine.bundle,
+                                                          client=client)
+        spec = self._transfer.spec
+        k = self._transfer.owner_index
+        return {"rank": self.rank, "owner": k, "owners": list(spec.owners),
+                "bytes": spec.owner_bytes()[k] if k is not None else 0,
+                "total_bytes": spec.total_bytes}
+
+    @register(Dispatch.ONE_TO_ALL, Collect.ALL)
+    def send_weights(self, version: int) -> dict[str, Any]:
+        """Collective: one weight update of version ``version``; this rank's SendStats."""
+        if self._transfer is None:
+            raise RuntimeError(f"{self.role} rank {self.rank}: send_weights before "
+                               "init_weight_transfer")
+        return self._transfer.send_weights(version).to_dict()
 
 
 class WorkerGroup(ActorGroup):
@@ -345,33 +356,62 @@ class WorkerGroup(ActorGroup):
             manifest.check_stream(self.hf_weight_shapes(timeout_s=timeout_s))
         checked.add(id(rollout))
 
-    def sync_weights_to(self, rollout, *, bucket_bytes: int | None = None,
-                        timeout_s: float | None = None):
-        """Streams this role's weights (HF names, full tensors) into every rollout replica.
+    def sync_weights_to(self, rollout, *, version: int, timeout_s: float | None = None
+                        ) -> "SyncResult":
+        """One weight update of version ``version``: this role's weights (HF names, full
+        tensors) into every rollout replica, through vLLM's weight-transfer protocol.
 
-        The stream's names and shapes are first checked against the engines'
-        (:meth:`check_weight_manifest`). Every rank runs the resharder; rank 0 pushes each
-        bucket through Ray's object store to all replicas' ``load_weight_bucket`` with at most
-        two buckets in flight (:meth:`RoleWorker.push_weights`). Returns each replica's
-        :class:`~megarlhf.rollout.base.WeightUpdateStats`.
-
-        Args:
-            rollout: a :class:`~megarlhf.workers.rollout_worker.RolloutGroup`.
-            bucket_bytes: bucket bound; default ``rollout.weight_sync_bucket_mib``.
+        The first sync into a rollout group checks the stream's names and shapes against the
+        engines' (:meth:`check_weight_manifest`) and opens the transfer groups (every owner its
+        own, every rollout worker in all of them). Then every owner rank sends its share,
+        concurrently, while rank 0 starts, feeds and finishes the update on the rollout side;
+        a failure anywhere (a dead owner or worker: the groups time out after ``rollout.
+        weight_sync_timeout_s``) raises naming the role, rank or replica and the version, and
+        leaves the replicas serving nothing until a complete update.
         """
-        bucket_bytes = bucket_bytes or rollout.bucket_bytes
         timeout = self.call_timeout_s if timeout_s is None else timeout_s
         self.check_weight_manifest(rollout, timeout_s=timeout)
-        dtype = rollout.weight_dtype(timeout_s=timeout)
-        rollout.begin_weight_update(timeout_s=timeout)
+        if self.__dict__.get("_transfer_target") != id(rollout):
+            dtype = rollout.weight_dtype(timeout_s=timeout)
+            wpr = rollout.workers_per_replica(timeout_s=timeout)
+            sync_timeout = rollout.spec.weight_sync_timeout_s
+            wire = rollout.spec.weight_wire
+            if wire == "auto":
+                wire = "gloo" if self.placement.slot_resource == "CPU" else "nccl"
+            self.__dict__["_transfer_info"] = self.init_weight_transfer(
+                rollout.actors, rollout.ranks, wpr, rollout.bucket_bytes, dtype, wire,
+                sync_timeout, timeout_s=timeout)
+            self.__dict__["_transfer_target"] = id(rollout)
         try:
-            self.push_weights(rollout.actors, rollout.ranks, bucket_bytes, dtype, timeout,
-                              timeout_s=timeout)
+            per_rank = self.send_weights(int(version), timeout_s=timeout)
         except BaseException:
-            if rollout.broken is None:
-                try:  # let the engines put back what a partial stream left (vLLM)
-                    rollout.finish_weight_update(timeout_s=60)
-                except Exception:  # noqa: BLE001 - the original error matters more
-                    pass
+            self.__dict__.pop("_transfer_target", None)  # the groups are unusable now
             raise
-        return rollout.finish_weight_update(timeout_s=timeout)
+        return SyncResult(replicas=list(per_rank[0]["replicas"]), ranks=per_rank,
+                          owners=self.__dict__["_transfer_info"])
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """One weight sync: each replica's :class:`~megarlhf.rollout.base.WeightUpdateStats`, each
+    trainer rank's send statistics (``SendStats`` as dicts) and the owners' layout (what
+    ``init_weight_transfer`` returned per rank)."""
+
+    replicas: list
+    ranks: list[dict[str, Any]]
+    owners: list[dict[str, Any]]
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of one replica's update (the model in the wire dtype)."""
+        return self.replicas[0].bytes if self.replicas else 0
+
+    def phases(self) -> dict[str, float]:
+        """Seconds per phase: the slowest owner's gather and wire time, the slowest worker's
+        wait, load and finish."""
+        out = {"gather_s": max((r["gather_s"] for r in self.ranks), default=0.0),
+               "wire_s": max((r["wire_s"] for r in self.ranks), default=0.0)}
+        for rep in self.replicas:
+            for k, v in (rep.phases or {}).items():
+                out[k] = max(out.get(k, 0.0), v)
+        return out

@@ -7,49 +7,46 @@ A replica wraps one :class:`~megarlhf.rollout.base.RolloutEngine` built with
 weights yet) is served by vLLM from a config-only directory with ``load_format="dummy"``: the
 trainer's first weight sync writes every weight before anything is generated.
 
-==============================  =================  ==========  ===============================
-method                          dispatch           collect     returns
-==============================  =================  ==========  ===============================
-generate(prompts, params)       DP_SPLIT(prompts)  DP_CONCAT   RolloutOutput per prompt, in order
-begin_weight_update()           ONE_TO_ALL         ALL         None
-load_weight_bucket(bucket)      ONE_TO_ALL         ALL         tensors loaded, per replica
-finish_weight_update()          ONE_TO_ALL         ALL         WeightUpdateStats, per replica
-weight_dtype()                  ONE_TO_ALL         RANK0       dtype a weight stream must have
-weight_manifest()               ONE_TO_ALL         RANK0       HF names/shapes the engine takes
-update_weights(named_tensors)   ONE_TO_ALL         ALL         WeightUpdateStats (one call)
-sleep() / wake_up()             ONE_TO_ALL         ALL         None
-reset_prefix_cache()            ONE_TO_ALL         ALL         None
-execute(fn, *a, **k)            ONE_TO_ALL         ALL         fn(worker, *a, **k), per replica
-==============================  =================  ==========  ===============================
+======================================  =================  ==========  ========================
+method                                  dispatch           collect     returns
+======================================  =================  ==========  ========================
+generate(prompts, params)               DP_SPLIT(prompts)  DP_CONCAT   RolloutOutput per prompt
+weight_dtype()                          ONE_TO_ALL         RANK0       dtype of the weight stream
+weight_manifest()                       ONE_TO_ALL         RANK0       HF names/shapes it takes
+workers_per_replica()                   ONE_TO_ALL         RANK0       engine processes/replica
+init_weight_transfer_engine(init_info)  ONE_TO_ALL         ALL         None (joins the groups)
+start_weight_update()                   ONE_TO_ALL         ALL         None
+update_weights(update_info)             ONE_TO_ALL         ALL         None (receives, loads)
+finish_weight_update(version)           ONE_TO_ALL         ALL         WeightUpdateStats
+sleep() / wake_up()                     ONE_TO_ALL         ALL         None
+reset_prefix_cache()                    ONE_TO_ALL         ALL         None
+execute(fn, *a, **k)                    ONE_TO_ALL         ALL         fn(worker, *a, **k)
+======================================  =================  ==========  ========================
 
 ``generate`` splits the prompts into contiguous chunks, one per replica, and shifts a request's
 seed by the chunk's first prompt (``seed + first_prompt * n``), so the samples of prompt ``j``
 are drawn from the same seeds however many replicas there are.
 
-Streaming weights (``begin`` / ``load_weight_bucket`` x K / ``finish``): the engine's contract is
-*one* ``update_weights(iterable)`` call consuming a lazy stream (vLLM frames it with its reload
-hooks and reports the parameters it missed). The replica runs that call in a thread that reads
-buckets from a hand-off slot: ``load_weight_bucket`` returns once the engine has taken every
-tensor of its bucket, so a replica holds at most one bucket beyond its model.
+Weights: the four weight-transfer methods are vLLM's weight-sync control plane
+(``VLLMWeightSyncClient`` in ``vllm/distributed/weight_transfer/base.py``), which the trainer's
+rank 0 drives through :class:`RolloutSyncClient` while every trainer owner sends its share
+straight to the replicas' engine processes (:mod:`megarlhf.weights.transfer`); no weight byte
+passes through these actors or Ray's object store. Replica ``k``'s workers take ranks
+``1 + k * W ... 1 + k * W + W - 1`` in every transfer group (``W`` = workers per replica).
 """
 
 from __future__ import annotations
 
 import faulthandler
 import os
-import queue
 import signal
-import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from megarlhf.config.schema import JobConfig
-from megarlhf.rollout.base import iter_weight_buckets
 from megarlhf.workers.dispatch import Collect, Dispatch, RankInfo, register
 from megarlhf.workers.group import ActorGroup
-
-_END = object()
 
 
 @dataclass(frozen=True)
@@ -64,7 +61,11 @@ class RolloutSpec:
         tp: GPUs per replica.
         gpu_memory_utilization: vLLM's share of each GPU (weights + KV cache).
         max_model_len: prompt + response limit (vLLM).
-        weight_bucket_bytes: vLLM's RPC bucket bound for weight updates.
+        weight_bucket_bytes: what a rollout worker may hold of a weight update in flight
+            (shared by the trainer's owners: each sends buckets of this / owners).
+        weight_sync_timeout_s: a weight transfer waits this long for a silent peer.
+        weight_wire: the transfer groups' wire: "gloo", "nccl", or "auto" (gloo on CPU slots,
+            NCCL on GPUs).
         seed: base seed; replica ``k`` uses ``seed + k``.
         dtype: vLLM dtype (the transformers engine runs fp32 on CPU).
         kv_cache_bytes: vLLM's explicit KV-cache size per replica; None: its GPU-memory share
@@ -78,6 +79,8 @@ class RolloutSpec:
     gpu_memory_utilization: float = 0.5
     max_model_len: int | None = None
     weight_bucket_bytes: int = 512 * 2**20
+    weight_sync_timeout_s: float = 600.0
+    weight_wire: str = "auto"
     seed: int = 0
     dtype: str = "bfloat16"
     kv_cache_bytes: int | None = None
@@ -92,7 +95,8 @@ class RolloutSpec:
             engine=r.engine, model=model if model is not None else (m.hf_dir or dict(m.arch)),
             tp=r.tp, gpu_memory_utilization=r.gpu_memory_utilization,
             max_model_len=job.data.max_prompt_len + r.max_new_tokens,
-            weight_bucket_bytes=r.weight_sync_bucket_mib * 2**20, seed=job.seed,
+            weight_bucket_bytes=r.weight_sync_bucket_mib * 2**20,
+            weight_sync_timeout_s=r.weight_sync_timeout_s, seed=job.seed,
             dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[m.dtype],
             kv_cache_bytes=None if r.kv_cache_gib is None else int(r.kv_cache_gib * 2**30))
 
@@ -157,10 +161,6 @@ class RolloutWorker:
                       dtype=torch.float32 if cpu else getattr(torch, spec.dtype))
             kw.update(spec.engine_kwargs)
             self.engine = make_rollout_engine("hf", model=spec.model, **kw)
-        self._slot: queue.Queue | None = None
-        self._thread: threading.Thread | None = None
-        self._stats = None
-        self._error: BaseException | None = None
 
     @register(Dispatch.ONE_TO_ALL, Collect.ALL)
     def describe(self) -> RankInfo:
@@ -186,8 +186,14 @@ class RolloutWorker:
         return getattr(torch, self.spec.dtype)
 
     @register(Dispatch.DP_SPLIT, Collect.DP_CONCAT, split=("prompts",), offset_arg="first_index")
-    def generate(self, prompts, params, first_index: int = 0):
-        """Samples ``params.n`` responses for each of this replica's prompts."""
+    def generate(self, prompts, params, first_index: int = 0, weight_version=None):
+        """Samples ``params.n`` responses for each of this replica's prompts; with
+        ``weight_version``, refuses unless the engine serves exactly that version."""
+        if weight_version is not None and self.engine.weight_version != str(weight_version):
+            raise RuntimeError(
+                f"rollout replica {self.replica} serves weight version "
+                f"{self.engine.weight_version!r}, the driver expects {str(weight_version)!r}: "
+                "a weight sync did not reach it")
         if params.seed is not None and first_index:
             params = replace(params, seed=params.seed + first_index * params.n)
         if not prompts:
@@ -195,68 +201,37 @@ class RolloutWorker:
         return self.engine.generate(prompts, params)
 
     # ------------------------------------------------------------------ weights
-    @register(Dispatch.ONE_TO_ALL, Collect.ALL)
-    def update_weights(self, named_tensors: Iterable):
-        """One whole update from an in-memory list of ``(hf_name, tensor)``."""
-        return self.engine.update_weights(named_tensors)
+    @register(Dispatch.ONE_TO_ALL, Collect.RANK0)
+    def workers_per_replica(self) -> int:
+        """Processes of this replica that receive weights (vLLM: its TP x PP workers)."""
+        return self.spec.tp if self.kind == "vllm" else 1
 
     @register(Dispatch.ONE_TO_ALL, Collect.ALL)
-    def begin_weight_update(self) -> None:
-        """Starts ``engine.update_weights`` on a stream fed by :meth:`load_weight_bucket`."""
-        if self._thread is not None:
-            raise RuntimeError(f"rollout replica {self.replica}: a weight update is already "
-                               "in progress; finish it first")
-        self._slot = queue.Queue(maxsize=1)
-        self._stats = None
-        self._error = None
-
-        def stream():
-            while True:
-                item = self._slot.get()
-                if item is _END:
-                    return
-                bucket, taken = item
-                for pair in bucket:
-                    yield pair
-                bucket = item = None
-                taken.set()
-
-        def run():
-            try:
-                self._stats = self.engine.update_weights(stream())
-            except BaseException as e:  # noqa: BLE001 - reported by the next call
-                self._error = e
-
-        self._thread = threading.Thread(target=run, name="megarlhf-weight-update", daemon=True)
-        self._thread.start()
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        """Joins every owner's transfer group; this replica's workers take the ranks after
+        those of replicas ``0 .. replica - 1``."""
+        info = dict(init_info)
+        info["rank_offset"] = int(init_info.get("rank_offset", 1)) + \
+            self.replica * int(init_info["workers_per_replica"])
+        self.engine.init_weight_transfer(info)
 
     @register(Dispatch.ONE_TO_ALL, Collect.ALL)
-    def load_weight_bucket(self, bucket: list) -> int:
-        """Hands one bucket to the running update; returns when the engine has taken it all."""
-        if self._thread is None:
-            raise RuntimeError(f"rollout replica {self.replica}: load_weight_bucket without "
-                               "begin_weight_update")
-        taken = threading.Event()
-        self._slot.put((bucket, taken))
-        del bucket
-        while not taken.wait(0.2):
-            if not self._thread.is_alive():
-                raise RuntimeError(f"rollout replica {self.replica}: the weight update "
-                                   f"stopped: {self._error!r}") from self._error
-        return 1
+    def start_weight_update(self) -> None:
+        self.engine.start_weight_update()
 
     @register(Dispatch.ONE_TO_ALL, Collect.ALL)
-    def finish_weight_update(self):
-        """Ends the stream; returns the engine's WeightUpdateStats."""
-        if self._thread is None:
-            raise RuntimeError(f"rollout replica {self.replica}: no weight update in progress")
-        if self._thread.is_alive():
-            self._slot.put(_END)
-        self._thread.join()
-        self._thread = None
-        if self._error is not None:
-            raise self._error
-        return self._stats
+    def update_weights(self, update_info: dict) -> None:
+        """Receives one transfer from the owners (returns when it is loaded)."""
+        self.engine.receive_weights(update_info)
+
+    @register(Dispatch.ONE_TO_ALL, Collect.ALL)
+    def finish_weight_update(self, version: str | None = None):
+        """Ends the update; the engine serves ``version`` from now on. Its WeightUpdateStats."""
+        return self.engine.finish_weight_update(version)
+
+    @register(Dispatch.ONE_TO_ALL, Collect.ALL)
+    def weight_version(self) -> str | None:
+        return self.engine.weight_version
 
     # ------------------------------------------------------------------ lifecycle
     @register(Dispatch.ONE_TO_ALL, Collect.ALL)
@@ -352,30 +327,24 @@ class RolloutGroup(ActorGroup):
     def bucket_bytes(self) -> int:
         return self.spec.weight_bucket_bytes
 
-    def stream_weights(self, named_tensors: Iterable, *, bucket_bytes: int | None = None,
-                       timeout_s: float | None = None) -> list:
-        """Streams ``(hf_name, tensor)`` pairs from the driver into every replica.
 
-        Pairs are cut into buckets of at most ``bucket_bytes`` (a larger tensor alone); each
-        bucket goes to the object store once; at most two are in flight. For weights the
-        driver holds (an HF directory, a test); the actor's weights go through
-        :meth:`WorkerGroup.sync_weights_to`.
-        """
-        bound = bucket_bytes or self.bucket_bytes
-        self.begin_weight_update(timeout_s=timeout_s)
-        pending = None
-        try:
-            for bucket in iter_weight_buckets(named_tensors, bound):
-                if pending is not None:
-                    pending.result()
-                pending = self.submit("load_weight_bucket", bucket, timeout_s=timeout_s)
-            if pending is not None:
-                pending.result()
-        except BaseException:
-            if self.broken is None:
-                try:
-                    self.finish_weight_update(timeout_s=60)
-                except Exception:  # noqa: BLE001
-                    pass
-            raise
-        return self.finish_weight_update(timeout_s=timeout_s)
+class RolloutSyncClient:
+    """vLLM's ``VLLMWeightSyncClient`` protocol over the rollout replicas (Ray actors): the
+    control plane the trainer's rank 0 drives (:class:`megarlhf.weights.transfer.
+    OwnersTrainerEngine`). Each call goes to every replica and waits for all of them, bounded
+    by the group's call timeout; a failure names the replica (``WorkerError``)."""
+
+    def __init__(self, group: ActorGroup):
+        self.group = group
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.group.init_weight_transfer_engine(init_info)
+
+    def start_weight_update(self) -> None:
+        self.group.start_weight_update()
+
+    def update_weights(self, update_info: dict) -> None:
+        self.group.update_weights(update_info)
+
+    def finish_weight_update(self, weight_version: str | None = None) -> list:
+        return self.group.finish_weight_update(weight_version)

@@ -1,15 +1,20 @@
-"""Weight sync from a Megatron actor into the real vLLM (its CPU build here): the path a GPU
-cluster runs, actor shards -> resharder -> HF-named buckets -> vLLM ``load_weights``.
+"""Weight sync from a Megatron actor into the real vLLM (its CPU build here), through vLLM's
+weight-transfer API with megarlhf's backend: the path a GPU cluster runs, every owner rank
+(TP rank 0 of each pipeline stage; each expert-holding rank under EP) assembling its own share
+and broadcasting it to vLLM's workers on a gloo group of its own, vLLM's workers loading the
+buckets as they arrive (start -> update -> finish, with the step as weight version).
 
 The actor (dense, or a tiny Qwen3-MoE at PP2/EP2) trains at TP2/PP2 or PP2/VPP2 on 4 gloo
-ranks; vLLM (TP1 or TP2) runs on rank 0,
-started from dummy (random) weights, so everything it knows comes from the syncs. In each of
-two rounds (before and after an actor update):
+ranks; vLLM (TP1 or TP2) runs on rank 0, started from dummy (random) weights, so everything it
+knows comes from the syncs. In each of two rounds (before and after an actor update):
 
 * before the sync, vLLM's log-probs of its own samples differ from the actor's scoring of them
-  (> 1e-2): the check can see stale weights;
+  (> 1e-2): the check can see stale weights (the first round: vLLM refuses to serve its dummy
+  weights at all);
 * after the sync they are equal within 1e-4 (fp32: vLLM's CPU attention with a KV cache vs
-  megatron's attention without one; seen ~2e-6).
+  megatron's attention without one; seen ~2e-6);
+* each rank sent exactly its own share (the owners' bytes add up to the model, non-owners
+  send nothing), and vLLM's generations carry the version of the sync.
 """
 
 import pytest
@@ -60,9 +65,10 @@ def rank_sync_vllm(hf_dir, layout_kw, rollout_tp, n_tensors):
     from megarlhf.models.builder import build_model
     from megarlhf.parallel.layout import ParallelLayout, initialize_parallel
     from megarlhf.rollout import SamplingParams
+    from megarlhf.rollout.base import LocalSyncClient
     from megarlhf.rollout.vllm_engine import VLLMRolloutEngine
     from megarlhf.weights.loader import load_hf_dir
-    from megarlhf.weights.resharder import iter_hf_weights
+    from megarlhf.weights.transfer import OwnersTrainerEngine, TrainerInitInfo
     from megarlhf.workers.rollout_worker import write_config_dir
 
     ctx = initialize_parallel(ParallelLayout.for_world(4, **layout_kw))
@@ -77,10 +83,16 @@ def rank_sync_vllm(hf_dir, layout_kw, rollout_tp, n_tensors):
         arch = bundle.spec.hf_config.to_dict() | {"model_type": bundle.spec.model_type}
         engine = VLLMRolloutEngine.create(write_config_dir(arch), load_format="dummy",
                                           dtype="float32", max_model_len=64,
-                                          tensor_parallel_size=rollout_tp,
-                                          weight_bucket_bytes=64 << 10)
+                                          tensor_parallel_size=rollout_tp)
     params = SamplingParams(n=2, temperature=0.8, max_new_tokens=6, seed=7)
-    out = {"stale": [], "fresh": [], "tensors": []}
+    out = {"stale": [], "fresh": [], "tensors": [], "sent": [], "versions": []}
+    info = TrainerInitInfo(rank=ctx.rank, host="127.0.0.1", num_receivers=rollout_tp,
+                           workers_per_replica=rollout_tp, bucket_bytes=512 << 10,
+                           dtype=torch.float32, wire="gloo", timeout_s=120)
+    transfer = OwnersTrainerEngine.trainer_init(
+        info, bundle, client=LocalSyncClient([engine]) if engine is not None else None)
+    out["owners"] = list(transfer.spec.owners)
+    out["owner_bytes"] = transfer.spec.owner_bytes()
     try:
         for round_ in range(2):
             if round_:
@@ -92,17 +104,23 @@ def rank_sync_vllm(hf_dir, layout_kw, rollout_tp, n_tensors):
                     mask, torch.randn(mask.shape, generator=g), 0.0)
                 batch.fields["logp_old"] = logp
                 eng.train(batch, PolicyLossSpec(normalizer=n, num_tokens=n, temperature=0.8))
-            out["stale"].append(_gap(engine, eng, params)[0])
-            # One update call consuming the collective stream (every rank iterates it).
-            stream = (pair for bucket in iter_hf_weights(bundle, bucket_bytes=256 << 10,
-                                                         dst_rank=0, device="cpu")
-                      for pair in bucket)
-            if engine is not None:
-                out["tensors"].append(engine.update_weights(stream).tensors)
+                out["stale"].append(_gap(engine, eng, params)[0])
             else:
-                out["tensors"].append(sum(1 for _ in stream))
+                refused = None
+                if engine is not None:
+                    try:
+                        engine.generate(PROMPTS, params)
+                    except RuntimeError as e:
+                        refused = str(e)
+                out["stale"].append(_bcast(refused))
+            stats = transfer.send_weights(version=round_ + 1)
+            out["sent"].append(stats.bytes)
+            if engine is not None:
+                out["tensors"].append(stats.replicas[0].tensors)
+                out["versions"].append(engine.weight_version)
             out["fresh"].append(_gap(engine, eng, params)[0])
     finally:
+        transfer.shutdown()
         if engine is not None:
             engine.close()
     return out
@@ -128,13 +146,20 @@ def hf_dirs(tmp_path_factory):
     ("qwen3_moe", dict(pp=2, ep=2), 1, 2 * (8 * 3 + 9) + 3),
 ], ids=["actor_tp2pp2-vllm_tp1", "actor_pp2vpp2-vllm_tp2", "moe_actor_pp2ep2-vllm_tp1"])
 def test_sync_megatron_actor_into_vllm(hf_dirs, family, layout_kw, rollout_tp, n_tensors):
-    """If this fails, the actor -> resharder -> vLLM load_weights path drops, corrupts or
-    silently skips tensors (vLLM keeps stale weights; for MoE on vLLM's CPU build: experts
-    left unpacked after a reload), or vLLM and the actor disagree on log-probs after a sync."""
+    """If this fails, the owners -> vLLM weight-transfer path drops, corrupts or silently skips
+    tensors (vLLM keeps stale weights; for MoE on vLLM's CPU build: experts left unpacked after
+    a reload), a rank sends more (or less) than its own share, or vLLM serves weights that are
+    not the trainer's (dummy ones before the first sync, or without the version)."""
     res = run_distributed(rank_sync_vllm, 4, hf_dirs[family], layout_kw, rollout_tp,
                           n_tensors, timeout=420, daemon=False)
     r0 = res[0]
     assert all(t == n_tensors for t in r0["tensors"]), r0
-    for r in res:
-        assert all(s > STALE for s in r["stale"]), r
+    assert r0["versions"] == ["1", "2"]
+    owners = r0["owners"]
+    assert len(owners) >= 2  # one per pipeline stage at least: the senders are concurrent
+    for rank, r in enumerate(res):
+        share = r0["owner_bytes"][owners.index(rank)] if rank in owners else 0
+        assert r["sent"] == [share, share], (rank, r["sent"], share)  # its own share, no more
+        assert "before a complete weight update" in r["stale"][0]
+        assert r["stale"][1] > STALE, r
         assert all(f < TOL for f in r["fresh"]), r["fresh"]

@@ -1,0 +1,589 @@
+"""Weight transfer to the rollout engine: every owner rank sends its own share, concurrently.
+
+This is the trainer side of megarlhf's weight-transfer backend (the rollout side is
+:mod:`megarlhf.rollout.vllm_transfer`, registered with vLLM's ``WeightTransferEngineFactory``).
+It follows vLLM 0.32's weight-transfer protocol (``vllm/distributed/weight_transfer/base.py``):
+the rollout engine is built with a ``WeightTransferConfig``; once, ``init_weight_transfer_engine``
+(the rendezvous); per sync ``start_weight_update`` -> ``update_weights`` (run concurrently with
+the trainer's sends, as vLLM's NCCL backend does) -> ``finish_weight_update`` with the weight
+version. What it adds to vLLM's built-in NCCL backend, which has one sender (trainer rank 0)
+that must hold every full tensor: **several senders**. Each *owner* (TP rank 0 of a pipeline
+stage; under expert parallelism each rank holding experts) assembles its own tensors inside its
+stage (:func:`megarlhf.weights.resharder.iter_owned_buckets`) and broadcasts them on a transfer
+group of its own to every rollout worker of every replica::
+
+    group k = [owner k (rank 0)] + [worker w of replica r (rank 1 + r * W + w)]
+
+Owners send at the same time; a worker receives from all of them at once (one thread per
+group) and loads buckets in arrival order. No process receives another stage's weights, and no
+process ever holds the whole model (unless the layout has a single owner: PP = 1, EP = 1).
+
+The wire is a torch.distributed gloo group on CPU (tests, the demo) and NCCL (vLLM's
+``PyNcclCommunicator``, the communicator its own NCCL backend uses) between GPUs: the same
+control flow, only the group differs.
+
+What travels is described by a :class:`TransferSpec` (each bucket's owner, HF names, dtypes,
+shapes and byte offsets), made by the trainer from its resharder plan and sent with each
+``update_weights`` (a few KB to MB: names, not bytes) with the weight version; the receivers
+size their buffers from it and the owners check every bucket they send against it.
+
+Memory: an owner holds one bucket of its own (packed, reused); a rollout worker holds at most
+one bucket per owner in flight, so the per-owner bucket is the configured bucket divided by the
+number of owners (``bucket_bytes // len(owners)``, at least the largest tensor's share).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from typing import Any, Protocol
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+WIRES = ("gloo", "nccl")
+BACKEND_NAME = "megarlhf"  # our backend's name in vLLM's WeightTransferEngineFactory
+_STORE_PREFIX = "megarlhf-weight-transfer"
+
+
+class WeightTransferError(RuntimeError):
+    """A weight transfer failed; the message names the side, the owner or replica, and the
+    weight version. A replica whose update failed serves nothing until a complete update."""
+
+
+# ------------------------------------------------------------------------------------- the spec
+@dataclass(frozen=True)
+class BucketSpec:
+    """One bucket of one owner, as both sides lay it out.
+
+    Attributes:
+        owner: index into :attr:`TransferSpec.owners`.
+        names / dtypes / shapes: the HF tensors, in HF order (dtype names as ``torch`` spells
+            them: "bfloat16").
+        offsets: byte offset of each tensor in the packed bucket.
+        nbytes: packed size.
+    """
+
+    owner: int
+    names: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+    nbytes: int
+
+    def views(self, flat: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` views of a packed bucket ``flat`` (uint8)."""
+        out = []
+        for name, dt, shape, off in zip(self.names, self.dtypes, self.shapes, self.offsets):
+            dtype = getattr(torch, dt)
+            n = dtype.itemsize
+            for d in shape:
+                n *= d
+            out.append((name, flat[off: off + n].view(dtype).view(shape)))
+        return out
+
+
+@dataclass(frozen=True)
+class TransferSpec:
+    """Who sends what: fixed for a model, a layout and a bucket size.
+
+    Attributes:
+        owners: the trainer's global ranks that send (group k belongs to ``owners[k]``).
+        buckets: in the order the trainer produces them (each owner's own buckets in order).
+    """
+
+    owners: tuple[int, ...]
+    buckets: tuple[BucketSpec, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"owners": list(self.owners),
+                "buckets": [dict(owner=b.owner, names=list(b.names), dtypes=list(b.dtypes),
+                                 shapes=[list(s) for s in b.shapes], offsets=list(b.offsets),
+                                 nbytes=b.nbytes) for b in self.buckets]}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "TransferSpec":
+        buckets = tuple(BucketSpec(owner=int(b["owner"]), names=tuple(b["names"]),
+                                   dtypes=tuple(b["dtypes"]),
+                                   shapes=tuple(tuple(int(x) for x in s) for s in b["shapes"]),
+                                   offsets=tuple(int(x) for x in b["offsets"]),
+                                   nbytes=int(b["nbytes"])) for b in d["buckets"])
+        spec = TransferSpec(owners=tuple(int(o) for o in d["owners"]), buckets=buckets)
+        for b in spec.buckets:
+            if not 0 <= b.owner < len(spec.owners):
+                raise ValueError(f"transfer spec: bucket owner {b.owner} is not one of the "
+                                 f"{len(spec.owners)} owners")
+        return spec
+
+    def digest(self) -> str:
+        """A short hash of the layout: both sides check they move the same bytes."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def owner_buckets(self, k: int) -> list[int]:
+        """Indices of owner ``k``'s buckets, in order."""
+        return [i for i, b in enumerate(self.buckets) if b.owner == k]
+
+    def owner_bytes(self) -> list[int]:
+        """Bytes each owner sends per update (to each receiver)."""
+        out = [0] * len(self.owners)
+        for b in self.buckets:
+            out[b.owner] += b.nbytes
+        return out
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(b.nbytes for b in self.buckets)
+
+    @property
+    def num_tensors(self) -> int:
+        return sum(len(b.names) for b in self.buckets)
+
+    def names(self) -> list[str]:
+        return [n for b in self.buckets for n in b.names]
+
+
+def per_owner_bucket_bytes(bucket_bytes: int, num_owners: int, largest: int) -> int:
+    """The bucket bound of each owner: ``bucket_bytes`` shared by the owners (a receiver holds
+    one bucket per owner in flight), but never below one MiB (a larger tensor travels alone
+    whatever the bound)."""
+    del largest  # a tensor above the bound travels alone; documented in the module
+    return max(1 << 20, bucket_bytes // max(1, num_owners))
+
+
+def transfer_spec(plan, bucket_bytes: int, dtype: torch.dtype | None) -> TransferSpec:
+    """The :class:`TransferSpec` of a resharder plan (:func:`~megarlhf.weights.resharder.
+    plan_hf_weights`) with the per-owner bucket bound ``bucket_bytes``."""
+    from megarlhf.weights.resharder import bucket_layout
+
+    owned = plan.owned_buckets(bucket_bytes, dtype)
+    owners = tuple(sorted({o for o, _ in owned}))
+    index = {o: k for k, o in enumerate(owners)}
+    buckets = []
+    for owner, bucket in owned:
+        offsets, total = bucket_layout(plan, bucket, dtype)
+        entries = [plan.entries[i] for i in bucket]
+        buckets.append(BucketSpec(
+            owner=index[owner], names=tuple(e.name for e in entries),
+            dtypes=tuple(str(plan.out_dtype(e, dtype)).removeprefix("torch.") for e in entries),
+            shapes=tuple(tuple(e.shape) for e in entries), offsets=tuple(offsets),
+            nbytes=total))
+    return TransferSpec(owners=owners, buckets=tuple(buckets))
+
+
+def pack_bucket(pairs: Sequence[tuple[str, torch.Tensor]], owner: int = 0
+                ) -> tuple[BucketSpec, torch.Tensor]:
+    """One bucket of ``(name, tensor)`` pairs packed as :class:`BucketSpec` lays it out (each
+    tensor 64-byte aligned) into one flat uint8 tensor: for a sender that holds full tensors
+    (:meth:`megarlhf.rollout.base.RolloutEngine.update_weights` from a local stream)."""
+    from megarlhf.weights.resharder import _ALIGN
+
+    offsets, off = [], 0
+    for _, t in pairs:
+        off = -(-off // _ALIGN) * _ALIGN
+        offsets.append(off)
+        off += t.numel() * t.element_size()
+    device = pairs[0][1].device if pairs else "cpu"
+    flat = torch.empty(off, dtype=torch.uint8, device=device)
+    for (_, t), o in zip(pairs, offsets):
+        n = t.numel() * t.element_size()
+        flat[o: o + n].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+    spec = BucketSpec(owner=owner, names=tuple(n for n, _ in pairs),
+                      dtypes=tuple(str(t.dtype).removeprefix("torch.") for _, t in pairs),
+                      shapes=tuple(tuple(t.shape) for _, t in pairs), offsets=tuple(offsets),
+                      nbytes=off)
+    return spec, flat
+
+
+# ------------------------------------------------------------------------------------- the wire
+class Wire:
+    """One transfer group (an owner and every rollout worker); rank 0 is the owner.
+
+    ``gloo``: a torch.distributed gloo process group made from its own TCPStore (it touches no
+    global torch.distributed state, so it lives next to the trainer's and vLLM's own worlds).
+    ``nccl``: vLLM's ``PyNcclCommunicator`` over its ``StatelessProcessGroup``
+    (``vllm.distributed.weight_transfer.nccl_common.stateless_init_process_group``), on the
+    current CUDA device; each group broadcasts on a CUDA stream of its own.
+    """
+
+    def __init__(self, kind: str, host: str, port: int, rank: int, world_size: int,
+                 timeout_s: float):
+        if kind not in WIRES:
+            raise ValueError(f"weight transfer wire must be one of {WIRES}, got {kind!r}")
+        self.kind, self.rank, self.world_size = kind, rank, world_size
+        self.where = f"{host}:{port}"
+        self.timeout_s = timeout_s
+        if kind == "gloo":
+            timeout = timedelta(seconds=timeout_s)
+            store = torch.distributed.TCPStore(host, port, world_size, is_master=rank == 0,
+                                               timeout=timeout)
+            self._store = store
+            self._pg = torch.distributed.ProcessGroupGloo(
+                torch.distributed.PrefixStore(_STORE_PREFIX, store), rank, world_size, timeout)
+            self._stream = None
+        else:
+            from vllm.distributed.weight_transfer.nccl_common import (
+                stateless_init_process_group,
+            )
+
+            self._pg = stateless_init_process_group(
+                host, port, rank, world_size, torch.cuda.current_device())
+            self._stream = torch.cuda.Stream()
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        """Owner: sends ``tensor`` to every member; others: receive into it. Returns when the
+        bytes are in place (the CUDA stream is synchronised)."""
+        if self.kind == "gloo":
+            opts = torch.distributed.BroadcastOptions()
+            opts.rootRank = 0
+            opts.rootTensor = 0
+            opts.timeout = timedelta(seconds=self.timeout_s)
+            self._pg.broadcast([tensor], opts).wait()
+        else:
+            self._stream.wait_stream(torch.cuda.current_stream())
+            self._pg.broadcast(tensor, src=0, stream=self._stream)
+            self._stream.synchronize()
+
+    def close(self) -> None:
+        if self.kind == "nccl" and hasattr(self._pg, "destroy"):
+            self._pg.destroy()
+        self._pg = None
+        self._store = None
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------ receiving
+@dataclass
+class ReceiveStats:
+    """One update on one receiver: tensors and bytes loaded, seconds in all, seconds the loader
+    waited for the wire, seconds in the engine's loading."""
+
+    tensors: int = 0
+    bytes: int = 0
+    buckets: int = 0
+    seconds: float = 0.0
+    wait_s: float = 0.0
+    load_s: float = 0.0
+
+
+def receive_all(spec: TransferSpec, wires: Sequence[Wire],
+                load: Callable[[list[tuple[str, torch.Tensor]]], None], *,
+                device: torch.device | str = "cpu", timeout_s: float = 600.0,
+                where: str = "rollout worker") -> ReceiveStats:
+    """Receives every bucket of ``spec`` (from all owners at once) and hands each to ``load``.
+
+    One thread per owner receives that owner's buckets in order, each into a fresh buffer (the
+    engine may keep views of a bucket until a layer is complete: vLLM's layer-wise reload does),
+    and waits until the loader has taken it before receiving the next: at most one bucket per
+    owner is in flight. ``load`` runs in the calling thread, in arrival order. A failure in any
+    thread (a peer gone: the wire times out) stops the update with an error naming the owner.
+    """
+    if len(wires) != len(spec.owners):
+        raise ValueError(f"{len(wires)} transfer groups for {len(spec.owners)} owners")
+    start = time.perf_counter()
+    ready: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    stats = ReceiveStats()
+
+    def receiver(k: int) -> None:
+        try:
+            for i in spec.owner_buckets(k):
+                b = spec.buckets[i]
+                flat = torch.empty(b.nbytes, dtype=torch.uint8, device=device)
+                wires[k].broadcast(flat)
+                taken = threading.Event()
+                ready.put((i, flat, taken))
+                del flat
+                while not taken.wait(0.5):
+                    if stop.is_set():
+                        return
+        except BaseException as e:  # noqa: BLE001 - handed to the loader thread, re-raised there
+            ready.put((-1 - k, e, None))
+
+    threads = [threading.Thread(target=receiver, args=(k,), daemon=True,
+                                name=f"megarlhf-recv-owner{k}") for k in range(len(wires))]
+    for t in threads:
+        t.start()
+    try:
+        remaining = len(spec.buckets)
+        while remaining:
+            t0 = time.perf_counter()
+            try:
+                i, flat, taken = ready.get(timeout=timeout_s)
+            except queue.Empty:
+                raise WeightTransferError(
+                    f"{where}: no weight bucket arrived within {timeout_s:.0f} s "
+                    f"({remaining} of {len(spec.buckets)} still due)") from None
+            stats.wait_s += time.perf_counter() - t0
+            if taken is None:
+                k = -1 - i
+                raise WeightTransferError(
+                    f"{where}: receiving from trainer rank {spec.owners[k]} (owner {k}, group "
+                    f"{wires[k].where}) failed: {flat!r}") from flat
+            b = spec.buckets[i]
+            t0 = time.perf_counter()
+            load(b.views(flat))
+            stats.load_s += time.perf_counter() - t0
+            stats.tensors += len(b.names)
+            stats.bytes += b.nbytes
+            stats.buckets += 1
+            del flat
+            taken.set()
+            remaining -= 1
+    finally:
+        stop.set()
+    for t in threads:
+        t.join(timeout=5)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def open_receiver_wires(rendezvous: Sequence[Sequence[Any]], rank: int, world_size: int,
+                        wire: str, timeout_s: float) -> list[Wire]:
+    """A rollout worker joins every owner's group (as ``rank``), in owner order (each owner
+    opens only its own group, so this order cannot deadlock)."""
+    return [Wire(wire, str(host), int(port), rank, world_size, timeout_s)
+            for host, port in rendezvous]
+
+
+# -------------------------------------------------------------------------------- trainer side
+class WeightSyncClient(Protocol):
+    """vLLM's ``VLLMWeightSyncClient`` (``vllm/distributed/weight_transfer/base.py``): the
+    rollout engines' weight-sync control plane, as the trainer's sender drives it."""
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None: ...
+
+    def start_weight_update(self) -> None: ...
+
+    def update_weights(self, update_info: dict[str, Any]) -> None: ...
+
+    def finish_weight_update(self, weight_version: str | None = None) -> Any: ...
+
+
+@dataclass(frozen=True)
+class TrainerInitInfo:
+    """What every trainer rank passes to :meth:`OwnersTrainerEngine.trainer_init`.
+
+    Attributes:
+        rank: this trainer process's global rank (rank 0 drives the control plane).
+        host: this rank's address, reachable from the rollout workers (an owner's group
+            rendezvous is on it).
+        num_receivers: rollout workers in all (replicas x workers per replica).
+        workers_per_replica: rollout workers of one replica (its TP x PP).
+        bucket_bytes: the receivers' in-flight bound, shared by the owners.
+        dtype: the wire dtype (the rollout engine's weight dtype).
+        wire: "gloo" or "nccl".
+        timeout_s: a transfer stops with an error when a peer is silent this long.
+    """
+
+    rank: int
+    host: str
+    num_receivers: int
+    workers_per_replica: int
+    bucket_bytes: int
+    dtype: torch.dtype | None = None
+    wire: str = "gloo"
+    timeout_s: float = 600.0
+    backend: str = field(default=BACKEND_NAME, init=False)
+
+    @property
+    def is_sender(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class SendStats:
+    """One rank's share of one update: bytes it put on the wire (to each receiver: a broadcast
+    sends once per group), buckets, seconds assembling (TP gather) and on the wire."""
+
+    rank: int
+    owner: bool
+    bytes: int = 0
+    buckets: int = 0
+    gather_s: float = 0.0
+    wire_s: float = 0.0
+    seconds: float = 0.0
+    replicas: list[Any] = field(default_factory=list)  # rank 0: each replica's finish report
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class OwnersTrainerEngine:
+    """Trainer side of the ``megarlhf`` backend, on every rank of the trainer role.
+
+    Shaped like vLLM's ``TrainerWeightTransferEngine`` (``trainer_init`` on every rank,
+    ``send_weights`` on every rank, rank 0 drives the control plane through a
+    :class:`WeightSyncClient`); unlike vLLM's NCCL backend every owner rank sends, each on
+    its own group. Construct with :meth:`trainer_init`.
+    """
+
+    def __init__(self, info: TrainerInitInfo, bundle, plan, spec: TransferSpec,
+                 client: WeightSyncClient | None, wire: Wire | None):
+        self.info, self.bundle, self.plan, self.spec = info, bundle, plan, spec
+        self.client = client
+        self.wire = wire  # this rank's own group, when it is an owner
+        self.owner_index = spec.owners.index(info.rank) if info.rank in spec.owners else None
+
+    @classmethod
+    def trainer_init(cls, info: TrainerInitInfo, bundle, *, client: WeightSyncClient | None
+                     ) -> "OwnersTrainerEngine":
+        """Collective (every trainer rank): plans who owns what, opens each owner's group and,
+        on rank 0, asks the rollout side to join all of them (concurrently, as the groups'
+        rendezvous needs every member).
+
+        Args:
+            bundle: this rank's model.
+            client: the rollout engines' control plane; rank 0 only (None elsewhere).
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from megarlhf.weights.resharder import plan_hf_weights
+
+        if info.wire not in WIRES:
+            raise ValueError(f"weight transfer wire must be one of {WIRES}, got {info.wire!r}")
+        if info.is_sender and client is None:
+            raise ValueError("trainer rank 0 drives the weight transfer: it needs a client")
+        plan = plan_hf_weights(bundle)
+        owners = plan.owners()
+        bound = per_owner_bucket_bytes(info.bucket_bytes, len(owners),
+                                       plan.largest_bytes(info.dtype))
+        spec = transfer_spec(plan, bound, info.dtype)
+        me = info.rank in spec.owners
+        port = free_port() if me else 0
+        rendezvous = _all_gather([info.host, port])
+        points = [rendezvous[o] for o in spec.owners]
+        world = 1 + info.num_receivers
+        engine = cls(info, bundle, plan, spec, client if info.is_sender else None, None)
+        init_info = dict(rendezvous=points, world_size=world,
+                         workers_per_replica=info.workers_per_replica, wire=info.wire,
+                         timeout_s=info.timeout_s, rank_offset=1)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = (pool.submit(client.init_weight_transfer_engine, init_info)
+                      if info.is_sender else None)
+            try:
+                if me:
+                    engine.wire = Wire(info.wire, info.host, port, 0, world, info.timeout_s)
+            finally:
+                if future is not None:
+                    future.result()
+        return engine
+
+    def send_weights(self, version: int) -> SendStats:
+        """Collective (every trainer rank): one update, weight version ``version``.
+
+        Rank 0 starts the update on the rollout side, lets it receive (in a thread, while this
+        rank sends its own share like every owner), then finishes it with the version. Returns
+        this rank's :class:`SendStats` (rank 0's carries each replica's finish report).
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from megarlhf.weights.resharder import iter_owned_buckets
+
+        start = time.perf_counter()
+        stats = SendStats(rank=self.info.rank, owner=self.owner_index is not None)
+        bound = per_owner_bucket_bytes(self.info.bucket_bytes, len(self.spec.owners),
+                                       self.plan.largest_bytes(self.info.dtype))
+        pool = future = None
+        if self.client is not None:
+            self.client.start_weight_update()
+            pool = ThreadPoolExecutor(max_workers=1)
+            future = pool.submit(self.client.update_weights,
+                                 {"version": int(version), "spec": self.spec.to_dict()})
+        try:
+            t0 = time.perf_counter()
+            for bucket in iter_owned_buckets(self.bundle, bucket_bytes=bound,
+                                             dtype=self.info.dtype, plan=self.plan):
+                t1 = time.perf_counter()
+                stats.gather_s += t1 - t0
+                expected = self.spec.buckets[bucket.index]
+                if expected.owner != self.owner_index or expected.nbytes != bucket.nbytes:
+                    raise WeightTransferError(
+                        f"trainer rank {self.info.rank}: bucket {bucket.index} does not match "
+                        "the transfer spec (the resharder's plan changed since the rendezvous)")
+                if future is not None and future.done():
+                    future.result()  # the rollout side failed already: do not wait on it
+                try:
+                    self.wire.broadcast(bucket.flat)
+                except Exception as e:
+                    raise WeightTransferError(
+                        f"trainer rank {self.info.rank} (owner {self.owner_index}): sending "
+                        f"bucket {bucket.index} of weight version {version} to the rollout "
+                        f"workers on {self.wire.where} failed: {e}") from e
+                t0 = time.perf_counter()
+                stats.wire_s += t0 - t1
+                stats.bytes += bucket.nbytes
+                stats.buckets += 1
+                del bucket
+            if future is not None:
+                future.result()
+                stats.replicas = list(self.client.finish_weight_update(str(int(version))) or [])
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=False)  # a receiver stuck on a dead peer must not hang us
+        stats.seconds = time.perf_counter() - start
+        return stats
+
+    def shutdown(self) -> None:
+        if self.wire is not None:
+            self.wire.close()
+            self.wire = None
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def iter_received(spec: TransferSpec, wires: Sequence[Wire], **kwargs
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The received stream as ``(name, tensor)`` pairs (for engines whose update consumes one
+    iterable, e.g. the transformers engine): :func:`receive_all` in a thread, one bucket at a
+    time handed over."""
+    slot: queue.Queue = queue.Queue(maxsize=1)
+    done = object()
+    err: list[BaseException] = []
+
+    def load(pairs):
+        ev = threading.Event()
+        slot.put((pairs, ev))
+        ev.wait()
+
+    def run():
+        try:
+            receive_all(spec, wires, load, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer below
+            err.append(e)
+        slot.put(done)
+
+    t = threading.Thread(target=run, daemon=True, name="megarlhf-recv")
+    t.start()
+    while True:
+        item = slot.get()
+        if item is done:
+            break
+        pairs, ev = item
+        yield from pairs
+        del pairs
+        ev.set()
+    t.join()
+    if err:
+        raise err[0]
