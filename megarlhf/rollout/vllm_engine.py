@@ -285,6 +285,8 @@ class VLLMRolloutEngine(RolloutEngine):
         platform: "cuda" or "cpu"; on CPU sleep/wake are no-ops.
         initial_version: the weight version the engine starts with ("base": the weights it
             loaded; None when it starts from dummy weights, which it must not serve).
+        local_wire: the wire of :meth:`update_weights`' loopback group: "gloo" or "nccl";
+            default NCCL on CUDA, gloo on CPU.
     """
 
     def __init__(
@@ -297,6 +299,7 @@ class VLLMRolloutEngine(RolloutEngine):
         manifest: WeightManifest | None = None,
         platform: str = "cuda",
         initial_version: str | None = "base",
+        local_wire: str | None = None,
     ):
         if sleep_level not in (1, 2):
             raise ValueError(f"vLLM sleep_level must be 1 or 2, got {sleep_level!r}")
@@ -328,6 +331,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self._updating = False
         self._update_start = 0.0
         self._local_wire: Wire | None = None  # this process as the only owner (update_weights)
+        self._local_wire_kind = local_wire or ("gloo" if platform == "cpu" else "nccl")
         self._local_updates = 0
 
     @classmethod
@@ -472,6 +476,20 @@ class VLLMRolloutEngine(RolloutEngine):
         self._updating = False
         self._llm.collective_rpc("finish_weight_update")
         reports = self._llm.collective_rpc("megarlhf_weight_report")
+        incomplete = sorted({n for r in reports for n in r["incomplete"]})
+        if incomplete:
+            raise WeightSyncError(
+                f"vLLM engine: the layers {incomplete[:6]} received only part of their weights "
+                "in this update; they keep their previous weights (vLLM would have filled the "
+                "rest with uninitialised memory). Send all tensors of a layer (q/k/v, gate/up, "
+                "...) in one update")
+        unconsumed = sorted({n for r in reports for n in r["unconsumed"]})
+        if unconsumed:
+            raise WeightSyncError(
+                f"vLLM engine: the streamed tensors {unconsumed[:8]} were not taken by any of "
+                "vLLM's weight loaders (vLLM skipped them); its model keeps stale values where "
+                "they should go. The HF names the trainer streams do not match what vLLM's "
+                "model class loads")
         missing = tuple(sorted({n for r in reports for n in r["missing"]}))
         if missing and self.sleep_level == 2:
             raise WeightSyncError(
@@ -504,7 +522,9 @@ class VLLMRolloutEngine(RolloutEngine):
 
         wire = self._local_transfer()
         self._local_updates += 1
+        previous = self._version
         self.start_weight_update()
+        sent = False
         try:
             with ThreadPoolExecutor(max_workers=1) as pool:
                 for bucket in iter_weight_buckets(self._checked(named_tensors),
@@ -514,11 +534,22 @@ class VLLMRolloutEngine(RolloutEngine):
                     info = {"spec": {"owners": [0], "buckets": [spec_dict(spec)]},
                             "version": None}
                     future = pool.submit(self.receive_weights, info)
+                    sent = True
                     wire.broadcast(flat)
                     del flat
                     future.result()
         except BaseException:
-            self._updating = False
+            if self._updating:  # vLLM's update session is still open: close it
+                self._updating = False
+                try:
+                    self._llm.collective_rpc("finish_weight_update")
+                except Exception:  # noqa: BLE001 - logged; the original error is raised below
+                    logger.exception("vLLM engine: closing the failed weight update failed too")
+                    sent = True
+                if not sent:  # nothing reached vLLM: it still holds the previous weights
+                    self._version = previous
+                    if previous is not None:
+                        self._llm.llm_engine.set_weight_version(previous)
             raise
         return self.finish_weight_update(None)
 
@@ -537,7 +568,7 @@ class VLLMRolloutEngine(RolloutEngine):
         workers = int(self._llm.llm_engine.vllm_config.parallel_config.world_size)
         port = free_port()
         info = dict(rendezvous=[["127.0.0.1", port]], world_size=1 + workers, rank_offset=1,
-                    wire="gloo" if self.platform == "cpu" else "nccl", timeout_s=600.0,
+                    wire=self._local_wire_kind, timeout_s=600.0,
                     workers_per_replica=workers)
         with ThreadPoolExecutor(max_workers=1) as pool:
             future = pool.submit(self._llm.collective_rpc, "init_weight_transfer_engine",

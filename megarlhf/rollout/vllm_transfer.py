@@ -16,9 +16,9 @@ reload (``initialize_layerwise_reload`` at start, ``finalize_layerwise_reload`` 
 lifecycle of vLLM's NCCL and IPC engines) it checks what vLLM does not:
 
 * every streamed tensor must be taken by one of vLLM's weight loaders (a name vLLM's model
-  does not route is silently skipped by ``load_weights``): an error naming it at finish;
-* a layer that received only part of its weights is put back to its previous weights and the
-  update fails (vLLM would process it with the rest uninitialised);
+  does not route is silently skipped by ``load_weights``): reported at finish;
+* a layer that received only part of its weights is put back to its previous weights and
+  reported (vLLM would process it with the rest uninitialised);
 * a tied ``lm_head`` gets the embedding too (vLLM 0.32's layer-wise reload does not carry a new
   embedding into a tied ``lm_head``: measured 0.19 nats off after an update);
 * on CPU, reloaded MoE experts are repacked (:mod:`megarlhf.compat.vllm`).
@@ -188,9 +188,10 @@ class MegarlhfWeightTransferEngine(WeightTransferEngine[MegarlhfInitInfo, Megarl
         self._loaded.update(loaded or ())
 
     def finish_weight_update(self) -> None:
-        """Processes the loaded layers; fails if a layer got part of its weights (kept as it
-        was) or a tensor was taken by no loader. The report is kept for
-        ``megarlhf_weight_report``."""
+        """Processes the loaded layers (a layer that got only part of its weights is put back
+        as it was). The report, read with ``megarlhf_weight_report``, lists those layers and
+        any tensor no loader took; the engine (:meth:`megarlhf.rollout.vllm_engine.
+        VLLMRolloutEngine.finish_weight_update`) fails the update on either."""
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         t0 = time.perf_counter()
@@ -216,18 +217,6 @@ class MegarlhfWeightTransferEngine(WeightTransferEngine[MegarlhfInitInfo, Megarl
                            tensors=r.tensors, bytes=r.bytes, buckets=r.buckets,
                            receive_s=r.seconds, wait_s=r.wait_s, load_s=r.load_s,
                            finish_s=time.perf_counter() - t0)
-        if incomplete:
-            raise WeightTransferError(
-                f"vLLM: the layers {incomplete[:6]} received only part of their weights in "
-                "this update; they keep their previous weights (vLLM would have filled the rest "
-                "with uninitialised memory). Send all tensors of a layer (q/k/v, gate/up, ...) "
-                "in one update")
-        if unconsumed:
-            raise WeightTransferError(
-                f"vLLM: the streamed tensors {unconsumed[:8]} were not taken by any of vLLM's "
-                "weight loaders (vLLM skipped them); its model keeps stale values where they "
-                "should go. The HF names the trainer streams do not match what vLLM's model "
-                "class loads")
 
     def shutdown(self) -> None:
         for w in self.wires:

@@ -41,7 +41,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -420,7 +420,8 @@ class SendStats:
     replicas: list[Any] = field(default_factory=list)  # rank 0: each replica's finish report
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As a dict (the replicas' reports kept as they are)."""
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
 
 class OwnersTrainerEngine:

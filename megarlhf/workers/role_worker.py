@@ -245,8 +245,11 @@ class RoleWorker:
         every rollout worker join them (:meth:`OwnersTrainerEngine.trainer_init`)."""
         import ray
 
+        from megarlhf.platform import current_platform
         from megarlhf.weights.transfer import OwnersTrainerEngine, TrainerInitInfo
 
+        if wire == "auto":  # the trainer's own wire: NCCL between GPUs, gloo on CPU
+            wire = current_platform().backend
         client = None
         if self.rank == 0:
             client = RolloutSyncClient(ActorGroup("rollout", rollout_actors, rollout_ranks,
@@ -375,12 +378,9 @@ class WorkerGroup(ActorGroup):
             dtype = rollout.weight_dtype(timeout_s=timeout)
             wpr = rollout.workers_per_replica(timeout_s=timeout)
             sync_timeout = rollout.spec.weight_sync_timeout_s
-            wire = rollout.spec.weight_wire
-            if wire == "auto":
-                wire = "gloo" if self.placement.slot_resource == "CPU" else "nccl"
             self.__dict__["_transfer_info"] = self.init_weight_transfer(
-                rollout.actors, rollout.ranks, wpr, rollout.bucket_bytes, dtype, wire,
-                sync_timeout, timeout_s=timeout)
+                rollout.actors, rollout.ranks, wpr, rollout.bucket_bytes, dtype,
+                rollout.spec.weight_wire, sync_timeout, timeout_s=timeout)
             self.__dict__["_transfer_target"] = id(rollout)
         try:
             per_rank = self.send_weights(int(version), timeout_s=timeout)

@@ -1,6 +1,7 @@
 """Rollout replicas running the real vLLM (its CPU build) as Ray actors, fed by a Megatron actor
-through the resharder: colocated (actor TP2 and 2 replicas time-share 2 fake GPUs) and split
-(actor PP2 on 2 GPUs, 2 replicas on 2 others).
+through vLLM's weight-transfer API (megarlhf's backend: every owner rank sends its share to
+every replica's workers): colocated (actor TP2 and 2 replicas time-share 2 fake GPUs) and split
+(actor PP2 on 2 GPUs: two owners sending at once; 2 replicas on 2 others).
 
 The replicas start from dummy weights (config only), so only weight sync can make them agree
 with the actor. Oracle: the actor's own forward on the replicas' samples; after every sync the
@@ -91,17 +92,28 @@ def _train(actor, batch, logp):
 
 
 def _sync_train_sync(actor, rollout):
-    stale0, _, _ = _gap(rollout, actor, seed=3)
-    stats = actor.sync_weights_to(rollout)  # the resharder, the real path
+    from megarlhf.workers.group import WorkerCallError
+
+    with pytest.raises(WorkerCallError, match="before a complete weight update"):
+        _gap(rollout, actor, seed=3)  # dummy weights are never served
+    res = actor.sync_weights_to(rollout, version=1)
+    stats = res.replicas
     assert len(stats) == 2 and all(s.tensors == stats[0].tensors > 0 for s in stats)
-    assert all(s.missing == () for s in stats)
+    assert all(s.missing == () and s.version == "1" for s in stats)
+    # Each rank sends exactly its own share: the owners' bytes make one model, others none.
+    sent = [r["bytes"] for r in res.ranks]
+    owners = res.owners[0]["owners"]
+    assert sum(sent) == stats[0].bytes and all(sent[r] == 0 for r in range(len(sent))
+                                               if r not in owners)
     fresh0, batch, logp = _gap(rollout, actor, seed=4)
     _train(actor, batch, logp)
     stale1, _, _ = _gap(rollout, actor, seed=5)
-    actor.sync_weights_to(rollout)
+    actor.sync_weights_to(rollout, version=2)
+    assert rollout.weight_version() == ["2", "2"]
     fresh1, _, _ = _gap(rollout, actor, seed=6)
-    assert stale0 > STALE and stale1 > STALE, (stale0, stale1)
+    assert stale1 > STALE, stale1
     assert fresh0 < TOL and fresh1 < TOL, (fresh0, fresh1)
+    return owners
 
 
 @pytest.mark.parametrize("placement, actor_par", [
@@ -131,7 +143,8 @@ def test_vllm_replicas_follow_the_actor(ray_cluster, lm_dir, placement, actor_pa
             assert rollout_gpus == actor_gpus
         else:
             assert not rollout_gpus & actor_gpus
-        _sync_train_sync(actor, rollout)
+        owners = _sync_train_sync(actor, rollout)
+        assert len(owners) == (2 if placement == "split" else 1)  # PP2: one per stage
     finally:
         for g in groups:
             g.shutdown()
@@ -155,18 +168,13 @@ def test_mismatched_rollout_model_is_refused_before_any_data_moves(ray_cluster, 
         other = RolloutSpec.from_job(job, model=_arch(vocab_size=300))
         rollout = RolloutGroup.create(pl, other, num_replicas=1, call_timeout_s=300)
         groups.append(rollout)
-        before = rollout.generate(PROMPTS[:2], _params())
         with pytest.raises(WeightSyncError, match=r"model\.embed_tokens\.weight.*\(256, 64\).*"
                                                   r"\(300, 64\)"):
-            actor.sync_weights_to(rollout)
-        assert rollout.generate(PROMPTS[:2], _params()) == before  # untouched
+            actor.sync_weights_to(rollout, version=1)
+        # Refused before the transfer groups opened or an update started.
+        assert rollout.weight_version() == [None] and "_transfer_target" not in actor.__dict__
     finally:
         for g in groups:
             g.shutdown()
         pl.release()
 
-
-def _params():
-    from megarlhf.rollout import SamplingParams
-
-    return SamplingParams(n=1, max_new_tokens=4, seed=9)

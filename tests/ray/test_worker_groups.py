@@ -220,8 +220,9 @@ def test_colocated_groups_match_single_process(ray_cluster, model_dirs, referenc
         assert len({r.devices for r in actor.ranks}) == 2
         assert [r.is_output_rank for r in actor.ranks] == [True, False]  # TP rank 0 collects
 
-        # The real resharder (TP2 shards -> HF tensors) in small buckets: many round trips.
-        stats = actor.sync_weights_to(rollout, bucket_bytes=16 * 1024)
+        # The real resharder (TP2 shards -> HF tensors) into the transformers engine, through
+        # the weight-transfer groups (each replica's actor receives the owners' broadcasts).
+        stats = actor.sync_weights_to(rollout, version=1).replicas
         n_tensors = stats[0].tensors
         assert all(s.tensors == n_tensors and s.missing == () for s in stats)
         outs, err = _rollout_matches_actor(rollout, actor, seed=11)
@@ -238,7 +239,7 @@ def test_colocated_groups_match_single_process(ray_cluster, model_dirs, referenc
         _check_against_reference(res, reference)
 
         rollout.wake_up()
-        actor.sync_weights_to(rollout)  # the trained weights, default buckets
+        actor.sync_weights_to(rollout, version=2)  # the trained weights
         _, err = _rollout_matches_actor(rollout, actor, seed=12)
         assert err < 1e-4, err
     finally:

