@@ -74,6 +74,7 @@ class Cluster:
         self.rollout: RolloutGroup | None = None
         self._offloadable: dict[str, bool] = {}
         self._sleeping = False
+        self._weights_awake = False  # asleep but for its weights (after a weight sync)
         try:
             wanted = roles if roles is not None else list(active_roles(job))
             start_rollout = rollout and "rollout" in self.plan.roles
@@ -127,13 +128,27 @@ class Cluster:
                 group.offload()
         if self.rollout is not None:
             if "rollout" in want and self._sleeping:
-                self.rollout.wake_up()
-                self._sleeping = False
-            elif "rollout" not in want and not self._sleeping and self._shares_pool(
-                    "rollout", want) and self.placement.slot_resource == "GPU":
+                self.rollout.wake_up()  # after a sync only its KV cache was still asleep
+                self._sleeping = self._weights_awake = False
+            elif "rollout" not in want and (not self._sleeping or self._weights_awake) \
+                    and self._shares_pool("rollout", want) \
+                    and self.placement.slot_resource == "GPU":
                 # Sleeping frees accelerator memory; CPU slots have none to free.
                 self.rollout.sleep()
-                self._sleeping = True
+                self._sleeping, self._weights_awake = True, False
+
+    def activate_for_sync(self, role: str = "actor") -> None:
+        """What a weight sync from ``role`` needs resident, and no more: ``role``'s weights
+        (its gradients and optimizer state stay in host memory when it offloads), the rollout
+        engine's weights (a sleeping engine wakes only its weights when the update starts; its
+        KV cache wakes with the next generation), nothing of the other colocated roles."""
+        for r, group in self.groups.items():
+            if r == role:
+                group.onload(weights_only=bool(self._offloadable.get(r)))
+            elif self._offloadable.get(r) and self._shares_pool(r, {role, "rollout"}):
+                group.offload()
+        # A sleeping engine's weights wake with the update (RolloutEngine.start_weight_update).
+        self._weights_awake = self._sleeping
 
     def _shares_pool(self, role: str, others: set[str]) -> bool:
         try:

@@ -338,7 +338,7 @@ class RLTrainer(Trainer):
     def sync(self, cl: Cluster, version: int) -> dict[str, float]:
         """The actor's weights into the rollout engine as weight version ``version`` (the
         actor's step); its time, bandwidth and phases."""
-        cl.activate("actor", "rollout")
+        cl.activate_for_sync("actor")
         t0 = time.perf_counter()
         res = cl["actor"].sync_weights_to(cl.rollout, version=version)
         dt = time.perf_counter() - t0

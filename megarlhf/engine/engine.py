@@ -405,6 +405,13 @@ class MegatronEngine:
         shards) stay valid and come back with :meth:`onload`.
         """
         if self._offloaded is not None:
+            # Only the weights came back (onload(weights_only=True), a weight sync reads them
+            # and changes nothing): drop them again, their host copies are still current.
+            for st, host, weight in self._offloaded:
+                if st.nbytes() and weight:
+                    st.resize_(0)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             return 0
         seen: dict[int, Any] = {}
         for t in self._offloadable_tensors():
@@ -412,14 +419,16 @@ class MegatronEngine:
             if st.nbytes() == 0 or st.data_ptr() in seen:
                 continue
             seen[st.data_ptr()] = st
+        weights = {p.data.untyped_storage().data_ptr() for c in self.bundle.chunks
+                   for p in c.parameters()}
         saved = []
         pin = torch.cuda.is_available()
         total = 0
-        for st in seen.values():
+        for ptr, st in seen.items():
             host = torch.empty(st.nbytes(), dtype=torch.uint8, pin_memory=pin)
             host.untyped_storage().copy_(st)
             total += st.nbytes()
-            saved.append((st, host))
+            saved.append((st, host, ptr in weights))
             st.resize_(0)
         self._offloaded = saved
         if torch.cuda.is_available():
@@ -427,16 +436,27 @@ class MegatronEngine:
         return total
 
     @torch.no_grad()
-    def onload(self) -> int:
-        """Restores everything :meth:`offload` moved; returns bytes moved."""
+    def onload(self, weights_only: bool = False) -> int:
+        """Restores what :meth:`offload` moved; returns bytes moved.
+
+        Args:
+            weights_only: bring back the model's weights only (gradients and optimizer state
+                stay in host memory): what a weight sync needs, for a colocated actor whose
+                full state would not fit next to the rollout engine's weights. The engine
+                counts as offloaded until a full ``onload()``; ``offload()`` drops the weights
+                again without copying (they did not change).
+        """
         if self._offloaded is None:
             return 0
         total = 0
-        for st, host in self._offloaded:
+        for st, host, weight in self._offloaded:
+            if st.nbytes() or (weights_only and not weight):
+                continue  # back already, or not asked for
             st.resize_(host.numel())
             st.copy_(host.untyped_storage())
             total += host.numel()
-        self._offloaded = None
+        if not weights_only:
+            self._offloaded = None
         return total
 
     @property

@@ -65,6 +65,28 @@ Rollout engine
     at least one sequence of ``data.max_prompt_len + rollout.max_new_tokens`` tokens. The
     transformers engine (``rollout.engine=hf``) holds fp32 weights and the KV cache of its batch.
 
+Weight sync (actor -> rollout engine, megarlhf/weights/transfer.py)
+    Owners: TP rank 0 of each pipeline stage, and under expert parallelism every expert-
+    parallel rank of the stage (``pp * ep`` owners, ``pp`` for a dense model); each sends its
+    share ``S_k ~ B / owners`` of the model's ``B`` bytes (rollout dtype) in buckets of
+    ``rollout.weight_sync_bucket_mib / owners``. During a sync a GPU holds:
+
+    * colocated with the rollout (CUDA IPC): the actor's weights (its gradients and optimizer
+      state stay offloaded), one bucket of the actor (every rank gets every bucket: vLLM's
+      worker on each GPU reads it from the trainer rank on the same GPU), vLLM's weights (its
+      KV cache still asleep) and the bucket's tensors vLLM copies out;
+    * split: on the rollout's GPUs vLLM's whole share plus ``rollout.weight_sync_bucket_mib``
+      of received buckets (one per owner in flight); on the actor's GPUs its resident state
+      plus one bucket.
+
+    Seconds, at the stated bandwidths (``NVLINK_GB_S`` per GPU and direction, ``IB_GB_S`` per
+    node): the gather inside a stage ``S_k (tp-1)/tp / NVLink``; the wire ``B / IB`` (every
+    receiving node gets every byte once: NCCL's broadcast crosses each node once; colocated,
+    the owners' broadcast over the trainer's world does the same) or, within one node,
+    ``B / NVLink``; vLLM's reload is not modelled. The previous path (every byte through one
+    host process and Ray's object store to each replica) is printed beside it:
+    ``B (1 + replicas) / HOST_GB_S``.
+
 Colocation
     Roles sharing GPUs take turns. For each role's phase the GPU holds: the active role's whole
     footprint (state + activations; the rollout's whole share), the *resident* state (weights,
@@ -97,6 +119,18 @@ from megarlhf.planning.placement import (
 GIB = 2**30
 PROCESS_OVERHEAD_GIB = 1.0
 VLLM_WORKSPACE_GIB = 2.0
+# Bandwidths of the weight-sync cost model (H100 nodes): NVLink 4 per GPU and direction,
+# 8 x 400 Gb/s InfiniBand per node, one host process copying through shared memory.
+NVLINK_GB_S = 450.0
+IB_GB_S = 400.0
+HOST_GB_S = 20.0
+# Published weight-sync times of peers (the issue that asked for this model quotes them).
+PEER_SYNC_FIGURES = (
+    "NeMo-RL DeepSeek-V3 refit 2.4-2.8 s (H100, shard-to-shard NCCL)",
+    "verl Qwen3-30B-A3B on 4x8 H100 ~6-7 s (checkpoint engine)",
+    "slime GLM-4.5 355B 48 s",
+    "Moonshot checkpoint-engine 1T ~20 s",
+)
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
@@ -302,6 +336,25 @@ class RolloutEstimate:
 
 
 @dataclass
+class SyncEstimate:
+    """One weight sync (see the module docstring)."""
+
+    total_bytes: float  # the model in the rollout dtype
+    owners: int
+    bucket_bytes: float  # per owner
+    colocated: bool
+    multi_node: bool
+    gather_s: float
+    wire_s: float
+    previous_s: float  # every byte through one host process (the path before)
+    replicas: int
+
+    @property
+    def seconds(self) -> float:
+        return self.gather_s + self.wire_s
+
+
+@dataclass
 class Phase:
     pool: int
     active: str
@@ -326,6 +379,7 @@ class Plan:
     phases: list[Phase]
     problems: list[str] = field(default_factory=list)
     host_bytes_per_node: dict[int, float] = field(default_factory=dict)
+    sync: SyncEstimate | None = None
 
     @property
     def fits(self) -> bool:
@@ -410,6 +464,27 @@ def estimate_rollout(job: JobConfig) -> RolloutEstimate:
                            max(kv, 0.0) / per_token)
 
 
+def estimate_sync(job: JobConfig, placement: PlacementPlan, actor: RoleEstimate,
+                  rollout: RolloutEstimate) -> SyncEstimate:
+    """The weight sync's bytes, owners, buckets and seconds (see the module docstring)."""
+    model = job.actor.model
+    shape = ModelShape.from_model(model)
+    wire_bytes = _DTYPE_BYTES.get(model.dtype, 2) if rollout.engine == "vllm" else 4
+    total = float(shape.total_params("lm")) * wire_bytes
+    lay = actor.layout
+    owners = lay.pp * (lay.ep if shape.num_experts else 1)
+    bucket = max(float(2**20), job.rollout.weight_sync_bucket_mib * 2**20 / owners)
+    colocated = placement.role("actor").pool == placement.role("rollout").pool
+    nodes = set(placement.role("actor").nodes) | set(placement.role("rollout").nodes)
+    multi = len(nodes) > 1
+    share = total / owners
+    gather = share * (lay.tp - 1) / lay.tp / (NVLINK_GB_S * 1e9)
+    wire = total / ((IB_GB_S if multi else NVLINK_GB_S) * 1e9)
+    previous = total * (1 + rollout.replicas) / (HOST_GB_S * 1e9)
+    return SyncEstimate(total, owners, bucket, colocated, multi, gather, wire, previous,
+                        rollout.replicas)
+
+
 def _advice(est: RoleEstimate, resident_others: list[str]) -> str:
     """What to change when ``est``'s phase does not fit (most effective first)."""
     n, w = est.role, est.worst
@@ -491,12 +566,89 @@ def make_plan(job: JobConfig, *, overhead_gib: float = PROCESS_OVERHEAD_GIB) -> 
                 f"{active} does not fit{where}: its phase needs {ph.total / GIB:.1f} GiB per GPU "
                 f"({parts_txt}) but cluster.gpu_memory_gib = {job.cluster.gpu_memory_gib:g}; "
                 f"{fix}")
+    sync = None
+    if rollout is not None and "actor" in roles:
+        sync = estimate_sync(job, placement, roles["actor"], rollout)
+        bare = sorted(set(placement.role("rollout").slots) - set(placement.role("actor").slots),
+                      key=lambda x: (x.node, x.gpu))
+        if sync.colocated and bare and job.cluster.device != "cpu":
+            problems.append(
+                f"the weight sync cannot reach the rollout GPUs {format_slots(tuple(bare))}: "
+                "colocated on GPUs it hands each bucket to a rollout worker from the actor rank "
+                "on the same GPU (CUDA IPC), and those GPUs hold no actor rank; give the actor "
+                f"as many GPUs as the rollout (actor.num_gpus = {job.rollout.num_gpus}) or use "
+                "cluster.placement: split")
+        _sync_phases(job, placement, roles, rollout, sync, overhead_gib, limit, phases,
+                     problems)
     host: dict[int, float] = {}
     for name, est in roles.items():
         if est.offload:
             for slot in placement.roles[name].slots:
                 host[slot.node] = host.get(slot.node, 0.0) + est.resident
-    return Plan(job, placement, roles, rollout, phases, problems, host)
+    return Plan(job, placement, roles, rollout, phases, problems, host, sync)
+
+
+def _sync_phases(job, placement, roles, rollout, sync, overhead_gib, limit, phases, problems):
+    """The weight sync's phase on the actor's pool (and the rollout's, when split)."""
+    actor = roles["actor"]
+    pools = [placement.role("actor").pool]
+    if not sync.colocated:
+        pools.append(placement.role("rollout").pool)
+    for pool_index in pools:
+        pool = placement.pools[pool_index]
+        parts: dict[str, float] = {}
+        if "actor" in pool.roles:
+            if sync.colocated and actor.offload:
+                parts["actor weights"] = max(st.weights for st in actor.stages)
+            else:
+                parts["actor (resident)"] = actor.resident
+            parts["bucket (trainer)"] = sync.bucket_bytes
+        if "rollout" in pool.roles:
+            if sync.colocated:
+                parts["vLLM weights" if rollout.engine == "vllm" else "rollout weights"] = \
+                    rollout.weights
+                parts["bucket (rollout copy)"] = sync.bucket_bytes
+            else:
+                parts["rollout (awake)"] = rollout.share
+                parts["buckets in flight (rollout)"] = job.rollout.weight_sync_bucket_mib * 2**20
+        for other in pool.roles:
+            if other not in ("actor", "rollout") and not roles[other].offload:
+                parts[f"{other} (resident)"] = roles[other].resident
+        parts[f"{len(pool.roles)} CUDA contexts"] = overhead_gib * GIB * len(pool.roles)
+        ph = Phase(pool_index, "weight sync", parts, limit)
+        phases.append(ph)
+        if ph.fits:
+            continue
+        parts_txt = " + ".join(f"{k} {v / GIB:.1f}" for k, v in parts.items())
+        fix = ("lower rollout.weight_sync_bucket_mib, raise rollout.tp (vLLM's weights per "
+               "GPU) or actor.parallel.pp / ep (the actor's weights per GPU)")
+        if not actor.offload and sync.colocated:
+            fix = "set offload: true on actor (a sync then brings back its weights only); " + fix
+        problems.append(
+            f"the weight sync does not fit (pool {pool_index}): it needs {ph.total / GIB:.1f} GiB "
+            f"per GPU ({parts_txt}) but cluster.gpu_memory_gib = {job.cluster.gpu_memory_gib:g}; "
+            f"{fix}")
+
+
+def format_sync(sync: SyncEstimate) -> list[str]:
+    """The weight sync's cost model, beside the peers' published figures."""
+    gb = 1e9
+    how = ("CUDA IPC on each GPU after a broadcast of each bucket over the actor's ranks"
+           if sync.colocated else "a broadcast from each owner to every rollout worker")
+    link = f"IB {IB_GB_S:g} GB/s per node" if sync.multi_node else \
+        f"NVLink {NVLINK_GB_S:g} GB/s per GPU"
+    return [
+        f"weight sync: {sync.total_bytes / gb:.1f} GB per update from {sync.owners} owner "
+        f"rank(s) sending {sync.total_bytes / sync.owners / gb:.2f} GB each concurrently "
+        f"(buckets of {sync.bucket_bytes / 2**20:.0f} MiB), {how}",
+        f"  per link: each receiving node takes {sync.total_bytes / gb:.1f} GB once; each owner "
+        f"gathers {sync.total_bytes / sync.owners / gb:.2f} GB over NVLink inside its stage",
+        f"  estimate: {sync.seconds:.2f} s (gather {sync.gather_s:.2f} + wire {sync.wire_s:.2f} "
+        f"at {link}; vLLM's reload not modelled); the previous path (every byte through one "
+        f"host process to {sync.replicas} replica(s) at ~{HOST_GB_S:g} GB/s): "
+        f"~{sync.previous_s:.0f} s",
+        "  published: " + "; ".join(PEER_SYNC_FIGURES),
+    ]
 
 
 def check_plan(job: JobConfig) -> Plan:
@@ -637,6 +789,8 @@ def format_plan(plan: Plan) -> str:
         rows.append([f"pool {ph.pool}", ph.active, _g(ph.total),
                      "ok" if ph.fits else "DOES NOT FIT", parts])
     out += _table(rows, right={2})
+    if plan.sync is not None:
+        out += [""] + format_sync(plan.sync)
     if plan.host_bytes_per_node:
         vals = sorted(plan.host_bytes_per_node.items())
         if len({round(b) for _, b in vals}) == 1:

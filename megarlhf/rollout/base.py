@@ -438,9 +438,10 @@ class RolloutEngine(abc.ABC):
         for w in getattr(self, "_transfer_wires", []):
             w.close()
         self._transfer_timeout_s = float(init_info.get("timeout_s", 600.0))
-        self._transfer_wires = open_receiver_wires(
+        self._transfer_wire = init_info.get("wire", "gloo")
+        self._transfer_wires = [] if self._transfer_wire == "ipc" else open_receiver_wires(
             init_info["rendezvous"], int(init_info["rank_offset"]), int(init_info["world_size"]),
-            init_info.get("wire", "gloo"), self._transfer_timeout_s)
+            self._transfer_wire, self._transfer_timeout_s)
 
     def start_weight_update(self) -> None:
         """Begin an update (the engine serves nothing new until it is finished)."""
@@ -457,6 +458,14 @@ class RolloutEngine(abc.ABC):
             raise RuntimeError(f"{type(self).__name__}: receive_weights before "
                                "init_weight_transfer")
         spec = TransferSpec.from_dict(update_info["spec"])
+        if self._transfer_wire == "ipc":
+            from megarlhf.weights.transfer import decode_ipc, receive_ipc
+
+            got: list = []
+            receive_ipc(spec, decode_ipc(update_info["ipc_handles"]), got.extend,
+                        device=torch.device(getattr(self, "device", "cuda")))
+            self._transfer_parts.append(self.update_weights(iter(got)))
+            return
         stream = iter_received(spec, self._transfer_wires,
                                device=getattr(self, "device", "cpu"),
                                timeout_s=self._transfer_timeout_s,

@@ -46,8 +46,10 @@ from megarlhf.weights.transfer import (
     ReceiveStats,
     TransferSpec,
     WeightTransferError,
+    decode_ipc,
     open_receiver_wires,
     receive_all,
+    receive_ipc,
 )
 
 TIED_EMBEDDING_NAME = "model.embed_tokens.weight"
@@ -81,6 +83,7 @@ class MegarlhfUpdateInfo(WeightTransferUpdateInfo):
 
     spec: dict = field(default_factory=dict)
     version: int | None = None
+    ipc_handles: bytes | None = None  # wire "ipc": the trainer ranks' handles of the bucket
 
 
 class _ConsumptionTracker(torch.overrides.TorchFunctionMode):
@@ -120,6 +123,7 @@ class MegarlhfWeightTransferEngine(WeightTransferEngine[MegarlhfInitInfo, Megarl
     def __init__(self, config, vllm_config, device, model):
         super().__init__(config, vllm_config, device, model)
         self.wires: list = []
+        self.wire: str | None = None
         self.timeout_s = 600.0
         self.rank = -1
         self.report: dict[str, Any] | None = None
@@ -134,8 +138,11 @@ class MegarlhfWeightTransferEngine(WeightTransferEngine[MegarlhfInitInfo, Megarl
             raise ValueError(f"megarlhf weight transfer: worker rank {self.rank} is outside the "
                              f"groups of {init_info.world_size}")
         self.timeout_s = float(init_info.timeout_s)
-        self.wires = open_receiver_wires(init_info.rendezvous, self.rank, init_info.world_size,
-                                         init_info.wire, self.timeout_s)
+        self.wire = init_info.wire
+        if init_info.wire != "ipc":
+            self.wires = open_receiver_wires(init_info.rendezvous, self.rank,
+                                             init_info.world_size, init_info.wire,
+                                             self.timeout_s)
 
     # ------------------------------------------------------------------ one update
     def start_weight_update(self) -> None:
@@ -155,14 +162,18 @@ class MegarlhfWeightTransferEngine(WeightTransferEngine[MegarlhfInitInfo, Megarl
         if not self._active:
             raise RuntimeError("megarlhf weight transfer: update_weights before "
                                "start_weight_update")
-        if not self.wires:
+        if self.wire is None:
             raise RuntimeError("megarlhf weight transfer: update_weights before "
                                "init_weight_transfer_engine")
         spec = TransferSpec.from_dict(update_info.spec)
-        stats = receive_all(spec, self.wires, self._load, device=self.device,
-                            timeout_s=self.timeout_s,
-                            where=f"vLLM worker (transfer rank {self.rank}), weight version "
-                                  f"{update_info.version}")
+        if self.wire == "ipc":
+            stats = receive_ipc(spec, decode_ipc(update_info.ipc_handles), self._load,
+                                device=self.device)
+        else:
+            stats = receive_all(spec, self.wires, self._load, device=self.device,
+                                timeout_s=self.timeout_s,
+                                where=f"vLLM worker (transfer rank {self.rank}), weight "
+                                      f"version {update_info.version}")
         r = self._received
         r.tensors += stats.tensors
         r.bytes += stats.bytes

@@ -20,7 +20,12 @@ process ever holds the whole model (unless the layout has a single owner: PP = 1
 
 The wire is a torch.distributed gloo group on CPU (tests, the demo) and NCCL (vLLM's
 ``PyNcclCommunicator``, the communicator its own NCCL backend uses) between GPUs: the same
-control flow, only the group differs.
+control flow, only the group differs. Colocated on GPUs (a rollout worker on every GPU of the
+trainer; NCCL refuses two ranks of one group on one GPU) the wire is CUDA IPC: each bucket,
+once assembled by its owner, is broadcast over the trainer's own world, so every trainer rank
+holds it; the trainer ranks' IPC handles of it go to the rollout side with one
+``update_weights`` per bucket, and each rollout worker copies the bucket out of the trainer
+rank on its own GPU (:func:`open_ipc_bucket`) before the trainer reuses the buffer.
 
 What travels is described by a :class:`TransferSpec` (each bucket's owner, HF names, dtypes,
 shapes and byte offsets), made by the trainer from its resharder plan and sent with each
@@ -49,7 +54,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-WIRES = ("gloo", "nccl")
+WIRES = ("gloo", "nccl", "ipc")
 BACKEND_NAME = "megarlhf"  # our backend's name in vLLM's WeightTransferEngineFactory
 _STORE_PREFIX = "megarlhf-weight-transfer"
 
@@ -150,11 +155,10 @@ class TransferSpec:
         return [n for b in self.buckets for n in b.names]
 
 
-def per_owner_bucket_bytes(bucket_bytes: int, num_owners: int, largest: int) -> int:
+def per_owner_bucket_bytes(bucket_bytes: int, num_owners: int, largest: int = 0) -> int:
     """The bucket bound of each owner: ``bucket_bytes`` shared by the owners (a receiver holds
-    one bucket per owner in flight), but never below one MiB (a larger tensor travels alone
-    whatever the bound)."""
-    del largest  # a tensor above the bound travels alone; documented in the module
+    one bucket per owner in flight), but never below one MiB (a tensor larger than the bound
+    travels alone whatever it is; ``largest`` is not used)."""
     return max(1 << 20, bucket_bytes // max(1, num_owners))
 
 
@@ -352,12 +356,78 @@ def receive_all(spec: TransferSpec, wires: Sequence[Wire],
     return stats
 
 
+def receive_ipc(spec: TransferSpec, handles: dict[str, tuple],
+                load: Callable[[list[tuple[str, torch.Tensor]]], None], *,
+                device: torch.device) -> ReceiveStats:
+    """Wire "ipc": loads the bucket(s) of ``spec`` from the trainer rank on this GPU, each
+    tensor copied out first (the trainer reuses its buffer once this returns; vLLM's reload may
+    keep a tensor until its layer is complete)."""
+    start = time.perf_counter()
+    stats = ReceiveStats()
+    flat = open_ipc_bucket(handles, torch.device(device))
+    for b in spec.buckets:
+        t0 = time.perf_counter()
+        pairs = [(n, t.clone()) for n, t in b.views(flat[: b.nbytes])]
+        stats.wait_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        load(pairs)
+        stats.load_s += time.perf_counter() - t0
+        stats.tensors += len(b.names)
+        stats.bytes += b.nbytes
+        stats.buckets += 1
+        del pairs
+    del flat
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
 def open_receiver_wires(rendezvous: Sequence[Sequence[Any]], rank: int, world_size: int,
                         wire: str, timeout_s: float) -> list[Wire]:
     """A rollout worker joins every owner's group (as ``rank``), in owner order (each owner
     opens only its own group, so this order cannot deadlock)."""
     return [Wire(wire, str(host), int(port), rank, world_size, timeout_s)
             for host, port in rendezvous]
+
+
+# ------------------------------------------------------------------------------------ CUDA IPC
+def ipc_handles(flat: torch.Tensor) -> dict[str, tuple]:
+    """``{GPU UUID: rebuild args}`` of a CUDA tensor (``torch.multiprocessing.reductions.
+    reduce_tensor``, the form vLLM's IPC engine exchanges)."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    uuid = str(torch.cuda.get_device_properties(flat.device).uuid)
+    return {uuid: reduce_tensor(flat)[1]}
+
+
+def open_ipc_bucket(handles: dict[str, tuple], device: torch.device) -> torch.Tensor:
+    """The packed bucket another process on this GPU shared (:func:`ipc_handles`), as a tensor
+    on ``device`` (a view of that process's memory: copy what must outlive the call)."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    uuid = str(torch.cuda.get_device_properties(index).uuid)
+    if uuid not in handles:
+        raise WeightTransferError(
+            f"no trainer rank shares GPU {uuid} (a colocated weight sync reads each bucket from "
+            "the trainer rank on the rollout worker's own GPU): give the actor every GPU of the "
+            "rollout's pool, or use placement: split")
+    args = list(handles[uuid])
+    args[6] = index  # reduce_tensor's args carry the sender's device index; this process's
+    return rebuild_cuda_tensor(*args)
+
+
+def encode_ipc(handles: dict[str, tuple]) -> bytes:
+    """IPC handles for vLLM's RPC, which carries plain values (msgpack) between its processes:
+    pickled, as vLLM's own HTTP client does with them (between processes of this job only)."""
+    import pickle
+
+    return pickle.dumps(handles)
+
+
+def decode_ipc(blob: bytes) -> dict[str, tuple]:
+    import pickle
+
+    return pickle.loads(blob)
 
 
 # -------------------------------------------------------------------------------- trainer side
@@ -460,11 +530,8 @@ class OwnersTrainerEngine:
         if info.is_sender and client is None:
             raise ValueError("trainer rank 0 drives the weight transfer: it needs a client")
         plan = plan_hf_weights(bundle)
-        owners = plan.owners()
-        bound = per_owner_bucket_bytes(info.bucket_bytes, len(owners),
-                                       plan.largest_bytes(info.dtype))
-        spec = transfer_spec(plan, bound, info.dtype)
-        me = info.rank in spec.owners
+        spec = transfer_spec(plan, _bucket_bound(info, len(plan.owners())), info.dtype)
+        me = info.rank in spec.owners and info.wire != "ipc"
         port = free_port() if me else 0
         rendezvous = _all_gather([info.host, port])
         points = [rendezvous[o] for o in spec.owners]
@@ -497,8 +564,11 @@ class OwnersTrainerEngine:
 
         start = time.perf_counter()
         stats = SendStats(rank=self.info.rank, owner=self.owner_index is not None)
-        bound = per_owner_bucket_bytes(self.info.bucket_bytes, len(self.spec.owners),
-                                       self.plan.largest_bytes(self.info.dtype))
+        if self.info.wire == "ipc":
+            self._send_ipc(version, stats)
+            stats.seconds = time.perf_counter() - start
+            return stats
+        bound = _bucket_bound(self.info, len(self.spec.owners))
         pool = future = None
         if self.client is not None:
             self.client.start_weight_update()
@@ -539,10 +609,60 @@ class OwnersTrainerEngine:
         stats.seconds = time.perf_counter() - start
         return stats
 
+    def _send_ipc(self, version: int, stats: SendStats) -> None:
+        """Colocated on GPUs: every rank gets every bucket (its owner broadcasts it over the
+        trainer's world), rank 0 hands all ranks' IPC handles of it to the rollout side (one
+        ``update_weights`` per bucket, returning once every worker copied it out), then every
+        rank may reuse its buffer."""
+        from megarlhf.weights.resharder import iter_owned_buckets
+
+        dist = torch.distributed
+        multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self.client is not None:
+            self.client.start_weight_update()
+        t0 = time.perf_counter()
+        for bucket in iter_owned_buckets(self.bundle, bucket_bytes=_bucket_bound(
+                self.info, len(self.spec.owners)), dtype=self.info.dtype, plan=self.plan,
+                to_all=True):
+            t1 = time.perf_counter()
+            stats.gather_s += t1 - t0
+            expected = self.spec.buckets[bucket.index]
+            if expected.nbytes != bucket.nbytes:
+                raise WeightTransferError(
+                    f"trainer rank {self.info.rank}: bucket {bucket.index} does not match the "
+                    "transfer spec (the resharder's plan changed since the rendezvous)")
+            mine = ipc_handles(bucket.flat)
+            every = _all_gather(mine)
+            if self.client is not None:
+                handles: dict[str, tuple] = {}
+                for h in every:
+                    handles.update(h)
+                one = TransferSpec(owners=self.spec.owners, buckets=(expected,))
+                self.client.update_weights({"version": int(version), "spec": one.to_dict(),
+                                            "ipc_handles": encode_ipc(handles)})
+            if multi:
+                dist.barrier()  # every worker has copied the bucket out: buffers may be reused
+            if self.owner_index is not None and expected.owner == self.owner_index:
+                stats.bytes += bucket.nbytes
+            stats.buckets += 1
+            t0 = time.perf_counter()
+            stats.wire_s += t0 - t1
+            del bucket
+        if self.client is not None:
+            stats.replicas = list(self.client.finish_weight_update(str(int(version))) or [])
+
     def shutdown(self) -> None:
         if self.wire is not None:
             self.wire.close()
             self.wire = None
+
+
+def _bucket_bound(info: TrainerInitInfo, num_owners: int) -> int:
+    """An owner's bucket bound: the whole budget with CUDA IPC (one bucket in flight at a
+    time), else the budget shared by the owners (a receiver holds one bucket of each)."""
+    if info.wire == "ipc":
+        return info.bucket_bytes
+    return per_owner_bucket_bytes(info.bucket_bytes, num_owners, 0)
 
 
 def _all_gather(obj: Any) -> list[Any]:

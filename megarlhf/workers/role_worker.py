@@ -15,7 +15,7 @@ method                     dispatch           collect         returns
 =========================  =================  ==============  ====================================
 forward(batch, ...)        DP_SPLIT(batch)    DP_CONCAT       {logp[, entropy] | values}: (B, S)
 train(batch, spec)         DP_SPLIT(batch)    OUTPUT_RANK0    StepResult (same on every rank)
-offload() / onload()       ONE_TO_ALL         ALL             bytes moved, per rank
+offload() / onload(w)      ONE_TO_ALL         ALL             bytes moved, per rank
 execute(fn, *a, **k)       ONE_TO_ALL         ALL             fn(worker, *a, **k), per rank
 status()                   ONE_TO_ALL         ALL             per-rank state (offloaded, memory)
 init_weight_transfer(...)  ONE_TO_ALL         ALL             per rank: owner or not, its bytes
@@ -49,9 +49,10 @@ from megarlhf.config.validate import active_roles, trained_roles
 from megarlhf.engine.engine import MegatronEngine
 from megarlhf.models.builder import build_model
 from megarlhf.parallel.layout import ParallelLayout, initialize_parallel
-from megarlhf.platform import init_platform
+from megarlhf.platform import current_platform, init_platform
 from megarlhf.weights.loader import load_hf_dir
 from megarlhf.weights.resharder import plan_hf_weights
+from megarlhf.weights.transfer import OwnersTrainerEngine, TrainerInitInfo
 from megarlhf.workers.dispatch import Collect, Dispatch, RankInfo, register
 from megarlhf.workers.group import ActorGroup
 from megarlhf.workers.rollout_worker import RolloutSyncClient, RolloutWorker
@@ -211,8 +212,9 @@ class RoleWorker:
         return self.engine.offload()
 
     @register(Dispatch.ONE_TO_ALL, Collect.ALL)
-    def onload(self) -> int:
-        return self.engine.onload()
+    def onload(self, weights_only: bool = False) -> int:
+        """Back from host memory: everything, or the weights only (a weight sync)."""
+        return self.engine.onload(weights_only=weights_only)
 
     @register(Dispatch.ONE_TO_ALL, Collect.ALL)
     def execute(self, fn: Callable, *args, **kwargs) -> Any:
@@ -240,16 +242,16 @@ class RoleWorker:
     @register(Dispatch.ONE_TO_ALL, Collect.ALL)
     def init_weight_transfer(self, rollout_actors: list, rollout_ranks: list[RankInfo],
                              workers_per_replica: int, bucket_bytes: int, dtype, wire: str,
-                             timeout_s: float) -> dict[str, Any]:
+                             timeout_s: float, colocated: bool = False) -> dict[str, Any]:
         """Collective: opens the transfer groups (every owner its own) and, on rank 0, has
-        every rollout worker join them (:meth:`OwnersTrainerEngine.trainer_init`)."""
+        every rollout worker join them (:meth:`OwnersTrainerEngine.trainer_init`). Wire "auto":
+        gloo on CPU, NCCL between GPUs, CUDA IPC when the rollout shares this role's GPUs."""
         import ray
 
-        from megarlhf.platform import current_platform
-        from megarlhf.weights.transfer import OwnersTrainerEngine, TrainerInitInfo
-
-        if wire == "auto":  # the trainer's own wire: NCCL between GPUs, gloo on CPU
-            wire = current_platform().backend
+        if wire == "auto":
+            wire = current_platform().backend  # NCCL between GPUs, gloo on CPU
+            if wire == "nccl" and colocated:
+                wire = "ipc"  # NCCL refuses two ranks of one group on one GPU
         client = None
         if self.rank == 0:
             client = RolloutSyncClient(ActorGroup("rollout", rollout_actors, rollout_ranks,
@@ -378,9 +380,11 @@ class WorkerGroup(ActorGroup):
             dtype = rollout.weight_dtype(timeout_s=timeout)
             wpr = rollout.workers_per_replica(timeout_s=timeout)
             sync_timeout = rollout.spec.weight_sync_timeout_s
+            plan = self.placement.plan
+            colocated = plan.role(self.spec.role).pool == plan.role("rollout").pool
             self.__dict__["_transfer_info"] = self.init_weight_transfer(
                 rollout.actors, rollout.ranks, wpr, rollout.bucket_bytes, dtype,
-                rollout.spec.weight_wire, sync_timeout, timeout_s=timeout)
+                rollout.spec.weight_wire, sync_timeout, colocated, timeout_s=timeout)
             self.__dict__["_transfer_target"] = id(rollout)
         try:
             per_rank = self.send_weights(int(version), timeout_s=timeout)

@@ -140,3 +140,75 @@ def test_stream_equals_hf_state_dict(sources, streams, ci):
                 assert len(got) == len(order)
             if bb == 1 << 30:
                 assert len(got) == 1
+
+
+# Owner mode (weight sync): (tp, pp, ep, family) in a world of 4 ranks.
+OWNED_CASES = [(2, 2, 1, "llama_gqa4"), (1, 2, 1, "llama_tied_odd_vocab"),
+               (2, 1, 1, "qwen2_qkv_bias")]
+
+
+def rank_owned(sources, cases, bucket_bytes):
+    """Per case: what each rank yields from iter_owned_buckets (owned, and to_all), its plan's
+    owner of every HF name, and the bucket list."""
+    from megarlhf.config.schema import ModelConfig
+    from megarlhf.models.builder import build_model
+    from megarlhf.parallel.layout import ParallelLayout, destroy_parallel, initialize_parallel
+    from megarlhf.weights.loader import load_hf_dir
+    from megarlhf.weights.resharder import bucket_layout, iter_owned_buckets, plan_hf_weights
+
+    world = torch.distributed.get_world_size()
+    out = {}
+    for ci, (tp, pp, ep, name) in enumerate(cases):
+        ctx = initialize_parallel(ParallelLayout.for_world(world, tp=tp, pp=pp, ep=ep))
+        hf_dir, head = sources[name]
+        bundle = build_model(ModelConfig(hf_dir=hf_dir, dtype="fp32"), ctx, head=head,
+                             init_weights=False)
+        load_hf_dir(bundle, hf_dir)
+        plan = plan_hf_weights(bundle)
+        res = {"owner": {e.name: plan.owner(i) for i, e in enumerate(plan.entries)}}
+        buckets = plan.owned_buckets(bucket_bytes)
+        res["buckets"] = [(o, [plan.entries[i].name for i in b], bucket_layout(plan, b)[1])
+                          for o, b in buckets]
+        for mode in ("owned", "to_all"):
+            got = []
+            for b in iter_owned_buckets(bundle, bucket_bytes=bucket_bytes, plan=plan,
+                                        to_all=mode == "to_all"):
+                got.append((b.index, [(n, t.clone()) for n, t in zip(b.names, b.tensors)],
+                            b.nbytes))
+            res[mode] = got
+        out[ci] = res
+        destroy_parallel()
+    return out
+
+
+def test_owned_buckets_each_rank_assembles_its_own_share(sources):
+    """If this fails, a weight-sync owner yields tensors it does not own (a rank receives
+    another stage's weights), misses or corrupts some of its own (the TP gather inside a
+    stage), a bucket exceeds its bound, or the colocated (to_all) stream differs between
+    ranks."""
+    bb = 100_000
+    res = run_distributed(rank_owned, 4, sources, OWNED_CASES, bb, timeout=300)
+    for ci, (tp, pp, ep, name) in enumerate(OWNED_CASES):
+        ref = load_file(os.path.join(sources[name][0], "model.safetensors"))
+        r0 = res[0][ci]
+        owners = sorted(set(r0["owner"].values()))
+        assert len(owners) == pp  # TP rank 0 of each stage (DP replica 0)
+        assert all(r[ci]["owner"] == r0["owner"] for r in res)  # one plan on every rank
+        seen = {}
+        for rank, r in enumerate(res):
+            mine = r[ci]["owned"]
+            for index, pairs, nbytes in mine:
+                owner, names, size = r0["buckets"][index]
+                assert owner == rank and [n for n, _ in pairs] == names and nbytes == size
+                assert size <= bb or len(names) == 1
+                for n, t in pairs:
+                    assert r0["owner"][n] == rank and torch.equal(t, ref[n]), (name, n)
+                    seen[n] = rank
+            if rank not in owners:
+                assert mine == []
+        assert set(seen) == set(r0["owner"])  # every tensor, exactly once
+        for r in res:  # to_all: every rank sees every bucket, identical to the owner's
+            got = r[ci]["to_all"]
+            assert [i for i, _, _ in got] == list(range(len(r0["buckets"])))
+            for _, pairs, _ in got:
+                assert all(torch.equal(t, ref[n]) for n, t in pairs)

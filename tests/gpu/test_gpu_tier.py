@@ -115,3 +115,71 @@ def test_vocab_parallel_core_on_cuda():
     dlp, dent, dgrad = run_distributed(rank_vocab_parallel_cuda, 1, timeout=300)[0]
     # bf16 inputs, fp32 math on both sides: only the summation order differs.
     assert dlp < 1e-4 and dent < 1e-4 and dgrad < 1e-2
+
+
+def _ipc_reader(conn):
+    """A second process on the same GPU: opens each bucket's CUDA IPC handles and sends back a
+    checksum of the bytes it sees (the rollout worker's side of a colocated sync)."""
+    import torch
+
+    from megarlhf.weights.transfer import decode_ipc, open_ipc_bucket
+
+    torch.cuda.set_device(0)
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        blob, nbytes = msg
+        flat = open_ipc_bucket(decode_ipc(blob), torch.device("cuda", 0))[:nbytes]
+        copy = flat.clone()  # what the rollout worker does before the trainer reuses the buffer
+        torch.cuda.synchronize()
+        conn.send(copy.cpu().numpy().tobytes())
+        del flat, copy
+
+
+def rank_ipc_handover(hf_dir):
+    """The trainer side of the colocated (CUDA IPC) weight sync: a Megatron actor's buckets,
+    assembled by the resharder on the GPU (to_all), handed to another process as IPC handles."""
+    import multiprocessing as mp
+    import time
+
+    from megarlhf.config.schema import ModelConfig
+    from megarlhf.models.builder import build_model
+    from megarlhf.parallel.layout import ParallelLayout, initialize_parallel
+    from megarlhf.weights.loader import load_hf_dir
+    from megarlhf.weights.resharder import iter_owned_buckets, plan_hf_weights
+    from megarlhf.weights.transfer import encode_ipc, ipc_handles
+
+    ctx = initialize_parallel(ParallelLayout())
+    bundle = build_model(ModelConfig(hf_dir=hf_dir, dtype="bf16"), ctx, for_training=False,
+                         init_weights=False)
+    load_hf_dir(bundle, hf_dir)
+    plan = plan_hf_weights(bundle)
+    parent, child = mp.get_context("spawn").Pipe()
+    reader = mp.get_context("spawn").Process(target=_ipc_reader, args=(child,))
+    reader.start()
+    equal, nbytes, seconds = True, 0, 0.0
+    try:
+        for bucket in iter_owned_buckets(bundle, bucket_bytes=1 << 20, dtype=torch.bfloat16,
+                                         plan=plan, to_all=True):
+            t = time.perf_counter()
+            parent.send((encode_ipc(ipc_handles(bucket.flat)), bucket.nbytes))
+            got = parent.recv()
+            seconds += time.perf_counter() - t
+            equal &= got == bucket.flat.cpu().numpy().tobytes()
+            nbytes += bucket.nbytes
+    finally:
+        parent.send(None)
+        reader.join(timeout=60)
+    return {"equal": equal, "bytes": nbytes, "total": plan.total_bytes(torch.bfloat16),
+            "s_per_gb": seconds / (nbytes / 1e9)}
+
+
+def test_ipc_handover_of_megatron_buckets(hf_dir):
+    """If this fails, the colocated weight sync (every shipped GPU config) hands vLLM's workers
+    something other than the actor's bytes: handles that do not open in another process, the
+    wrong offset or size, or a bucket reused before it was read."""
+    r = run_distributed(rank_ipc_handover, 1, hf_dir, timeout=300)[0]
+    assert r["equal"] and r["bytes"] == r["total"], r
+    print(f"IPC hand-over: {r['bytes'] / 1e6:.1f} MB, {r['s_per_gb']:.3f} s per GB "
+          "(includes the checksum copy back to the host)")

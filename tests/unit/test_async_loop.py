@@ -52,9 +52,11 @@ class FakeTrainer:
             self.weights += 1
         return {"policy/loss": 0.0}
 
-    def sync(self, cl):
+    def sync(self, cl, version):
         time.sleep(self.sync_s)
         with self.lock:
+            # The version the loop labels the sync with is the learner's own count.
+            assert version == self.weights, (version, self.weights)
             self.rollout_weights = self.weights
         return {"time/weight_sync": self.sync_s, "perf/weight_sync_gb_per_s": 1.0}
 

@@ -1,0 +1,272 @@
+#!/usr/bin/env python
+"""Benchmark: weight sync from a Megatron actor (TP2/PP2, 4 ranks) into 2 vLLM replicas (split
+placement), on CPU: this tree's path against a baseline tree's, in one run.
+
+Each implementation runs in a child process of its own (a fresh local Ray cluster declaring 8
+GPUs that do not exist, as the ray tests do; the actor's ranks and the replicas are Ray actors,
+vLLM's CPU build generates): the actor loads a llama-shaped HF model (fp32 on the trainer,
+bf16 on the wire and in vLLM), one warm-up sync, then ``--repeats`` timed syncs. Per sync:
+
+* seconds (median), and as a fraction of a warm memcpy of the same bytes;
+* bytes each trainer process wrote to sockets and pipes (``/proc/<pid>/io`` ``wchar``: the
+  gloo traffic; Ray's object store is shared memory and does not count) and, for this tree, the
+  bytes each rank put on its transfer group (its own share);
+* peak extra private memory (``RssAnon``, sampled every 2 ms by a separate process) of every
+  trainer rank and every vLLM worker process, against the bound (one bucket + the largest
+  tensor);
+* for this tree, where the time goes: the slowest owner's gather (TP, inside its stage) and
+  wire time, the slowest vLLM worker's wait for the wire, load and finish (vLLM's reload).
+
+    python tools/benchmarks/bench_weight_sync.py --baseline eb03ddb          # the 1.03B model
+    python tools/benchmarks/bench_weight_sync.py --model small --baseline eb03ddb --repeats 2
+
+``--baseline`` is a commit (checked out into a temporary git worktree) or a directory holding
+an older megarlhf tree; without it only this tree is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MODELS = {
+    # llama-shaped, 1.03B parameters (the resharder and vLLM benchmarks' model).
+    "1b": dict(vocab_size=32000, hidden_size=2048, num_layers=20, num_heads=16, num_kv_heads=4,
+               ffn=5632, max_pos=1024),
+    # a quick check of the script (~40M parameters)
+    "small": dict(vocab_size=8000, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4,
+                  ffn=1408, max_pos=512),
+}
+
+_SAMPLER = r"""
+import signal, sys, time
+pids = [int(p) for p in sys.argv[1:]]
+def read(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+base = {p: read(p) for p in pids}
+peak = dict(base)
+def done(*_):
+    print({p: peak[p] - base[p] for p in pids}, flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, done)
+print("ready", flush=True)
+while True:
+    for p in pids:
+        v = read(p)
+        if v > peak[p]:
+            peak[p] = v
+    time.sleep(0.002)
+"""
+
+
+def _wchar(pid: int) -> int:
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            if line.startswith("wchar:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _sampled(pids, fn):
+    import ast
+
+    proc = subprocess.Popen([sys.executable, "-c", _SAMPLER, *map(str, pids)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    try:
+        result = fn()
+    finally:
+        time.sleep(0.05)
+        proc.terminate()
+    return result, ast.literal_eval(proc.communicate()[0].strip())
+
+
+def _child(args) -> dict:
+    """One implementation (whichever megarlhf this interpreter imports)."""
+    import inspect
+
+    import psutil
+    import ray
+    import torch
+
+    import megarlhf
+    from megarlhf.config.base import from_dict
+    from megarlhf.config.schema import JobConfig, ModelConfig
+    from megarlhf.controller.cluster import ClusterPlacement
+    from megarlhf.parallel.layout import ParallelLayout
+    from megarlhf.planning import validate
+    from megarlhf.planning.placement import plan_placement
+    from megarlhf.workers import RolloutGroup, RolloutSpec, WorkerGroup
+    from megarlhf.workers.role_worker import RoleSpec
+
+    job = validate(from_dict(JobConfig, {
+        "kind": "grpo",
+        "cluster": {"num_nodes": 1, "gpus_per_node": 8, "placement": "split"},
+        "actor": {"model": {"hf_dir": args.model_dir, "dtype": "fp32"},
+                  "parallel": {"tp": 2, "pp": 2}, "num_gpus": 4,
+                  "optimizer": {"name": "sgd", "lr": 0.1, "use_distributed_optimizer": False}},
+        "rollout": {"engine": "vllm", "num_gpus": 2, "kv_cache_gib": 0.25,
+                    "max_new_tokens": 8, "weight_sync_bucket_mib": args.bucket_mib},
+        "batch": {"rollout_prompts_global": 2, "train_prompts_global": 2,
+                  "n_samples_per_prompt": 2},
+        "data": {"max_prompt_len": 16}, "algorithm": {"track_kl": False},
+    }))
+    ray.init(num_cpus=2, num_gpus=8, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    pl = ClusterPlacement(plan_placement(job), "GPU", timeout_s=120)
+    spec = RoleSpec(role="actor", model=ModelConfig(hf_dir=args.model_dir, dtype="fp32"),
+                    layout=ParallelLayout(tp=2, pp=2), head="lm", optimizer=None, weights="hf")
+    actor = WorkerGroup.create(pl, spec, call_timeout_s=3600, pg_timeout_s=1800)
+    rspec = RolloutSpec.from_job(job)
+    rollout = RolloutGroup.create(pl, rspec, call_timeout_s=3600)
+    new_api = "version" in inspect.signature(WorkerGroup.sync_weights_to).parameters
+    trainer = [r.pid for r in actor.ranks]
+    workers = [c.pid for r in rollout.ranks for c in psutil.Process(r.pid).children(recursive=True)
+               if "python" in c.name().lower() or "VLLM" in c.name() or "Worker" in c.name()]
+
+    def sync(k):
+        if new_api:
+            return actor.sync_weights_to(rollout, version=k)
+        return actor.sync_weights_to(rollout)
+
+    sync(1)  # warm-up: the rendezvous (new), first-update costs
+    rows = []
+    for k in range(args.repeats):
+        w0 = {p: _wchar(p) for p in trainer}
+        t = time.perf_counter()
+        res, peak = _sampled(trainer + workers, lambda k=k: sync(k + 2))
+        dt = time.perf_counter() - t
+        w1 = {p: _wchar(p) for p in trainer}
+        row = dict(seconds=dt, wchar=[w1[p] - w0[p] for p in trainer],
+                   trainer_peak=[peak[p] for p in trainer],
+                   worker_peak=[peak[p] for p in workers])
+        if new_api:
+            row["phases"] = res.phases()
+            row["sent"] = [r["bytes"] for r in res.ranks]
+            row["bytes"] = res.bytes
+        else:
+            row["bytes"] = res[0].bytes
+        rows.append(row)
+    total = rows[0]["bytes"]
+    # memcpy of the same bytes in bucket-sized copies (warm buffers)
+    n = min(args.bucket_mib * 2**20, total)
+    src = torch.empty(n, dtype=torch.uint8).random_()
+    dst = torch.empty(n, dtype=torch.uint8)
+    dst.copy_(src)
+    mc = []
+    for _ in range(3):
+        t = time.perf_counter()
+        left = total
+        while left > 0:
+            c = min(n, left)
+            dst[:c].copy_(src[:c])
+            left -= c
+        mc.append(time.perf_counter() - t)
+    out = dict(tree=os.path.dirname(os.path.dirname(megarlhf.__file__)), new_api=new_api,
+               rows=rows, memcpy=statistics.median(mc), total=total, workers=len(workers))
+    for g in (rollout, actor):
+        g.shutdown()
+    pl.release()
+    ray.shutdown()
+    return out
+
+
+def _make_model(name: str) -> tuple[str, int]:
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from megarlhf.models.tiny import build_hf_model, tiny_arch
+
+    arch = tiny_arch("llama", **MODELS[name])
+    model = build_hf_model(arch, seed=0).to(torch.bfloat16)
+    d = tempfile.mkdtemp(prefix="bench-sync-")
+    model.save_pretrained(d)
+    largest = max(v.numel() * v.element_size() for v in model.state_dict().values())
+    return d, largest
+
+
+def _baseline_tree(ref: str) -> str:
+    if os.path.isdir(ref):
+        return os.path.abspath(ref)
+    d = tempfile.mkdtemp(prefix="bench-sync-baseline-")
+    subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", d, ref], check=True,
+                   capture_output=True)
+    return d
+
+
+def _run(tree: str, args, model_dir: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=tree)
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--model-dir", model_dir,
+           "--repeats", str(args.repeats), "--bucket-mib", str(args.bucket_mib)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tree)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.stderr.write(proc.stderr[-6000:])
+        raise SystemExit(f"the benchmark child in {tree} failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _report(name: str, r: dict, bound: int) -> None:
+    med = statistics.median(x["seconds"] for x in r["rows"])
+    mib = 2**20
+    print(f"\n{name}: {r['tree']}")
+    print(f"  sync {med:.2f} s median of {[round(x['seconds'], 2) for x in r['rows']]} "
+          f"({r['total'] / mib:.0f} MiB; memcpy {r['memcpy']:.3f} s = "
+          f"{100 * r['memcpy'] / med:.1f}% of the sync)")
+    wc = [max(x["wchar"][i] for x in r["rows"]) for i in range(len(r["rows"][0]["wchar"]))]
+    print("  bytes written per trainer rank (MiB): " + ", ".join(f"{w / mib:.0f}" for w in wc))
+    if "sent" in r["rows"][0]:
+        print("  own share put on its transfer group (MiB): "
+              + ", ".join(f"{s / mib:.0f}" for s in r["rows"][0]["sent"]))
+        ph = {k: statistics.median(x["phases"][k] for x in r["rows"])
+              for k in r["rows"][0]["phases"]}
+        print("  phases (s, median): " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
+    tp = [max(x["trainer_peak"][i] for x in r["rows"]) for i in range(len(wc))]
+    wp = [max(x["worker_peak"][i] for x in r["rows"])
+          for i in range(len(r["rows"][0]["worker_peak"]))]
+    print("  peak extra private memory (MiB), trainer ranks: "
+          + ", ".join(f"{p / mib:.0f}" for p in tp)
+          + "; vLLM workers: " + ", ".join(f"{p / mib:.0f}" for p in wp)
+          + f" (bound: bucket + largest tensor = {bound / mib:.0f})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="1b")
+    ap.add_argument("--baseline", default=None, help="a commit or a directory of an older tree")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bucket-mib", type=int, default=512)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(_child(args)), flush=True)
+        return
+    model_dir, largest = _make_model(args.model)
+    trees = [("this tree", ROOT)]
+    if args.baseline:
+        trees.insert(0, (f"baseline {args.baseline}", _baseline_tree(args.baseline)))
+    results = {}
+    for name, tree in trees:
+        results[name] = _run(tree, args, model_dir)
+        _report(name, results[name], args.bucket_mib * 2**20 + largest)
+    if len(results) == 2:
+        old, new = (statistics.median(x["seconds"] for x in r["rows"])
+                    for r in results.values())
+        print(f"\nspeed-up of this tree over the baseline: {old / new:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
