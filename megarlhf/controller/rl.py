@@ -348,6 +348,8 @@ class RLTrainer(Trainer):
                "rollout/weight_version": float(version)}
         out.update({f"time/weight_sync_{k.removesuffix('_s')}": v
                     for k, v in res.phases().items()})
+        if res.changed_fraction is not None:
+            out["perf/weight_sync_changed_frac"] = res.changed_fraction
         return out
 
     # ---------------------------------------------------------------- the updates

@@ -473,8 +473,12 @@ def estimate_sync(job: JobConfig, placement: PlacementPlan, actor: RoleEstimate,
     total = float(shape.total_params("lm")) * wire_bytes
     lay = actor.layout
     owners = lay.pp * (lay.ep if shape.num_experts else 1)
-    bucket = max(float(2**20), job.rollout.weight_sync_bucket_mib * 2**20 / owners)
     colocated = placement.role("actor").pool == placement.role("rollout").pool
+    budget = job.rollout.weight_sync_bucket_mib * 2**20
+    # CUDA IPC (colocated on GPUs) has one bucket in flight; broadcasts one per owner
+    # (megarlhf.weights.transfer._bucket_bound).
+    ipc = colocated and job.cluster.device != "cpu"
+    bucket = float(budget) if ipc else float(max(1, budget // owners))
     nodes = set(placement.role("actor").nodes) | set(placement.role("rollout").nodes)
     multi = len(nodes) > 1
     share = total / owners

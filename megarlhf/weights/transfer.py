@@ -34,7 +34,7 @@ size their buffers from it and the owners check every bucket they send against i
 
 Memory: an owner holds one bucket of its own (packed, reused); a rollout worker holds at most
 one bucket per owner in flight, so the per-owner bucket is the configured bucket divided by the
-number of owners (``bucket_bytes // len(owners)``, at least the largest tensor's share).
+number of owners (``bucket_bytes // len(owners)``; a larger tensor travels alone).
 """
 
 from __future__ import annotations
@@ -155,11 +155,10 @@ class TransferSpec:
         return [n for b in self.buckets for n in b.names]
 
 
-def per_owner_bucket_bytes(bucket_bytes: int, num_owners: int, largest: int = 0) -> int:
+def per_owner_bucket_bytes(bucket_bytes: int, num_owners: int) -> int:
     """The bucket bound of each owner: ``bucket_bytes`` shared by the owners (a receiver holds
-    one bucket per owner in flight), but never below one MiB (a tensor larger than the bound
-    travels alone whatever it is; ``largest`` is not used)."""
-    return max(1 << 20, bucket_bytes // max(1, num_owners))
+    one bucket per owner in flight); a tensor larger than the bound travels alone."""
+    return max(1, bucket_bytes // max(1, num_owners))
 
 
 def transfer_spec(plan, bucket_bytes: int, dtype: torch.dtype | None) -> TransferSpec:
@@ -458,6 +457,9 @@ class TrainerInitInfo:
         dtype: the wire dtype (the rollout engine's weight dtype).
         wire: "gloo" or "nccl".
         timeout_s: a transfer stops with an error when a peer is silent this long.
+        measure_delta: count the elements of each owner's share that changed since the
+            previous sync (bit-wise, in the wire dtype: what a delta sync would send). Keeps a
+            host copy of the owner's share (its bytes of the model).
     """
 
     rank: int
@@ -468,6 +470,7 @@ class TrainerInitInfo:
     dtype: torch.dtype | None = None
     wire: str = "gloo"
     timeout_s: float = 600.0
+    measure_delta: bool = False
     backend: str = field(default=BACKEND_NAME, init=False)
 
     @property
@@ -488,6 +491,8 @@ class SendStats:
     wire_s: float = 0.0
     seconds: float = 0.0
     replicas: list[Any] = field(default_factory=list)  # rank 0: each replica's finish report
+    changed: int = 0  # measure_delta: elements that differ from the previous sync
+    elements: int = 0  # measure_delta: elements compared (0 on the first sync)
 
     def to_dict(self) -> dict[str, Any]:
         """As a dict (the replicas' reports kept as they are)."""
@@ -509,6 +514,7 @@ class OwnersTrainerEngine:
         self.client = client
         self.wire = wire  # this rank's own group, when it is an owner
         self.owner_index = spec.owners.index(info.rank) if info.rank in spec.owners else None
+        self._previous: dict[int, torch.Tensor] = {}  # measure_delta: bucket -> host bytes
 
     @classmethod
     def trainer_init(cls, info: TrainerInitInfo, bundle, *, client: WeightSyncClient | None
@@ -595,6 +601,8 @@ class OwnersTrainerEngine:
                         f"trainer rank {self.info.rank} (owner {self.owner_index}): sending "
                         f"bucket {bucket.index} of weight version {version} to the rollout "
                         f"workers on {self.wire.where} failed: {e}") from e
+                if self.info.measure_delta:
+                    self._count_changes(expected, bucket.flat, bucket.index, stats)
                 t0 = time.perf_counter()
                 stats.wire_s += t0 - t1
                 stats.bytes += bucket.nbytes
@@ -608,6 +616,24 @@ class OwnersTrainerEngine:
                 pool.shutdown(wait=False)  # a receiver stuck on a dead peer must not hang us
         stats.seconds = time.perf_counter() - start
         return stats
+
+    def _count_changes(self, spec: BucketSpec, flat: torch.Tensor, index: int,
+                       stats: SendStats) -> None:
+        """Elements of this bucket that differ bit-wise from the previous sync's."""
+        now = flat.detach().to("cpu", copy=True)
+        before = self._previous.get(index)
+        if before is not None and before.numel() == now.numel():
+            ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+            for dt, shape, off in zip(spec.dtypes, spec.shapes, spec.offsets):
+                size = getattr(torch, dt).itemsize
+                n = 1
+                for d in shape:
+                    n *= d
+                a = now[off: off + n * size].view(ints[size])
+                b = before[off: off + n * size].view(ints[size])
+                stats.changed += int((a != b).sum())
+                stats.elements += n
+        self._previous[index] = now
 
     def _send_ipc(self, version: int, stats: SendStats) -> None:
         """Colocated on GPUs: every rank gets every bucket (its owner broadcasts it over the
@@ -644,6 +670,8 @@ class OwnersTrainerEngine:
                 dist.barrier()  # every worker has copied the bucket out: buffers may be reused
             if self.owner_index is not None and expected.owner == self.owner_index:
                 stats.bytes += bucket.nbytes
+                if self.info.measure_delta:
+                    self._count_changes(expected, bucket.flat, bucket.index, stats)
             stats.buckets += 1
             t0 = time.perf_counter()
             stats.wire_s += t0 - t1
@@ -662,7 +690,7 @@ def _bucket_bound(info: TrainerInitInfo, num_owners: int) -> int:
     time), else the budget shared by the owners (a receiver holds one bucket of each)."""
     if info.wire == "ipc":
         return info.bucket_bytes
-    return per_owner_bucket_bytes(info.bucket_bytes, num_owners, 0)
+    return per_owner_bucket_bytes(info.bucket_bytes, num_owners)
 
 
 def _all_gather(obj: Any) -> list[Any]:

@@ -55,6 +55,15 @@ class WorkerError(RuntimeError):
         self.ranks = list(ranks)
         self.method = method
 
+    def __reduce__(self):
+        # Keyword-only fields: pickle (Ray, when a worker's call of another group fails) needs
+        # them spelled out, or the error arrives as Ray's "failed to deserialize".
+        return (_rebuild_error, (type(self), str(self), self.role, self.ranks, self.method))
+
+
+def _rebuild_error(cls, message, role, ranks, method):
+    return cls(message, role=role, ranks=ranks, method=method)
+
 
 class WorkerDiedError(WorkerError):
     """A worker process died (killed, OOM, segfault) during a call."""

@@ -52,9 +52,9 @@ from megarlhf.parallel.layout import ParallelLayout, initialize_parallel
 from megarlhf.platform import current_platform, init_platform
 from megarlhf.weights.loader import load_hf_dir
 from megarlhf.weights.resharder import plan_hf_weights
-from megarlhf.weights.transfer import OwnersTrainerEngine, TrainerInitInfo
+from megarlhf.weights.transfer import OwnersTrainerEngine, TrainerInitInfo, WeightTransferError
 from megarlhf.workers.dispatch import Collect, Dispatch, RankInfo, register
-from megarlhf.workers.group import ActorGroup
+from megarlhf.workers.group import ActorGroup, WorkerError
 from megarlhf.workers.rollout_worker import RolloutSyncClient, RolloutWorker
 
 @dataclass(frozen=True)
@@ -242,7 +242,8 @@ class RoleWorker:
     @register(Dispatch.ONE_TO_ALL, Collect.ALL)
     def init_weight_transfer(self, rollout_actors: list, rollout_ranks: list[RankInfo],
                              workers_per_replica: int, bucket_bytes: int, dtype, wire: str,
-                             timeout_s: float, colocated: bool = False) -> dict[str, Any]:
+                             timeout_s: float, colocated: bool = False,
+                             measure_delta: bool = False) -> dict[str, Any]:
         """Collective: opens the transfer groups (every owner its own) and, on rank 0, has
         every rollout worker join them (:meth:`OwnersTrainerEngine.trainer_init`). Wire "auto":
         gloo on CPU, NCCL between GPUs, CUDA IPC when the rollout shares this role's GPUs."""
@@ -260,7 +261,7 @@ class RoleWorker:
                                num_receivers=len(rollout_actors) * workers_per_replica,
                                workers_per_replica=workers_per_replica,
                                bucket_bytes=bucket_bytes, dtype=dtype, wire=wire,
-                               timeout_s=timeout_s)
+                               timeout_s=timeout_s, measure_delta=measure_delta)
         if self._transfer is not None:
             self._transfer.shutdown()
             self._transfer = None
@@ -384,12 +385,19 @@ class WorkerGroup(ActorGroup):
             colocated = plan.role(self.spec.role).pool == plan.role("rollout").pool
             self.__dict__["_transfer_info"] = self.init_weight_transfer(
                 rollout.actors, rollout.ranks, wpr, rollout.bucket_bytes, dtype,
-                rollout.spec.weight_wire, sync_timeout, colocated, timeout_s=timeout)
+                rollout.spec.weight_wire, sync_timeout, colocated,
+                rollout.spec.weight_sync_measure_delta, timeout_s=timeout)
             self.__dict__["_transfer_target"] = id(rollout)
         try:
             per_rank = self.send_weights(int(version), timeout_s=timeout)
-        except BaseException:
+        except WorkerError as e:
             self.__dict__.pop("_transfer_target", None)  # the groups are unusable now
+            raise WeightTransferError(
+                f"the weight sync of version {version} from {self.role} into the rollout "
+                f"failed ({type(e).__name__}: {e}); the replicas serve no weights until a "
+                "complete sync (resume the run from its last checkpoint)") from e
+        except BaseException:
+            self.__dict__.pop("_transfer_target", None)
             raise
         return SyncResult(replicas=list(per_rank[0]["replicas"]), ranks=per_rank,
                           owners=self.__dict__["_transfer_info"])
@@ -409,6 +417,13 @@ class SyncResult:
     def bytes(self) -> int:
         """Bytes of one replica's update (the model in the wire dtype)."""
         return self.replicas[0].bytes if self.replicas else 0
+
+    @property
+    def changed_fraction(self) -> float | None:
+        """Elements changed since the previous sync / elements (``weight_sync_measure_delta``;
+        None when nothing was compared)."""
+        n = sum(r["elements"] for r in self.ranks)
+        return sum(r["changed"] for r in self.ranks) / n if n else None
 
     def phases(self) -> dict[str, float]:
         """Seconds per phase: the slowest owner's gather and wire time, the slowest worker's

@@ -64,8 +64,9 @@ class RolloutSpec:
         weight_bucket_bytes: what a rollout worker may hold of a weight update in flight
             (shared by the trainer's owners: each sends buckets of this / owners).
         weight_sync_timeout_s: a weight transfer waits this long for a silent peer.
-        weight_wire: the transfer groups' wire: "gloo", "nccl", or "auto" (gloo on CPU slots,
-            NCCL on GPUs).
+        weight_wire: the transfer groups' wire: "gloo", "nccl", "ipc", or "auto" (gloo on CPU,
+            NCCL between GPUs, CUDA IPC when colocated on GPUs).
+        weight_sync_measure_delta: count the elements each sync changes (rollout config).
         seed: base seed; replica ``k`` uses ``seed + k``.
         dtype: vLLM dtype (the transformers engine runs fp32 on CPU).
         kv_cache_bytes: vLLM's explicit KV-cache size per replica; None: its GPU-memory share
@@ -81,6 +82,7 @@ class RolloutSpec:
     weight_bucket_bytes: int = 512 * 2**20
     weight_sync_timeout_s: float = 600.0
     weight_wire: str = "auto"
+    weight_sync_measure_delta: bool = False
     seed: int = 0
     dtype: str = "bfloat16"
     kv_cache_bytes: int | None = None
@@ -96,7 +98,8 @@ class RolloutSpec:
             tp=r.tp, gpu_memory_utilization=r.gpu_memory_utilization,
             max_model_len=job.data.max_prompt_len + r.max_new_tokens,
             weight_bucket_bytes=r.weight_sync_bucket_mib * 2**20,
-            weight_sync_timeout_s=r.weight_sync_timeout_s, seed=job.seed,
+            weight_sync_timeout_s=r.weight_sync_timeout_s,
+            weight_sync_measure_delta=r.weight_sync_measure_delta, seed=job.seed,
             dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[m.dtype],
             kv_cache_bytes=None if r.kv_cache_gib is None else int(r.kv_cache_gib * 2**30))
 

@@ -199,3 +199,38 @@ def test_unfittable_config_is_a_config_error():
 
         plan_placement(_job(**{"cluster.gpus_per_node": 4, "actor.parallel": {"tp": 8},
                                "actor.num_gpus": 8, "rollout.num_gpus": 8}))
+
+
+def test_weight_sync_phase_and_cost_model():
+    """If this fails, plan forgets the weight sync: it accepts a colocated layout whose actor
+    (fully onloaded) plus vLLM's weights do not fit, miscounts the owners, or prints no
+    seconds for the sync."""
+    from megarlhf.planning.plan import GIB, IB_GB_S, make_plan
+
+    job = _job()  # 70B, TP8/PP4 colocated with 8 vLLM TP8 replicas on 8 nodes, actor offloads
+    plan = make_plan(job)
+    (sync_phase,) = [p for p in plan.phases if p.active == "weight sync"]
+    actor = plan.roles["actor"]
+    # Only the actor's weights come back for a sync (grads and optimizer stay in host memory).
+    assert sync_phase.parts["actor weights"] == max(st.weights for st in actor.stages)
+    assert sync_phase.parts["vLLM weights"] == plan.rollout.weights
+    s = plan.sync
+    assert s.colocated and s.multi_node and s.owners == 4  # PP4: TP rank 0 of each stage
+    assert s.total_bytes == pytest.approx(70_553_706_496 * 2)
+    assert s.wire_s == pytest.approx(s.total_bytes / (IB_GB_S * 1e9))
+    assert s.bucket_bytes == 512 * 2**20  # IPC: one bucket in flight, the whole budget
+    assert plan.fits
+    # Buckets too large for what is left next to both models' weights: refused, with the fix.
+    tight = make_plan(_job(**{"rollout.weight_sync_bucket_mib": 32_000}))
+    assert [p for p in tight.problems if "weight sync does not fit" in p
+            and "lower rollout.weight_sync_bucket_mib" in p], tight.problems
+    # Colocated rollout GPUs without an actor rank: CUDA IPC cannot reach them.
+    bare = make_plan(_job(**{"actor.num_gpus": 32, "actor.parallel.pp": 2}))
+    assert any("cannot reach the rollout GPUs" in p for p in bare.problems), bare.problems
+    # Split: the rollout's GPUs hold vLLM's whole share plus the buckets in flight.
+    split = make_plan(_job(**{"cluster.placement": "split", "cluster.num_nodes": 24}))
+    rollout_phase = [p for p in split.phases if p.active == "weight sync"
+                     and "rollout (awake)" in p.parts][0]
+    assert rollout_phase.parts["buckets in flight (rollout)"] == 512 * 2**20
+    assert not split.sync.colocated and split.sync.bucket_bytes == 128 * 2**20  # 512 / 4
+    assert sync_phase.total < 80 * GIB
