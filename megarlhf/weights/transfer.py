@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 WIRES = ("gloo", "nccl", "ipc")
 BACKEND_NAME = "megarlhf"  # our backend's name in vLLM's WeightTransferEngineFactory
 _STORE_PREFIX = "megarlhf-weight-transfer"
+_RING_CHUNK_BYTES = 4 << 20  # gloo's ring broadcast forwards in pieces of this size
 
 
 class WeightTransferError(RuntimeError):
@@ -222,6 +223,7 @@ class Wire:
             raise ValueError(f"weight transfer wire must be one of {WIRES}, got {kind!r}")
         self.kind, self.rank, self.world_size = kind, rank, world_size
         self.where = f"{host}:{port}"
+        self._seq = 0  # message tags: every member counts the same chunks
         self.timeout_s = timeout_s
         if kind == "gloo":
             timeout = timedelta(seconds=timeout_s)
@@ -241,18 +243,36 @@ class Wire:
             self._stream = torch.cuda.Stream()
 
     def broadcast(self, tensor: torch.Tensor) -> None:
-        """Owner: sends ``tensor`` to every member; others: receive into it. Returns when the
-        bytes are in place (the CUDA stream is synchronised)."""
+        """Owner: sends ``tensor`` (contiguous) to every member; others: receive into it.
+        Returns when the bytes are in place (the CUDA stream is synchronised).
+
+        gloo: a pipelined ring (rank r receives each chunk from r - 1 and forwards it to
+        r + 1), so the owner sends its bytes once, as NCCL's ring broadcast does, not once per
+        receiver (gloo's own broadcast sends to every peer from the root).
+        """
         if self.kind == "gloo":
-            opts = torch.distributed.BroadcastOptions()
-            opts.rootRank = 0
-            opts.rootTensor = 0
-            opts.timeout = timedelta(seconds=self.timeout_s)
-            self._pg.broadcast([tensor], opts).wait()
+            self._ring_broadcast(tensor)
         else:
             self._stream.wait_stream(torch.cuda.current_stream())
             self._pg.broadcast(tensor, src=0, stream=self._stream)
             self._stream.synchronize()
+
+    def _ring_broadcast(self, tensor: torch.Tensor) -> None:
+        flat = tensor.reshape(-1).view(torch.uint8)
+        n, r = self.world_size, self.rank
+        timeout = timedelta(seconds=self.timeout_s)
+        sends = []
+        for off in range(0, flat.numel(), _RING_CHUNK_BYTES):
+            piece = flat[off: off + _RING_CHUNK_BYTES]
+            tag, self._seq = self._seq, self._seq + 1
+            if r > 0:
+                self._pg.recv([piece], r - 1, tag).wait(timeout)
+            if r + 1 < n:
+                sends.append(self._pg.send([piece], r + 1, tag))
+                if len(sends) > 4:  # bounded number of sends in flight
+                    sends.pop(0).wait(timeout)
+        for w in sends:
+            w.wait(timeout)
 
     def close(self) -> None:
         if self.kind == "nccl" and hasattr(self._pg, "destroy"):
