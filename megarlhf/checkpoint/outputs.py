@@ -32,6 +32,7 @@ from megarlhf.checkpoint.atomic import MARKER, MARKER_FORMAT, read_marker, write
 from megarlhf.checkpoint.model import FORMAT as CKPT_FORMAT
 from megarlhf.checkpoint.model import MARKER as CKPT_MARKER
 from megarlhf.checkpoint.model import CheckpointError, read_checkpoint_meta
+from megarlhf.config.base import ConfigError
 from megarlhf.config.roles import active_roles
 from megarlhf.config.schema import ModelConfig
 from megarlhf.models.arch import ArchError, arch_summary
@@ -447,10 +448,13 @@ def resume_errors(job) -> list[str]:
         except CheckpointError as e:
             errors.append(f"checkpoint.resume: {role}: {e}")
             continue
+        here = roles[role].layout()  # the config check has validated this job's layout
         try:
-            here = roles[role].layout()
             saved = ParallelLayout(**meta.layout)
-        except Exception:  # noqa: BLE001 - the config check reports the layout itself
+        except (TypeError, ValueError) as e:
+            errors.append(f"checkpoint.resume: {role}: the layout saved in {model_dir} "
+                          f"({meta.layout!r}) is not one megarlhf reads ({e}); the checkpoint "
+                          "was written by another version: start a new run from its weights")
             continue
         if saved.describe() != here.describe():
             want = (f"tp: {saved.tp}, pp: {saved.pp}, vpp: {saved.vpp}, dp: {saved.dp}, "
@@ -469,9 +473,13 @@ def resume_errors(job) -> list[str]:
 def _arch_mismatch(job, role: str, saved_cfg: dict[str, Any], step_dir: str) -> list[str]:
     try:
         saved = arch_summary(ModelConfig(arch=dict(saved_cfg)))
+    except (ArchError, ConfigError, ValueError, TypeError) as e:
+        return [f"checkpoint.resume: the {role} saved in {step_dir} records a model config "
+                f"megarlhf cannot read ({e}); resume is not possible: start a new run"]
+    try:
         mine = arch_summary(job.role_model(role))
-    except (ArchError, Exception):  # noqa: BLE001 - the config check reports a bad model
-        return []
+    except (ArchError, ConfigError, ValueError, TypeError):
+        return []  # this job's own model: validate's model check reports it, with the fix
     diff = [f"{k}: saved {saved[k]}, config {mine[k]}" for k in
             ("model_type", "num_layers", "hidden_size", "num_attention_heads",
              "num_query_groups", "vocab_size") if saved[k] != mine[k]]

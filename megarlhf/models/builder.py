@@ -13,6 +13,7 @@ megatron's local spec otherwise (always on CPU).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -24,6 +25,8 @@ from megarlhf.models.arch import load_hf_config
 from megarlhf.models.families import ArchSpec, arch_spec, hf_inv_freq
 from megarlhf.parallel.layout import ParallelContext
 
+logger = logging.getLogger(__name__)
+
 Head = Literal["lm", "scalar"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -33,26 +36,54 @@ class ModelBuildError(ValueError):
     """The model cannot be built as configured; the message says what to change."""
 
 
-def te_available() -> bool:
+def te_status() -> tuple[bool, str]:
+    """Whether Transformer Engine is usable here, and if not why (one phrase)."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False, "is not installed"
     try:
         import transformer_engine  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "not usable"
-        return False
-    return torch.cuda.is_available()
+    except Exception as e:  # noqa: BLE001 - reported: a broken install (e.g. another torch)
+        return False, f"is installed but does not import ({type(e).__name__}: {e})"
+    if not torch.cuda.is_available():
+        return False, "needs a CUDA device and there is none"
+    return True, ""
+
+
+def te_available() -> bool:
+    return te_status()[0]
 
 
 def use_transformer_engine(model_cfg: ModelConfig) -> bool:
+    """Whether the model is built with Transformer Engine's layer spec.
+
+    ``transformer_impl: auto`` takes TE where it is usable. On a CUDA machine where it is not,
+    the model is built with megatron's local layers and a warning says what that costs (no
+    fused attention, no FP8: more activation memory than ``megarlhf plan`` assumed for auto);
+    on CPU the local layers are the only ones, silently.
+    """
     if model_cfg.transformer_impl == "local":
         return False
+    usable, why = te_status()
     if model_cfg.transformer_impl == "transformer_engine":
-        if not te_available():
+        if not usable:
             raise ModelBuildError(
-                "model.transformer_impl=transformer_engine but Transformer Engine is not usable "
-                "here (not installed, or no CUDA); install it (the Dockerfile's NGC base has it) or "
-                "set model.transformer_impl=auto"
-            )
+                f"model.transformer_impl=transformer_engine but Transformer Engine {why}; "
+                "install it (the Dockerfile's NGC base has it) or set "
+                "model.transformer_impl=auto")
         return True
-    return te_available()
+    if not usable and torch.cuda.is_available() and not _warned:
+        _warned.append(True)
+        logger.warning(
+            "model.transformer_impl=auto: Transformer Engine %s, so megatron's local layers are "
+            "built: no fused attention (every layer stores its attention scores: more "
+            "activation memory than `megarlhf plan` estimated for auto), no FP8. Install TE "
+            "(the Dockerfile) or set model.transformer_impl=local to plan for these layers", why)
+    return usable
+
+
+_warned: list[bool] = []
 
 
 def check_fp8(model_cfg: ModelConfig) -> None:

@@ -392,6 +392,11 @@ def _seq_len(job: JobConfig) -> int:
     return job.train.max_seq_len
 
 
+def _role_model(job: JobConfig, name: str) -> ModelConfig:
+    rc = active_roles(job)[name]
+    return job.role_model(name) if rc.model is None else rc.model
+
+
 def _flash(model: ModelConfig) -> bool:
     return model.transformer_impl != "local"
 
@@ -785,6 +790,18 @@ def format_plan(plan: Plan) -> str:
     out += _table(rows, right={1, 2, 3, 4, 5, 6})
     for name, est in plan.roles.items():
         out.append(f"  {name}: {_bytes_per_param(job, name, est)}")
+    auto = [n for n in plan.roles if _role_model(job, n).transformer_impl == "auto"]
+    if auto:
+        from megarlhf.models.builder import te_status
+
+        usable, why = te_status()
+        if not usable:
+            out.append(
+                f"  note: {', '.join(auto)} use model.transformer_impl=auto, estimated with "
+                f"Transformer Engine's fused attention (the GPU image has TE; here TE {why}). "
+                "Where TE is missing at run time megatron's local layers are built (with a "
+                "warning) and every layer stores its attention scores: plan with "
+                "<role>.model.transformer_impl=local for that case")
     out += ["", f"phases (what one GPU holds while a role works; limit "
                 f"{job.cluster.gpu_memory_gib:g} GiB):"]
     rows = []

@@ -52,6 +52,8 @@ from typing import Any, Protocol
 
 import torch
 
+from megarlhf.compat.torch import storage_users
+
 logger = logging.getLogger(__name__)
 
 WIRES = ("gloo", "nccl", "ipc")
@@ -309,11 +311,15 @@ def receive_all(spec: TransferSpec, wires: Sequence[Wire],
                 where: str = "rollout worker") -> ReceiveStats:
     """Receives every bucket of ``spec`` (from all owners at once) and hands each to ``load``.
 
-    One thread per owner receives that owner's buckets in order, each into a fresh buffer (the
-    engine may keep views of a bucket until a layer is complete: vLLM's layer-wise reload does),
-    and waits until the loader has taken it before receiving the next: at most one bucket per
-    owner is in flight. ``load`` runs in the calling thread, in arrival order. A failure in any
-    thread (a peer gone: the wire times out) stops the update with an error naming the owner.
+    One thread per owner receives that owner's buckets in order and waits until the loader has
+    taken each before receiving the next: at most one bucket per owner is in flight. ``load``
+    runs in the calling thread, in arrival order. A failure in any thread (a peer gone: the
+    wire times out) stops the update with an error naming the owner.
+
+    Buffers: the engine may keep the tensors of a bucket (or views of them) until their layer
+    is complete (vLLM's layer-wise reload does), so a buffer is reused only once nothing
+    shares its storage any more (:class:`_BufferPool`); on CPU that saves the page faults of a
+    fresh allocation per bucket. The pool lives for one update.
     """
     if len(wires) != len(spec.owners):
         raise ValueError(f"{len(wires)} transfer groups for {len(spec.owners)} owners")
@@ -321,12 +327,13 @@ def receive_all(spec: TransferSpec, wires: Sequence[Wire],
     ready: queue.Queue = queue.Queue()
     stop = threading.Event()
     stats = ReceiveStats()
+    pool = _BufferPool(torch.device(device))
 
     def receiver(k: int) -> None:
         try:
             for i in spec.owner_buckets(k):
                 b = spec.buckets[i]
-                flat = torch.empty(b.nbytes, dtype=torch.uint8, device=device)
+                flat = pool.take(b.nbytes)
                 wires[k].broadcast(flat)
                 taken = threading.Event()
                 ready.put((i, flat, taken))
@@ -359,7 +366,10 @@ def receive_all(spec: TransferSpec, wires: Sequence[Wire],
                     f"{wires[k].where}) failed: {flat!r}") from flat
             b = spec.buckets[i]
             t0 = time.perf_counter()
-            load(b.views(flat))
+            views = b.views(flat)
+            pool.handed_out(flat)
+            load(views)
+            del views
             stats.load_s += time.perf_counter() - t0
             stats.tensors += len(b.names)
             stats.bytes += b.nbytes
@@ -373,6 +383,38 @@ def receive_all(spec: TransferSpec, wires: Sequence[Wire],
         t.join(timeout=5)
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+class _BufferPool:
+    """Receive buffers of one update, reused once no tensor shares their storage any more but
+    the pool's own buffer (the engine dropped every tensor of the bucket, and every view it
+    derived from them: :func:`megarlhf.compat.torch.storage_users`)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.lock = threading.Lock()
+        self.buffers: list[torch.Tensor] = []
+        self.lent: set[int] = set()  # data_ptr of buffers between take() and handed_out()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        with self.lock:
+            best = None
+            for buf in self.buffers:
+                if (buf.data_ptr() not in self.lent and buf.numel() >= nbytes
+                        and storage_users(buf) == 1
+                        and (best is None or buf.numel() < best.numel())):
+                    best = buf
+            if best is None:
+                best = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+                self.buffers.append(best)
+            self.lent.add(best.data_ptr())
+            return best[:nbytes]
+
+    def handed_out(self, view: torch.Tensor) -> None:
+        """The bucket in ``view`` went to the engine: its buffer is reusable once the engine
+        holds nothing of it (the caller drops its own references first)."""
+        with self.lock:
+            self.lent.discard(view.data_ptr())
 
 
 def receive_ipc(spec: TransferSpec, handles: dict[str, tuple],

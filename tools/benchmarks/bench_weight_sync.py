@@ -22,6 +22,12 @@ bf16 on the wire and in vLLM), one warm-up sync, then ``--repeats`` timed syncs.
 
 ``--baseline`` is a commit (checked out into a temporary git worktree) or a directory holding
 an older megarlhf tree; without it only this tree is measured.
+
+    python tools/benchmarks/bench_weight_sync.py --cost-model
+
+prints ``megarlhf plan``'s weight-sync cost model (bytes per link, seconds at the stated
+NVLink / InfiniBand bandwidths) for every shipped config and a DeepSeek-V3-sized MoE, beside
+the peers' published figures; nothing runs.
 """
 
 from __future__ import annotations
@@ -95,6 +101,7 @@ def _sampled(pids, fn):
 
 def _child(args) -> dict:
     """One implementation (whichever megarlhf this interpreter imports)."""
+    import dataclasses
     import inspect
 
     import psutil
@@ -129,7 +136,8 @@ def _child(args) -> dict:
     spec = RoleSpec(role="actor", model=ModelConfig(hf_dir=args.model_dir, dtype="fp32"),
                     layout=ParallelLayout(tp=2, pp=2), head="lm", optimizer=None, weights="hf")
     actor = WorkerGroup.create(pl, spec, call_timeout_s=3600, pg_timeout_s=1800)
-    rspec = RolloutSpec.from_job(job)
+    # The trainer computes in fp32 (megatron on CPU); vLLM holds bf16 and the wire carries it.
+    rspec = dataclasses.replace(RolloutSpec.from_job(job), dtype="bfloat16")
     rollout = RolloutGroup.create(pl, rspec, call_timeout_s=3600)
     new_api = "version" in inspect.signature(WorkerGroup.sync_weights_to).parameters
     trainer = [r.pid for r in actor.ranks]
@@ -242,17 +250,63 @@ def _report(name: str, r: dict, bound: int) -> None:
           + f" (bound: bucket + largest tensor = {bound / mib:.0f})")
 
 
+# A DeepSeek-V3-sized MoE in a family megarlhf loads (qwen3_moe: 60 layers, hidden 7168, 256
+# routed experts of width 2048, top-8; ~680B parameters): the byte count and owner layout of a
+# 671B-class sync, on 32 nodes of 8 H100 (PP4 x EP64 owners), rollout split on 16 more nodes.
+DEEPSEEK_V3_SIZED = {
+    "model_type": "qwen3_moe", "vocab_size": 129280, "hidden_size": 7168,
+    "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_experts": 256,
+    "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1,
+    "mlp_only_layers": [], "num_hidden_layers": 60, "num_attention_heads": 128,
+    "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 4096,
+    "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+    "hidden_act": "silu", "attention_bias": False,
+}
+
+
+def cost_model() -> None:
+    import glob
+
+    sys.path.insert(0, ROOT)
+    from megarlhf.config.base import from_dict
+    from megarlhf.config.loader import load_config
+    from megarlhf.config.schema import JobConfig
+    from megarlhf.planning.plan import format_sync, make_plan
+
+    jobs = [(os.path.relpath(p, ROOT), load_config(p))
+            for p in sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))]
+    jobs.append(("DeepSeek-V3-sized MoE (680B, PP4 x EP64 owners, 16 vLLM TP8 replicas, split)",
+                 from_dict(JobConfig, {
+                     "kind": "grpo",
+                     "cluster": {"num_nodes": 48, "gpus_per_node": 8, "placement": "split"},
+                     "actor": {"model": {"arch": DEEPSEEK_V3_SIZED, "dtype": "bf16"},
+                               "parallel": {"tp": 8, "pp": 4, "ep": 64, "etp": 1,
+                                            "sequence_parallel": True},
+                               "num_gpus": 256},
+                     "rollout": {"engine": "vllm", "tp": 8, "num_gpus": 128},
+                     "batch": {"rollout_prompts_global": 256, "train_prompts_global": 256,
+                               "n_samples_per_prompt": 8}})))
+    for name, job in jobs:
+        print(f"\n{name}")
+        for line in format_sync(make_plan(job).sync):
+            print("  " + line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="1b")
     ap.add_argument("--baseline", default=None, help="a commit or a directory of an older tree")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bucket-mib", type=int, default=512)
+    ap.add_argument("--cost-model", action="store_true", help="print plan's cost model only")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print("RESULT " + json.dumps(_child(args)), flush=True)
+        return
+    if args.cost_model:
+        cost_model()
         return
     model_dir, largest = _make_model(args.model)
     trees = [("this tree", ROOT)]
