@@ -21,7 +21,8 @@ layerwise process hook         vLLM's layer-wise reload processes a layer throug
                                three times (1.03B model: 293 -> 147 MiB peak in the worker).
 reload bookkeeping             ``LayerReloadingInfo.load_numel`` / ``load_numel_total`` /
                                ``loaded_weights`` (read to find layers that received only part
-                               of their weights; reset so vLLM puts their old weights back).
+                               of their weights; reset so vLLM puts their old weights back; the
+                               buffered loader calls show which streamed tensors a loader took).
 vocab padding                  ``VocabParallelEmbedding.shard_indices`` / ``embedding_dim``: an
                                embedding's rows are padded, so a complete update loads fewer
                                elements than the layer holds.
@@ -139,17 +140,21 @@ def checked() -> dict[str, Any]:
 # ------------------------------------------------------------------------- layerwise hook
 class ProcessedLayers:
     """Records the layers vLLM's layer-wise reload processed while installed (and on CPU drops a
-    layer's old packed GEMM kernel just before it is reprocessed); :meth:`stop` uninstalls."""
+    layer's old packed GEMM kernel just before it is reprocessed); :meth:`stop` uninstalls.
+    ``on_process(layer, info)`` runs first (the layer's buffered loader calls are in
+    ``info.loaded_weights``)."""
 
-    def __init__(self, drop_packed_kernels: bool):
+    def __init__(self, drop_packed_kernels: bool, on_process=None):
         layerwise = checked()["layerwise"]
         self._module = layerwise
         self._original = layerwise._layerwise_process
         self.layers: set[int] = set()
 
         def process(layer, info, _original=self._original, _seen=self.layers,
-                    _drop=drop_packed_kernels):
+                    _drop=drop_packed_kernels, _on=on_process):
             _seen.add(id(layer))
+            if _on is not None:
+                _on(layer, info)
             if _drop:
                 # Processing sets a new one; a layer whose processing fails is broken either
                 # way (vLLM has already replaced its tensors) and the update raises.
@@ -163,10 +168,32 @@ class ProcessedLayers:
         return self.layers
 
 
-def record_processed_layers() -> ProcessedLayers:
+def record_processed_layers(on_process=None) -> ProcessedLayers:
     from vllm.platforms import current_platform
 
-    return ProcessedLayers(drop_packed_kernels=current_platform.is_cpu())
+    return ProcessedLayers(drop_packed_kernels=current_platform.is_cpu(), on_process=on_process)
+
+
+def buffered_tensors(info) -> list[torch.Tensor]:
+    """The tensors a layer's buffered loader calls hold (``info.loaded_weights``: the
+    arguments vLLM's weight loaders were called with, replayed when the layer completes)."""
+    out = []
+    for _name, bound in info.loaded_weights:
+        for value in bound.arguments.values():
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                out.append(value)
+    return out
+
+
+def pending_layer_infos(model: torch.nn.Module) -> list:
+    """Every layer's reload bookkeeping that still buffers loader calls."""
+    layerwise = checked()["layerwise"]
+    out = []
+    for layer in model.modules():
+        info = layerwise.get_layerwise_info(layer)
+        if info.loaded_weights:
+            out.append(info)
+    return out
 
 
 # ------------------------------------------------------------------------ reload bookkeeping

@@ -86,31 +86,41 @@ class MegarlhfUpdateInfo(WeightTransferUpdateInfo):
     ipc_handles: bytes | None = None  # wire "ipc": the trainer ranks' handles of the bucket
 
 
-class _ConsumptionTracker(torch.overrides.TorchFunctionMode):
-    """Notes which streamed tensors vLLM's loaders touched (any torch op taking them).
+class _Consumption:
+    """Which streamed tensors one of vLLM's weight loaders took.
 
-    vLLM's ``load_weights`` silently skips names it does not route to a parameter; such a tensor
-    is never passed to a torch op. ``pending`` maps ``id(tensor)`` to ``(name, tensor)`` (the
-    reference keeps the id from being reused) and loses an entry when the tensor is used.
+    vLLM's ``load_weights`` silently skips names it does not route to a parameter. Under the
+    layer-wise reload every loader call is buffered in its layer's ``loaded_weights`` until the
+    layer completes; a tensor that appears there (itself, or a view vLLM derived from it: the
+    same storage, inside its bytes) was taken. Read when a layer is processed (the reload hook)
+    and, for layers still buffering, at the end of the update.
     """
 
-    def __init__(self, pending: dict[int, tuple[str, torch.Tensor]]):
-        super().__init__()
-        self.pending = pending
+    def __init__(self):
+        self.pending: dict[int, tuple[str, torch.Tensor]] = {}  # id -> (name, tensor)
+        self._spans: dict[int, list[tuple[int, int, int]]] = {}  # storage -> (start, end, id)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.pending:
-            stack = [args, kwargs]
-            while stack:
-                x = stack.pop()
-                if isinstance(x, torch.Tensor):
-                    self.pending.pop(id(x), None)
-                elif isinstance(x, (list, tuple)):
-                    stack.extend(x)
-                elif isinstance(x, dict):
-                    stack.extend(x.values())
-        return func(*args, **kwargs)
+    def add(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
+        for name, t in pairs:
+            if id(t) in self.pending:
+                continue
+            self.pending[id(t)] = (name, t)
+            start = t.storage_offset() * t.element_size()
+            self._spans.setdefault(t.untyped_storage().data_ptr(), []).append(
+                (start, start + t.numel() * t.element_size(), id(t)))
+
+    def taken(self, tensors) -> None:
+        for x in tensors:
+            spans = self._spans.get(x.untyped_storage().data_ptr())
+            if not spans:
+                continue
+            at = x.storage_offset() * x.element_size()
+            for start, end, key in spans:
+                if start <= at < end or (start == end == at):
+                    self.pending.pop(key, None)
+
+    def unconsumed(self) -> list[str]:
+        return sorted(name for name, _ in self.pending.values())
 
 
 class MegarlhfWeightTransferEngine(WeightTransferEngine[MegarlhfInitInfo, MegarlhfUpdateInfo]):
@@ -151,8 +161,10 @@ class MegarlhfWeightTransferEngine(WeightTransferEngine[MegarlhfInitInfo, Megarl
         compat.quiet_expected_warnings()  # this runs in vLLM's worker process
         initialize_layerwise_reload(self.model)
         self._loaded: set[str] = set()
-        self._pending: dict[int, tuple[str, torch.Tensor]] = {}
-        self._processed = compat.record_processed_layers()
+        self._consumption = _Consumption()
+        self._processed = compat.record_processed_layers(
+            on_process=lambda layer, info: self._consumption.taken(
+                compat.buffered_tensors(info)))
         self._received = ReceiveStats()
         self._tied = bool(getattr(self.model_config.hf_config, "tie_word_embeddings", False))
         self._active = True
@@ -186,12 +198,9 @@ class MegarlhfWeightTransferEngine(WeightTransferEngine[MegarlhfInitInfo, Megarl
         if self._tied:
             extra = [("lm_head.weight", t) for n, t in pairs if n == TIED_EMBEDDING_NAME]
             pairs = list(pairs) + extra
-        pending = self._pending
-        for name, tensor in pairs:
-            pending[id(tensor)] = (name, tensor)
+        self._consumption.add(pairs)
         try:
-            with _ConsumptionTracker(pending):
-                loaded = self.model.load_weights(weights=pairs)
+            loaded = self.model.load_weights(weights=pairs)
         except Exception as e:
             raise WeightTransferError(
                 f"vLLM could not load the weight bucket {[n for n, _ in pairs][:8]}: {e!r}"
@@ -207,20 +216,21 @@ class MegarlhfWeightTransferEngine(WeightTransferEngine[MegarlhfInitInfo, Megarl
 
         t0 = time.perf_counter()
         model = self.model
+        consumption = getattr(self, "_consumption", _Consumption())
+        for info in compat.pending_layer_infos(model):  # taken, layers not yet processed
+            consumption.taken(compat.buffered_tensors(info))
         incomplete = compat.incomplete_layers(model)
-        pending = getattr(self, "_pending", {})
         processed = getattr(self, "_processed", None)
         try:
-            with _ConsumptionTracker(pending):  # layers that complete only now use them
-                finalize_layerwise_reload(model, self.model_config)
+            finalize_layerwise_reload(model, self.model_config)
         finally:
             done = processed.stop() if processed is not None else set()
             self._processed = None
             self._active = False
         compat.prepack_reloaded_cpu_experts(model, done)
         torch.accelerator.synchronize()
-        unconsumed = sorted(name for name, _ in pending.values())
-        self._pending = {}
+        unconsumed = consumption.unconsumed()
+        self._consumption = _Consumption()
         loaded, self._loaded = getattr(self, "_loaded", set()), set()
         missing = sorted(n for n, _ in model.named_parameters() if n not in loaded)
         r = getattr(self, "_received", ReceiveStats())

@@ -217,3 +217,21 @@ def test_weight_versions_of_real_vllm_outputs():
     with pytest.raises(RuntimeError, match="stale or mixed"):
         convert_request_outputs(out([WeightVersionSpan("3", 0, 1), WeightVersionSpan("4", 1, 3)]),
                                 [[1]], params, weight_version="4")
+
+
+def test_consumption_sees_derived_views():
+    """Broken: a tensor a vLLM loader took through a view it derived (a narrow, a transpose)
+    would be reported as skipped; or a skipped one (no loader call holds any of its bytes) as
+    taken."""
+    import torch
+
+    from megarlhf.rollout.vllm_transfer import _Consumption
+
+    flat = torch.zeros(64, dtype=torch.uint8)
+    a, b = flat[:16].view(torch.float32), flat[32:48].view(torch.float32)
+    c = _Consumption()
+    c.add([("a", a), ("b", b)])
+    c.taken([b[1:], torch.zeros(3)])  # a view of b's bytes; an unrelated tensor
+    assert c.unconsumed() == ["a"]
+    c.taken([a.view(2, 2).t()])
+    assert c.unconsumed() == []
