@@ -224,6 +224,8 @@ class WeightUpdateStats:
         phases: seconds per phase of the update on the engine's side (vLLM: ``wait_s``
             waiting for the wire, ``load_s`` in vLLM's loaders, ``finish_s`` processing the
             layers; the slowest worker's).
+        buffer_bytes: receive buffers the engine's side allocated for the update (the most of
+            any worker): the transfer's own memory, beside what the engine's loading takes.
     """
 
     tensors: int
@@ -233,6 +235,7 @@ class WeightUpdateStats:
     missing: tuple[str, ...] | None = field(default=None)
     version: str | None = None
     phases: dict[str, float] = field(default_factory=dict)
+    buffer_bytes: int | None = None
 
     @property
     def gb_per_s(self) -> float:

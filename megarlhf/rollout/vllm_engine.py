@@ -504,6 +504,7 @@ class VLLMRolloutEngine(RolloutEngine):
             tensors=int(r0["tensors"]), bytes=int(r0["bytes"]),
             seconds=time.perf_counter() - self._update_start, buckets=int(r0["buckets"]),
             missing=missing, version=version,
+            buffer_bytes=max(int(r.get("buffer_bytes", 0)) for r in reports),
             phases={"wait_s": max(r["wait_s"] for r in reports),
                     "load_s": max(r["load_s"] for r in reports),
                     "finish_s": max(r["finish_s"] for r in reports)})

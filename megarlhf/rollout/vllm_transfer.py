@@ -193,6 +193,7 @@ class MegarlhfWeightTransferEngine(WeightTransferEngine[MegarlhfInitInfo, Megarl
         r.seconds += stats.seconds
         r.wait_s += stats.wait_s
         r.load_s += stats.load_s
+        r.buffer_bytes = max(r.buffer_bytes, stats.buffer_bytes)
 
     def _load(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
         if self._tied:
@@ -237,6 +238,7 @@ class MegarlhfWeightTransferEngine(WeightTransferEngine[MegarlhfInitInfo, Megarl
         self.report = dict(missing=missing, unconsumed=unconsumed, incomplete=incomplete,
                            tensors=r.tensors, bytes=r.bytes, buckets=r.buckets,
                            receive_s=r.seconds, wait_s=r.wait_s, load_s=r.load_s,
+                           buffer_bytes=r.buffer_bytes,
                            finish_s=time.perf_counter() - t0)
 
     def shutdown(self) -> None:

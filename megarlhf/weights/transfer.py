@@ -295,7 +295,7 @@ def free_port() -> int:
 @dataclass
 class ReceiveStats:
     """One update on one receiver: tensors and bytes loaded, seconds in all, seconds the loader
-    waited for the wire, seconds in the engine's loading."""
+    waited for the wire, seconds in the engine's loading, bytes of receive buffers allocated."""
 
     tensors: int = 0
     bytes: int = 0
@@ -303,6 +303,7 @@ class ReceiveStats:
     seconds: float = 0.0
     wait_s: float = 0.0
     load_s: float = 0.0
+    buffer_bytes: int = 0  # receive buffers allocated (the receiver's own extra memory)
 
 
 def receive_all(spec: TransferSpec, wires: Sequence[Wire],
@@ -382,6 +383,7 @@ def receive_all(spec: TransferSpec, wires: Sequence[Wire],
     for t in threads:
         t.join(timeout=5)
     stats.seconds = time.perf_counter() - start
+    stats.buffer_bytes = pool.allocated
     return stats
 
 
@@ -395,6 +397,7 @@ class _BufferPool:
         self.lock = threading.Lock()
         self.buffers: list[torch.Tensor] = []
         self.lent: set[int] = set()  # data_ptr of buffers between take() and handed_out()
+        self.allocated = 0
 
     def take(self, nbytes: int) -> torch.Tensor:
         with self.lock:
@@ -407,6 +410,7 @@ class _BufferPool:
             if best is None:
                 best = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
                 self.buffers.append(best)
+                self.allocated += nbytes
             self.lent.add(best.data_ptr())
             return best[:nbytes]
 

@@ -434,3 +434,8 @@ class SyncResult:
             for k, v in (rep.phases or {}).items():
                 out[k] = max(out.get(k, 0.0), v)
         return out
+
+    @property
+    def receive_buffer_bytes(self) -> int:
+        """The most receive-buffer memory any rollout worker allocated for this sync."""
+        return max((rep.buffer_bytes or 0 for rep in self.replicas), default=0)

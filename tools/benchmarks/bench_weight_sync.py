@@ -163,6 +163,7 @@ def _child(args) -> dict:
         if new_api:
             row["phases"] = res.phases()
             row["sent"] = [r["bytes"] for r in res.ranks]
+            row["buffers"] = res.receive_buffer_bytes
             row["bytes"] = res.bytes
         else:
             row["bytes"] = res[0].bytes
@@ -241,6 +242,8 @@ def _report(name: str, r: dict, bound: int) -> None:
         ph = {k: statistics.median(x["phases"][k] for x in r["rows"])
               for k in r["rows"][0]["phases"]}
         print("  phases (s, median): " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
+        print(f"  receive buffers per vLLM worker (MiB): "
+              f"{max(x['buffers'] for x in r['rows']) / mib:.0f}")
     tp = [max(x["trainer_peak"][i] for x in r["rows"]) for i in range(len(wc))]
     wp = [max(x["worker_peak"][i] for x in r["rows"])
           for i in range(len(r["rows"][0]["worker_peak"]))]
