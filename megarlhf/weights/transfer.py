@@ -106,13 +106,16 @@ class TransferSpec:
     Attributes:
         owners: the trainer's global ranks that send (group k belongs to ``owners[k]``).
         buckets: in the order the trainer produces them (each owner's own buckets in order).
+        budget: the most bytes a receiver holds in flight (received, not yet loaded) over all
+            owners: the configured bucket plus the largest tensor; None: one bucket per owner.
     """
 
     owners: tuple[int, ...]
     buckets: tuple[BucketSpec, ...]
+    budget: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"owners": list(self.owners),
+        return {"owners": list(self.owners), "budget": self.budget,
                 "buckets": [dict(owner=b.owner, names=list(b.names), dtypes=list(b.dtypes),
                                  shapes=[list(s) for s in b.shapes], offsets=list(b.offsets),
                                  nbytes=b.nbytes) for b in self.buckets]}
@@ -124,7 +127,9 @@ class TransferSpec:
                                    shapes=tuple(tuple(int(x) for x in s) for s in b["shapes"]),
                                    offsets=tuple(int(x) for x in b["offsets"]),
                                    nbytes=int(b["nbytes"])) for b in d["buckets"])
-        spec = TransferSpec(owners=tuple(int(o) for o in d["owners"]), buckets=buckets)
+        budget = d.get("budget")
+        spec = TransferSpec(owners=tuple(int(o) for o in d["owners"]), buckets=buckets,
+                            budget=None if budget is None else int(budget))
         for b in spec.buckets:
             if not 0 <= b.owner < len(spec.owners):
                 raise ValueError(f"transfer spec: bucket owner {b.owner} is not one of the "
@@ -164,9 +169,11 @@ def per_owner_bucket_bytes(bucket_bytes: int, num_owners: int) -> int:
     return max(1, bucket_bytes // max(1, num_owners))
 
 
-def transfer_spec(plan, bucket_bytes: int, dtype: torch.dtype | None) -> TransferSpec:
+def transfer_spec(plan, bucket_bytes: int, dtype: torch.dtype | None,
+                  budget: int | None = None) -> TransferSpec:
     """The :class:`TransferSpec` of a resharder plan (:func:`~megarlhf.weights.resharder.
-    plan_hf_weights`) with the per-owner bucket bound ``bucket_bytes``."""
+    plan_hf_weights`) with the per-owner bucket bound ``bucket_bytes`` and the receivers'
+    in-flight ``budget``."""
     from megarlhf.weights.resharder import bucket_layout
 
     owned = plan.owned_buckets(bucket_bytes, dtype)
@@ -181,7 +188,7 @@ def transfer_spec(plan, bucket_bytes: int, dtype: torch.dtype | None) -> Transfe
             dtypes=tuple(str(plan.out_dtype(e, dtype)).removeprefix("torch.") for e in entries),
             shapes=tuple(tuple(e.shape) for e in entries), offsets=tuple(offsets),
             nbytes=total))
-    return TransferSpec(owners=owners, buckets=tuple(buckets))
+    return TransferSpec(owners=owners, buckets=tuple(buckets), budget=budget)
 
 
 def pack_bucket(pairs: Sequence[tuple[str, torch.Tensor]], owner: int = 0
@@ -313,7 +320,9 @@ def receive_all(spec: TransferSpec, wires: Sequence[Wire],
     """Receives every bucket of ``spec`` (from all owners at once) and hands each to ``load``.
 
     One thread per owner receives that owner's buckets in order and waits until the loader has
-    taken each before receiving the next: at most one bucket per owner is in flight. ``load``
+    taken each before receiving the next: at most one bucket per owner is in flight, and at
+    most ``spec.budget`` bytes over all owners (a thread waits for room before it receives: its
+    owner's broadcast waits with it). ``load``
     runs in the calling thread, in arrival order. A failure in any thread (a peer gone: the
     wire times out) stops the update with an error naming the owner.
 
@@ -329,11 +338,15 @@ def receive_all(spec: TransferSpec, wires: Sequence[Wire],
     stop = threading.Event()
     stats = ReceiveStats()
     pool = _BufferPool(torch.device(device))
+    budget = _Budget(spec.budget)
 
     def receiver(k: int) -> None:
         try:
             for i in spec.owner_buckets(k):
                 b = spec.buckets[i]
+                while not budget.reserve(b.nbytes, timeout=0.5):
+                    if stop.is_set():
+                        return
                 flat = pool.take(b.nbytes)
                 wires[k].broadcast(flat)
                 taken = threading.Event()
@@ -371,6 +384,7 @@ def receive_all(spec: TransferSpec, wires: Sequence[Wire],
             pool.handed_out(flat)
             load(views)
             del views
+            budget.release(b.nbytes)
             stats.load_s += time.perf_counter() - t0
             stats.tensors += len(b.names)
             stats.bytes += b.nbytes
@@ -385,6 +399,28 @@ def receive_all(spec: TransferSpec, wires: Sequence[Wire],
     stats.seconds = time.perf_counter() - start
     stats.buffer_bytes = pool.allocated
     return stats
+
+
+class _Budget:
+    """Bytes a receiver may hold received but not yet loaded, over all owners (None: no
+    limit). A bucket larger than the budget alone is let through when nothing else is held."""
+
+    def __init__(self, limit: int | None):
+        self.limit, self.held = limit, 0
+        self.cond = threading.Condition()
+
+    def reserve(self, n: int, timeout: float) -> bool:
+        with self.cond:
+            ok = self.cond.wait_for(lambda: self.limit is None or self.held == 0
+                                    or self.held + n <= self.limit, timeout=timeout)
+            if ok:
+                self.held += n
+            return ok
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.held -= n
+            self.cond.notify_all()
 
 
 class _BufferPool:
@@ -602,7 +638,8 @@ class OwnersTrainerEngine:
         if info.is_sender and client is None:
             raise ValueError("trainer rank 0 drives the weight transfer: it needs a client")
         plan = plan_hf_weights(bundle)
-        spec = transfer_spec(plan, _bucket_bound(info, len(plan.owners())), info.dtype)
+        spec = transfer_spec(plan, _bucket_bound(info, len(plan.owners())), info.dtype,
+                             budget=info.bucket_bytes + plan.largest_bytes(info.dtype))
         me = info.rank in spec.owners and info.wire != "ipc"
         port = free_port() if me else 0
         rendezvous = _all_gather([info.host, port])

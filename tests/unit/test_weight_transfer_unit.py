@@ -71,3 +71,24 @@ def test_torch_compat_storage_users():
     assert storage_users(t) == 2
     del v
     assert storage_users(t) == 1
+
+
+def test_receive_budget_holds_all_owners_together():
+    """Broken: with several owners a receiver would hold one bucket (or one large tensor) of
+    each at once, beyond the configured bucket plus the largest tensor."""
+    import threading
+
+    from megarlhf.weights.transfer import _Budget
+
+    b = _Budget(100)
+    assert b.reserve(60, timeout=0) and not b.reserve(60, timeout=0.01)  # 120 > 100: waits
+    got = []
+    t = threading.Thread(target=lambda: got.append(b.reserve(60, timeout=5)))
+    t.start()
+    b.release(60)  # the loader took the first bucket
+    t.join()
+    assert got == [True]
+    b.release(60)
+    assert b.reserve(500, timeout=0)  # alone, a bucket larger than the budget passes
+    assert not b.reserve(1, timeout=0.01)
+    assert _Budget(None).reserve(10**12, timeout=0)
