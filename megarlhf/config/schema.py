@@ -192,9 +192,9 @@ class RolloutConfig:
     # A weight sync whose peer (an owner rank or a rollout worker) is silent this long stops
     # the run with an error naming it; the replicas then serve nothing until a full sync.
     weight_sync_timeout_s: float = 600.0
-    # Log perf/weight_sync_changed_frac: the fraction of the model's elements (in the rollout
-    # dtype) that changed since the previous sync, what a delta sync would send. Each owner
-    # rank keeps a host copy of its share of the model for it.
+    # Log perf/weight_sync_changed_frac: the fraction of the model's elements whose bf16 value
+    # changed since the previous sync, what a bf16 delta sync would send. Each owner rank keeps
+    # a bf16 host copy of its share of the model for it.
     weight_sync_measure_delta: bool = False
     # After each sync the actor re-scores a probe batch the engine generated; over the threshold
     # (max |logp_rollout - logp_actor|) the run warns or stops.

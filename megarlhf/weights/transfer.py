@@ -559,9 +559,9 @@ class TrainerInitInfo:
         dtype: the wire dtype (the rollout engine's weight dtype).
         wire: "gloo" or "nccl".
         timeout_s: a transfer stops with an error when a peer is silent this long.
-        measure_delta: count the elements of each owner's share that changed since the
-            previous sync (bit-wise, in the wire dtype: what a delta sync would send). Keeps a
-            host copy of the owner's share (its bytes of the model).
+        measure_delta: count the elements of each owner's share whose bf16 value changed since
+            the previous sync (what a bf16 delta sync would send). Keeps a host copy of the
+            owner's share in bf16.
     """
 
     rank: int
@@ -616,7 +616,7 @@ class OwnersTrainerEngine:
         self.client = client
         self.wire = wire  # this rank's own group, when it is an owner
         self.owner_index = spec.owners.index(info.rank) if info.rank in spec.owners else None
-        self._previous: dict[int, torch.Tensor] = {}  # measure_delta: bucket -> host bytes
+        self._previous: dict[int, list] = {}  # measure_delta: bucket -> its bf16 bits (host)
 
     @classmethod
     def trainer_init(cls, info: TrainerInitInfo, bundle, *, client: WeightSyncClient | None
@@ -722,20 +722,25 @@ class OwnersTrainerEngine:
 
     def _count_changes(self, spec: BucketSpec, flat: torch.Tensor, index: int,
                        stats: SendStats) -> None:
-        """Elements of this bucket that differ bit-wise from the previous sync's."""
-        now = flat.detach().to("cpu", copy=True)
-        before = self._previous.get(index)
-        if before is not None and before.numel() == now.numel():
+        """Elements of this bucket whose bf16 value differs from the previous sync's: a
+        bf16 tensor bit-wise, a float32 one after rounding to bf16 (what a bf16 rollout
+        engine would receive), others bit-wise."""
+        now = []
+        for dt, shape, off in zip(spec.dtypes, spec.shapes, spec.offsets):
+            dtype = getattr(torch, dt)
+            n = 1
+            for d in shape:
+                n *= d
+            t = flat[off: off + n * dtype.itemsize].view(dtype)
+            if dtype == torch.float32:
+                t = t.to(torch.bfloat16)
             ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-            for dt, shape, off in zip(spec.dtypes, spec.shapes, spec.offsets):
-                size = getattr(torch, dt).itemsize
-                n = 1
-                for d in shape:
-                    n *= d
-                a = now[off: off + n * size].view(ints[size])
-                b = before[off: off + n * size].view(ints[size])
+            now.append(t.view(ints[t.element_size()]).to("cpu", copy=True))
+        before = self._previous.get(index)
+        if before is not None and len(before) == len(now):
+            for a, b in zip(now, before):
                 stats.changed += int((a != b).sum())
-                stats.elements += n
+                stats.elements += a.numel()
         self._previous[index] = now
 
     def _send_ipc(self, version: int, stats: SendStats) -> None:
