@@ -383,13 +383,12 @@ def receive_all(spec: TransferSpec, wires: Sequence[Wire],
             views = b.views(flat)
             pool.handed_out(flat)
             load(views)
-            del views
+            del views, flat  # before the budget admits the next: its buffer may come back
             budget.release(b.nbytes)
             stats.load_s += time.perf_counter() - t0
             stats.tensors += len(b.names)
             stats.bytes += b.nbytes
             stats.buckets += 1
-            del flat
             taken.set()
             remaining -= 1
     finally:
