@@ -83,7 +83,9 @@ Weight sync (actor -> rollout engine, megarlhf/weights/transfer.py)
     node): the gather inside a stage ``S_k (tp-1)/tp / NVLink``; the wire ``B / IB`` (every
     receiving node gets every byte once: NCCL's broadcast crosses each node once; colocated,
     the owners' broadcast over the trainer's world does the same) or, within one node,
-    ``B / NVLink``; vLLM's reload is not modelled. The previous path (every byte through one
+    ``B / NVLink``; control round trips (``CONTROL_RTT_S`` each: start, update, finish, and with
+    CUDA IPC one update per bucket, so larger buckets pay off there); vLLM's reload is not
+    modelled. The previous path (every byte through one
     host process and Ray's object store to each replica) is printed beside it:
     ``B (1 + replicas) / HOST_GB_S``.
 
@@ -124,6 +126,9 @@ VLLM_WORKSPACE_GIB = 2.0
 NVLINK_GB_S = 450.0
 IB_GB_S = 400.0
 HOST_GB_S = 20.0
+# One control round trip (driver -> trainer rank 0 -> replica actor -> vLLM's workers and back):
+# the demo's whole sync, three of them, takes 0.028 s on CPU (docs/benchmarks.md).
+CONTROL_RTT_S = 0.01
 # Published weight-sync times of peers (the issue that asked for this model quotes them).
 PEER_SYNC_FIGURES = (
     "NeMo-RL DeepSeek-V3 refit 2.4-2.8 s (H100, shard-to-shard NCCL)",
@@ -348,10 +353,11 @@ class SyncEstimate:
     wire_s: float
     previous_s: float  # every byte through one host process (the path before)
     replicas: int
+    control_s: float = 0.0  # control round trips (CUDA IPC: one per bucket)
 
     @property
     def seconds(self) -> float:
-        return self.gather_s + self.wire_s
+        return self.gather_s + self.wire_s + self.control_s
 
 
 @dataclass
@@ -490,8 +496,10 @@ def estimate_sync(job: JobConfig, placement: PlacementPlan, actor: RoleEstimate,
     gather = share * (lay.tp - 1) / lay.tp / (NVLINK_GB_S * 1e9)
     wire = total / ((IB_GB_S if multi else NVLINK_GB_S) * 1e9)
     previous = total * (1 + rollout.replicas) / (HOST_GB_S * 1e9)
+    # start, update, finish; with CUDA IPC one update (a round trip) per bucket
+    control = CONTROL_RTT_S * (2 + (math.ceil(total / bucket) if ipc else 1))
     return SyncEstimate(total, owners, bucket, colocated, multi, gather, wire, previous,
-                        rollout.replicas)
+                        rollout.replicas, control)
 
 
 def _advice(est: RoleEstimate, resident_others: list[str]) -> str:
@@ -653,9 +661,10 @@ def format_sync(sync: SyncEstimate) -> list[str]:
         f"  per link: each receiving node takes {sync.total_bytes / gb:.1f} GB once; each owner "
         f"gathers {sync.total_bytes / sync.owners / gb:.2f} GB over NVLink inside its stage",
         f"  estimate: {sync.seconds:.2f} s (gather {sync.gather_s:.2f} + wire {sync.wire_s:.2f} "
-        f"at {link}; vLLM's reload not modelled); the previous path (every byte through one "
-        f"host process to {sync.replicas} replica(s) at ~{HOST_GB_S:g} GB/s): "
-        f"~{sync.previous_s:.0f} s",
+        f"at {link} + control {sync.control_s:.2f} at {CONTROL_RTT_S * 1e3:.0f} ms a round "
+        f"trip{', one per bucket' if sync.colocated and sync.bucket_bytes else ''}; vLLM's "
+        f"reload not modelled); the previous path (every byte through one host process to "
+        f"{sync.replicas} replica(s) at ~{HOST_GB_S:g} GB/s): ~{sync.previous_s:.0f} s",
         "  published: " + "; ".join(PEER_SYNC_FIGURES),
     ]
 

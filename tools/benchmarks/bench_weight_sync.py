@@ -288,7 +288,8 @@ def cost_model() -> None:
                                "num_gpus": 256},
                      "rollout": {"engine": "vllm", "tp": 8, "num_gpus": 128},
                      "batch": {"rollout_prompts_global": 256, "train_prompts_global": 256,
-                               "n_samples_per_prompt": 8}})))
+                               "n_samples_per_prompt": 8},
+                     "algorithm": {"kl_coef": 0.0, "track_kl": False}})))  # no reference role
     for name, job in jobs:
         print(f"\n{name}")
         for line in format_sync(make_plan(job).sync):
