@@ -118,6 +118,7 @@ class RLTrainer(Trainer):
         metrics.update(self.sync(cl, step + 1))
         metrics.update(self.step_metrics(rollout.batch, time.perf_counter() - t0))
         metrics["rollout/staleness"] = 0.0
+        metrics["rollout/weight_version"] = float(step)  # the weights its samples came from
         metrics.update(self.evaluate(cl, step + 1))
         return metrics
 
@@ -344,8 +345,7 @@ class RLTrainer(Trainer):
         dt = time.perf_counter() - t0
         self.rollout_version = version
         out = {"time/weight_sync": dt,
-               "perf/weight_sync_gb_per_s": res.bytes / max(dt, 1e-9) / 1e9,
-               "rollout/weight_version": float(version)}
+               "perf/weight_sync_gb_per_s": res.bytes / max(dt, 1e-9) / 1e9}
         out.update({f"time/weight_sync_{k.removesuffix('_s')}": v
                     for k, v in res.phases().items()})
         if res.changed_fraction is not None:

@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from megarlhf.compat import megatron as megatron_compat
 from megarlhf.engine.batch import MicroBatch
 from megarlhf.platform import current_platform
 
@@ -100,48 +101,13 @@ class _Replay:
         self._backlog.clear()
 
 
-def _patch_megatron_token_count() -> None:
-    """Fixes megatron-core 0.16.1's ``get_tokens_per_expert_and_token_count`` (used by every
-    router aux loss) for padding masks under TP/CP > 1.
-
-    With a padding mask it all-reduces ``local_tokens_per_expert`` over the TP x CP group with
-    ``reduce_from_tensor_model_parallel_region``, whose ``_reduce`` all-reduces its input in
-    place, then takes the *local* token count from the same, now global, tensor: the aux loss's
-    scale (``valid_token_count``) comes out TP x CP times too large (measured: TP2 + SP moved
-    the post-step log-probs 0.04 away from the single-process run). The replacement reduces a
-    copy. Idempotent; the router module's imported name is the one replaced.
-    """
-    from megatron.core.transformer.moe import moe_utils, router
-
-    if getattr(router.get_tokens_per_expert_and_token_count, "_megarlhf_fixed", False):
-        return
-    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
-
-    def get_tokens_per_expert_and_token_count(routing_map, reduce_group, topk=None,
-                                              with_padding_mask=False):
-        local_tokens_per_expert = routing_map.sum(dim=0)
-        global_tokens_per_expert = reduce_from_tensor_model_parallel_region(
-            local_tokens_per_expert.clone(), reduce_group)
-        if with_padding_mask:
-            local_num_tokens = local_tokens_per_expert.sum() / topk
-            total_num_tokens = global_tokens_per_expert.sum() / topk
-        else:
-            local_num_tokens = routing_map.shape[0]
-            total_num_tokens = local_num_tokens * reduce_group.size()
-        return global_tokens_per_expert, local_num_tokens, total_num_tokens
-
-    get_tokens_per_expert_and_token_count._megarlhf_fixed = True
-    router.get_tokens_per_expert_and_token_count = get_tokens_per_expert_and_token_count
-    moe_utils.get_tokens_per_expert_and_token_count = get_tokens_per_expert_and_token_count
-
-
 class MoEHooks:
     """Aux-loss scaling, router metrics and routing replay for one role's MoE model."""
 
     def __init__(self, bundle):
         from megatron.core.transformer.moe.router import TopKRouter
 
-        _patch_megatron_token_count()
+        megatron_compat.fix_token_count()  # the aux loss's token count (compat.megatron)
 
         self.bundle = bundle
         self.ctx = bundle.ctx
@@ -162,13 +128,9 @@ class MoEHooks:
         self.replay_enabled = bool(getattr(self.config, "moe_enable_routing_replay", False))
         self._replays: dict[int, _Replay] = {}
         if self.replay_enabled:
-            from megatron.core.transformer.moe.router_replay import RouterReplay
-
             for _, gl, router in self.routers:
-                old = router.router_replay
-                if old in RouterReplay.global_router_replay_instances:
-                    RouterReplay.global_router_replay_instances.remove(old)
-                router.router_replay = self._replays.setdefault(gl, _Replay(self.recompute))
+                megatron_compat.replace_router_replay(
+                    router, self._replays.setdefault(gl, _Replay(self.recompute)))
         self._chunk_of = {id(c): i for i, c in enumerate(bundle.chunks)}
         self._chunk_of.update({id(c): i for i, c in enumerate(bundle.unwrapped())})
         self._valid: dict[int, torch.Tensor | None] = {}  # chunk -> router-order token mask

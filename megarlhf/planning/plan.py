@@ -108,6 +108,7 @@ from megarlhf.config.base import ConfigError
 from megarlhf.config.schema import JobConfig, ModelConfig, OptimizerConfig
 from megarlhf.config.validate import active_roles, global_batch_sequences, trained_roles
 from megarlhf.models.arch import load_hf_config
+from megarlhf.models.builder import te_status
 from megarlhf.models.families import arch_spec
 from megarlhf.parallel.layout import ParallelLayout
 from megarlhf.planning.placement import (
@@ -801,8 +802,6 @@ def format_plan(plan: Plan) -> str:
         out.append(f"  {name}: {_bytes_per_param(job, name, est)}")
     auto = [n for n in plan.roles if _role_model(job, n).transformer_impl == "auto"]
     if auto:
-        from megarlhf.models.builder import te_status
-
         usable, why = te_status()
         if not usable:
             out.append(

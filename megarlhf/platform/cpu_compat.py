@@ -16,12 +16,14 @@ What is redirected (and nothing else):
   reports CPU tensors under their CUDA type name so megatron's dtype checks pass;
 * ``torch.cuda.current_device/synchronize/empty_cache/get_rng_state/set_rng_state/manual_seed``
   and the NVTX range functions;
-* megatron's private ``_get_cuda_rng_state`` / ``_set_cuda_rng_state``, which then save and
-  restore the CPU generator: the tensor-parallel RNG tracker keeps working, with the same
-  semantics (dropout in TP regions draws from the forked, per-TP-rank stream);
 * backward passes started with ``loss.backward()`` / ``torch.autograd.backward`` run under the
   mode too (a mode is off inside its own handler): :func:`_backward_under_mode`;
-* the MoE paths (router, token dispatchers, aux-loss buffers): :func:`_install_moe`.
+* megatron's own helpers (its RNG access, so the tensor-parallel RNG tracker keeps working with
+  the same semantics; gathers of unequal blocks on gloo; the MoE helpers):
+  :func:`megarlhf.compat.megatron.install_cpu`, checked against megatron-core's version there.
+
+What this module replaces or calls in torch is checked when it is installed
+(:func:`check_torch_items`); the megatron items in :mod:`megarlhf.compat.megatron`.
 """
 
 from __future__ import annotations
@@ -211,80 +213,39 @@ def _zero(*args, **kwargs):
     return 0
 
 
-def _cpu_move_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
-    """``moe_utils.maybe_move_tensor_to_cpu`` for tensors that already live on the CPU.
-
-    megatron's version converts only CUDA tensors (``tensor.is_cuda``), so on the CPU the
-    alltoall dispatcher's split sizes stayed tensors and ``all_to_all_single`` refused them.
-    """
-    if as_numpy and torch.is_tensor(tensor):
-        return tensor.detach().cpu().numpy()
-    return tensor
+class TorchCompatError(RuntimeError):
+    """torch's internals are not what the CPU redirection was written against."""
 
 
-def _gather_first_dim_uneven(orig):
-    """``mappings._gather_along_first_dim`` with unequal blocks on gloo.
-
-    gloo's ``all_gather`` refuses blocks of different sizes, which megatron's alltoall
-    dispatcher gathers over the expert-tensor-parallel group (``output_split_sizes``): pad each
-    block to the largest, gather the padded blocks, cut the padding out. Equal blocks take
-    megatron's own path.
-    """
-
-    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
-        if output_split_sizes is None or group.size() == 1:
-            return orig(input_, group, output_split_sizes, use_global_buffer)
-        sizes = [int(n) for n in output_split_sizes]
-        m = max(sizes)
-        padded = torch.zeros((m,) + tuple(input_.shape[1:]), dtype=input_.dtype)
-        padded[: input_.shape[0]] = input_
-        out = torch.empty((m * len(sizes),) + tuple(input_.shape[1:]), dtype=input_.dtype)
-        torch.distributed.all_gather_into_tensor(out, padded, group=group)
-        return torch.cat([out[i * m: i * m + n] for i, n in enumerate(sizes)], dim=0)
-
-    return gather
+TORCH_WRITTEN_FOR = "2.13.0"
+_CUDA_NAMES = ("current_device", "synchronize", "empty_cache", "get_rng_state", "set_rng_state",
+               "manual_seed", "manual_seed_all", "memory_allocated", "max_memory_allocated",
+               "memory_reserved", "reset_peak_memory_stats", "Stream", "Event",
+               "current_stream", "default_stream", "stream", "set_stream")
 
 
-def _reduce_scatter_first_dim_uneven(orig):
-    """``mappings._reduce_scatter_along_first_dim`` with unequal blocks on gloo (the backward of
-    the gather above): all-reduce the whole tensor, keep this rank's block."""
+def check_torch_items() -> None:
+    """What the redirection replaces or calls in torch must exist: the ``torch.cuda`` names it
+    replaces and the autograd internals :func:`_backward_under_mode` starts a backward with."""
+    import inspect
 
-    def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
-        if input_split_sizes is None or group.size() == 1:
-            return orig(input_, group, input_split_sizes, use_global_buffer)
-        sizes = [int(n) for n in input_split_sizes]
-        total = input_.contiguous().clone()
-        torch.distributed.all_reduce(total, group=group)
-        start = sum(sizes[: group.rank()])
-        return total[start: start + sizes[group.rank()]].contiguous()
+    from torch import autograd
+    from torch.autograd import graph
 
-    return reduce_scatter
-
-
-def _install_moe() -> None:
-    """The MoE paths (router, token dispatchers, aux-loss buffers).
-
-    * ``moe_utils.te_general_gemm`` is only defined when Transformer Engine imports; the router's
-      gating GEMM tests it against None, so it is defined as None here (torch's matmul is used).
-    * ``maybe_move_tensor_to_cpu``: see :func:`_cpu_move_to_cpu` (alltoall dispatcher).
-    * gathers / reduce-scatters of unequal blocks (the alltoall dispatcher over expert-TP
-      ranks): gloo has no uneven all_gather; see :func:`_gather_first_dim_uneven`.
-    * The alltoall dispatcher's device-to-host stream and events are ``torch.cuda.Stream`` /
-      ``Event``: the null stand-ins above. Aux-loss and expert-bias buffers are created with
-      ``device=torch.cuda.current_device()``: the device mode above. Backward buffers of the
-      dispatchers' gather / reduce-scatter: :func:`_backward_under_mode`.
-    """
-    from megatron.core.tensor_parallel import mappings
-    from megatron.core.transformer.moe import moe_utils, token_dispatcher
-
-    mappings._gather_along_first_dim = _gather_first_dim_uneven(mappings._gather_along_first_dim)
-    mappings._reduce_scatter_along_first_dim = _reduce_scatter_first_dim_uneven(
-        mappings._reduce_scatter_along_first_dim)
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-    moe_utils.maybe_move_tensor_to_cpu = _cpu_move_to_cpu
-    if hasattr(token_dispatcher, "maybe_move_tensor_to_cpu"):
-        token_dispatcher.maybe_move_tensor_to_cpu = _cpu_move_to_cpu
+    missing = [f"torch.cuda.{n}" for n in _CUDA_NAMES if not hasattr(torch.cuda, n)]
+    missing += [f"torch.cuda.nvtx.{n}" for n in ("range_push", "range_pop", "mark")
+                if not hasattr(torch.cuda.nvtx, n)]
+    for mod, name, params in ((autograd, "_make_grads", ["outputs", "grads"]),
+                              (autograd, "_tensor_or_tensors_to_tuple", ["tensors", "length"]),
+                              (graph, "_engine_run_backward", ["t_outputs"])):
+        fn = getattr(mod, name, None)
+        if not callable(fn) or list(inspect.signature(fn).parameters)[: len(params)] != params:
+            missing.append(f"{mod.__name__}.{name}({', '.join(params)}, ...)")
+    if missing:
+        raise TorchCompatError(
+            f"megarlhf's CPU redirection of megatron-core was written for torch "
+            f"{TORCH_WRITTEN_FOR}; the installed torch {torch.__version__} lacks "
+            f"{', '.join(missing)}. Install torch {TORCH_WRITTEN_FOR} (tools/install_cpu.sh)")
 
 
 def install() -> None:
@@ -299,6 +260,9 @@ def install() -> None:
                 "use init_platform(), which picks cuda+nccl on a GPU machine."
             )
 
+        from megarlhf.compat import megatron as megatron_compat
+
+        check_torch_items()
         cuda = torch.cuda
         cuda.current_device = _zero
         cuda.synchronize = _noop
@@ -324,13 +288,8 @@ def install() -> None:
         cuda.nvtx.range_pop = _noop
         cuda.nvtx.mark = _noop
 
-        # megatron's private RNG helpers (the tensor-parallel RNG tracker goes through these).
-        from megatron.core.tensor_parallel import random as mrandom
-
-        mrandom._get_cuda_rng_state = _cpu_get_rng_state
-        mrandom._set_cuda_rng_state = _cpu_set_rng_state
-
-        _install_moe()
+        # megatron's RNG helpers, uneven gathers on gloo, MoE helpers (compat.megatron).
+        megatron_compat.install_cpu()
 
         # Pushed once per process and never popped: every later torch call sees it.
         CPUDeviceMode().__enter__()
