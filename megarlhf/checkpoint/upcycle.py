@@ -51,6 +51,20 @@ def _read_dense(src_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return cfg, sd
 
 
+def _rope_parameters(src_dir: str) -> dict:
+    """The source's RoPE as transformers reads it (``rope_parameters``: type, theta and
+    scaling, whether the file says ``rope_parameters`` or the older ``rope_scaling`` +
+    ``rope_theta`` of Llama-3.x checkpoints)."""
+    from transformers import AutoConfig
+
+    rope = getattr(AutoConfig.from_pretrained(src_dir), "rope_parameters", None)
+    if not isinstance(rope, dict) or "rope_theta" not in rope:
+        raise ValueError(f"upcycle: transformers reads no rope_parameters from {src_dir}'s "
+                         f"config ({rope!r}); the RoPE could not be carried over")
+    return {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool)
+                and k != "original_max_position_embeddings" else v) for k, v in rope.items()}
+
+
 def upcycle_to_mixtral(
     src_dir: str,
     out_dir: str,
@@ -104,7 +118,7 @@ def upcycle_to_mixtral(
     if left:
         raise ValueError(f"upcycle: tensors without a Mixtral counterpart: {left[:6]}")
 
-    rope = cfg.get("rope_parameters") or {}
+    rope = _rope_parameters(src_dir)
     mix = {
         "architectures": ["MixtralForCausalLM"],
         "model_type": "mixtral",
@@ -118,7 +132,7 @@ def upcycle_to_mixtral(
         "hidden_act": cfg.get("hidden_act", "silu"),
         "max_position_embeddings": cfg["max_position_embeddings"],
         "rms_norm_eps": cfg.get("rms_norm_eps", 1e-6),
-        "rope_theta": float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+        "rope_parameters": rope,  # every field (rope type, theta, scaling): carried over
         "sliding_window": None,
         "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", False)),
         "num_local_experts": num_experts,
@@ -133,9 +147,6 @@ def upcycle_to_mixtral(
         "pad_token_id": cfg.get("pad_token_id"),
         "dtype": cfg.get("dtype", cfg.get("torch_dtype", "float32")),
     }
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"upcycle: rope scaling {rope!r} is not carried over; use a model "
-                         "with default RoPE")
     tmp = temp_dir_for(out_dir)
     if os.path.lexists(tmp):
         raise FileExistsError(f"upcycle: {tmp} exists (left by an interrupted run?); remove it")

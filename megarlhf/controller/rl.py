@@ -33,6 +33,7 @@ import torch
 
 from megarlhf import rl
 from megarlhf.config import JobConfig
+from megarlhf.config.schema import LOGPROB_CHECK_DEFAULTS
 from megarlhf.config.validate import behaviour_logprobs_needed
 from megarlhf.controller.async_rl import AsyncLoop
 from megarlhf.controller.cluster import Cluster
@@ -437,12 +438,21 @@ class RLTrainer(Trainer):
             return {}
         mx, mean = float(d.max()), float(d.mean())
         r = self.job.rollout
-        if r.logprob_check_action != "off" and mx > r.logprob_check_threshold:
-            msg = (f"rollout engine and actor disagree on log-probs: max |diff| = {mx:.3g} "
-                   f"(mean {mean:.3g}) > rollout.logprob_check_threshold="
-                   f"{r.logprob_check_threshold}. Check the weight sync, the sampling "
-                   "temperature and the model dtype; raise the threshold or set "
-                   "rollout.logprob_check_action=warn to continue")
+        max_t, mean_t = LOGPROB_CHECK_DEFAULTS[self.job.actor.model.dtype]
+        max_t = max_t if r.logprob_check_threshold is None else r.logprob_check_threshold
+        mean_t = mean_t if r.logprob_check_mean_threshold is None \
+            else r.logprob_check_mean_threshold
+        over = [f"max |diff| = {mx:.3g} > rollout.logprob_check_threshold={max_t}"] \
+            if mx > max_t else []
+        if mean > mean_t:
+            over.append(f"mean |diff| = {mean:.3g} > rollout.logprob_check_mean_threshold="
+                        f"{mean_t}")
+        if r.logprob_check_action != "off" and over:
+            msg = (f"rollout engine and actor disagree on log-probs: {'; '.join(over)} "
+                   f"(max {mx:.3g}, mean {mean:.3g}; defaults for "
+                   f"{self.job.actor.model.dtype}: {LOGPROB_CHECK_DEFAULTS}). Check the weight "
+                   "sync, the sampling temperature and the model dtype; raise the threshold or "
+                   "set rollout.logprob_check_action=warn to continue")
             if r.logprob_check_action == "stop":
                 raise LogprobMismatchError(msg)
             self.warn(msg)

@@ -74,7 +74,13 @@ class Session:
                                  enabled=self.job.logging.progress_bar, keys=keys)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.writer.log(step, metrics)
+        """Metrics of ``step`` to TensorBoard and metrics.jsonl every ``logging.log_every``
+        steps (and at the last step, and whenever they hold an evaluation); the progress bar
+        shows every step."""
+        every = self.job.logging.log_every
+        if step % every == 0 or step >= self.total_steps \
+                or any(k.startswith(("eval/", "bon/")) for k in metrics):
+            self.writer.log(step, metrics)
         if self.progress is not None:
             self.progress.update(metrics)
 

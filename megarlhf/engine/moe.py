@@ -174,7 +174,7 @@ class MoEHooks:
         if not bool(real.any()):
             return None
         pad = ~real
-        chunk = self.bundle.unwrapped()[self._chunk_of.get(id(model), 0)]
+        chunk = self.bundle.unwrapped()[self._chunk_index(model)]
         if self.sp_size > 1 and not getattr(chunk, "pre_process", True):
             s = pad.shape[1] // self.sp_size
             r = self.ctx.tp_rank
@@ -183,7 +183,7 @@ class MoEHooks:
 
     def before_forward(self, mb: MicroBatch, model) -> None:
         """In a micro-batch's forward step: which tokens are real, and replay targets."""
-        ci = self._chunk_of.get(id(model), 0)
+        ci = self._chunk_index(model)
         self._valid[ci] = self._router_order(_real_tokens(mb))
         if not self.replay_enabled:
             return
@@ -294,6 +294,16 @@ class MoEHooks:
             t = t[r * s: (r + 1) * s]
         return t.reshape((-1,) + tuple(t.shape[2:])).contiguous()
 
+    def _chunk_index(self, model) -> int:
+        """Which of the bundle's (virtual pipeline) chunks ``model`` is."""
+        ci = self._chunk_of.get(id(model))
+        if ci is None:
+            raise RuntimeError(
+                f"MoE hooks: the schedule ran a model object ({type(model).__name__}) that is "
+                "none of this engine's chunks (wrapped or not); padding masks and routing "
+                "replay would go to the wrong layers")
+        return ci
+
     def _make_hook(self, chunk: int, layer: int):
         def hook(module, inputs, output):
             if not self._counting:
@@ -302,7 +312,13 @@ class MoEHooks:
                 return  # the recompute of a forward already counted
             routing_map = output[1].detach()
             valid = self._valid.get(chunk)
-            if valid is not None and valid.shape[0] == routing_map.shape[0]:
+            if valid is not None:
+                if valid.shape[0] != routing_map.shape[0]:
+                    raise RuntimeError(
+                        f"MoE router metrics: layer {layer} routed {routing_map.shape[0]} tokens "
+                        f"but the micro-batch's token mask has {valid.shape[0]} (a layout the "
+                        "router-order mask does not cover); the load metrics would count "
+                        "padding as tokens")
                 routing_map = routing_map[valid.to(routing_map.device)]
             self._counts[layer] += routing_map.sum(dim=0).to("cpu", torch.float64)
         return hook

@@ -101,18 +101,10 @@ def model_errors(job: JobConfig) -> list[str]:
 
 def _check_rollout_engine(job: JobConfig, arch: dict[str, Any] | None,
                           errors: list[str]) -> None:
-    """vLLM is installed when asked for, and its CPU build can run the model."""
-    import importlib.util
-
+    """vLLM's CPU build can run the model (whether vLLM is installed here is a question of the
+    machine, not of the config: :func:`vllm_install_errors`, checked by preflight)."""
     if resolved_rollout_engine(job) != "vllm":
         return
-    if importlib.util.find_spec("vllm") is None:
-        errors.append(f"rollout.engine=vllm: {vllm_install_hint()}")
-        return
-    installed = vllm_distribution_version()
-    if installed is not None and installed != PINNED_VLLM_VERSION:
-        errors.append(f"rollout.engine=vllm: vLLM {installed} is installed, but megarlhf follows "
-                      f"vLLM {PINNED_VLLM_VERSION}'s API exactly; {vllm_install_hint()}")
     if arch is None or not vllm_runs_on_cpu(job):
         return
     if arch["mla"]:
@@ -187,3 +179,19 @@ def placement_errors(job: JobConfig) -> list[str]:
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def vllm_install_errors(job: JobConfig) -> list[str]:
+    """The pinned vLLM is installed on this machine when the job's rollout needs it (``train``
+    and ``validate`` refuse without it; ``plan``, often run elsewhere than the job, notes it)."""
+    import importlib.util
+
+    if not generates(job) or resolved_rollout_engine(job) != "vllm":
+        return []
+    if importlib.util.find_spec("vllm") is None:
+        return [f"rollout.engine=vllm: {vllm_install_hint()}"]
+    installed = vllm_distribution_version()
+    if installed is not None and installed != PINNED_VLLM_VERSION:
+        return [f"rollout.engine=vllm: vLLM {installed} is installed, but megarlhf follows "
+                f"vLLM {PINNED_VLLM_VERSION}'s API exactly; {vllm_install_hint()}"]
+    return []

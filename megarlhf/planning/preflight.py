@@ -8,7 +8,9 @@ before Ray or any worker starts):
 * inputs: model directories (config.json and the safetensors headers: a truncated file is
   found here, not in a worker), checkpoints, tokenizers, data files (every row read and
   tokenized by the trainers' own loaders), and the tokenizer's vocabulary against the model's;
-* this machine: FP8 and ``transformer_impl=transformer_engine`` need Transformer Engine;
+* this machine: FP8 and ``transformer_impl=transformer_engine`` need Transformer Engine; a vLLM
+  rollout needs the pinned vLLM (``plan`` notes its absence: the planning machine is often not
+  the one that runs the job);
 * outputs: ``output_dir`` (ownership, a previous run, overlap with the inputs) and the resume
   pointer and saved layouts (:mod:`megarlhf.checkpoint.outputs`).
 
@@ -31,6 +33,7 @@ from megarlhf.data.rm_datasets import batch_composition, load_rm_data
 from megarlhf.data.tokenizer import load_tokenizer
 from megarlhf.models.arch import ArchError, arch_summary
 from megarlhf.models.builder import ModelBuildError, check_fp8, use_transformer_engine
+from megarlhf.planning.checks import vllm_install_errors
 from megarlhf.weights.validate import HFValidationError, inspect_hf_dir
 
 RL_KINDS = ("ppo", "grpo", "dpo")
@@ -226,7 +229,7 @@ def preflight(job: JobConfig, *, data: bool = True, outputs: bool = True,
     """Raises one :class:`ConfigError` listing :func:`preflight_errors` (and, with
     ``require_inputs``, :func:`missing_input_errors`); returns the missing inputs otherwise
     (notes for ``plan``)."""
-    missing = missing_input_errors(job)
+    missing = missing_input_errors(job) + vllm_install_errors(job)
     errors = (missing if require_inputs else []) + preflight_errors(job, data=data,
                                                                      outputs=outputs)
     if errors:

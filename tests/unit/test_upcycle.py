@@ -85,3 +85,30 @@ def test_cli_upcycle(dense, tmp_path, capsys):
     assert main(["convert", "upcycle", "--hf-dir", src, "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert "not empty" in err and "Traceback" not in err
+
+
+def test_upcycle_keeps_llama3_rope_scaling(tmp_path):
+    """Broken: a Llama-3.x checkpoint (``rope_scaling`` of type llama3 beside ``rope_theta``,
+    as its config.json has them) is upcycled with plain RoPE: the MoE silently computes another
+    function (measured 1.7e-2 nats off on 200 tokens before the fix)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megarlhf.models.families import arch_spec
+
+    src = tmp_path / "llama31"
+    save_tiny_hf_model(str(src), tiny_arch("llama", num_layers=2, vocab_size=64, max_pos=512),
+                       seed=1)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg["rope_theta"] = 500000.0
+    cfg["rope_scaling"] = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 32, "rope_type": "llama3"}
+    (src / "config.json").write_text(json.dumps(cfg))
+    dense = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    out = upcycle_to_mixtral(str(src), str(tmp_path / "moe"), num_experts=4, topk=2)
+    moe = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert moe.config.rope_parameters == dense.config.rope_parameters
+    ids = torch.randint(3, 64, (2, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (moe(ids).logits - dense(ids).logits).abs().max().item() < 1e-5
+    arch_spec(AutoConfig.from_pretrained(out))  # megarlhf's Mixtral family takes it
