@@ -35,6 +35,7 @@ import torch
 
 from megarlhf.config import JobConfig
 from megarlhf.config.validate import active_roles
+from megarlhf.observability.logs import LOG_DIR_ENV
 from megarlhf.planning.placement import (
     NodeSlots,
     PlacementError,
@@ -67,7 +68,14 @@ class Cluster:
     def __init__(self, job: JobConfig, *, roles: list[str] | None = None, rollout: bool = True,
                  pad_id: int = 0):
         self.job = job
-        init_ray(job)
+        # Worker output (vLLM's, megatron's, Ray's own) goes to <output_dir>/logs, not the
+        # driver's console (observability.logs).
+        if job.output_dir:  # Ray's own messages go through logging (to logs/driver.log) too
+            init_ray(job, log_to_driver=False, configure_logging=False)
+        else:
+            init_ray(job)
+        env = {LOG_DIR_ENV: os.path.join(os.path.abspath(job.output_dir), "logs")} \
+            if job.output_dir else {}
         self.plan = plan_placement(job)
         self.placement = ClusterPlacement(self.plan, slot_resource_for(job))
         self.groups: dict[str, WorkerGroup] = {}
@@ -86,17 +94,17 @@ class Cluster:
                                          or not self._shares_pool("rollout", set(wanted)))
             if overlap:
                 self.rollout = RolloutGroup.create(
-                    self.placement, RolloutSpec.from_job(job), wait=False)
+                    self.placement, RolloutSpec.from_job(job), wait=False, env=env)
             for role in wanted:
                 spec = RoleSpec.from_job(job, role, pad_id=pad_id)
-                self.groups[role] = WorkerGroup.create(self.placement, spec)
+                self.groups[role] = WorkerGroup.create(self.placement, spec, env=env)
                 rc = active_roles(job)[role]
                 self._offloadable[role] = bool(rc.offload)
             if overlap:
                 self.rollout.wait_started()
             elif start_rollout:
                 self.rollout = RolloutGroup.create(
-                    self.placement, RolloutSpec.from_job(job))
+                    self.placement, RolloutSpec.from_job(job), env=env)
         except BaseException:
             self.shutdown()
             raise

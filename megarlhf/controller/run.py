@@ -43,6 +43,7 @@ from megarlhf.controller.cluster import Cluster
 from megarlhf.controller.session import Session
 from megarlhf.data.job_data import load_job_tokenizer
 from megarlhf.observability.divergence import check_finite
+from megarlhf.observability.logs import setup_driver_logging
 from megarlhf.planning import validate
 from megarlhf.workers import GroupBrokenError, WorkerDiedError, WorkerError, WorkerTimeoutError
 
@@ -129,6 +130,7 @@ class Trainer:
         if sizes is not None:  # known before the session writes anything into output_dir
             check_resume_data(job, sizes)
         self.session = session = Session(job, total_steps=job.train.steps, desc=self.desc)
+        setup_driver_logging(session.output_dir)  # other libraries' output: logs/, not here
         last, metrics, hf_dir = 0, {}, None
         try:
             self.prepare()

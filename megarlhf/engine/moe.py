@@ -61,14 +61,12 @@ class _Replay:
 
     ``current``: the expert ids for the tokens of the micro-batch about to run, ``(n, k)`` in
     the router's token order, -1 rows route themselves; None routes every token normally.
-    ``recorded``: when a list, the experts actually used are appended to it (tests, debugging).
     """
 
     def __init__(self, recompute: bool):
         self.recompute = recompute
         self.current: torch.Tensor | None = None
         self._backlog: deque = deque()
-        self.recorded: list[torch.Tensor] | None = None
 
     def get_replay_topk(self, scores, topk, num_groups=None, group_topk=None,
                         default_compute_topk=None):
@@ -90,8 +88,6 @@ class _Replay:
             use = (target >= 0).all(dim=1, keepdim=True)
             idx = torch.where(use, target.long(), idx)
             probs = scores.gather(1, idx)
-        if self.recorded is not None and not recomputing:
-            self.recorded.append(idx.detach().cpu())
         return probs, idx
 
     grad_step = False  # a training step is running (set by MoEHooks.begin / end)
@@ -275,15 +271,6 @@ class MoEHooks:
             r.clear()
 
     # ------------------------------------------------------------------ helpers
-    def record_routing(self, enable: bool = True) -> None:
-        """Keeps the experts every router of this rank uses (replay mode only; tests)."""
-        for r in self._replays.values():
-            r.recorded = [] if enable else None
-
-    def recorded(self) -> dict[int, list[torch.Tensor]]:
-        """Global layer -> the (tokens, k) expert ids used, one tensor per router call."""
-        return {gl: list(r.recorded or []) for gl, r in self._replays.items()}
-
     def _router_order(self, t: torch.Tensor) -> torch.Tensor:
         """``(b, s, ...)`` per-token values -> the order a router of this rank sees tokens:
         ``(s, b)`` flattened s-major, this TP rank's sequence block under SP."""
@@ -333,7 +320,6 @@ def _aux_tokens(mb: MicroBatch) -> int:
     for an empty filler micro-batch (see :meth:`MoEHooks.padding_mask`)."""
     n = int(_real_tokens(mb).sum())
     return n if n > 0 else mb.input_ids.numel()
-
 
 
 def _real_tokens(mb: MicroBatch) -> torch.Tensor:

@@ -149,10 +149,6 @@ class ArchSpec:
     hf_config: Any  # the transformers PretrainedConfig it was read from
     moe: MoESpec | None = None  # None for dense models
 
-    @property
-    def is_moe(self) -> bool:
-        return self.moe is not None
-
     def padded_vocab_size(self, tp: int, multiple: int) -> int:
         """Vocabulary padded to a multiple of ``multiple * tp`` (megatron's convention)."""
         m = multiple * tp

@@ -85,10 +85,6 @@ class ParallelLayout:
         """Expert data-parallel size: replicas of each expert shard."""
         return self.tp * self.cp * self.dp // (self.expert_tp * self.ep)
 
-    @property
-    def model_parallel_size(self) -> int:
-        return self.tp * self.pp * self.cp
-
     def coords(self, rank: int) -> dict[str, int]:
         """``{"tp", "cp", "dp", "pp"}`` of ``rank`` in megatron's order (tp fastest, then cp,
         dp, pp: ``rank = tp + TP*(cp + CP*(dp + DP*pp))``)."""
@@ -154,10 +150,6 @@ class ParallelContext:
     ep_group: Any = field(repr=False, default=None)
     etp_group: Any = field(repr=False, default=None)
     edp_group: Any = field(repr=False, default=None)
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
 
     @property
     def is_last_stage(self) -> bool:

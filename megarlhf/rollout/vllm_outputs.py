@@ -108,8 +108,8 @@ def convert_request_outputs(
         )
     results = []
     for j, (out, prompt) in enumerate(zip(request_outputs, prompt_token_ids, strict=True)):
-        echoed = getattr(out, "prompt_token_ids", None)
-        if echoed is not None and list(echoed) != list(prompt):
+        echoed = out.prompt_token_ids  # vLLM echoes every request's prompt
+        if echoed is None or list(echoed) != list(prompt):
             raise RuntimeError(f"vLLM output {j} belongs to another prompt (outputs out of order)")
         completions = sorted(out.outputs, key=lambda c: c.index)
         if len(completions) != params.n:

@@ -100,9 +100,6 @@ class StudyPlan:
     runs: list[Run]
     instances: dict[str, JobInstance]  # in an order where every dependency comes first
 
-    def run_instances(self, run: Run) -> list[JobInstance]:
-        return [self.instances[k] for k in run.jobs.values()]
-
 
 def _label(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value)

@@ -48,6 +48,7 @@ from megarlhf.config.schema import JobConfig, ModelConfig, OptimizerConfig
 from megarlhf.config.validate import active_roles, trained_roles
 from megarlhf.engine.engine import MegatronEngine
 from megarlhf.models.builder import build_model
+from megarlhf.observability.logs import setup_worker_logging
 from megarlhf.parallel.layout import ParallelLayout, initialize_parallel
 from megarlhf.platform import current_platform, init_platform
 from megarlhf.weights.loader import load_hf_dir
@@ -136,6 +137,7 @@ class RoleWorker:
                  threads: int | None = None, share: int = 1):
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks on demand (hangs)
         os.environ.update(env or {})
+        setup_worker_logging(role, rank)  # this process's output to the run's logs/
         self.role = role
         self.rank = rank
         self.world_size = world_size

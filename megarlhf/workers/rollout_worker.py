@@ -45,6 +45,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from megarlhf.config.schema import JobConfig
+from megarlhf.observability.logs import setup_worker_logging
 from megarlhf.workers.dispatch import Collect, Dispatch, RankInfo, register
 from megarlhf.workers.group import ActorGroup
 
@@ -130,6 +131,7 @@ class RolloutWorker:
                  threads: int | None = None, share: int = 1):
         faulthandler.register(signal.SIGUSR1, all_threads=True)
         os.environ.update(env or {})
+        setup_worker_logging("rollout", replica)  # vLLM's output to the run's logs/
         import torch
 
         from megarlhf.rollout import default_rollout_kind, make_rollout_engine

@@ -37,6 +37,17 @@ def test_demo_rl_beats_sft(demo_run):
     assert s["minutes"] < 15, s
 
 
+def test_demo_keeps_library_output_in_its_log_files(demo_run):
+    """If this fails, vLLM's, megatron's and Ray's messages flood the demo's console again
+    (they belong in each stage's logs/), or a stage's workers wrote no log file."""
+    grpo_logs = os.path.join(demo_run["dir"], "grpo", "logs")
+    names = sorted(os.listdir(grpo_logs))
+    assert {"driver.log", "actor-0.log", "actor-1.log", "rollout-0.log"} <= set(names), names
+    with open(os.path.join(grpo_logs, "rollout-0.log"), errors="replace") as f:
+        rollout = f.read()
+    assert "vllm" in rollout.lower()  # vLLM's start-up output landed here, not on the console
+
+
 def test_demo_logs_every_metric_to_tensorboard(demo_run):
     """If this fails, a metric of methods.md 2.5 (or a phase timing) is missing from the logs."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -337,6 +337,30 @@ def test_resume_errors_come_before_ray(case, needle, inputs, tmp_path, capsys):
     expect(code_err, 2, needle)
 
 
+@pytest.mark.parametrize("case,needle", [
+    ("layout", "is not one megarlhf reads"),
+    ("config", "records a model config megarlhf cannot read"),
+])
+def test_unreadable_saved_state_is_refused_not_skipped(case, needle, inputs, tmp_path, capsys):
+    """If this fails, a checkpoint whose saved layout or model config megarlhf cannot read
+    passes the resume checks (they were skipped on any exception) and fails later, in a
+    worker."""
+    out = str(tmp_path / "run")
+    _saved_run(inputs, out, {"bogus": 1} if case == "layout" else TP1, 60)
+    if case == "config":
+        meta = os.path.join(out, "checkpoints", "step_000002", "actor", "model",
+                            "megarlhf_checkpoint.json")
+        with open(meta) as f:
+            d = json.load(f)
+        d["hf_config"] = {"model_type": "no_such_family"}
+        with open(meta, "w") as f:
+            json.dump(d, f)
+    cfg = write_config(str(tmp_path / "sft.yaml"), sft_config(inputs, out))
+    code_err = run_cli(["train", "sft", cfg, "--resume"], inputs, tmp_path, capsys,
+                       output=os.path.join(out, ".megarlhf-output"))
+    expect(code_err, 2, needle)
+
+
 def test_demo_stages_are_checked_before_the_first_one_runs(inputs, tmp_path, capsys):
     """If this fails, `demo --rl-steps 0` runs SFT and the reward model before refusing."""
     out = tmp_path / "demo"

@@ -245,6 +245,9 @@ def test_output_conversion_errors():
         run(wrong_token)
     with pytest.raises(RuntimeError, match="another prompt"):
         run(completion(0, [1]), prompt=(9,))
+    with pytest.raises(RuntimeError, match="another prompt"):  # no echo: the order is unknown
+        convert_request_outputs([SimpleNamespace(prompt_token_ids=None,
+                                                 outputs=[completion(0, [1])])], [[4]], params)
     with pytest.raises(RuntimeError, match="2 samples for prompt 0, expected n=1"):
         two = [completion(0, [1]), completion(1, [1])]
         convert_request_outputs([SimpleNamespace(prompt_token_ids=[4], outputs=two)], [[4]], params)
