@@ -307,18 +307,16 @@ class VLLMRolloutEngine(RolloutEngine):
             raise ValueError(
                 f"weight_bucket_bytes must be a positive integer, got {weight_bucket_bytes!r}"
             )
-        model_config = getattr(llm, "model_config", None)
-        mode = getattr(model_config, "logprobs_mode", None)
+        model_config = llm.model_config
+        mode = model_config.logprobs_mode
         if mode != LOGPROBS_MODE:
             raise ValueError(
                 f"the vLLM LLM was built with logprobs_mode={mode!r}; the rollout contract needs "
                 f"{LOGPROBS_MODE!r} (build it with build_llm_kwargs / VLLMRolloutEngine.create)"
             )
         self._llm = llm
-        self._sleep_mode_enabled = bool(getattr(model_config, "enable_sleep_mode", True))
-        self._vocab_size = None
-        if model_config is not None and hasattr(model_config, "get_vocab_size"):
-            self._vocab_size = int(model_config.get_vocab_size())
+        self._sleep_mode_enabled = bool(model_config.enable_sleep_mode)
+        self._vocab_size = int(model_config.get_vocab_size())
         self.weight_bucket_bytes = weight_bucket_bytes
         self.sleep_level = sleep_level
         self._sampling_params_factory = sampling_params_factory

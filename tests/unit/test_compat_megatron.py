@@ -102,3 +102,27 @@ def test_torch_cpu_items_are_checked(monkeypatch):
     monkeypatch.delattr(torch.autograd.graph, "_engine_run_backward")
     with pytest.raises(cpu_compat.TorchCompatError, match="_engine_run_backward"):
         cpu_compat.check_torch_items()
+
+
+def test_auto_layers_without_transformer_engine_on_a_gpu_warn(monkeypatch, caplog):
+    """Broken: under transformer_impl auto a GPU machine whose Transformer Engine is missing or
+    broken builds megatron's local layers silently (more activation memory than planned, no
+    FP8); on CPU the local layers are expected and say nothing."""
+    import logging
+
+    import torch
+
+    from megarlhf.config.schema import ModelConfig
+    from megarlhf.models import builder
+
+    cfg = ModelConfig(arch={"model_type": "llama"})
+    monkeypatch.setattr(builder, "_warned", [])
+    with caplog.at_level(logging.WARNING, logger="megarlhf.models.builder"):
+        assert builder.use_transformer_engine(cfg) is False  # this box: no CUDA, no TE
+        assert caplog.records == []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(builder, "te_status",
+                            lambda: (False, "is installed but does not import (OSError: x)"))
+        assert builder.use_transformer_engine(cfg) is False
+    (rec,) = caplog.records
+    assert "does not import" in rec.getMessage() and "local layers" in rec.getMessage()
