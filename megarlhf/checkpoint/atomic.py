@@ -19,17 +19,34 @@ MARKER = ".megarlhf-output"
 MARKER_FORMAT = "megarlhf.output"
 
 
-def write_marker(directory: str, writer: str) -> None:
-    """Marks ``directory`` as megarlhf's output (written by ``writer``, e.g. "train sft")."""
+def write_marker(directory: str, writer: str, files: list[str] | None = None) -> None:
+    """Marks ``directory`` as megarlhf's output (written by ``writer``, e.g. "train sft");
+    ``files``: every file megarlhf wrote there (relative paths), for a directory replaced as a
+    whole (:func:`publish`), so that a replacement can tell a file added later from its own."""
     path = os.path.join(directory, MARKER)
     info = {"format": MARKER_FORMAT, "writer": writer,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds")}
+    if files is not None:
+        info["files"] = sorted(files)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(info, f)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def relative_files(directory: str) -> list[str]:
+    """Every file (and symlink) under ``directory`` as a path relative to it, the marker
+    excluded."""
+    out = []
+    for root, dirs, files in os.walk(directory):
+        rel = os.path.relpath(root, directory)
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            p = os.path.normpath(os.path.join(rel, name))
+            if p != MARKER:
+                out.append(p)
+    return sorted(out)
 
 
 def read_marker(directory: str) -> dict[str, Any] | None:
@@ -69,7 +86,7 @@ def publish(tmp_dir: str, final_dir: str, overwrite: bool = False,
         FileExistsError: ``final_dir`` exists and ``overwrite`` is False.
     """
     final_dir = os.path.abspath(final_dir).rstrip(os.sep)
-    write_marker(tmp_dir, writer)
+    write_marker(tmp_dir, writer, files=relative_files(tmp_dir))
     fsync_tree(tmp_dir)
     old = None
     if os.path.lexists(final_dir):

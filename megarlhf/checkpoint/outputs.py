@@ -28,7 +28,13 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from megarlhf.checkpoint.atomic import MARKER, MARKER_FORMAT, read_marker, write_marker
+from megarlhf.checkpoint.atomic import (
+    MARKER,
+    MARKER_FORMAT,
+    read_marker,
+    relative_files,
+    write_marker,
+)
 from megarlhf.checkpoint.model import FORMAT as CKPT_FORMAT
 from megarlhf.checkpoint.model import MARKER as CKPT_MARKER
 from megarlhf.checkpoint.model import CheckpointError, read_checkpoint_meta
@@ -45,11 +51,61 @@ __all__ = ["MARKER", "MARKER_FORMAT", "read_marker", "write_marker"]  # re-expor
 # step labels) is a cache keyed on its inputs and settings that a new run in the same directory
 # reuses on purpose; it is neither a previous run nor replaced.
 RUN_OUTPUTS = ("config.yaml", "tensorboard", "checkpoints", "hf", "rm_eval.json", "bon.json",
-               "bon_samples.jsonl", "prm_step_labels.json.tmp")
+               "bon_samples.jsonl", "prm_step_labels.json.tmp", "logs")
 # A checkpoint root (checkpoint.dir): step directories and the pointer.
 CHECKPOINT_OUTPUTS = ("latest", "step_*", ".latest.tmp-*")
 # What the demo writes into its --output-dir.
 DEMO_OUTPUTS = ("data", "sft", "rm", "rm_data", "grpo", "summary.json")
+
+
+def run_files(ck: str = "checkpoints", prefix: str = "") -> tuple[str, ...]:
+    """The files a run writes inside its own entries (fnmatch patterns relative to its output
+    directory, ``*`` spanning directories), ``ck`` its checkpoint directory's name: what an
+    ``--overwrite`` may delete. Inside a directory whose marker records its files (every model
+    megarlhf publishes: ``hf/``, a checkpoint's model) that record is used instead; the
+    patterns cover what is written file by file (and exports of older megarlhf versions)."""
+    pats = ("config.yaml", "rm_eval.json", "bon.json", "bon_samples.jsonl",
+            "prm_step_labels.json.tmp", "tensorboard/events.out.tfevents.*",
+            "tensorboard/metrics.jsonl", "logs/*.log", f"{ck}/latest", f"{ck}/.latest.tmp-*",
+            f"{ck}/step_*/COMPLETE", f"{ck}/step_*/driver_state.json",
+            f"{ck}/step_*/*/rank_*.pt", f"{ck}/step_*/*/model/*", "hf/*")
+    return tuple(prefix + p for p in pats)
+
+
+DEMO_FILES = ("summary.json", "data/*.jsonl", "data/tokenizer.model", "data/tokenizer.vocab",
+              "rm_data/*.jsonl", "rm_data/summary.json") + run_files(prefix="sft/") + \
+    run_files(prefix="rm/") + run_files(prefix="grpo/")
+
+
+def foreign_files(path: str, own: Sequence[str], files: Sequence[str]) -> list[str]:
+    """Files inside ``path``'s own entries (``own``) that megarlhf did not write: under a
+    directory whose marker records its files, those not recorded; elsewhere those no pattern of
+    ``files`` matches (relative paths, sorted)."""
+    import fnmatch
+
+    out = []
+    for top in _entries(path):
+        if top == MARKER or not _matches(top, own):
+            continue
+        start = os.path.join(path, top)
+        if not os.path.isdir(start) or os.path.islink(start):
+            if not any(fnmatch.fnmatchcase(top, p) for p in files) and top not in own:
+                out.append(top)
+            continue
+        for root, dirs, names in os.walk(start):
+            rel_root = os.path.relpath(root, path)
+            info = read_marker(root)
+            if info is not None and isinstance(info.get("files"), list):
+                recorded = set(info["files"])
+                out += [os.path.normpath(os.path.join(rel_root, f))
+                        for f in relative_files(root) if f not in recorded]
+                dirs[:] = []
+                continue
+            for n in names:
+                rel = os.path.normpath(os.path.join(rel_root, n))
+                if n != MARKER and not any(fnmatch.fnmatchcase(rel, p) for p in files):
+                    out.append(rel)
+    return sorted(out)
 
 
 class OutputError(ValueError):
@@ -157,7 +213,8 @@ def _listing(names: Sequence[str], n: int = 5) -> str:
 def dir_errors(path: str, *, what: str, own: Sequence[str], resume: bool = False,
                overwrite: bool = False, resume_flag: str | None = "--resume",
                overwrite_flag: str = "--overwrite",
-               legacy: Callable[[str], bool] | None = None) -> list[str]:
+               legacy: Callable[[str], bool] | None = None,
+               files: Sequence[str] | None = None) -> list[str]:
     """Whether ``path`` may be written as a directory megarlhf fills entry by entry.
 
     Args:
@@ -168,6 +225,8 @@ def dir_errors(path: str, *, what: str, own: Sequence[str], resume: bool = False
         overwrite: replacing megarlhf's own entries is intended.
         resume_flag, overwrite_flag: how the user asks for either (None: no resume).
         legacy: recognises an unmarked directory of an older megarlhf as its own.
+        files: the files megarlhf writes inside its own entries (:func:`foreign_files`); with
+            ``overwrite``, a file among them that megarlhf did not write is refused, not deleted.
     """
     if not os.path.lexists(path):
         return []
@@ -186,6 +245,12 @@ def dir_errors(path: str, *, what: str, own: Sequence[str], resume: bool = False
         ask = (f"pass {resume_flag} to continue it, " if resume_flag else "pass ") + \
             f"{overwrite_flag} to replace it (megarlhf's own files only), or choose another {what}"
         return [f"{what} = {path} holds a previous run ({_listing(previous)}); {ask}"]
+    if previous and overwrite and not resume and files is not None:
+        foreign = foreign_files(path, own, files)
+        if foreign:
+            return [f"{what} = {path}: {overwrite_flag} would delete files megarlhf did not "
+                    f"write inside its earlier output ({_listing(foreign)}); move them, or "
+                    f"choose another {what}"]
     return []
 
 
@@ -207,7 +272,8 @@ def clear_own_entries(path: str, own: Sequence[str]) -> list[str]:
 def claim_dir(path: str, *, writer: str, what: str, own: Sequence[str], resume: bool = False,
               overwrite: bool = False, inputs: Mapping[str, str] | None = None,
               resume_flag: str | None = "--resume", overwrite_flag: str = "--overwrite",
-              legacy: Callable[[str], bool] | None = None) -> None:
+              legacy: Callable[[str], bool] | None = None,
+              files: Sequence[str] | None = None) -> None:
     """Checks ``path`` (:func:`dir_errors`, :func:`overlap_errors`), then creates and marks it;
     with ``overwrite`` megarlhf's own entries of a previous run are removed first.
 
@@ -216,7 +282,7 @@ def claim_dir(path: str, *, writer: str, what: str, own: Sequence[str], resume: 
     """
     errors = overlap_errors({what: path}, inputs or {}) + dir_errors(
         path, what=what, own=own, resume=resume, overwrite=overwrite, resume_flag=resume_flag,
-        overwrite_flag=overwrite_flag, legacy=legacy)
+        overwrite_flag=overwrite_flag, legacy=legacy, files=files)
     if errors:
         raise OutputError(_joined(errors))
     os.makedirs(path, exist_ok=True)
@@ -255,6 +321,17 @@ def target_errors(path: str, *, what: str, inputs: Mapping[str, str], overwrite:
     if not overwrite:
         return [f"{what} = {path} exists (megarlhf output); choose another {what} or pass "
                 f"{overwrite_flag} to replace it"]
+    info = read_marker(path)
+    recorded = info.get("files") if info else None
+    if not isinstance(recorded, list):
+        return [f"{what} = {path} was written by a megarlhf that did not record its files, so "
+                f"{overwrite_flag} cannot tell them from files added since; delete it yourself "
+                f"or choose another {what}"]
+    foreign = sorted(set(relative_files(path)) - set(recorded))
+    if foreign:
+        return [f"{what} = {path} holds files megarlhf did not write ({_listing(foreign)}); "
+                f"{overwrite_flag} replaces only megarlhf's own output: move them, or choose "
+                f"another {what}"]
     return []
 
 
@@ -340,13 +417,18 @@ def run_dir_errors(job) -> list[str]:
     if ck_outside:
         outputs["checkpoint.dir"] = ck
     errors = overlap_errors(outputs, job_inputs(job))
-    errors += dir_errors(job.output_dir, what="output_dir", own=_own_run_entries(job),
+    own = _own_run_entries(job)
+    ck_name = own[-1] if len(own) > len(RUN_OUTPUTS) else "checkpoints"
+    errors += dir_errors(job.output_dir, what="output_dir", own=own,
                          resume=resume, overwrite=overwrite, resume_flag=resume_flag,
-                         overwrite_flag=overwrite_flag, legacy=_is_legacy_run_dir)
+                         overwrite_flag=overwrite_flag, legacy=_is_legacy_run_dir,
+                         files=run_files(ck_name))
     if ck_outside:
         errors += dir_errors(ck, what="checkpoint.dir", own=CHECKPOINT_OUTPUTS, resume=resume,
                              overwrite=overwrite, resume_flag=resume_flag,
-                             overwrite_flag=overwrite_flag, legacy=_is_checkpoint_root)
+                             overwrite_flag=overwrite_flag, legacy=_is_checkpoint_root,
+                             files=tuple(p.split("/", 1)[1] for p in run_files("c")
+                                         if p.startswith("c/")))
     if resume and not errors:
         errors += resume_errors(job)
     return errors

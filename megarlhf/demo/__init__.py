@@ -125,14 +125,14 @@ def run_demo(out_dir: str = "outputs/demo", *, sft_steps: int | None = None,
     ``out_dir`` must be new, empty or an earlier demo's (replaced with ``overwrite``: the
     demo's own entries only). Every stage's config is checked before the first one starts.
     """
-    from megarlhf.checkpoint.outputs import DEMO_OUTPUTS, claim_dir
+    from megarlhf.checkpoint.outputs import DEMO_FILES, DEMO_OUTPUTS, claim_dir
     from megarlhf.controller.rl import train_rl
     from megarlhf.controller.sft import train_sft
 
     out_dir = os.path.abspath(out_dir)
     check_stages(out_dir, sft_steps=sft_steps, rl_steps=rl_steps, reward=reward)
     claim_dir(out_dir, writer="demo", what="--output-dir", own=DEMO_OUTPUTS,
-              overwrite=overwrite, resume_flag=None, legacy=_is_demo_dir)
+              overwrite=overwrite, resume_flag=None, legacy=_is_demo_dir, files=DEMO_FILES)
     t0 = time.time()
     summary: dict[str, Any] = {"output_dir": out_dir}
     bar = [f"logging.progress_bar={'true' if progress else 'false'}"]

@@ -115,6 +115,37 @@ def test_convert_overwrite_never_deletes_a_foreign_folder(inputs, tmp_path, caps
            f"--out = {out} holds files megarlhf did not write (thesis.tex)")
 
 
+@pytest.mark.parametrize("direction", ["hf-to-megatron", "megatron-to-hf"])
+def test_convert_overwrite_keeps_a_users_file_in_its_earlier_output(direction, inputs, tmp_path,
+                                                                     capsys):
+    """If this fails, `convert --out DIR --overwrite`, where DIR is an earlier megarlhf output
+    to which the user added a file, replaces the whole directory: the user's file is gone."""
+    out = tmp_path / "earlier"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "weights.bin").write_text("megarlhf's")
+    write_marker(str(out), "convert", files=["model/weights.bin"])
+    (out / "model" / "my_notes.txt").write_text("the user's")
+    src = ["--hf-dir", inputs["lm"]] if direction == "hf-to-megatron" else \
+        ["--ckpt", inputs["ckpt"]] if "ckpt" in inputs else ["--ckpt", inputs["lm"]]
+    expect(run_cli(["convert", direction, *src, "--out", out, "--overwrite"], inputs, tmp_path,
+                   capsys), 2, "holds files megarlhf did not write (model/my_notes.txt)")
+    assert (out / "model" / "my_notes.txt").read_text() == "the user's"
+
+
+def test_train_overwrite_keeps_a_users_file_inside_its_earlier_run(inputs, tmp_path, capsys):
+    """If this fails, `train --overwrite` deletes a file the user put inside the previous run's
+    own directories (tensorboard/, hf/, checkpoints/) along with them."""
+    out = str(tmp_path / "run")
+    previous_run(out)
+    os.makedirs(os.path.join(out, "tensorboard"))
+    open(os.path.join(out, "tensorboard", "metrics.jsonl"), "w").write("{}\n")
+    open(os.path.join(out, "tensorboard", "my_analysis.ipynb"), "w").write("keep")
+    cfg = write_config(str(tmp_path / "sft.yaml"), sft_config(inputs, out))
+    expect(run_cli(["train", "sft", cfg, "--overwrite"], inputs, tmp_path, capsys), 2,
+           "would delete files megarlhf did not write", "tensorboard/my_analysis.ipynb")
+    assert open(os.path.join(out, "tensorboard", "my_analysis.ipynb")).read() == "keep"
+
+
 def test_convert_out_inside_its_checkpoint_is_refused(inputs, tmp_path, capsys):
     """If this fails, megatron-to-hf writes (and on --overwrite deletes) inside its input."""
     ck = tmp_path / "ck"
@@ -474,3 +505,8 @@ def test_demo_reruns_only_with_overwrite(inputs, tmp_path, capsys, monkeypatch):
     with pytest.raises(Stop):
         run_demo(str(out), progress=False, overwrite=True)
     assert (out / "my_notes.txt").read_text() == "keep"
+    # A file of the user's inside one of the demo's own entries: refused, kept.
+    (out / "data" / "my_prompts.txt").write_text("keep too")
+    expect(run_cli(["demo", "--output-dir", out, "--overwrite"], inputs, tmp_path, capsys), 2,
+           "would delete files megarlhf did not write", "data/my_prompts.txt")
+    assert (out / "data" / "my_prompts.txt").read_text() == "keep too"

@@ -192,12 +192,24 @@ def test_whole_directory_targets(tmp_path):
     with pytest.raises(O.OutputError, match="did not write"):
         O.check_target(str(foreign), what="--out", inputs={}, overwrite=True)
     own = tmp_path / "own"
-    own.mkdir()
+    (own / "sub").mkdir(parents=True)
     (own / "model.safetensors").write_text("x")
-    O.write_marker(str(own), "convert")
+    (own / "sub" / "shard.bin").write_text("x")
+    O.write_marker(str(own), "convert", files=["model.safetensors", "sub/shard.bin"])
     with pytest.raises(O.OutputError, match="pass --overwrite"):
         O.check_target(str(own), what="--out", inputs={}, overwrite=False)
     assert O.check_target(str(own), what="--out", inputs={}, overwrite=True)
+    # A file the user added to megarlhf's output, at any depth: refused, named.
+    (own / "sub" / "notes.txt").write_text("mine")
+    with pytest.raises(O.OutputError, match=r"did not write \(sub/notes.txt\)"):
+        O.check_target(str(own), what="--out", inputs={}, overwrite=True)
+    # An older output that recorded no files: refused (cannot tell them apart), not deleted.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "model.safetensors").write_text("x")
+    O.write_marker(str(old), "convert")
+    with pytest.raises(O.OutputError, match="did not record its files"):
+        O.check_target(str(old), what="--out", inputs={}, overwrite=True)
     with pytest.raises(O.OutputError, match="--out = .* is --hf-dir"):
         O.check_target(src, what="--out", inputs={"--hf-dir": src}, overwrite=True)
     run = tmp_path / "run"  # a whole training run is never replaced by one model
