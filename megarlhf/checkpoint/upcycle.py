@@ -28,13 +28,14 @@ _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".index.json")
 
 
 def _read_dense(src_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
+    """The dense source's config.json and tensors, after the checks every conversion runs
+    (:func:`megarlhf.weights.validate.inspect_hf_dir`: a readable config of a supported
+    family, readable safetensors whose names and shapes match it)."""
+    from megarlhf.weights.hf_io import HFCheckpointReader
+    from megarlhf.weights.validate import inspect_hf_dir
 
-    cfg_path = os.path.join(src_dir, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"upcycle: {src_dir} has no config.json (an HF model directory?)")
-    with open(cfg_path, encoding="utf-8") as f:
-        cfg = json.load(f)
+    info = inspect_hf_dir(src_dir, head="lm")
+    cfg = info.raw_config
     mt = cfg.get("model_type")
     if mt not in _DENSE_TYPES:
         raise ValueError(
@@ -42,13 +43,8 @@ def _read_dense(src_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
             f"{' or '.join(_DENSE_TYPES)} model (same attention, a SwiGLU MLP to copy)")
     if cfg.get("mlp_bias") or cfg.get("attention_bias"):
         raise ValueError("upcycle: biased MLP/attention layers have no Mixtral counterpart")
-    files = sorted(f for f in os.listdir(src_dir) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"upcycle: {src_dir} has no *.safetensors weights")
-    sd: dict[str, torch.Tensor] = {}
-    for name in files:
-        sd.update(load_file(os.path.join(src_dir, name)))
-    return cfg, sd
+    reader = HFCheckpointReader(src_dir)
+    return cfg, {name: reader.get(name) for name in info.names}
 
 
 def _rope_parameters(src_dir: str) -> dict:
@@ -65,6 +61,20 @@ def _rope_parameters(src_dir: str) -> dict:
                 and k != "original_max_position_embeddings" else v) for k, v in rope.items()}
 
 
+def _check_buildable(mix: dict) -> None:
+    """Refuses a Mixtral config megarlhf would not load (top-1 routing, ...), naming the
+    upcycle option that produced it, before anything is written."""
+    from megarlhf.models.arch import ArchError, hf_config_from_dict
+    from megarlhf.models.families import UnsupportedArchitecture, arch_spec
+
+    try:
+        arch_spec(hf_config_from_dict(dict(mix)))
+    except (ArchError, UnsupportedArchitecture) as e:
+        raise ValueError(f"upcycle: megarlhf could not load the Mixtral this would write "
+                         f"(--experts {mix['num_local_experts']}, --topk "
+                         f"{mix['num_experts_per_tok']}): {e}; nothing was written") from None
+
+
 def upcycle_to_mixtral(
     src_dir: str,
     out_dir: str,
@@ -74,21 +84,35 @@ def upcycle_to_mixtral(
     router_std: float = 0.02,
     router_aux_loss_coef: float = 0.01,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> str:
     """Writes the upcycled Mixtral checkpoint of the dense model in ``src_dir`` to ``out_dir``
-    (which must not exist or be empty); returns ``out_dir``."""
+    (new, empty, or - with ``overwrite`` - an earlier megarlhf output holding only its own
+    files); returns ``out_dir``. Everything is checked before anything is written: the source
+    (:func:`_read_dense`), ``out_dir`` apart from it, and that megarlhf builds the Mixtral
+    config it is about to write.
+
+    Raises:
+        ValueError: the first problem found (:class:`~megarlhf.weights.validate.HFValidationError`
+            for the source), naming what to change.
+    """
     if not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"upcycle: num_experts must be a positive integer, got {num_experts!r}")
     if not isinstance(topk, int) or not 1 <= topk <= num_experts:
         raise ValueError(f"upcycle: topk must be an integer in [1, {num_experts}], got {topk!r}")
     if not router_std > 0:
         raise ValueError(f"upcycle: router_std must be > 0, got {router_std!r}")
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"upcycle: {out_dir} exists and is not empty; name a new directory")
+    from megarlhf.checkpoint.outputs import OutputError, check_target
+
+    try:
+        replace = check_target(out_dir, what="--out", inputs={"--hf-dir": src_dir},
+                               overwrite=overwrite)
+    except OutputError as e:
+        raise ValueError(f"upcycle: {e}") from None
     cfg, dense = _read_dense(src_dir)
     from safetensors.torch import save_file
 
-    n_layers = int(cfg["num_hidden_layers"])
+    n_layers = int(cfg["num_hidden_layers"])  # checked by inspect_hf_dir
     hidden = int(cfg["hidden_size"])
     g = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
@@ -147,6 +171,7 @@ def upcycle_to_mixtral(
         "pad_token_id": cfg.get("pad_token_id"),
         "dtype": cfg.get("dtype", cfg.get("torch_dtype", "float32")),
     }
+    _check_buildable(mix)
     tmp = temp_dir_for(out_dir)
     if os.path.lexists(tmp):
         raise FileExistsError(f"upcycle: {tmp} exists (left by an interrupted run?); remove it")
@@ -160,9 +185,9 @@ def upcycle_to_mixtral(
             if name == "config.json" or name.endswith(_WEIGHT_FILES) or not os.path.isfile(path):
                 continue
             shutil.copy2(path, os.path.join(tmp, name))
-        if os.path.isdir(out_dir):
+        if os.path.isdir(out_dir) and not os.listdir(out_dir):
             os.rmdir(out_dir)  # empty (checked above)
-        publish(tmp, out_dir)
+        publish(tmp, out_dir, overwrite=replace and os.path.lexists(out_dir))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # ours: created above
         raise

@@ -64,6 +64,8 @@ def register(sub) -> None:
     u.add_argument("--aux-loss-coef", type=float, default=0.01,
                    help="router_aux_loss_coef written into the config")
     u.add_argument("--seed", type=int, default=0, help="router init seed")
+    u.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier upcycle output at --out (megarlhf's files only)")
     u.set_defaults(func=_upcycle)
 
 
@@ -81,7 +83,8 @@ def _upcycle(args) -> int:
     try:
         out = upcycle_to_mixtral(args.hf_dir, args.out, num_experts=args.experts,
                                  topk=args.topk, router_std=args.router_std,
-                                 router_aux_loss_coef=args.aux_loss_coef, seed=args.seed)
+                                 router_aux_loss_coef=args.aux_loss_coef, seed=args.seed,
+                                 overwrite=args.overwrite)
     except (ValueError, OSError) as e:
         return _fail(e)
     print(f"megarlhf convert: wrote the upcycled Mixtral ({args.experts} experts, top-"

@@ -244,6 +244,18 @@ def _moe_spec(hf_config) -> MoESpec:
         ffn = hf_config.intermediate_size
         norm = True
         block, names = "block_sparse_moe", ("w1", "w3", "w2")
+    if int(topk) == 1 and norm:
+        # Renormalising one chosen probability makes every routing weight exactly 1: the router
+        # gets no gradient through the output. megatron-core refuses it (top-1 needs the
+        # pre-softmax router, i.e. weights that are not renormalised).
+        fix = ("set norm_topk_prob=false (the chosen expert's softmax probability weights its "
+               "output) or num_experts_per_tok >= 2" if mt == "qwen3_moe" else
+               "Mixtral always renormalises, so use num_experts_per_tok >= 2 (for upcycling: "
+               "--topk 2)")
+        raise UnsupportedArchitecture(
+            f"{mt}: num_experts_per_tok=1 with renormalised routing weights gives every token's "
+            f"expert weight 1 and the router no gradient, which megatron-core does not build; "
+            f"{fix}")
     return MoESpec(num_experts=int(num_experts), ffn_hidden_size=int(ffn), topk=int(topk),
                    norm_topk_prob=norm,
                    aux_loss_coeff=float(getattr(hf_config, "router_aux_loss_coef", 0.0) or 0.0),

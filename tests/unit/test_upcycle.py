@@ -61,15 +61,16 @@ def test_upcycle_refuses_bad_input(dense, tmp_path):
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not empty"):
-        upcycle_to_mixtral(src, str(full))
+    with pytest.raises(ValueError, match="holds files megarlhf did not write"):
+        upcycle_to_mixtral(src, str(full), overwrite=True)
     assert (full / "keep.txt").read_text() == "mine"
     moe_src = tmp_path / "q"
     save_tiny_hf_model(str(moe_src), tiny_arch("qwen3_moe", num_layers=1))
     with pytest.raises(ValueError, match="'qwen3_moe' model; upcycling into Mixtral takes"):
         upcycle_to_mixtral(str(moe_src), str(tmp_path / "b"))
-    with pytest.raises(FileNotFoundError, match="no config.json"):
-        upcycle_to_mixtral(str(tmp_path), str(tmp_path / "c"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        upcycle_to_mixtral(str(tmp_path / "empty"), str(tmp_path / "c"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -80,11 +81,14 @@ def test_cli_upcycle(dense, tmp_path, capsys):
 
     src, _ = dense
     assert main(["convert", "upcycle", "--hf-dir", src, "--out", str(tmp_path / "m"),
-                 "--experts", "2", "--topk", "1"]) == 0
+                 "--experts", "2", "--topk", "2"]) == 0
     assert (tmp_path / "m" / "model.safetensors").is_file()
     assert main(["convert", "upcycle", "--hf-dir", src, "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
-    assert "not empty" in err and "Traceback" not in err
+    assert "pass --overwrite to replace it" in err and "Traceback" not in err
+    assert main(["convert", "upcycle", "--hf-dir", src, "--out", str(tmp_path / "m"),
+                 "--experts", "3", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["num_local_experts"] == 3
 
 
 def test_upcycle_keeps_llama3_rope_scaling(tmp_path):
@@ -112,3 +116,40 @@ def test_upcycle_keeps_llama3_rope_scaling(tmp_path):
     with torch.no_grad():
         assert (moe(ids).logits - dense(ids).logits).abs().max().item() < 1e-5
     arch_spec(AutoConfig.from_pretrained(out))  # megarlhf's Mixtral family takes it
+
+
+def test_upcycle_checks_everything_before_writing(dense, tmp_path, capsys):
+    """Broken (issue 30): a truncated safetensors ends in a traceback; --out inside --hf-dir
+    is accepted (the output lands inside its own input); top-1 routing writes a Mixtral
+    megarlhf then cannot load (megatron-core refuses renormalised top-1); a non-numeric
+    config field surfaces as Python's int() message. Each must be one line, exit 2, nothing
+    written."""
+    import shutil
+
+    from megarlhf.cli import main
+
+    src, _ = dense
+    before = sorted(os.listdir(src))
+    cases = {}
+    trunc = tmp_path / "trunc"
+    shutil.copytree(src, trunc)
+    st = trunc / "model.safetensors"
+    with open(st, "r+b") as f:
+        f.truncate(st.stat().st_size // 2)
+    cases["truncated or corrupt"] = ["--hf-dir", str(trunc), "--out", str(tmp_path / "o1")]
+    cases["is inside --hf-dir"] = ["--hf-dir", src, "--out", os.path.join(src, "moe")]
+    cases["num_experts_per_tok=1 with renormalised"] = [
+        "--hf-dir", src, "--out", str(tmp_path / "o2"), "--topk", "1"]
+    words = tmp_path / "words"
+    shutil.copytree(src, words)
+    cfg = json.loads((words / "config.json").read_text())
+    cfg["num_hidden_layers"] = "two"
+    (words / "config.json").write_text(json.dumps(cfg))
+    cases["num_hidden_layers"] = ["--hf-dir", str(words), "--out", str(tmp_path / "o3")]
+    for expected, argv in cases.items():
+        capsys.readouterr()
+        assert main(["convert", "upcycle", *argv]) == 2, expected
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err and "int()" not in err, err
+    assert sorted(os.listdir(src)) == before
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
