@@ -75,7 +75,14 @@ def user_error_code(e: BaseException) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may come after a flag (`train sft CFG --overwrite output_dir=X`):
+    # argparse ends a positional list at the first flag, so they arrive here as extras.
+    if extra and hasattr(args, "overrides") and all(
+            "=" in a and not a.startswith("-") for a in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     try:
         return int(args.func(args) or 0)

@@ -505,7 +505,12 @@ def resume_errors(job) -> list[str]:
     except OutputError as e:
         return [str(e)]
     if d is None:
-        return []
+        if not is_run_dir(job.output_dir) and not os.path.isdir(root):
+            return [f"checkpoint.resume: output_dir = {job.output_dir} never held a megarlhf "
+                    "run (no checkpoint to continue from, no run marker); drop --resume "
+                    "(checkpoint.resume=true) to start a new run there, or point output_dir at "
+                    "the run to continue"]
+        return []  # the run stopped before its first checkpoint: it starts again from step 0
     errors = []
     try:
         with open(os.path.join(d, "driver_state.json"), encoding="utf-8") as f:

@@ -28,3 +28,14 @@ def check_command_kind(path: str, overrides, kind: str, command: str) -> None:
         raise ConfigError(f"{path} says kind: {declared}, but `megarlhf {command} {kind}` runs "
                           f"kind {kind}; run `megarlhf {command} {declared} {path}`, or change "
                           f"kind in the config")
+
+
+def print_config_warnings(job, command: str) -> None:
+    """Prints :func:`megarlhf.config.validate.config_warnings` (settings that do nothing in
+    this job) to stderr, one line each, before the command starts its work."""
+    import sys
+
+    from megarlhf.config.validate import config_warnings
+
+    for w in config_warnings(job):
+        print(f"megarlhf {command}: warning: {w}", file=sys.stderr)

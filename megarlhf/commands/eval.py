@@ -28,6 +28,7 @@ def run(args) -> int:
 
     from megarlhf.commands import check_command_kind
     from megarlhf.config import load_config
+    from megarlhf.commands import print_config_warnings
     from megarlhf.planning import validate
     from megarlhf.planning.preflight import preflight
 
@@ -36,6 +37,7 @@ def run(args) -> int:
     if args.overwrite:
         overrides.append("checkpoint.overwrite=true")
     job = validate(load_config(args.config, overrides))  # config, models, placement
+    print_config_warnings(job, "eval")
     preflight(job)  # models, tokenizers, test prompts and output_dir, before Ray starts
     module, fn = EVALUATIONS[args.what].split(":")
     result = getattr(importlib.import_module(module), fn)(job)

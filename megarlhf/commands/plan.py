@@ -22,6 +22,7 @@ def run(args) -> int:
 
     from megarlhf.commands import UsageError
     from megarlhf.config import load_config
+    from megarlhf.commands import print_config_warnings
     from megarlhf.planning import validate
     from megarlhf.planning.plan import PROCESS_OVERHEAD_GIB, format_plan, make_plan
     from megarlhf.planning.preflight import preflight
@@ -32,6 +33,7 @@ def run(args) -> int:
                          f"default {PROCESS_OVERHEAD_GIB}) for CUDA context, NCCL buffers and "
                          "allocator slack")
     job = validate(load_config(args.config, args.overrides))
+    print_config_warnings(job, "plan")
     # Everything `train` would refuse; inputs a planning template leaves unset are notes.
     for note in preflight(job, require_inputs=False):
         print(f"megarlhf plan: note: needed to train: {note}", file=sys.stderr)

@@ -210,6 +210,13 @@ def run(args) -> int:
         raise UsageError(f"--input {args.input}: sequence {bad[0] + 1} holds token id "
                          f"{max(seqs[bad[0]])} >= the model's vocab_size {spec.vocab_size}; "
                          "give ids of this model's tokenizer")
+    long = [i for i, s in enumerate(seqs) if len(s) > spec.max_position_embeddings]
+    if long:
+        raise UsageError(f"--input {args.input}: sequence {long[0] + 1} is {len(seqs[long[0]])} "
+                         f"tokens long ({len(long)} of {len(seqs)} sequences are longer than "
+                         f"the model's {spec.max_position_embeddings} positions, "
+                         "max_position_embeddings): log-probs past the context are not the "
+                         "model's; shorten or drop them")
     source = {"hf_dir": args.hf_dir} if args.hf_dir else {"ckpt": args.ckpt}
     res = run_distributed(_rank_score, args.tp * args.pp, source, seqs, args.tp, args.pp,
                           args.temperature, args.entropy, args.micro_batch_size,

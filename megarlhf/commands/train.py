@@ -41,6 +41,7 @@ def run(args) -> int:
 
     from megarlhf.commands import check_command_kind
     from megarlhf.config import load_config
+    from megarlhf.commands import print_config_warnings
     from megarlhf.planning import validate
     from megarlhf.planning.preflight import preflight
 
@@ -51,6 +52,7 @@ def run(args) -> int:
     if args.overwrite:
         overrides.append("checkpoint.overwrite=true")
     job = validate(load_config(args.config, overrides))  # config, models, placement
+    print_config_warnings(job, "train")
     # Models, tokenizers, this machine, output_dir and a resume: before Ray starts. (The
     # trainer reads and checks the data itself, also before any worker starts.)
     preflight(job, data=False)

@@ -18,10 +18,12 @@ def run(args) -> int:
     from omegaconf import OmegaConf
 
     from megarlhf.config import load_config, to_dict
+    from megarlhf.commands import print_config_warnings
     from megarlhf.planning import validate
     from megarlhf.planning.preflight import preflight
 
     job = validate(load_config(args.config, args.overrides))
+    print_config_warnings(job, "validate")
     # What `train` would refuse too: inputs (models, tokenizer, every data row), this machine
     # (FP8 / Transformer Engine), output_dir and a resume.
     preflight(job)

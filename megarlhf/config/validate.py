@@ -217,6 +217,56 @@ def validate_config(job: JobConfig) -> JobConfig:
     return job
 
 
+# Algorithm fields only the policy-gradient losses (ppo / grpo kinds) read: online DPO ranks
+# the raw rewards of a prompt's samples and trains the DPO loss (strength dpo_beta) on the best
+# and the worst, so a changed value here does nothing on kind=dpo.
+_POLICY_GRADIENT_ONLY = (
+    "advantage_estimator", "gamma", "lam", "whiten_advantages", "reward_norm", "unbiased_std",
+    "negative_reward_scale", "kl_coef", "kl_estimator", "kl_in_reward", "kl_clamp",
+    "clip_eps_low", "clip_eps_high", "dual_clip", "value_clip_eps", "value_loss_coef",
+    "entropy_coef", "loss_agg_mode", "ppo_epochs",
+)
+
+
+def config_warnings(job: JobConfig) -> list[str]:
+    """Settings that are legal but do nothing (or not what their name says) in this job; each
+    names the option. ``validate``, ``plan``, ``train`` and ``eval`` print them before they
+    start (:func:`megarlhf.commands.print_config_warnings`)."""
+    from megarlhf.config.schema import AlgorithmConfig
+
+    out: list[str] = []
+    if job.kind not in POLICY_KINDS:
+        return out
+    a, default = job.algorithm, AlgorithmConfig()
+    if a.overlong_buffer is None and a.overlong_penalty != default.overlong_penalty:
+        out.append(f"algorithm.overlong_penalty={a.overlong_penalty} does nothing without "
+                   "algorithm.overlong_buffer (the tokens before max_new_tokens over which it "
+                   "applies): set overlong_buffer, or drop overlong_penalty")
+    if a.dynamic_sampling and a.dynamic_sampling_max_rounds == 0:
+        out.append("algorithm.dynamic_sampling with dynamic_sampling_max_rounds=0 never "
+                   "generates a refill: every dropped prompt is put back and the batch is the "
+                   "one sampled; set dynamic_sampling_max_rounds >= 1, or dynamic_sampling=false")
+    if job.kind == "dpo":
+        changed = [f for f in _POLICY_GRADIENT_ONLY
+                   if getattr(a, f) != getattr(default, f)]
+        if changed:
+            out.append("kind=dpo trains the DPO loss on each prompt's best and worst sample "
+                       "(its strength is algorithm.dpo_beta), so "
+                       + ", ".join(f"algorithm.{f}={getattr(a, f)}" for f in changed)
+                       + (" does nothing here; remove it" if len(changed) == 1 else
+                          " do nothing here; remove them") + ", or use kind=grpo / ppo")
+    elif a.policy_loss == "gspo" and job.advantage_estimator == "gae":
+        out.append("algorithm.policy_loss=gspo weights each response by one advantage, the "
+                   "mean of its tokens' GAE advantages, so the critic's per-token credit is "
+                   "averaged away; use policy_loss=gspo_token (the same sequence ratio with "
+                   "per-token advantages) or ppo")
+    elif a.policy_loss == "gspo" and a.kl_in_reward and a.kl_coef > 0:
+        out.append("algorithm.policy_loss=gspo averages the per-token KL penalty of "
+                   "kl_in_reward=true over each response; use policy_loss=gspo_token to keep "
+                   "it per token, or kl_in_reward=false")
+    return out
+
+
 def _check_policy_methods(job: JobConfig, errors: list[str]) -> None:
     """Policy-optimisation methods against the job kind, the batch and the rollout
     (docs/methods.md)."""

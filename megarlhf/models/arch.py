@@ -90,4 +90,5 @@ def arch_summary(model: ModelConfig) -> dict[str, Any]:
         "num_experts": spec.moe.num_experts if spec.moe else 0,
         "moe_ffn_hidden_size": spec.moe.ffn_hidden_size if spec.moe else 0,
         "moe_topk": spec.moe.topk if spec.moe else 0,
+        "max_position_embeddings": spec.max_position_embeddings,
     }

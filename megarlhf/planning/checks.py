@@ -84,6 +84,7 @@ def model_errors(job: JobConfig) -> list[str]:
             errors.append(f"{name}: the model's {layers} layers are not divisible by pp*vpp = "
                           f"{p.pp}*{p.vpp} = {p.pp * p.vpp}; choose pp*vpp from "
                           f"{_divisors(layers)}")
+    _check_sequence_length(job, arch, errors)
     if job.kind in ("ppo", "grpo", "dpo", "bon"):
         a = arch(job.actor.model, "actor.model")
         tp = job.rollout.tp
@@ -97,6 +98,34 @@ def model_errors(job: JobConfig) -> list[str]:
         has_model = policy is not None and (policy.arch is not None or policy.hf_dir)
         _check_rollout_engine(job, arch(policy, "actor.model") if has_model else None, errors)
     return errors
+
+
+def longest_sequence(job: JobConfig) -> tuple[int, str]:
+    """The longest sequence (tokens) the job trains on or generates, and the fields that set
+    it: prompt + response for jobs that generate, ``train.max_seq_len`` for sft / rm."""
+    if job.kind in ("ppo", "grpo", "dpo", "bon"):
+        return (job.data.max_prompt_len + job.rollout.max_new_tokens,
+                "data.max_prompt_len + rollout.max_new_tokens = "
+                f"{job.data.max_prompt_len} + {job.rollout.max_new_tokens}")
+    return job.train.max_seq_len, "train.max_seq_len"
+
+
+def _check_sequence_length(job: JobConfig, arch, errors: list[str]) -> None:
+    """No role sees a sequence longer than its model's positions (vLLM refuses such a
+    max_model_len when its engine starts; a trained model has never seen those positions)."""
+    n, fields = longest_sequence(job)
+    for name, role in active_roles(job).items():
+        model = job.role_model(name) if role.model is None else role.model
+        a = arch(model, f"{name}.model")
+        if a is None or not a.get("max_position_embeddings"):
+            continue
+        limit = a["max_position_embeddings"]
+        if n > limit:
+            errors.append(
+                f"{fields} = {n} tokens, but the {name}'s model has {limit} positions "
+                f"(max_position_embeddings); shorten them to at most {limit} in all, or use a "
+                "model with a longer context")
+            return  # one message: the roles usually share the model
 
 
 def _check_rollout_engine(job: JobConfig, arch: dict[str, Any] | None,

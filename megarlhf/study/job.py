@@ -23,6 +23,7 @@ import sys
 import time
 
 from megarlhf.checkpoint.atomic import mark_complete
+from megarlhf.checkpoint.outputs import is_run_dir
 from megarlhf.cli import main as cli_main
 from megarlhf.config.base import from_dict
 from megarlhf.study.builtins import BUILTINS
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="the job's output directory")
     p.add_argument("--builtin", default=None)
     p.add_argument("--params", default="{}")
+    p.add_argument("--inputs", default=None,
+                   help="JSON recorded in COMPLETE.json (megarlhf.study.runner.job_inputs)")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     command = [c for c in args.command if c != "--"] if args.command[:1] == ["--"] \
@@ -63,10 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         rc = 0
         what = ["builtin", args.builtin]
     else:
+        what = list(command)  # the study's command line (what a rerun compares)
+        if "--resume" in command and not is_run_dir(args.out):
+            # A study job resumes a run it started earlier; its first attempt starts one
+            # (`train --resume` refuses a directory that never held a run).
+            command = [c for c in command if c != "--resume"]
         rc = cli_main(command)
         result = None
         missing = final_outputs_missing(command, args.out) if rc == 0 else []
-        what = command
     if rc != 0:
         return rc
     if missing:
@@ -76,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     mark_complete(args.out, {
         "command": what, "seconds": time.time() - t0,
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "result": result})
+        "result": result,
+        **({"inputs": json.loads(args.inputs)} if args.inputs is not None else {})})
     return 0
 
 

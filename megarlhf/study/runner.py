@@ -29,6 +29,7 @@ Layout of the study's ``output_dir``::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shlex
@@ -54,12 +55,40 @@ STUDY_OUTPUTS = ("study.yaml", "plan.json", "jobs", "logs", "results", ".lock")
 
 
 # ------------------------------------------------------------------------------ launchers
-def job_entry(inst: JobInstance) -> list[str]:
-    """The arguments of ``python -m megarlhf.study.job`` for ``inst``."""
+def job_entry(inst: JobInstance, inputs: dict[str, Any] | None = None) -> list[str]:
+    """The arguments of ``python -m megarlhf.study.job`` for ``inst``; ``inputs``
+    (:func:`job_inputs`) is recorded in its ``COMPLETE.json``."""
+    extra = ["--inputs", json.dumps(inputs, sort_keys=True)] if inputs is not None else []
     if inst.job.builtin is not None:
         return ["--out", inst.out_dir, "--builtin", inst.job.builtin,
-                "--params", json.dumps(inst.params)]
-    return ["--out", inst.out_dir, "--"] + inst.argv()
+                "--params", json.dumps(inst.params)] + extra
+    return ["--out", inst.out_dir] + extra + ["--"] + inst.argv()
+
+
+def job_inputs(plan: StudyPlan, inst: JobInstance) -> dict[str, Any]:
+    """What a job's result depends on besides its command line, recorded when it completes
+    and compared when the study runs again: a builtin's parameters, the bytes of a command's
+    config file (sha256), and when each job it reads from completed (a rerun upstream job
+    makes its readers stale)."""
+    rec: dict[str, Any] = {}
+    if inst.job.builtin is not None:
+        rec["params"] = json.loads(json.dumps(inst.params, sort_keys=True))
+    elif inst.job.config:
+        try:
+            with open(inst.job.config, "rb") as f:
+                rec["config_sha256"] = hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            rec["config_sha256"] = None  # validate_plan has refused a missing config
+    rec["deps"] = {d: _record_digest(read_complete(plan.instances[d].out_dir))
+                   for d in inst.deps}
+    return rec
+
+
+def _record_digest(info: dict[str, Any] | None) -> str | None:
+    """A job's completion record in 16 hex digits (it changes whenever the job runs again)."""
+    if info is None:
+        return None
+    return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class Launcher(Protocol):
@@ -187,7 +216,26 @@ def log_path(plan: StudyPlan, inst: JobInstance) -> str:
     return os.path.join(plan.spec.output_dir, "logs", inst.key.replace("/", "__") + ".log")
 
 
-def _recorded_mismatch(inst: JobInstance, info: dict[str, Any]) -> str | None:
+def _inputs_mismatch(plan: StudyPlan, inst: JobInstance, info: dict[str, Any]) -> str | None:
+    got, want = info.get("inputs"), job_inputs(plan, inst)
+    if not isinstance(got, dict):
+        return (f"{inst.out_dir} completed without a record of its inputs (an older megarlhf), "
+                "so a change of its config or parameters cannot be seen")
+    if got.get("params") != want.get("params"):
+        return (f"{inst.out_dir} completed with params {json.dumps(got.get('params'))}; the "
+                f"study now gives {json.dumps(want.get('params'))}")
+    if got.get("config_sha256") != want.get("config_sha256"):
+        return (f"{inst.out_dir} completed with another version of its config "
+                f"{inst.job.config} (the file changed since)")
+    stale = [d for d, t in want["deps"].items() if (got.get("deps") or {}).get(d) != t]
+    if stale:
+        return (f"{inst.out_dir} read {', '.join(stale)}, which ran again (or is not complete) "
+                "since")
+    return None
+
+
+def _recorded_mismatch(inst: JobInstance, info: dict[str, Any],
+                       plan: StudyPlan | None = None) -> str | None:
     want = ["builtin", inst.job.builtin] if inst.job.builtin else inst.argv()
     got = info.get("command")
     if got is not None and got != want:
@@ -198,7 +246,7 @@ def _recorded_mismatch(inst: JobInstance, info: dict[str, Any]) -> str | None:
             return f"{inst.out_dir} completed with the same arguments in another order"
         return (f"{inst.out_dir} completed with {shlex.join(was) if was else '-'}; the "
                 f"study now gives {shlex.join(now) if now else '-'} instead")
-    return None
+    return _inputs_mismatch(plan, inst, info) if plan is not None else None
 
 
 def completed(plan: StudyPlan) -> tuple[set[str], list[str]]:
@@ -208,7 +256,7 @@ def completed(plan: StudyPlan) -> tuple[set[str], list[str]]:
         info = read_complete(inst.out_dir)
         if info is None:
             continue
-        why = _recorded_mismatch(inst, info)
+        why = _recorded_mismatch(inst, info, plan)
         if why:
             problems.append(why)
         else:
@@ -345,7 +393,8 @@ def _schedule(plan: StudyPlan, launcher: Launcher, done: set[str], out: StudyOut
                 if all(d in done for d in inst.deps):
                     if bar is not None:
                         bar.set_postfix_str(key, refresh=True)
-                    running[key] = launcher.start(inst, job_entry(inst), log_path(plan, inst))
+                    running[key] = launcher.start(inst, job_entry(inst, job_inputs(plan, inst)),
+                                                  log_path(plan, inst))
                     pending.remove(key)
                     progressed = True
             for key, handle in list(running.items()):

@@ -68,7 +68,8 @@ class JobInstance:
         """The ``megarlhf`` command line of this job (commands) - what a user would type.
 
         Training jobs pass ``--resume``: a job killed before it completed continues from its
-        last checkpoint (or from step 0 without one); evaluations pass ``--overwrite`` and
+        last checkpoint (or from step 0 without one; :mod:`megarlhf.study.job` drops the flag
+        on a job's first attempt, before its directory holds a run); evaluations pass ``--overwrite`` and
         start again (they have no checkpoints)."""
         words = self.job.command.split()
         if words == ["train"]:
@@ -220,6 +221,28 @@ def _subst(text: str, dirs: dict[str, str]) -> str:
 
 
 # ------------------------------------------------------------------------------ validation
+def _check_apart(inst: JobInstance, plan: StudyPlan, cfg, tmp: str) -> None:
+    """The study's output_dir holds none of what a job reads that the study did not write
+    (its config, the study file, models and data given by path): the study would write over
+    them (``study.yaml``, ``jobs/``, ``results/``) or a job's ``--overwrite`` would take them.
+
+    Raises:
+        StudyError: naming both paths.
+    """
+    from megarlhf.checkpoint.outputs import job_inputs, overlap_errors, relation
+
+    def written_by_study(path: str) -> bool:
+        return relation(path, tmp) is not None or any(
+            relation(path, u.out_dir) in ("equal", "inside") for u in plan.instances.values())
+
+    inputs = {k: v for k, v in job_inputs(cfg).items() if not written_by_study(v)}
+    inputs[f"jobs.{inst.job.name}.config"] = inst.job.config
+    inputs["the study file"] = plan.spec.path
+    errors = overlap_errors({"output_dir": plan.spec.output_dir}, inputs)
+    if errors:
+        raise StudyError(errors[0])
+
+
 def _stand_ins(inst: JobInstance, plan: StudyPlan, tmp: str) -> list[str]:
     """``inst``'s overrides, a model an upstream job has not produced yet replaced by a stand-in
     directory under ``tmp`` holding only that job's architecture (``config.json``): what the
@@ -305,6 +328,7 @@ def _validate_instance(inst: JobInstance, plan: StudyPlan, tmp: str,
             raise ConfigError(f"kind: {cfg.kind} is trained, not evaluated: use command: "
                               f"train {cfg.kind}")
         inst.arch = _model_arch(cfg)
+        _check_apart(inst, plan, cfg, tmp)
     except (ConfigError, StudyError, ValueError) as e:
         msg = str(e).replace("invalid config:\n  - ", "").replace("\n  - ", "; ")
         problems.setdefault(f"jobs.{job.name}: {msg}", []).append(inst.key)

@@ -94,7 +94,7 @@ def bon_config(inputs, out):
             "cluster": {"num_nodes": 1, "gpus_per_node": 2, "device": "cpu"},
             "actor": {"model": {"hf_dir": inputs["lm"], "dtype": "fp32"}},
             "reward_model": {"model": {"hf_dir": inputs["lm"], "dtype": "fp32"}},
-            "reward": {"sources": {"rm": 1.0}}, "rollout": {"engine": "hf"},
+            "reward": {"sources": {"rm": 1.0}}, "rollout": {"engine": "hf", "max_new_tokens": 16},
             "bon": {"n_values": [1, 2]},
             "data": {"eval_path": inputs["prompts_heldout"], "max_prompt_len": 24}}
 
@@ -314,6 +314,8 @@ def test_truncated_safetensors(argv, inputs, tmp_path, capsys):
     (["--compare-hf", "--ckpt", "{tmp}"], "--compare-hf"),
     (["--input", "{tmp}/bad.jsonl"], "bad.jsonl, line 2: each row needs 'input_ids' or 'text'"),
     (["--input", "{tmp}/big.jsonl"], "token id 999 >= the model's vocab_size 64"),
+    (["--input", "{tmp}/long.jsonl"], "sequence 2 is 300 tokens long (1 of 2 sequences are "
+                                      "longer than the model's 256 positions"),
 ])
 def test_score_layout_and_input_errors(flags, needle, inputs, tmp_path, capsys):
     """If this fails, `score` with a layout the model cannot take or a bad input file dies in
@@ -321,6 +323,8 @@ def test_score_layout_and_input_errors(flags, needle, inputs, tmp_path, capsys):
     (tmp_path / "in.jsonl").write_text('{"input_ids": [1, 2, 3]}\n')
     (tmp_path / "bad.jsonl").write_text('{"input_ids": [1]}\n{"oops": 1}\n')
     (tmp_path / "big.jsonl").write_text('{"input_ids": [1, 999]}\n')
+    (tmp_path / "long.jsonl").write_text('{"input_ids": [1, 2]}\n'
+                                         + json.dumps({"input_ids": [5] * 300}) + "\n")
     argv = ["score", "--input", tmp_path / "in.jsonl"] + [f.format(tmp=tmp_path) for f in flags]
     if "--ckpt" not in flags:
         argv += ["--hf-dir", inputs["lm"]]
@@ -421,6 +425,10 @@ CASES = {
     "a role the job does not start": ({"critic": {"num_gpus": 1}},
                                       "critic: this kind=grpo job does not start a critic"),
     "unset data": ({"data.train_path": None}, "data.train_path: not set"),
+    "prompt + response past the model's positions": (
+        {"rollout.max_new_tokens": 400},
+        "data.max_prompt_len + rollout.max_new_tokens = 24 + 400 = 424 tokens, but the actor's "
+        "model has 256 positions"),
     "async rollout sharing the actor's GPUs": (
         {"asynchronous.enabled": True, "algorithm.use_behaviour_logprobs": True,
          "cluster.placement": "colocate_pairs"}, "set cluster.placement=split"),
@@ -510,3 +518,123 @@ def test_demo_reruns_only_with_overwrite(inputs, tmp_path, capsys, monkeypatch):
     expect(run_cli(["demo", "--output-dir", out, "--overwrite"], inputs, tmp_path, capsys), 2,
            "would delete files megarlhf did not write", "data/my_prompts.txt")
     assert (out / "data" / "my_prompts.txt").read_text() == "keep too"
+
+
+# ------------------------------------------------------------- 6. issue 30, second round
+@pytest.fixture(scope="module")
+def top1_moe(tmp_path_factory):
+    """A qwen3_moe with one expert per token and renormalised routing weights (every weight
+    is 1: megatron-core refuses to build it)."""
+    from megarlhf.models.tiny import save_tiny_hf_model, tiny_arch, tiny_moe_fields
+
+    d = str(tmp_path_factory.mktemp("top1") / "m")
+    save_tiny_hf_model(d, tiny_arch("qwen3_moe", vocab_size=64, num_layers=2,
+                                    **tiny_moe_fields("qwen3_moe", num_experts=4, topk=1)))
+    return d
+
+
+@pytest.mark.parametrize("command", ["convert", "score", "validate"])
+def test_a_moe_megatron_cannot_build_is_refused_up_front(command, top1_moe, inputs, tmp_path,
+                                                         capsys):
+    """If this fails, a top-1 MoE with renormalised weights dies in megatron-core's own check
+    (a traceback from a rank) instead of one message naming the field and the fix."""
+    (tmp_path / "in.jsonl").write_text('{"input_ids": [1, 2, 3]}\n')
+    if command == "convert":
+        argv = ["convert", "hf-to-megatron", "--hf-dir", top1_moe, "--out", tmp_path / "c"]
+    elif command == "score":
+        argv = ["score", "--hf-dir", top1_moe, "--input", tmp_path / "in.jsonl"]
+    else:
+        job = grpo_config(inputs, str(tmp_path / "run"))
+        job["actor"]["model"] = {"arch": json.load(open(os.path.join(top1_moe, "config.json"))),
+                                 "tokenizer": inputs["tokenizer"], "dtype": "fp32"}
+        argv = ["validate", write_config(str(tmp_path / "g.yaml"), job)]
+    expect(run_cli(argv, inputs, tmp_path, capsys), 2,
+           "num_experts_per_tok=1 with renormalised routing weights",
+           "set norm_topk_prob=false")
+    assert not (tmp_path / "c").exists()
+
+
+WARNINGS = {
+    "penalty without a buffer": ({"algorithm.overlong_penalty": 0.5},
+                                 "algorithm.overlong_penalty=0.5 does nothing without "
+                                 "algorithm.overlong_buffer"),
+    "dynamic sampling, no refill": ({"algorithm.dynamic_sampling": True,
+                                     "algorithm.dynamic_sampling_max_rounds": 0},
+                                    "dynamic_sampling_max_rounds=0 never generates a refill"),
+    "gspo on gae": ({"kind": "ppo", "critic": {"num_gpus": 1}, "cluster.gpus_per_node": 3,
+                     "algorithm.policy_loss": "gspo",
+                     "algorithm.loss_agg_mode": "seq_mean_token_mean"},
+                    "algorithm.policy_loss=gspo weights each response by one advantage, the "
+                    "mean of its tokens' GAE advantages"),
+    "policy-gradient options on dpo": (
+        {"kind": "dpo", "reference": {"num_gpus": 1}, "cluster.gpus_per_node": 3,
+         "actor.micro_batch_size_per_rank": 8, "algorithm.clip_eps_high": 0.28,
+         "algorithm.entropy_coef": 0.01},
+        "algorithm.clip_eps_high=0.28, algorithm.entropy_coef=0.01 do nothing here"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WARNINGS))
+@pytest.mark.parametrize("command", ["validate", "plan"])
+def test_options_that_do_nothing_are_named_in_a_warning(command, case, inputs, tmp_path,
+                                                        capsys):
+    """If this fails, a legal setting that does nothing in this job (or averages away what it
+    is given) passes `validate` / `plan` without a word; `train` prints the same line."""
+    over, needle = WARNINGS[case]
+    job = set_dotted(grpo_config(inputs, str(tmp_path / "run")), dict(over))
+    cfg = write_config(str(tmp_path / "g.yaml"), job)
+    argv = ["validate", cfg, "--quiet"] if command == "validate" else ["plan", cfg]
+    code, err = run_cli(argv, inputs, tmp_path, capsys)
+    assert code == 0, err
+    assert f"megarlhf {command}: warning: " in err and needle in err, err
+    # The default config warns about nothing.
+    cfg = write_config(str(tmp_path / "ok.yaml"), grpo_config(inputs, str(tmp_path / "run")))
+    code, err = run_cli(["validate", cfg, "--quiet"], inputs, tmp_path, capsys)
+    assert code == 0 and "warning" not in err, err
+
+
+def test_train_prints_the_warnings_before_it_starts(inputs, tmp_path, capsys, monkeypatch):
+    """If this fails, `train` starts a job with a no-op setting without naming it."""
+    import megarlhf.controller.rl as rl_mod
+
+    def stop(job):
+        raise AssertionError("reached the trainer")
+
+    monkeypatch.setattr(rl_mod, "train_rl", stop)
+    job = set_dotted(grpo_config(inputs, str(tmp_path / "run")),
+                     {"algorithm.overlong_penalty": 0.5})
+    cfg = write_config(str(tmp_path / "g.yaml"), job)
+    from megarlhf.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(AssertionError, match="reached the trainer"):
+        main(["train", "grpo", cfg])
+    assert "megarlhf train: warning: algorithm.overlong_penalty=0.5" in capsys.readouterr().err
+
+
+def test_resume_of_a_directory_that_never_held_a_run_is_refused(inputs, tmp_path, capsys):
+    """If this fails, `--resume` on a new (or empty) output_dir silently trains from step 0:
+    a mistyped output_dir restarts a week-long run from scratch."""
+    cfg = write_config(str(tmp_path / "sft.yaml"), sft_config(inputs, str(tmp_path / "new")))
+    (tmp_path / "empty").mkdir()
+    for out in ("new", "empty"):
+        expect(run_cli(["train", "sft", cfg, "--resume", f"output_dir={tmp_path / out}"],
+                       inputs, tmp_path, capsys), 2,
+               f"output_dir = {tmp_path / out} never held a megarlhf run", "drop --resume")
+    assert not (tmp_path / "new").exists()
+
+
+def test_overrides_may_follow_a_flag(inputs, tmp_path, capsys):
+    """If this fails, `validate CFG --quiet k=v` (or `train sft CFG --overwrite k=v`) is
+    rejected as an unrecognized argument, or the override is silently dropped."""
+    cfg = write_config(str(tmp_path / "sft.yaml"), sft_config(inputs, str(tmp_path / "r")))
+    expect(run_cli(["validate", cfg, "--quiet", "actor.optimizer.lr=-1"], inputs, tmp_path,
+                   capsys), 2, "actor.optimizer.lr")
+    code, err = run_cli(["validate", cfg, "train.steps=5", "--quiet", "train.steps=6"],
+                        inputs, tmp_path, capsys)
+    assert code == 0 and err == "", err
+    from megarlhf.cli import main
+
+    with pytest.raises(SystemExit) as e:  # anything else after the flags is still refused
+        main(["validate", cfg, "--quiet", "--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

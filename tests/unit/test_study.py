@@ -190,7 +190,12 @@ def _rows(n: int, value: float):
 ARCH = yaml.safe_load(open(os.path.join(BASE, "mini_sft.yaml")))["actor"]["model"]["arch"]
 
 
-def _write_job(out_dir: str, command, rows=(), complete=True):
+def _entry_inputs(entry):
+    """The ``--inputs`` record the runner hands a job (study.job writes it to COMPLETE.json)."""
+    return json.loads(entry[entry.index("--inputs") + 1]) if "--inputs" in entry else None
+
+
+def _write_job(out_dir: str, command, rows=(), complete=True, inputs=None):
     """What a job leaves behind: metrics, the HF export (its config.json), COMPLETE.json (as
     study.job does)."""
     os.makedirs(os.path.join(out_dir, "tensorboard"), exist_ok=True)
@@ -200,7 +205,8 @@ def _write_job(out_dir: str, command, rows=(), complete=True):
     if complete:
         os.makedirs(os.path.join(out_dir, "hf"), exist_ok=True)
         open(os.path.join(out_dir, "hf", "config.json"), "w").write(json.dumps(ARCH))
-        mark_complete(out_dir, {"command": command, "seconds": 1.0})
+        mark_complete(out_dir, {"command": command, "seconds": 1.0,
+                                **({"inputs": inputs} if inputs is not None else {})})
 
 
 class FakeLauncher:
@@ -219,7 +225,8 @@ class FakeLauncher:
         assert entry[:2] == ["--out", inst.out_dir]
         cmd = ["builtin", inst.job.builtin] if inst.job.builtin else inst.argv()
         n = inst.point.get("rl.batch.n_samples_per_prompt", 1)
-        _write_job(inst.out_dir, cmd, _rows(3, 0.5 + 0.01 * n + 0.001 * (inst.seed or 0)))
+        _write_job(inst.out_dir, cmd, _rows(3, 0.5 + 0.01 * n + 0.001 * (inst.seed or 0)),
+                   inputs=_entry_inputs(entry))
         return inst.key
 
     def poll(self, handle):
@@ -262,6 +269,37 @@ def test_a_job_completed_with_other_settings_is_refused_not_overwritten(tmp_path
         run_study(plan2, FakeLauncher(), progress=False, poll_s=0)
 
 
+def test_a_job_whose_inputs_changed_is_refused_not_reused(tmp_path):
+    """If this fails (issue 30), a study run again after its config file or a builtin's
+    parameters changed silently reuses the jobs completed with the old ones, or a job that
+    read an upstream job which has run again since."""
+    import shutil
+
+    cfg = tmp_path / "sft.yaml"
+    shutil.copy(os.path.join(BASE, "mini_sft.yaml"), cfg)
+    path = _study(tmp_path, **{"jobs.sft.config": str(cfg)})
+    plan = expand(load_study(path))
+    run_study(plan, FakeLauncher(), progress=False, poll_s=0, report=False)
+    again = FakeLauncher()
+    run_study(expand(load_study(path)), again, progress=False, poll_s=0, report=False)
+    assert again.started == []  # nothing changed: everything is reused
+    # The config file changes under the same path.
+    cfg.write_text(cfg.read_text().replace("steps:", "steps: 7\n  #", 1))
+    with pytest.raises(StudyError, match="another version of its config"):
+        run_study(expand(load_study(path)), FakeLauncher(), progress=False, poll_s=0)
+    shutil.copy(os.path.join(BASE, "mini_sft.yaml"), cfg)
+    # A builtin's parameter changes (the command line of a builtin is only its name).
+    changed = _study(tmp_path, **{"jobs.sft.config": str(cfg),
+                                  "jobs.data.params": {"n_train": 60, "tokenizer": False}})
+    with pytest.raises(StudyError, match="completed with params"):
+        run_study(expand(load_study(changed)), FakeLauncher(), progress=False, poll_s=0)
+    # The user moves the sft job away (as the message says): it reruns, and the RL jobs that
+    # read the old one are refused rather than analysed over the new one.
+    shutil.rmtree(plan.instances["sft/base"].out_dir)
+    with pytest.raises(StudyError, match="sft/base, which ran again"):
+        run_study(expand(load_study(path)), FakeLauncher(), progress=False, poll_s=0)
+
+
 def test_failed_job_blocks_only_its_own_run(tmp_path):
     """If this fails, one crashed run (exit code 1) either stops the whole sweep or lets the
     jobs that read its output start on nothing."""
@@ -275,7 +313,7 @@ def test_failed_job_blocks_only_its_own_run(tmp_path):
             if inst.key == "sft/hidden_size-64":
                 return "fail"
             cmd = ["builtin", inst.job.builtin] if inst.job.builtin else inst.argv()
-            _write_job(inst.out_dir, cmd, _rows(2, 0.5))
+            _write_job(inst.out_dir, cmd, _rows(2, 0.5), inputs=_entry_inputs(entry))
             return inst.key
 
         def poll(self, handle):
@@ -741,6 +779,29 @@ def test_shipped_8b_study_plans(path, tmp_path, capsys, sparse_8b):
     assert main(["study", path, f"output_dir={tmp_path}"] + over + ["--plan"]) == 0, \
         capsys.readouterr().err
     assert "DOES NOT FIT" not in capsys.readouterr().out
+
+
+def test_study_output_dir_holding_an_input_is_refused_by_the_dry_run(tmp_path, capsys):
+    """If this fails (issue 30), a study whose output_dir holds one of its inputs (a job's
+    config, the study file) passes `--dry-run` and then writes its jobs/ and study.yaml over
+    them."""
+    import shutil
+
+    from megarlhf.cli import main
+
+    cfgs = tmp_path / "cfgs"
+    cfgs.mkdir()
+    shutil.copy(os.path.join(BASE, "mini_sft.yaml"), cfgs / "sft.yaml")
+    for over, needle in [
+            ({"jobs.sft.config": str(cfgs / "sft.yaml"), "output_dir": str(cfgs)},
+             f"contains jobs.sft.config = {cfgs / 'sft.yaml'}"),
+            ({"output_dir": str(tmp_path)}, "contains the study file")]:
+        path = _study(tmp_path, **over)
+        capsys.readouterr()
+        assert main(["study", path, "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
+    assert sorted(os.listdir(cfgs)) == ["sft.yaml"]
 
 
 def test_dry_run_lists_jobs_and_what_is_done_without_writing(tmp_path, capsys):
