@@ -22,6 +22,11 @@ import shutil
 import torch
 
 from megarlhf.checkpoint.atomic import publish, temp_dir_for
+from megarlhf.checkpoint.outputs import OutputError, check_target
+from megarlhf.models.arch import ArchError, hf_config_from_dict
+from megarlhf.models.families import UnsupportedArchitecture, arch_spec
+from megarlhf.weights.hf_io import HFCheckpointReader
+from megarlhf.weights.validate import inspect_hf_dir
 
 _DENSE_TYPES = ("llama", "mistral")
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".index.json")
@@ -31,9 +36,6 @@ def _read_dense(src_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """The dense source's config.json and tensors, after the checks every conversion runs
     (:func:`megarlhf.weights.validate.inspect_hf_dir`: a readable config of a supported
     family, readable safetensors whose names and shapes match it)."""
-    from megarlhf.weights.hf_io import HFCheckpointReader
-    from megarlhf.weights.validate import inspect_hf_dir
-
     info = inspect_hf_dir(src_dir, head="lm")
     cfg = info.raw_config
     mt = cfg.get("model_type")
@@ -64,9 +66,6 @@ def _rope_parameters(src_dir: str) -> dict:
 def _check_buildable(mix: dict) -> None:
     """Refuses a Mixtral config megarlhf would not load (top-1 routing, ...), naming the
     upcycle option that produced it, before anything is written."""
-    from megarlhf.models.arch import ArchError, hf_config_from_dict
-    from megarlhf.models.families import UnsupportedArchitecture, arch_spec
-
     try:
         arch_spec(hf_config_from_dict(dict(mix)))
     except (ArchError, UnsupportedArchitecture) as e:
@@ -102,8 +101,6 @@ def upcycle_to_mixtral(
         raise ValueError(f"upcycle: topk must be an integer in [1, {num_experts}], got {topk!r}")
     if not router_std > 0:
         raise ValueError(f"upcycle: router_std must be > 0, got {router_std!r}")
-    from megarlhf.checkpoint.outputs import OutputError, check_target
-
     try:
         replace = check_target(out_dir, what="--out", inputs={"--hf-dir": src_dir},
                                overwrite=overwrite)

@@ -2,6 +2,7 @@
 
 from megarlhf.config import ConfigError
 from megarlhf.config.loader import declared_kind
+from megarlhf.config.validate import config_warnings
 
 
 class UsageError(ValueError):
@@ -34,8 +35,6 @@ def print_config_warnings(job, command: str) -> None:
     """Prints :func:`megarlhf.config.validate.config_warnings` (settings that do nothing in
     this job) to stderr, one line each, before the command starts its work."""
     import sys
-
-    from megarlhf.config.validate import config_warnings
 
     for w in config_warnings(job):
         print(f"megarlhf {command}: warning: {w}", file=sys.stderr)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from megarlhf.config.base import ConfigError
 from megarlhf.config.roles import active_roles, trained_roles
 from megarlhf.config.rules import extra_rule_errors
-from megarlhf.config.schema import JobConfig, RoleConfig
+from megarlhf.config.schema import AlgorithmConfig, JobConfig, RoleConfig
 
 
 def global_batch_sequences(job: JobConfig) -> int:
@@ -232,8 +232,6 @@ def config_warnings(job: JobConfig) -> list[str]:
     """Settings that are legal but do nothing (or not what their name says) in this job; each
     names the option. ``validate``, ``plan``, ``train`` and ``eval`` print them before they
     start (:func:`megarlhf.commands.print_config_warnings`)."""
-    from megarlhf.config.schema import AlgorithmConfig
-
     out: list[str] = []
     if job.kind not in POLICY_KINDS:
         return out

@@ -14,7 +14,7 @@ import torch
 
 def tiny_arch(family: str = "llama", *, vocab_size: int = 256, hidden_size: int = 64,
               num_layers: int = 4, num_heads: int = 4, num_kv_heads: int = 2,
-              ffn: int = 128, tied: bool = False, max_pos: int = 256,
+              ffn: int = 128, tied: bool = False, max_pos: int = 4096,
               **extra: Any) -> dict[str, Any]:
     """HF config fields of a tiny ``family`` model (GQA by default)."""
     arch: dict[str, Any] = {

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from megarlhf.checkpoint.outputs import job_inputs, overlap_errors, relation
 from megarlhf.config import ConfigError, load_config
 from megarlhf.config.loader import declared_kind
 from megarlhf.config.base import from_dict
@@ -229,8 +230,6 @@ def _check_apart(inst: JobInstance, plan: StudyPlan, cfg, tmp: str) -> None:
     Raises:
         StudyError: naming both paths.
     """
-    from megarlhf.checkpoint.outputs import job_inputs, overlap_errors, relation
-
     def written_by_study(path: str) -> bool:
         return relation(path, tmp) is not None or any(
             relation(path, u.out_dir) in ("equal", "inside") for u in plan.instances.values())

@@ -26,7 +26,7 @@ def make_inputs(root: str) -> dict:
     files["tokenizer"] = os.path.join(data, "tokenizer.model")
     files["tok_vocab"] = tok.vocab_size
     arch = tiny_arch("llama", vocab_size=64, hidden_size=64, num_heads=2, num_kv_heads=2,
-                     num_layers=2, ffn=128)
+                     num_layers=2, ffn=128, max_pos=256)
     files["arch"] = arch
     lm = os.path.join(root, "lm")
     save_tiny_hf_model(lm, arch)
