@@ -429,6 +429,10 @@ CASES = {
         {"rollout.max_new_tokens": 400},
         "data.max_prompt_len + rollout.max_new_tokens = 24 + 400 = 424 tokens, but the actor's "
         "model has 256 positions"),
+    "weight sync that never waits": ({"rollout.weight_sync_timeout_s": 0},
+                                     "rollout.weight_sync_timeout_s must be > 0"),
+    "weight sync without buckets": ({"rollout.weight_sync_bucket_mib": 0},
+                                    "rollout.weight_sync_bucket_mib must be >= 1"),
     "async rollout sharing the actor's GPUs": (
         {"asynchronous.enabled": True, "algorithm.use_behaviour_logprobs": True,
          "cluster.placement": "colocate_pairs"}, "set cluster.placement=split"),
