@@ -35,7 +35,7 @@ import torch
 
 from megarlhf.config import JobConfig
 from megarlhf.config.validate import active_roles
-from megarlhf.observability.logs import LOG_DIR_ENV
+from megarlhf.observability.logs import LOG_DIR_ENV, native_stderr_to
 from megarlhf.planning.placement import (
     NodeSlots,
     PlacementError,
@@ -71,7 +71,8 @@ class Cluster:
         # Worker output (vLLM's, megatron's, Ray's own) goes to <output_dir>/logs, not the
         # driver's console (observability.logs).
         if job.output_dir:  # Ray's own messages go through logging (to logs/driver.log) too
-            init_ray(job, log_to_driver=False, configure_logging=False)
+            with native_stderr_to(os.path.join(job.output_dir, "logs", "driver.log")):
+                init_ray(job, log_to_driver=False, configure_logging=False)
         else:
             init_ray(job)
         env = {LOG_DIR_ENV: os.path.join(os.path.abspath(job.output_dir), "logs")} \

@@ -15,6 +15,7 @@ log files, not on the console.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -109,3 +110,22 @@ def setup_worker_logging(role: str, rank: int) -> str | None:
         root.addHandler(h)
         root.setLevel(logging.INFO)
     return path
+
+
+@contextlib.contextmanager
+def native_stderr_to(path: str):
+    """File descriptor 2 goes to ``path`` (appended) while the block runs: what native code
+    writes to stderr (Ray's core prints its token-authentication notice when ``ray.init``
+    starts a local cluster) lands in the run's log instead of the console."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)

@@ -64,3 +64,20 @@ def test_worker_without_a_run_keeps_its_output():
             "assert setup_worker_logging('rollout', 0) is None\nprint('visible')\n")
     r = _run(code, {"MEGARLHF_LOG_DIR": ""})
     assert r.returncode == 0 and "visible" in r.stdout
+
+
+def test_native_stderr_goes_to_the_log_while_ray_starts(tmp_path, capfd):
+    """If this fails, what native code writes to file descriptor 2 while a local Ray cluster
+    starts (Ray's core prints a token-authentication notice there) reaches the console instead
+    of logs/driver.log, or stderr is not given back afterwards."""
+    import os
+
+    from megarlhf.observability.logs import native_stderr_to
+
+    log = tmp_path / "logs" / "driver.log"
+    with native_stderr_to(str(log)):
+        os.write(2, b"native notice\n")
+    os.write(2, b"after\n")
+    err = capfd.readouterr().err
+    assert "native notice" not in err and "after" in err
+    assert log.read_text() == "native notice\n"
