@@ -64,10 +64,13 @@ def build_rollout(prompts: list[PromptItem], outputs: list, tokenizer, pad_id: i
                          f"{len(samples)} samples")
     for p, (item, out) in enumerate(zip(prompts, outputs, strict=True)):
         for s in out.samples:
-            seqs.append(list(item.ids) + list(s.token_ids))
-            resp_mask.append([0.0] * len(item.ids) + [1.0] * len(s.token_ids))
+            pids = list(item.ids) if s.prompt_ids is None else list(s.prompt_ids)
+            seqs.append(pids + list(s.token_ids))
+            gen = [1.0] * len(s.token_ids) if s.loss_mask is None else \
+                [float(v) for v in s.loss_mask]  # an agent's observation tokens: 0
+            resp_mask.append([0.0] * len(pids) + gen)
             if with_lp:
-                logp_b.append([0.0] * len(item.ids) + list(s.logprobs))
+                logp_b.append([0.0] * len(pids) + list(s.logprobs))
             prompt_index.append(p)
             resp_len.append(len(s.token_ids))
             truncated.append(s.finish_reason == "length")

@@ -44,6 +44,9 @@ DEFAULT_REQUIRED_CHARS = string.digits + string.ascii_letters + string.punctuati
 # --------------------------------------------------------------------------------------------
 
 _ROLES = ("system", "user", "assistant")
+# Messages may also come from a tool (an agent's environment): a tokenizer's own chat template
+# renders them as it defines; megarlhf's format-string template renders them as user messages.
+_MESSAGE_ROLES = _ROLES + ("tool",)
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,8 @@ class ChatTemplate:
         parts = []
         for i, m in enumerate(messages):
             role, content = _check_message(m, i)
-            parts.append(getattr(self, role).replace("{content}", content))
+            fmt = self.user if role == "tool" else getattr(self, role)
+            parts.append(fmt.replace("{content}", content))
         if add_generation_prompt:
             parts.append(self.generation_prompt)
         return "".join(parts)
@@ -144,8 +148,8 @@ def _check_message(m: Any, i: int) -> tuple[str, str]:
     if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
         raise ValueError(f"message {i} must be a mapping with 'role' and 'content', got {m!r}")
     role, content = m["role"], m["content"]
-    if role not in _ROLES:
-        raise ValueError(f"message {i} has role {role!r}; allowed roles: {list(_ROLES)}")
+    if role not in _MESSAGE_ROLES:
+        raise ValueError(f"message {i} has role {role!r}; allowed roles: {list(_MESSAGE_ROLES)}")
     if not isinstance(content, str):
         raise ValueError(f"message {i} content must be a string, got {type(content).__name__}")
     return role, content

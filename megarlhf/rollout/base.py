@@ -174,11 +174,20 @@ class Sample:
         logprobs: ``log_softmax(logits / T)`` at each response token (see the module docstring),
             one per token; None when the request asked for no log-probs.
         finish_reason: ``"stop"`` (a stop token was sampled) or ``"length"`` (max_new_tokens).
+        loss_mask: 1 where the token was generated, 0 where it was appended (an agent's
+            observation tokens, :mod:`megarlhf.agents`); None: every token was generated.
+        reward: the environment's reward of an agent's trajectory (None: the reward sources
+            score the response).
+        prompt_ids: this sample's own prompt when it differs from its output's (an agent
+            whose environment added opening messages); None: the output's prompt.
     """
 
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...] | None
     finish_reason: FinishReason
+    loss_mask: tuple[int, ...] | None = None
+    reward: float | None = None
+    prompt_ids: tuple[int, ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "token_ids", tuple(int(t) for t in self.token_ids))
@@ -189,6 +198,12 @@ class Sample:
                     f"a sample has {len(self.token_ids)} tokens but {len(self.logprobs)} "
                     "log-probs; an engine must return exactly one per token"
                 )
+        if self.loss_mask is not None:
+            object.__setattr__(self, "loss_mask", tuple(int(v) for v in self.loss_mask))
+            if len(self.loss_mask) != len(self.token_ids) or \
+                    not set(self.loss_mask) <= {0, 1}:
+                raise ValueError(f"a sample's loss_mask must hold one 0/1 per token "
+                                 f"({len(self.token_ids)}), got {len(self.loss_mask)}")
         if self.finish_reason not in FINISH_REASONS:
             raise ValueError(
                 f"finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}"
