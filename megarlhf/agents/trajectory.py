@@ -172,8 +172,16 @@ def assembler_for(tokenizer, stop_ids: Sequence[int]) -> TokenAssembler:
     its chat template renders, its ``encode`` (no BOS) tokenizes the appended text, and a
     prompt an environment extended is tokenized as every prompt is
     (``apply_chat_template``)."""
+    def render(messages, gen):
+        try:
+            return tokenizer.render_chat(list(messages), gen)
+        except Exception as e:  # noqa: BLE001 - jinja's own errors: named, never swallowed
+            roles = sorted({m["role"] for m in messages})
+            raise TemplateError(f"the tokenizer's chat template cannot render messages of "
+                                f"roles {roles}: {type(e).__name__}: {e}") from e
+
     return TokenAssembler(
-        render=lambda messages, gen: tokenizer.render_chat(list(messages), gen),
+        render=render,
         encode=lambda text: tokenizer.encode(text),
         decode=lambda ids: tokenizer.decode(list(ids)),
         token_text=lambda i: tokenizer.decode([int(i)], skip_special_tokens=False),

@@ -35,3 +35,20 @@ def trained_roles(job: JobConfig) -> list[str]:
     if job.kind in ("grpo", "dpo"):
         return ["actor"]
     return []
+
+
+def sequence_tokens(job: JobConfig) -> tuple[int, str]:
+    """The longest sequence (tokens) the job trains on or generates, and the fields that set
+    it: the prompt plus a response (``rollout.max_new_tokens``) or an agent's whole trajectory
+    (``rollout.agent.max_tokens``) for jobs that generate, ``train.max_seq_len`` for sft / rm.
+    The one definition the rules, the planner and the rollout engine's context use."""
+    d, r = job.data, job.rollout
+    if job.kind in ("ppo", "grpo", "dpo") and r.agent is not None:
+        return (d.max_prompt_len + r.agent.max_tokens,
+                "data.max_prompt_len + rollout.agent.max_tokens = "
+                f"{d.max_prompt_len} + {r.agent.max_tokens}")
+    if job.kind in ("ppo", "grpo", "dpo", "bon"):
+        return (d.max_prompt_len + r.max_new_tokens,
+                f"data.max_prompt_len + rollout.max_new_tokens = {d.max_prompt_len} + "
+                f"{r.max_new_tokens}")
+    return job.train.max_seq_len, "train.max_seq_len"

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from megarlhf.config.roles import active_roles
+from megarlhf.config.roles import active_roles, sequence_tokens
 from megarlhf.config.schema import JobConfig, ModelConfig
 
 # HF config fields every family accepts though its config class does not list them (older
@@ -144,19 +144,18 @@ def batch_memory_errors(job: JobConfig) -> list[str]:
     if job.kind in ("ppo", "grpo", "dpo"):
         b = job.batch
         seqs = b.rollout_prompts_global * b.n_samples_per_prompt
-        tokens = job.data.max_prompt_len + job.rollout.max_new_tokens
+        tokens, fields = sequence_tokens(job)
         need = seqs * tokens * DRIVER_BYTES_PER_TOKEN
         if need > limit:
             errors.append(
                 f"batch: a rollout of batch.rollout_prompts_global * batch.n_samples_per_prompt "
                 f"= {b.rollout_prompts_global} * {b.n_samples_per_prompt} = {seqs:,} sequences of "
-                f"up to data.max_prompt_len + rollout.max_new_tokens = {tokens} tokens needs "
+                f"up to {fields.split(' = ')[0]} = {tokens} tokens needs "
                 f"about {_gib(need)} on the driver (over {DRIVER_BATCH_LIMIT_GIB} GiB); lower "
                 "batch.n_samples_per_prompt (N, e.g. 4-64) or batch.rollout_prompts_global")
     elif job.kind == "bon" and job.bon.num_prompts is not None:
         seqs = job.bon.num_prompts * max(job.bon.n_values)
-        need = seqs * (job.data.max_prompt_len + job.rollout.max_new_tokens) \
-            * DRIVER_BYTES_PER_TOKEN
+        need = seqs * sequence_tokens(job)[0] * DRIVER_BYTES_PER_TOKEN
         if need > limit:
             errors.append(f"bon: bon.num_prompts * max(bon.n_values) = {seqs:,} samples need about "
                           f"{_gib(need)} on the driver; lower bon.n_values or bon.num_prompts")

@@ -177,6 +177,39 @@ LOGPROB_CHECK_DEFAULTS = {"fp32": (0.1, 1e-3), "bf16": (1.0, 0.05), "fp16": (1.0
 
 
 @dataclass
+class AgentConfig:
+    """Multi-turn rollouts with an environment (megarlhf.agents): each sample is a trajectory
+    of assistant turns and the environment's observations, trained token-exactly (the loss on
+    the generated tokens only) with the environment's reward (reward.sources: {env: 1.0})."""
+
+    # A built-in environment (calculator, python, guess) or module:Class (an
+    # megarlhf.agents.Environment subclass importable on the driver).
+    env: str = ""
+    # Keyword arguments of the environment's constructor.
+    options: dict[str, Any] = field(default_factory=dict)
+    max_turns: int = 8  # assistant messages per trajectory
+    # Tokens of a whole trajectory after the prompt (generated + observations); each turn
+    # generates at most rollout.max_new_tokens.
+    max_tokens: int = 1024
+    # An environment step that takes longer ends its trajectory (agent/env_timeouts).
+    step_timeout_s: float = 30.0
+    # The reward of a trajectory ended by an environment fault (raise, timeout, invalid result).
+    fault_reward: float = 0.0
+
+    def __post_init__(self):
+        check(isinstance(self.env, str) and bool(self.env.strip()),
+              "rollout.agent.env: name an environment (calculator, python, guess, or "
+              "module:Class)")
+        check(isinstance(self.options, dict), "rollout.agent.options must be a mapping of the "
+              "environment's keyword arguments")
+        check(self.max_turns >= 1, "rollout.agent.max_turns must be >= 1")
+        check(self.max_tokens >= 1, "rollout.agent.max_tokens must be >= 1")
+        check(self.step_timeout_s > 0, "rollout.agent.step_timeout_s must be > 0 (seconds)")
+        check(self.fault_reward == self.fault_reward and abs(self.fault_reward) != float("inf"),
+              "rollout.agent.fault_reward must be a finite number")
+
+
+@dataclass
 class RolloutConfig:
     """The generation engine and its sampling parameters."""
 
@@ -212,6 +245,8 @@ class RolloutConfig:
     logprob_check_threshold: float | None = None
     logprob_check_mean_threshold: float | None = None
     logprob_check_action: Literal["warn", "stop", "off"] = "warn"
+    # Multi-turn agent rollouts (null: one response per prompt, scored by reward.sources).
+    agent: AgentConfig | None = None
 
     def __post_init__(self):
         check(self.tp >= 1 and self.num_gpus >= 1, "rollout.tp and rollout.num_gpus must be >= 1")
@@ -433,7 +468,8 @@ class RewardConfig:
     """Where rewards come from: a reward model, verifiers, or a weighted mix."""
 
     # Weights of the reward sources: "rm" (the reward_model role), "math" (answer verifier),
-    # "code" (tests in a sandbox). E.g. {math: 1.0} or {rm: 1.0, math: 0.5}.
+    # "code" (tests in a sandbox), "env" (an agent's environment: rollout.agent). E.g.
+    # {math: 1.0} or {rm: 1.0, math: 0.5}.
     sources: dict[str, float] = field(default_factory=lambda: {"math": 1.0})
     # Reward model kind: outcome (score at the last token) or process (score at each step).
     rm_type: Literal["orm", "prm"] = "orm"
@@ -454,7 +490,7 @@ class RewardConfig:
     prm_label_policy: str | None = None
 
     def __post_init__(self):
-        known = {"rm", "math", "code"}
+        known = {"rm", "math", "code", "env"}
         for k, w in self.sources.items():
             check(k in known, f"reward.sources: unknown source {k!r}; use one of {sorted(known)}")
             check(w > 0, f"reward.sources.{k}: weight must be > 0 (remove the source instead)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 
 from megarlhf.config.base import ConfigError
-from megarlhf.config.roles import active_roles, trained_roles
+from megarlhf.config.roles import active_roles, sequence_tokens, trained_roles
 from megarlhf.config.rules import extra_rule_errors
 from megarlhf.config.schema import AlgorithmConfig, JobConfig, RoleConfig
 
@@ -69,6 +69,8 @@ def _check_role(name: str, role: RoleConfig, errors: list[str],
 
 
 POLICY_KINDS = ("ppo", "grpo", "dpo")  # the kinds that train a policy from rollouts
+
+
 
 
 def behaviour_logprobs_needed(job: JobConfig) -> str | None:
@@ -194,6 +196,7 @@ def config_errors(job: JobConfig) -> list[str]:
             f"{r.top_k} (vLLM's log-probs are taken after the top-p/top-k filter); set "
             "rollout.top_p=1 and rollout.top_k=-1, or rollout.engine=hf")
 
+    _check_agent(job, errors)
     if job.kind in POLICY_KINDS:
         _check_policy_methods(job, errors)
     _check_reward_model_jobs(job, errors)
@@ -263,6 +266,39 @@ def config_warnings(job: JobConfig) -> list[str]:
                    "kl_in_reward=true over each response; use policy_loss=gspo_token to keep "
                    "it per token, or kl_in_reward=false")
     return out
+
+
+def _check_agent(job: JobConfig, errors: list[str]) -> None:
+    """Multi-turn agent rollouts (``rollout.agent``) and the ``env`` reward source."""
+    a, sources = job.rollout.agent, job.reward.sources
+    if a is None:
+        if "env" in sources:
+            errors.append("reward.sources uses 'env' (an environment's reward), but there is "
+                          "no environment: set rollout.agent.env, or drop 'env' from the sources")
+        return
+    if job.kind not in POLICY_KINDS:
+        errors.append(f"rollout.agent runs multi-turn rollouts for ppo, grpo and dpo jobs; "
+                      f"kind={job.kind} does not train a policy from rollouts: remove "
+                      "rollout.agent")
+        return
+    if "env" not in sources:
+        errors.append("rollout.agent: the trajectories' reward is the environment's: add "
+                      "reward.sources.env (e.g. reward.sources={env: 1.0})")
+    if job.asynchronous.enabled:
+        errors.append("rollout.agent with asynchronous.enabled: trajectories that span a weight "
+                      "update are not handled yet (per-turn weight versions); set "
+                      "asynchronous.enabled=false")
+    if not job.data.apply_chat_template:
+        errors.append("rollout.agent: the turns of a trajectory are laid out by the chat "
+                      "template; set data.apply_chat_template=true")
+    if job.algorithm.overlong_buffer is not None:
+        errors.append("algorithm.overlong_buffer shapes a single response's length; an agent's "
+                      "trajectory also holds observation tokens: set overlong_buffer=null "
+                      "(limit trajectories with rollout.agent.max_tokens / max_turns)")
+    if a.max_tokens < job.rollout.max_new_tokens:
+        errors.append(f"rollout.agent.max_tokens = {a.max_tokens} is below one turn's "
+                      f"rollout.max_new_tokens = {job.rollout.max_new_tokens}; raise max_tokens "
+                      "(the whole trajectory) or lower max_new_tokens (each turn)")
 
 
 def _check_policy_methods(job: JobConfig, errors: list[str]) -> None:

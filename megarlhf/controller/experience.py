@@ -8,7 +8,7 @@ recursions, so GAE and returns run directly on these (B, S) tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -35,6 +35,7 @@ class Rollout:
     batch: TokenBatch
     responses: list[str]
     outputs: list | None = None  # the engine's P RolloutOutput (to regroup prompts)
+    metrics: dict = field(default_factory=dict)  # the generation's own (agent/* of trajectories)
 
     @property
     def sample_prompts(self) -> list[PromptItem]:

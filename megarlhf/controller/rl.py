@@ -35,6 +35,7 @@ from megarlhf import rl
 from megarlhf.config import JobConfig
 from megarlhf.config.schema import LOGPROB_CHECK_DEFAULTS
 from megarlhf.config.validate import behaviour_logprobs_needed
+from megarlhf.controller.agent import AgentRollouts
 from megarlhf.controller.async_rl import AsyncLoop
 from megarlhf.controller.cluster import Cluster
 from megarlhf.controller.evaluate import greedy_accuracy
@@ -85,6 +86,9 @@ class RLTrainer(Trainer):
         self.position: dict[str, Any] | None = None
         self.async_state: dict[str, Any] | None = None
         self.rollout_version: int | None = None  # the weight version the rollout serves
+        # Multi-turn agent rollouts (rollout.agent): built here, before any worker starts, so
+        # a wrong environment or a template that is not prefix-stable fails first.
+        self.agent = AgentRollouts(job, self.tokenizer) if job.rollout.agent else None
 
     # ---------------------------------------------------------------- the run
     def open_cluster(self) -> Cluster:
@@ -182,8 +186,14 @@ class RLTrainer(Trainer):
         """N samples per prompt with the sampling (and seed) of step ``step`` (and its
         dynamic-sampling round ``round``)."""
         cl.activate("rollout")
-        outs = cl.rollout.generate([p.ids for p in prompts],
-                                   rollout_params(self.job, self.tokenizer, step, round),
+        params = rollout_params(self.job, self.tokenizer, step, round)
+        if self.agent is not None:
+            outs, metrics, _ = self.agent.run(cl.rollout, prompts, params,
+                                              weight_version=self.rollout_version)
+            rollout = build_rollout(prompts, outs, self.tokenizer, pad_id=self.tokenizer.pad_id)
+            rollout.metrics = metrics
+            return rollout
+        outs = cl.rollout.generate([p.ids for p in prompts], params,
                                    weight_version=self.rollout_version)
         return build_rollout(prompts, outs, self.tokenizer, pad_id=self.tokenizer.pad_id)
 
@@ -193,7 +203,11 @@ class RLTrainer(Trainer):
         means stay unshaped)."""
         if "reward_model" in cl:
             cl.activate("reward_model")
-        raw, metrics = self.reward_fn(rollout.sample_prompts, rollout.responses)
+        env = None
+        if self.agent is not None:
+            env = [s.reward for out in rollout.outputs for s in out.samples]
+        raw, metrics = self.reward_fn(rollout.sample_prompts, rollout.responses, env)
+        metrics.update(rollout.metrics)  # agent/* of the trajectories
         algo = self.job.algorithm
         if algo.overlong_buffer is not None:
             pen = rl.overlong_penalty(rollout.batch.fields["response_length"],
@@ -464,8 +478,12 @@ class RLTrainer(Trainer):
         if not (every and last % every == 0 and self.eval_prompts):
             return {}
         cl.activate("rollout")
-        ev = greedy_accuracy(cl.rollout, self.eval_prompts, self.tokenizer,
-                             greedy_params(self.job, self.tokenizer))
+        if self.agent is not None:
+            ev = self.agent.evaluate(cl.rollout, self.eval_prompts,
+                                     greedy_params(self.job, self.tokenizer))
+        else:
+            ev = greedy_accuracy(cl.rollout, self.eval_prompts, self.tokenizer,
+                                 greedy_params(self.job, self.tokenizer))
         if ev:
             self.history["eval"].append([last, ev["eval/accuracy"]])
         return ev

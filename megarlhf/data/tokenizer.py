@@ -137,6 +137,9 @@ class ChatTemplate:
             pre, post = getattr(self, role).split("{content}")
             out += ("{% if " if k == 0 else "{% elif ") + f"message['role'] == {lit(role)} %}}"
             out += f"{{{{ {lit(pre)} + message['content'] + {lit(post)} }}}}"
+        pre, post = self.user.split("{content}")  # a tool's message renders as a user's
+        out += f"{{% elif message['role'] == {lit('tool')} %}}"
+        out += f"{{{{ {lit(pre)} + message['content'] + {lit(post)} }}}}"
         out += "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
         out += "{% endfor %}"
         gen = lit(self.generation_prompt)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from megarlhf.agents.env import EnvError, make_env_factory
 from megarlhf.config.base import ConfigError
 from megarlhf.config.schema import JobConfig, ModelConfig
 from megarlhf.config.validate import (
@@ -27,6 +28,7 @@ from megarlhf.config.validate import (
     config_errors,
     generates,
     resolved_rollout_engine,
+    sequence_tokens,
     vllm_runs_on_cpu,
     trained_roles,
 )
@@ -42,7 +44,7 @@ from megarlhf.rollout.vllm_engine import (
 
 def validate(job: JobConfig) -> JobConfig:
     """Checks every rule (module docstring); raises one ConfigError listing all violations."""
-    errors = config_errors(job) + model_errors(job) + placement_errors(job)
+    errors = config_errors(job) + model_errors(job) + placement_errors(job) + agent_errors(job)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(dict.fromkeys(errors)))
     return job
@@ -100,20 +102,10 @@ def model_errors(job: JobConfig) -> list[str]:
     return errors
 
 
-def longest_sequence(job: JobConfig) -> tuple[int, str]:
-    """The longest sequence (tokens) the job trains on or generates, and the fields that set
-    it: prompt + response for jobs that generate, ``train.max_seq_len`` for sft / rm."""
-    if job.kind in ("ppo", "grpo", "dpo", "bon"):
-        return (job.data.max_prompt_len + job.rollout.max_new_tokens,
-                "data.max_prompt_len + rollout.max_new_tokens = "
-                f"{job.data.max_prompt_len} + {job.rollout.max_new_tokens}")
-    return job.train.max_seq_len, "train.max_seq_len"
-
-
 def _check_sequence_length(job: JobConfig, arch, errors: list[str]) -> None:
     """No role sees a sequence longer than its model's positions (vLLM refuses such a
     max_model_len when its engine starts; a trained model has never seen those positions)."""
-    n, fields = longest_sequence(job)
+    n, fields = sequence_tokens(job)
     for name, role in active_roles(job).items():
         model = job.role_model(name) if role.model is None else role.model
         a = arch(model, f"{name}.model")
@@ -186,6 +178,19 @@ def _check_experts(name: str, p, model: ModelConfig, arch: dict[str, Any], dp: i
                       "allgather dispatcher needs one; use alltoall (the default, also on CPU)")
 
 
+
+
+def agent_errors(job: JobConfig) -> list[str]:
+    """``rollout.agent.env`` names an environment class that takes ``rollout.agent.options``
+    (imported on this machine, as the driver will)."""
+    a = job.rollout.agent
+    if a is None:
+        return []
+    try:
+        make_env_factory(a.env, dict(a.options))
+    except EnvError as e:
+        return [str(e)]
+    return []
 
 
 def placement_errors(job: JobConfig) -> list[str]:

@@ -106,7 +106,12 @@ from dataclasses import dataclass, field
 
 from megarlhf.config.base import ConfigError
 from megarlhf.config.schema import JobConfig, ModelConfig, OptimizerConfig
-from megarlhf.config.validate import active_roles, global_batch_sequences, trained_roles
+from megarlhf.config.validate import (
+    active_roles,
+    global_batch_sequences,
+    sequence_tokens,
+    trained_roles,
+)
 from megarlhf.models.arch import load_hf_config
 from megarlhf.models.builder import te_status
 from megarlhf.models.families import arch_spec
@@ -394,9 +399,7 @@ class Plan:
 
 
 def _seq_len(job: JobConfig) -> int:
-    if job.kind in RL_KINDS:
-        return job.data.max_prompt_len + job.rollout.max_new_tokens
-    return job.train.max_seq_len
+    return sequence_tokens(job)[0]
 
 
 def _role_model(job: JobConfig, name: str) -> ModelConfig:
@@ -549,7 +552,7 @@ def make_plan(job: JobConfig, *, overhead_gib: float = PROCESS_OVERHEAD_GIB) -> 
             problems.append(
                 f"rollout does not fit: its KV cache ({rollout.kv / GIB:.2f} GiB per GPU) holds "
                 f"{rollout.kv_tokens:.0f} tokens per replica, less than one sequence of "
-                f"{rollout.seq_len} (data.max_prompt_len + rollout.max_new_tokens); raise "
+                f"{rollout.seq_len} ({sequence_tokens(job)[1].split(' = ')[0]}); raise "
                 "rollout.gpu_memory_utilization or rollout.tp")
     for pool in placement.pools:
         members = pool.roles

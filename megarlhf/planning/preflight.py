@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from megarlhf.agents.trajectory import TemplateError, assembler_for, check_template
 from megarlhf.checkpoint.outputs import resume_data_errors, run_dir_errors
 from megarlhf.config.base import ConfigError
 from megarlhf.config.roles import active_roles
@@ -159,6 +160,18 @@ def _vocab_errors(job: JobConfig, errors: list[str]) -> dict[str, Any]:
     return toks
 
 
+def _agent_template_errors(job: JobConfig, toks: dict[str, Any], errors: list[str]) -> None:
+    """An agent's trajectories need a chat template that only appends (prefix-stable)."""
+    tok = toks.get("actor")
+    if job.rollout.agent is None or tok is None or job.kind not in RL_KINDS:
+        return
+    try:
+        check_template(assembler_for(tok, [tok.eos_id]))
+    except TemplateError as e:
+        errors.append(f"rollout.agent: the tokenizer's chat template cannot lay out "
+                      f"trajectories token-exactly: {e}")
+
+
 def _data_errors(job: JobConfig, toks: dict[str, Any], errors: list[str], *,
                  rows: bool = True) -> dict[str, int]:
     """Every data file the job reads, through the trainers' own loaders (with ``rows``: every
@@ -216,6 +229,7 @@ def preflight_errors(job: JobConfig, *, data: bool = True, outputs: bool = True)
     errors: list[str] = []
     _model_errors(job, errors)
     toks = _vocab_errors(job, errors)
+    _agent_template_errors(job, toks, errors)
     counts = _data_errors(job, toks, errors, rows=data)
     if outputs:
         errors += run_dir_errors(job)

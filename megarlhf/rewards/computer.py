@@ -44,9 +44,10 @@ class RewardComputer:
                 raise ValueError("reward.sources uses 'rm' but no reward model scorer was given "
                                  "(no reward_model group was started)")
 
-    def __call__(self, prompts: Sequence[PromptItem], responses: Sequence[str]
-                 ) -> tuple[Tensor, dict[str, float]]:
-        """Rewards of ``responses[i]``, a response to ``prompts[i]``.
+    def __call__(self, prompts: Sequence[PromptItem], responses: Sequence[str],
+                 env_rewards: Sequence[float] | None = None) -> tuple[Tensor, dict[str, float]]:
+        """Rewards of ``responses[i]``, a response to ``prompts[i]`` (``env_rewards[i]``: the
+        environment's reward of an agent's trajectory, the ``env`` source).
 
         Returns:
             ``(raw, metrics)``: the weighted sum over the sources ``(B,)`` fp32, and
@@ -57,7 +58,13 @@ class RewardComputer:
         total = torch.zeros(len(responses))
         metrics: dict[str, float] = {}
         for name, w in self.job.reward.sources.items():
-            r = self.source_rewards(name, prompts, responses)
+            if name == "env":
+                if env_rewards is None or len(env_rewards) != len(responses):
+                    raise ValueError("reward.sources uses 'env' but the samples carry no "
+                                     "environment rewards (rollout.agent is not set)")
+                r = torch.tensor([float(x) for x in env_rewards], dtype=torch.float32)
+            else:
+                r = self.source_rewards(name, prompts, responses)
             metrics[f"reward/{name}_mean"] = float(r.mean())
             if name == "math":
                 metrics["reward/accuracy"] = float((r > 0.5).float().mean())

@@ -44,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from megarlhf.config.roles import sequence_tokens
 from megarlhf.config.schema import JobConfig
 from megarlhf.observability.logs import setup_worker_logging
 from megarlhf.workers.dispatch import Collect, Dispatch, RankInfo, register
@@ -97,7 +98,7 @@ class RolloutSpec:
         return RolloutSpec(
             engine=r.engine, model=model if model is not None else (m.hf_dir or dict(m.arch)),
             tp=r.tp, gpu_memory_utilization=r.gpu_memory_utilization,
-            max_model_len=job.data.max_prompt_len + r.max_new_tokens,
+            max_model_len=sequence_tokens(job)[0],
             weight_bucket_bytes=r.weight_sync_bucket_mib * 2**20,
             weight_sync_timeout_s=r.weight_sync_timeout_s,
             weight_sync_measure_delta=r.weight_sync_measure_delta, seed=job.seed,

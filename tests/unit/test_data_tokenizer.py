@@ -108,8 +108,11 @@ def test_chat_template(spm_tok):
     plain = SentencePieceTokenizer(sp.model_file, ChatTemplate.plain())
     assert plain.apply_chat_template([{"role": "user", "content": "1+2="}]) == \
         [sp.bos_id] + sp.encode("1+2=")
-    with pytest.raises(ValueError, match="role 'tool'"):
-        sp.apply_chat_template([{"role": "tool", "content": "x"}])
+    with pytest.raises(ValueError, match="role 'robot'"):
+        sp.apply_chat_template([{"role": "robot", "content": "x"}])
+    # an agent's tool message renders as a user message in the format-string template
+    assert sp.render_chat([{"role": "tool", "content": "x"}]) == \
+        sp.render_chat([{"role": "user", "content": "x"}])
     with pytest.raises(ValueError, match="content"):
         ChatTemplate(user="no placeholder")
     assert ChatTemplate.from_dict(ChatTemplate().to_dict()) == ChatTemplate()

@@ -183,6 +183,7 @@ def _trainer(job):
     t = RLTrainer.__new__(RLTrainer)  # the phases alone: no tokenizer, data or session
     t.job, t.N, t.temperature = job, job.batch.n_samples_per_prompt, 1.0
     t.kl_coef = job.algorithm.kl_coef
+    t.agent = None  # single-turn rollouts
     t.session = SimpleNamespace(log_line=lambda line: None)
     return t
 
@@ -472,7 +473,7 @@ def test_overlong_shaping_of_the_raw_reward():
     job = _rl_job(kind="grpo", critic=None, rollout={"max_new_tokens": 4},
                   algorithm={"overlong_buffer": 2, "overlong_penalty": 0.5})
     t = _trainer(job)
-    t.reward_fn = lambda prompts, responses: (torch.ones(len(responses)), {})
+    t.reward_fn = lambda prompts, responses, env=None: (torch.ones(len(responses)), {})
     lengths = [[1] * 2, [1] * 3, [1] * 4, [1]]
     outs = [RolloutOutput((5,), tuple(Sample(tuple(ids), None, "stop") for ids in lengths))]
     rollout = build_rollout([PromptItem(ids=[5])], outs, Tok())

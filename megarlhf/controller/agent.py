@@ -1,0 +1,82 @@
+"""Agent rollouts in an RL job (``rollout.agent``): the trainer's generation and evaluation
+when each sample is a multi-turn trajectory (:mod:`megarlhf.agents`).
+
+Each prompt gets ``batch.n_samples_per_prompt`` trajectories (its GRPO group); the environment
+sees the prompt's row (``prompt``, ``answer`` and the row's other fields). The trajectories
+reach the learner as samples whose loss mask covers the generated tokens only, with the
+environment's reward (the ``env`` reward source).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megarlhf.agents.env import make_env_factory
+from megarlhf.agents.rollout import AgentSettings, run_agent_rollouts, trajectory_outputs
+from megarlhf.agents.trajectory import Trajectory, assembler_for, check_template
+from megarlhf.config.schema import JobConfig
+from megarlhf.data.datasets import prompt_messages
+from megarlhf.data.job_data import PromptItem
+from megarlhf.rollout.base import RolloutOutput, SamplingParams
+
+
+class AgentRollouts:
+    """The agent loop of one job: its environment factory, limits and token assembly.
+
+    Raises:
+        EnvError: the environment or its options do not fit (at construction, before Ray).
+        TemplateError: the tokenizer's chat template is not prefix-stable.
+    """
+
+    def __init__(self, job: JobConfig, tokenizer):
+        a = job.rollout.agent
+        self.make_env = make_env_factory(a.env, dict(a.options))
+        self.settings = AgentSettings(max_turns=a.max_turns, max_tokens=a.max_tokens,
+                                      max_tokens_per_turn=job.rollout.max_new_tokens,
+                                      step_timeout_s=a.step_timeout_s,
+                                      fault_reward=a.fault_reward)
+        self.tokenizer = tokenizer
+        self.assembler = assembler_for(tokenizer, [tokenizer.eos_id])
+        check_template(self.assembler)
+
+    @staticmethod
+    def row(p: PromptItem) -> dict[str, Any]:
+        return dict(p.metadata, prompt=p.prompt, answer=p.answer)
+
+    def run(self, engine, prompts: list[PromptItem], params: SamplingParams,
+            weight_version: int | None = None
+            ) -> tuple[list[RolloutOutput], dict[str, float], list[Trajectory]]:
+        """``params.n`` trajectories per prompt on ``engine`` (a rollout group: its
+        ``generate(ids, params, weight_version=)``); returns them as engine outputs (one per
+        prompt), the batch's ``agent/*`` metrics, and the trajectories."""
+        n = params.n
+        starts = [(list(p.ids), prompt_messages(p.prompt if p.prompt is not None else p.text),
+                   self.row(p)) for p in prompts for _ in range(n)]
+
+        def generate(contexts, sp):
+            if weight_version is None:
+                return engine.generate(contexts, sp)
+            return engine.generate(contexts, sp, weight_version=weight_version)
+
+        trajs, metrics = run_agent_rollouts(generate, starts, self.make_env, self.assembler,
+                                            params, self.settings)
+        return trajectory_outputs(trajs, n), metrics, trajs
+
+    def evaluate(self, engine, prompts: list[PromptItem], params: SamplingParams
+                 ) -> dict[str, float]:
+        """Greedy trajectories on held-out prompts: ``eval/accuracy`` (the share the
+        environment reports ``correct``, else with a positive reward), ``eval/reward_mean``,
+        ``eval/tool_call_rate`` (trajectories that called a tool) and the agent metrics."""
+        prompts = [p for p in prompts if p.answer is not None]
+        if not prompts:
+            return {}
+        _, m, trajs = self.run(engine, prompts, params)
+        correct = [float(t.info["correct"]) if "correct" in t.info else float(t.reward > 0)
+                   for t in trajs]
+        out = {"eval/accuracy": sum(correct) / len(trajs),
+               "eval/reward_mean": sum(t.reward for t in trajs) / len(trajs),
+               "eval/tool_call_rate": sum(float(t.info.get("tool_calls", 0) or 0) > 0
+                                          for t in trajs) / len(trajs),
+               "eval/num_prompts": float(len(prompts))}
+        out.update({f"eval/{k}": v for k, v in m.items()})
+        return out
