@@ -121,14 +121,21 @@ def run_agent_rollouts(
     call = 0
     while waiting or stepping:
         if waiting:
-            batch, waiting = waiting, []
-            p = replace(params, n=1, max_new_tokens=settings.max_tokens_per_turn,
-                        seed=None if params.seed is None else params.seed + call * SEED_STRIDE)
-            call += 1
-            outs = generate([trajs[i].context for i in batch], p)
-            for i, out in zip(batch, outs, strict=True):
-                _after_turn(i, trajs[i], envs[i], out.samples[0], assembler, settings,
-                            counts, stepping)
+            # One engine call per turn budget: a turn never runs past the trajectory's tokens
+            # (nor the engine's context, which is sized for prompt + max_tokens).
+            budgets: dict[int, list[int]] = {}
+            for i in waiting:
+                room = min(settings.max_tokens_per_turn, settings.max_tokens - len(trajs[i].ids))
+                budgets.setdefault(room, []).append(i)
+            waiting = []
+            for room, batch in sorted(budgets.items(), reverse=True):
+                p = replace(params, n=1, max_new_tokens=room,
+                            seed=None if params.seed is None else params.seed + call * SEED_STRIDE)
+                call += 1
+                outs = generate([trajs[i].context for i in batch], p)
+                for i, out in zip(batch, outs, strict=True):
+                    _after_turn(i, trajs[i], envs[i], out.samples[0], assembler, settings,
+                                counts, stepping)
         now = time.monotonic()
         for i, pend in list(stepping.items()):
             t = trajs[i]
@@ -175,16 +182,14 @@ def _after_turn(i: int, t: Trajectory, env: Environment, s: Sample,
                 assembler: TokenAssembler, settings: AgentSettings, counts: dict,
                 stepping: dict[int, _Pending]) -> None:
     gen = list(s.token_ids)
-    room = settings.max_tokens - len(t.ids)
-    cut = len(gen) > room
-    if cut:
-        gen = gen[:room]
-    text = assembler.add_turn(t, gen, None if s.logprobs is None else list(s.logprobs)[:len(gen)])
-    if cut:
-        _end(t, env, "max_tokens", settings, counts)
-        return
+    if len(gen) > settings.max_tokens - len(t.ids):
+        raise RuntimeError(f"the rollout engine returned {len(gen)} tokens for a turn allowed "
+                           f"{settings.max_tokens - len(t.ids)}")
+    text = assembler.add_turn(t, gen, None if s.logprobs is None else list(s.logprobs))
     if s.finish_reason == "length":
-        _end(t, env, "turn_length", settings, counts)
+        # the turn hit its budget without a stop token: the trajectory's, or the turn's own
+        full = len(t.ids) >= settings.max_tokens
+        _end(t, env, "max_tokens" if full else "turn_length", settings, counts)
         return
     pend = _Pending(t, env, started=time.monotonic())
     pend.thread = threading.Thread(target=_run_step, args=(env, text, pend.result),

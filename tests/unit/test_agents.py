@@ -72,8 +72,11 @@ class ScriptedEngine:
         for ctx in contexts:
             text = self.replies.pop(0)
             ids = self.tok.encode(text) + ([self.stop_id] if self.finish == "stop" else [])
+            finish = self.finish
+            if len(ids) > params.max_new_tokens:  # as an engine does: cut, no stop token
+                ids, finish = ids[:params.max_new_tokens], "length"
             self.returned.append(list(ids))
-            outs.append(RolloutOutput(ctx, (Sample(ids, [-0.5] * len(ids), self.finish),)))
+            outs.append(RolloutOutput(ctx, (Sample(ids, [-0.5] * len(ids), finish),)))
         return outs
 
 
@@ -268,10 +271,11 @@ def test_malformed_tool_calls_are_observations_and_limits_end_trajectories(sp_to
     assert t.finish == "max_turns" and t.turns == 3 and t.reward == 0.75
     assert m["agent/truncated_frac"] == 1
     # max_tokens: the trajectory is cut at the budget
-    engine = ScriptedEngine(tok, ["more more more more"] * 10, tok.eos_id)
+    engine = ScriptedEngine(tok, ["more more more more more more"] * 10, tok.eos_id)
     [t], _ = run_agent_rollouts(engine, [_start(tok)], Echo, asm, SamplingParams(),
                                 AgentSettings(max_turns=50, max_tokens=20))
     assert t.finish == "max_tokens" and len(t.ids) <= 20
+    assert all(len(c) - len(t.prompt_ids) < 20 for c in engine.calls[-1])  # budgets held
     # a turn that reached its token limit without a stop token
     engine = ScriptedEngine(tok, ["more"], tok.eos_id, finish="length")
     [t], _ = run_agent_rollouts(engine, [_start(tok)], Echo, asm, SamplingParams(),

@@ -642,3 +642,60 @@ def test_overrides_may_follow_a_flag(inputs, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # anything else after the flags is still refused
         main(["validate", cfg, "--quiet", "--bogus"])
     assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+AGENT = {"rollout.agent": {"env": "calculator", "max_tokens": 64},
+         "reward.sources": {"env": 1.0}}
+AGENT_CASES = {
+    "unknown environment": ({"rollout.agent.env": "calculatr"},
+                            "rollout.agent.env = 'calculatr': not a built-in environment"),
+    "environment not importable": ({"rollout.agent.env": "no_such_module:Env"},
+                                   "cannot import no_such_module"),
+    "options the environment does not take": ({"rollout.agent.options": {"bogus": 1}},
+                                              "do not fit CalculatorEnv"),
+    "agent rewarded by a verifier only": ({"reward.sources": {"math": 1.0}},
+                                          "add reward.sources.env"),
+    "asynchronous agent": ({"asynchronous.enabled": True,
+                            "algorithm.use_behaviour_logprobs": True,
+                            "cluster.placement": "split"},
+                           "rollout.agent with asynchronous.enabled"),
+    "no chat template": ({"data.apply_chat_template": False},
+                         "set data.apply_chat_template=true"),
+    "overlong shaping of a trajectory": ({"algorithm.overlong_buffer": 8},
+                                         "set overlong_buffer=null"),
+    "trajectory budget below one turn": ({"rollout.agent.max_tokens": 8},
+                                         "rollout.agent.max_tokens = 8 is below one turn's"),
+    "trajectory past the positions": ({"rollout.agent.max_tokens": 300},
+                                      "data.max_prompt_len + rollout.agent.max_tokens = 24 + "
+                                      "300 = 324 tokens"),
+    "zero turns": ({"rollout.agent.max_turns": 0}, "rollout.agent.max_turns must be >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(AGENT_CASES))
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_agent_settings_are_refused_before_anything_starts(command, case, inputs, tmp_path,
+                                                           capsys):
+    """If this fails, a multi-turn agent job with a bad environment, reward or budget starts
+    (and fails in the rollout, or trains on the wrong reward) instead of one message."""
+    over, needle = AGENT_CASES[case]
+    job = set_dotted(grpo_config(inputs, str(tmp_path / "run")),
+                     {k: (dict(v) if isinstance(v, dict) else v) for k, v in AGENT.items()})
+    job = set_dotted(job, dict(over))
+    cfg = write_config(str(tmp_path / "agent.yaml"), job)
+    argv = ["validate", cfg] if command == "validate" else ["train", "grpo", cfg]
+    expect(run_cli(argv, inputs, tmp_path, capsys), 2, needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_env_reward_without_an_environment_is_refused(inputs, tmp_path, capsys):
+    """If this fails, reward.sources.env on a single-turn job trains on rewards nobody gives."""
+    job = set_dotted(grpo_config(inputs, str(tmp_path / "run")), {"reward.sources": {"env": 1.0}})
+    cfg = write_config(str(tmp_path / "g.yaml"), job)
+    expect(run_cli(["validate", cfg], inputs, tmp_path, capsys), 2,
+           "reward.sources uses 'env' (an environment's reward), but there is no environment")
+    # the valid agent job passes
+    job = set_dotted(grpo_config(inputs, str(tmp_path / "run")), dict(AGENT))
+    cfg = write_config(str(tmp_path / "ok.yaml"), job)
+    code, err = run_cli(["validate", cfg, "--quiet"], inputs, tmp_path, capsys)
+    assert code == 0, err
