@@ -37,7 +37,7 @@ from megarlhf.data.tokenizer import Tokenizer
 Messages = tuple[dict, ...]
 Prompt = Union[str, Messages]
 Paths = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
-_ROLES = ("system", "user", "assistant")
+_ROLES = ("system", "user", "assistant", "tool")
 
 
 class DatasetError(ValueError):
@@ -170,9 +170,13 @@ class LabelledResponse:
 
 @dataclass(frozen=True)
 class SFTExample:
+    """One SFT row: a prompt and its response, or (``response`` None) a whole multi-turn
+    conversation in ``prompt`` ending with an assistant message (every assistant message is
+    trained; :func:`megarlhf.data.conversation.conversation_sample` lays it out)."""
+
     id: str
     prompt: Prompt
-    response: str
+    response: str | None
     source: Source = Source()
 
     def messages(self) -> list[dict]:
@@ -511,7 +515,11 @@ def load_sft(paths: Paths, fields: FieldNames | None = None) -> list[SFTExample]
     f = fields or FieldNames()
 
     def make(r: _Row) -> SFTExample:
-        return SFTExample(id=r.row_id(f), prompt=r.prompt(f),
+        prompt = r.prompt(f)
+        if not r.has(f.response) and not isinstance(prompt, str) \
+                and prompt[-1]["role"] == "assistant":
+            return SFTExample(id=r.row_id(f), prompt=prompt, response=None, source=r.source)
+        return SFTExample(id=r.row_id(f), prompt=prompt,
                           response=r.text(f.response, logical="response"), source=r.source)
 
     return _load(paths, [f.prompt, f.messages, f.response, f.id], make, f.id)

@@ -19,6 +19,7 @@ from megarlhf.data.datasets import (
     prompt_messages,
     tokenize_prompt,
 )
+from megarlhf.data.conversation import TemplateError, assembler_for, conversation_sample
 from megarlhf.data.tokenizer import load_tokenizer
 
 
@@ -105,12 +106,35 @@ class SFTSample:
 
 
 def load_sft_samples(job: JobConfig, tokenizer, path: str | None = None) -> list[SFTSample]:
-    """Prompt + response + EOS with the loss on the response tokens; over-long rows refused."""
+    """Prompt + response + EOS with the loss on the response tokens; a row of ``messages``
+    without a response is a multi-turn conversation, trained on every assistant message and
+    laid out as an agent's trajectory (:mod:`megarlhf.data.conversation`); over-long rows
+    refused."""
     d = job.data
     fields = FieldNames.from_dict({"prompt": d.prompt_key, "response": d.response_key})
     rows = load_sft(_paths(path or d.train_path, "train_path"), fields)
     out = []
+    assembler = None
     for r in rows:
+        if r.response is None:  # a multi-turn conversation: laid out as agent trajectories
+            if not d.apply_chat_template:
+                raise r.source.error("messages", "is a multi-turn conversation (no response)",
+                                     "set data.apply_chat_template=true: the chat template lays "
+                                     "out its turns")
+            if assembler is None:
+                assembler = assembler_for(tokenizer, [tokenizer.eos_id])
+            try:
+                ids, mask = conversation_sample(assembler, r.prompt, tokenizer.eos_id)
+            except TemplateError as e:
+                raise ConfigError(f"data.train_path: multi-turn conversations need a chat "
+                                  f"template that only appends: {e}") from None
+            if len(ids) > job.train.max_seq_len:
+                raise DatasetError(r.source.path, r.source.line, "messages",
+                                   f"the conversation is {len(ids)} tokens",
+                                   f"raise train.max_seq_len (now {job.train.max_seq_len}) or "
+                                   "shorten the example", line_kind=r.source.line_kind)
+            out.append(SFTSample(ids, mask))
+            continue
         if d.apply_chat_template:
             p = tokenize_prompt(tokenizer, r.prompt, d.max_prompt_len, d.overlong_prompt,
                                 source=r.source)

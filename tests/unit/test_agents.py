@@ -295,3 +295,35 @@ def test_multi_turn_game_without_tools_and_async_steps(sp_tokenizer):
     hints = tok.decode([i for i, g in zip(t.ids, t.generated) if not g])
     assert "higher" in hints and "lower" in hints
     assert m["agent/info/turns"] == 3
+
+
+@pytest.mark.parametrize("which", ["chatml", "sentencepiece"])
+def test_multi_turn_sft_rows_are_laid_out_as_trajectories(which, chatml_tokenizer, sp_tokenizer,
+                                                          tmp_path):
+    """If this fails, a multi-turn SFT conversation is tokenized differently from the agent
+    trajectory the policy later generates (SFT teaches one layout, RL samples another), or its
+    loss covers the tool's messages."""
+    from megarlhf.config.base import from_dict
+    from megarlhf.config.schema import JobConfig
+    from megarlhf.data.job_data import load_sft_samples
+
+    tok = chatml_tokenizer if which == "chatml" else sp_tokenizer
+    replies = ["let me use the tool <tool>calc: 12*(7+3)</tool>", "answer: 120"]
+    conv = [{"role": "user", "content": "what is 12*(7+3)?"},
+            {"role": "assistant", "content": replies[0]},
+            {"role": "tool", "content": "<result>120</result>"},
+            {"role": "assistant", "content": replies[1]}]
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps({"messages": conv}) + "\n" + json.dumps(
+        {"prompt": "2*3?", "response": "answer: 6"}) + "\n")
+    job = from_dict(JobConfig, {"kind": "sft", "actor": {"model": {"arch": {}}},
+                                "data": {"train_path": str(path)},
+                                "train": {"max_seq_len": 256}})
+    multi, single = load_sft_samples(job, tok)
+    # the same conversation as an agent trajectory (the engine returns the replies' tokens)
+    engine = ScriptedEngine(tok, list(replies), tok.eos_id)
+    [t], _ = run_agent_rollouts(engine, [_start(tok)], CalculatorEnv, assembler_for(
+        tok, [tok.eos_id]), SamplingParams(max_new_tokens=64), AgentSettings())
+    assert multi.ids == t.prompt_ids + t.ids
+    assert multi.loss_mask == [0] * len(t.prompt_ids) + t.generated
+    assert sum(single.loss_mask) == len(tok.encode("answer: 6")) + 1
