@@ -49,6 +49,16 @@ def relative_files(directory: str) -> list[str]:
     return sorted(out)
 
 
+def record_added_files(directory: str, added: list[str]) -> None:
+    """Adds ``added`` (files megarlhf just wrote into its published ``directory``, e.g. the
+    tokenizer next to an exported model) to the files its marker records."""
+    info = read_marker(directory)
+    if info is None or not isinstance(info.get("files"), list):
+        raise ValueError(f"{directory} is not a published megarlhf output with a file record")
+    write_marker(directory, str(info.get("writer", "megarlhf")),
+                 files=sorted(set(info["files"]) | set(added)))
+
+
 def read_marker(directory: str) -> dict[str, Any] | None:
     """The marker of ``directory``, or None where megarlhf did not mark it."""
     path = os.path.join(directory, MARKER)

@@ -73,6 +73,7 @@ def run_files(ck: str = "checkpoints", prefix: str = "") -> tuple[str, ...]:
 
 
 DEMO_FILES = ("summary.json", "data/*.jsonl", "data/tokenizer.model", "data/tokenizer.vocab",
+              "data/tokenizer_dir/*",  # the agent demo's tokenizer, saved with its template
               "rm_data/*.jsonl", "rm_data/summary.json") + run_files(prefix="sft/") + \
     run_files(prefix="rm/") + run_files(prefix="grpo/")
 

@@ -30,6 +30,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from megarlhf.checkpoint.atomic import record_added_files, relative_files
 from megarlhf.checkpoint.outputs import check_resume_data
 from megarlhf.checkpoint.role_state import export_role_hf
 from megarlhf.checkpoint.training import (
@@ -223,5 +224,8 @@ class Trainer:
         hf_dir = os.path.join(self.session.output_dir, "hf")
         cl["actor"].execute(export_role_hf, hf_dir)  # the weights' own dtype
         if not os.path.isfile(os.path.join(hf_dir, "tokenizer_config.json")):
+            before = set(relative_files(hf_dir))
             self.tokenizer.export_hf(hf_dir)
+            # megarlhf's own files too: a later --overwrite must not take them for a user's
+            record_added_files(hf_dir, sorted(set(relative_files(hf_dir)) - before))
         return hf_dir

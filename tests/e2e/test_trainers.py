@@ -48,6 +48,15 @@ def test_demo_keeps_library_output_in_its_log_files(demo_run):
     assert "vllm" in rollout.lower()  # vLLM's start-up output landed here, not on the console
 
 
+def test_demo_output_is_all_megarlhfs_own(demo_run):
+    """If this fails, `megarlhf demo --overwrite` on a finished demo refuses because megarlhf's
+    own files (e.g. the tokenizer written next to an exported model) are not recorded as its
+    own, so a rerun would need the user to delete the demo by hand."""
+    from megarlhf.checkpoint.outputs import DEMO_FILES, DEMO_OUTPUTS, foreign_files
+
+    assert foreign_files(demo_run["dir"], DEMO_OUTPUTS, DEMO_FILES) == []
+
+
 def test_demo_logs_every_metric_to_tensorboard(demo_run):
     """If this fails, a metric of methods.md 2.5 (or a phase timing) is missing from the logs."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
