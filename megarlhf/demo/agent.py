@@ -105,7 +105,13 @@ def run_agent_demo(out_dir: str = "outputs/demo-agent", *, sft_steps: int | None
     sft_extra = [f"train.steps={sft_steps}"] if sft_steps is not None else []
     rl_extra = ([f"train.steps={rl_steps}", f"train.eval_every={rl_steps}"]
                 if rl_steps is not None else [])
-    _job("agent_sft", [f"output_dir={out_dir}/sft"] + sft_extra)  # both checked up front
+    # Both stages' configs are checked before the first runs (the SFT architecture stands in
+    # for the model GRPO will start from).
+    arch = _job("agent_sft", [f"output_dir={out_dir}/sft"] + sft_extra).actor.model.arch
+    _job("agent_grpo", [f"output_dir={out_dir}/grpo", "actor.model.hf_dir=null",
+                        "actor.model.arch={" + ", ".join(f"{k}: {json.dumps(v)}"
+                                                         for k, v in arch.items()) + "}",
+                        f"actor.model.tokenizer={out_dir}/data/tokenizer_dir"] + rl_extra)
     claim_dir(out_dir, writer="demo", what="--output-dir", own=DEMO_OUTPUTS,
               overwrite=overwrite, resume_flag=None, legacy=_is_demo_dir, files=DEMO_FILES)
     t0 = time.time()

@@ -327,3 +327,19 @@ def test_multi_turn_sft_rows_are_laid_out_as_trajectories(which, chatml_tokenize
     assert multi.ids == t.prompt_ids + t.ids
     assert multi.loss_mask == [0] * len(t.prompt_ids) + t.generated
     assert sum(single.loss_mask) == len(tok.encode("answer: 6")) + 1
+
+
+def test_agent_demo_flags_are_checked_before_it_starts(tmp_path, capsys, monkeypatch):
+    """If this fails, `megarlhf demo --agent` with a reward it does not use or a bad step count
+    starts (and spends minutes) instead of one message."""
+    import megarlhf.demo.agent as agent_demo
+    from megarlhf.cli import main
+
+    monkeypatch.setattr(agent_demo, "prepare_agent_data",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("started")))
+    out = str(tmp_path / "d")
+    assert main(["demo", "--agent", "--reward", "rm", "--output-dir", out]) == 2
+    assert "the agent demo is rewarded by its environment" in capsys.readouterr().err
+    assert main(["demo", "--agent", "--rl-steps", "0", "--output-dir", out]) == 2
+    assert "--rl-steps 0" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
