@@ -343,3 +343,29 @@ def test_agent_demo_flags_are_checked_before_it_starts(tmp_path, capsys, monkeyp
     assert main(["demo", "--agent", "--rl-steps", "0", "--output-dir", out]) == 2
     assert "--rl-steps 0" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_agent_rollout_runs_on_the_transformers_engine(tmp_path):
+    """If this fails, agent rollouts work only with a scripted engine: the transformers engine
+    (the debugging engine) cannot drive multi-turn trajectories, or its log-probs do not land on
+    the generated tokens."""
+    from _inputs import make_inputs
+    from megarlhf.data.tokenizer import load_tokenizer
+    from megarlhf.rollout.hf_engine import HFRolloutEngine
+
+    inputs = make_inputs(str(tmp_path))
+    tok = load_tokenizer(inputs["lm"])
+    engine = HFRolloutEngine(inputs["lm"])
+    asm = assembler_for(tok, [tok.eos_id])
+    starts = [(tok.apply_chat_template([{"role": "user", "content": "guess"}], True),
+               [{"role": "user", "content": "guess"}], {"answer": 7})] * 3
+    params = SamplingParams(temperature=1.0, stop_token_ids=(tok.eos_id,), seed=3)
+    trajs, m = run_agent_rollouts(engine.generate, starts, GuessEnv, asm, params,
+                                  AgentSettings(max_turns=3, max_tokens=40,
+                                                max_tokens_per_turn=8))
+    assert len(trajs) == 3 and all(t.finish for t in trajs)
+    assert m["agent/turns_mean"] >= 1
+    for t in trajs:
+        assert len(t.ids) == len(t.generated) == len(t.logprobs) <= 40
+        assert all((lp != 0.0) for lp, g in zip(t.logprobs, t.generated) if g)
+        assert all(lp == 0.0 for lp, g in zip(t.logprobs, t.generated) if not g)
