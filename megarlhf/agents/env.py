@@ -125,7 +125,8 @@ def check_result(result: Any) -> StepResult:
 def _builtins() -> dict[str, str]:
     return {"calculator": "megarlhf.agents.builtins:CalculatorEnv",
             "python": "megarlhf.agents.builtins:PythonEnv",
-            "guess": "megarlhf.agents.builtins:GuessEnv"}
+            "guess": "megarlhf.agents.builtins:GuessEnv",
+            "tools": "megarlhf.agents.tools:FunctionToolsEnv"}
 
 
 BUILTIN_ENVS = tuple(_builtins())
@@ -156,12 +157,20 @@ def env_class(spec: str) -> type[Environment]:
 
 
 def make_env_factory(spec: str, options: dict[str, Any]):
-    """A zero-argument function building a fresh environment; the options are tried once
-    here (a wrong keyword is a config error, not a fault of every trajectory)."""
+    """A zero-argument function building a fresh environment. One environment is built here
+    and closed: a wrong keyword or a bad option value (a tool that does not import, a missing
+    tokenizer) is a config error before anything starts, not a fault of every trajectory."""
     cls = env_class(spec)
     try:
         inspect.signature(cls).bind(**options)
     except TypeError as e:
         raise EnvError(f"rollout.agent.options {sorted(options)} do not fit {cls.__name__}: "
                        f"{e}") from None
+    try:
+        cls(**options).close()
+    except EnvError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of the user's constructor, named
+        raise EnvError(f"rollout.agent: {cls.__name__}(**rollout.agent.options) failed: "
+                       f"{type(e).__name__}: {e}") from None
     return lambda: cls(**options)

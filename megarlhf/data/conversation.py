@@ -147,7 +147,9 @@ def assembler_for(tokenizer, stop_ids: Sequence[int]) -> TokenAssembler:
     return TokenAssembler(
         render=render,
         encode=lambda text: tokenizer.encode(text),
-        decode=lambda ids: tokenizer.decode(list(ids)),
+        # special tokens the model generated inside a turn (e.g. <tool_call> in some
+        # families) stay in its text: the environment and the template see what was generated
+        decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=False),
         token_text=lambda i: tokenizer.decode([int(i)], skip_special_tokens=False),
         stop_ids=stop_ids,
         encode_prompt=lambda messages: tokenizer.apply_chat_template(list(messages), True))

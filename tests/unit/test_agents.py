@@ -369,3 +369,35 @@ def test_agent_rollout_runs_on_the_transformers_engine(tmp_path):
         assert len(t.ids) == len(t.generated) == len(t.logprobs) <= 40
         assert all((lp != 0.0) for lp, g in zip(t.logprobs, t.generated) if g)
         assert all(lp == 0.0 for lp, g in zip(t.logprobs, t.generated) if not g)
+
+
+def test_function_tools_parsed_by_vllms_hermes_parser(chatml_tokenizer):
+    """If this fails, tool calls in a model family's own format (Hermes/Qwen
+    <tool_call>{json}</tool_call>) are not parsed by vLLM's parser, a tool's result does not come
+    back as a tool message, or a malformed call / unknown tool / failing tool raises instead of
+    being an observation."""
+    from megarlhf.agents.env import EnvError, make_env_factory
+
+    make = make_env_factory("tools", {"tools": {"calc": "megarlhf.agents.calc:evaluate"},
+                                      "tokenizer": str(chatml_tokenizer.path)})
+    env = make()
+    env.reset({"answer": 120})
+    call = ('<tool_call>\n{"name": "calc", "arguments": {"text": "12*(7+3)"}}\n</tool_call>')
+    r = env.step(call)
+    assert not r.done and r.observations == [{"role": "tool", "content": "120"}]
+    r = env.step('<tool_call>\n{"name": "calc", "arguments": {"text": "1/0"}}\n</tool_call>')
+    assert "division by zero" in r.observations[0]["content"] and r.info["tool_errors"] == 1
+    r = env.step('<tool_call>\n{"name": "wolfram", "arguments": {}}\n</tool_call>')
+    assert "unknown tool 'wolfram'" in r.observations[0]["content"]
+    r = env.step('<tool_call>\n{"name": "calc", "arguments": {"text": </tool_call>')
+    assert "could not read the tool call" in r.observations[0]["content"]
+    r = env.step("answer: 120")
+    assert r.done and r.reward == 1.0 and r.info["tool_errors"] == 3
+    # bad options are config errors, found once up front
+    with pytest.raises(EnvError, match="vLLM has no tool parser"):
+        make_env_factory("tools", {"tools": {"calc": "megarlhf.agents.calc:evaluate"},
+                                   "tokenizer": str(chatml_tokenizer.path),
+                                   "tool_parser": "nope"})
+    with pytest.raises(EnvError, match="not an importable module:function"):
+        make_env_factory("tools", {"tools": {"calc": "megarlhf.agents.calc:nothing"},
+                                   "tokenizer": str(chatml_tokenizer.path)})
