@@ -75,6 +75,12 @@ class Environment:
     def step(self, assistant_text: str) -> StepResult:
         raise NotImplementedError
 
+    def tools(self) -> list[dict[str, Any]] | None:
+        """OpenAI function schemas of the environment's tools, rendered into the prompt by the
+        chat template (templates that take ``tools``); None: the prompt describes the task
+        alone. Asked once per job, from an environment built for the purpose."""
+        return None
+
     def close(self) -> None:
         """Called once when the trajectory ends (also after a fault)."""
 
@@ -167,10 +173,21 @@ def make_env_factory(spec: str, options: dict[str, Any]):
         raise EnvError(f"rollout.agent.options {sorted(options)} do not fit {cls.__name__}: "
                        f"{e}") from None
     try:
-        cls(**options).close()
+        probe = cls(**options)
+        schemas = probe.tools()
+        probe.close()
     except EnvError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of the user's constructor, named
         raise EnvError(f"rollout.agent: {cls.__name__}(**rollout.agent.options) failed: "
                        f"{type(e).__name__}: {e}") from None
-    return lambda: cls(**options)
+    if schemas is not None and not (isinstance(schemas, list) and all(
+            isinstance(t, dict) for t in schemas)):
+        raise EnvError(f"rollout.agent: {cls.__name__}.tools() must return a list of "
+                       f"function schemas (dicts) or None, got {type(schemas).__name__}")
+
+    def make() -> Environment:
+        return cls(**options)
+
+    make.tool_schemas = schemas  # type: ignore[attr-defined]
+    return make

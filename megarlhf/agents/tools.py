@@ -18,13 +18,14 @@ arguments as keyword arguments and is answered with a ``tool`` message holding i
 (or ``{"error": ...}``: an unknown tool, bad arguments, an exception). A message that starts a
 call the parser cannot read is answered with an error message and counted
 (``info.tool_errors``). A message without calls is the final answer, compared with the row's
-``answer`` (numbers numerically, else as stripped text). The chat template is not given the
-tools' schemas (the prompt states the task; describing tools in the template is not built).
+``answer`` (numbers numerically, else as stripped text). The functions' schemas (from their
+signatures and docstrings) are rendered into every prompt by the chat template's ``tools``.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -106,6 +107,27 @@ def _function(spec: str) -> Callable[..., Any]:
     return fn
 
 
+_JSON_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string",
+               "int": "integer", "float": "number", "bool": "boolean", "str": "string"}
+
+
+def function_schema(name: str, fn: Callable[..., Any]) -> dict[str, Any]:
+    """The OpenAI function schema of ``fn`` under ``name``."""
+    sig = inspect.signature(fn)
+    props, required = {}, []
+    for p in sig.parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        props[p.name] = {"type": _JSON_TYPES.get(p.annotation, "string")}
+        if p.default is p.empty:
+            required.append(p.name)
+    doc = (inspect.getdoc(fn) or "").strip().split("\n\n")[0].replace("\n", " ")
+    return {"type": "function",
+            "function": {"name": name, "description": doc,
+                         "parameters": {"type": "object", "properties": props,
+                                        "required": required}}}
+
+
 class FunctionToolsEnv(Environment):
     """Python functions as tools, calls parsed by vLLM (module docstring)."""
 
@@ -122,6 +144,11 @@ class FunctionToolsEnv(Environment):
     def reset(self, row: dict[str, Any]) -> list[dict[str, str]]:
         self.answer = row.get("answer")
         return []
+
+    def tools(self) -> list[dict[str, Any]]:
+        """Each function's schema from its signature and docstring (parameters typed by their
+        annotations: int, float, bool, else string)."""
+        return [function_schema(name, fn) for name, fn in self.functions.items()]
 
     def _info(self) -> dict[str, Any]:
         return {"tool_calls": self.calls, "tool_errors": self.errors}

@@ -14,6 +14,7 @@ from typing import Any
 from megarlhf.agents.env import make_env_factory
 from megarlhf.agents.rollout import AgentSettings, run_agent_rollouts, trajectory_outputs
 from megarlhf.agents.trajectory import Trajectory, assembler_for, check_template
+from megarlhf.config.base import ConfigError
 from megarlhf.config.schema import JobConfig
 from megarlhf.data.datasets import prompt_messages
 from megarlhf.data.job_data import PromptItem
@@ -36,8 +37,30 @@ class AgentRollouts:
                                       step_timeout_s=a.step_timeout_s,
                                       fault_reward=a.fault_reward)
         self.tokenizer = tokenizer
-        self.assembler = assembler_for(tokenizer, [tokenizer.eos_id])
+        self.max_prompt_len = job.data.max_prompt_len
+        # The environment's tool schemas (if any) are in every rendering of a trajectory.
+        self.tools = getattr(self.make_env, "tool_schemas", None)
+        self.assembler = assembler_for(tokenizer, [tokenizer.eos_id], self.tools)
         check_template(self.assembler)
+
+    def prompt_ids(self, p: PromptItem) -> list[int]:
+        """The prompt as a trajectory starts from it: the data's ids, or with the
+        environment's tools rendered in (then checked against ``data.max_prompt_len``)."""
+        if not self.tools:
+            return list(p.ids)
+        ids = self.assembler.encode_prompt(prompt_messages(
+            p.prompt if p.prompt is not None else p.text))
+        if len(ids) > self.max_prompt_len:
+            raise ConfigError(f"data.max_prompt_len = {self.max_prompt_len}: a prompt with the "
+                              f"environment's tool schemas is {len(ids)} tokens; raise "
+                              "data.max_prompt_len (the schemas are part of every prompt)")
+        return ids
+
+    def check_prompts(self, prompts: list[PromptItem]) -> None:
+        """Every prompt fits with the tools rendered in (before any worker starts)."""
+        if self.tools:
+            for p in prompts:
+                self.prompt_ids(p)
 
     @staticmethod
     def row(p: PromptItem) -> dict[str, Any]:
@@ -50,8 +73,9 @@ class AgentRollouts:
         ``generate(ids, params, weight_version=)``); returns them as engine outputs (one per
         prompt), the batch's ``agent/*`` metrics, and the trajectories."""
         n = params.n
-        starts = [(list(p.ids), prompt_messages(p.prompt if p.prompt is not None else p.text),
-                   self.row(p)) for p in prompts for _ in range(n)]
+        starts = [(ids, prompt_messages(p.prompt if p.prompt is not None else p.text),
+                   self.row(p)) for p in prompts for ids in [self.prompt_ids(p)]
+                  for _ in range(n)]
 
         def generate(contexts, sp):
             if weight_version is None:
@@ -60,6 +84,9 @@ class AgentRollouts:
 
         trajs, metrics = run_agent_rollouts(generate, starts, self.make_env, self.assembler,
                                             params, self.settings)
+        if self.tools:  # the prompts differ from the data's ids: each sample carries its own
+            for t in trajs:
+                t.extended_prompt = True
         return trajectory_outputs(trajs, n), metrics, trajs
 
     def evaluate(self, engine, prompts: list[PromptItem], params: SamplingParams

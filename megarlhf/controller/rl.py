@@ -89,6 +89,8 @@ class RLTrainer(Trainer):
         # Multi-turn agent rollouts (rollout.agent): built here, before any worker starts, so
         # a wrong environment or a template that is not prefix-stable fails first.
         self.agent = AgentRollouts(job, self.tokenizer) if job.rollout.agent else None
+        if self.agent is not None:
+            self.agent.check_prompts(self.prompts + self.eval_prompts)
 
     # ---------------------------------------------------------------- the run
     def open_cluster(self) -> Cluster:

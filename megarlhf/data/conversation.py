@@ -131,18 +131,30 @@ def check_template(assembler: TokenAssembler) -> None:
     assembler.observation_ids(t, [{"role": "user", "content": "sure?"}])
 
 
-def assembler_for(tokenizer, stop_ids: Sequence[int]) -> TokenAssembler:
+def assembler_for(tokenizer, stop_ids: Sequence[int],
+                  tools: Sequence[dict] | None = None) -> TokenAssembler:
     """The :class:`TokenAssembler` of a megarlhf tokenizer (:mod:`megarlhf.data.tokenizer`):
-    its chat template renders, its ``encode`` (no BOS) tokenizes the appended text, and a
-    prompt an environment extended is tokenized as every prompt is
-    (``apply_chat_template``)."""
+    its chat template renders (describing ``tools``, OpenAI function schemas, in every
+    rendering), its ``encode`` (no BOS) tokenizes the appended text, and a prompt is tokenized
+    as every prompt is (``apply_chat_template``)."""
+    tools = list(tools) if tools else None
+
     def render(messages, gen):
         try:
-            return tokenizer.render_chat(list(messages), gen)
+            return tokenizer.render_chat(list(messages), gen, tools)
         except Exception as e:  # noqa: BLE001 - jinja's own errors: named, never swallowed
             roles = sorted({m["role"] for m in messages})
             raise TemplateError(f"the tokenizer's chat template cannot render messages of "
-                                f"roles {roles}: {type(e).__name__}: {e}") from e
+                                f"roles {roles}{' with tools' if tools else ''}: "
+                                f"{type(e).__name__}: {e}") from e
+
+    def encode_prompt(messages):
+        try:
+            return tokenizer.apply_chat_template(list(messages), True, tools)
+        except Exception as e:  # noqa: BLE001 - as above
+            raise TemplateError(f"the tokenizer's chat template cannot render the prompt"
+                                f"{' with tools' if tools else ''}: {type(e).__name__}: {e}"
+                                ) from e
 
     return TokenAssembler(
         render=render,
@@ -152,7 +164,7 @@ def assembler_for(tokenizer, stop_ids: Sequence[int]) -> TokenAssembler:
         decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=False),
         token_text=lambda i: tokenizer.decode([int(i)], skip_special_tokens=False),
         stop_ids=stop_ids,
-        encode_prompt=lambda messages: tokenizer.apply_chat_template(list(messages), True))
+        encode_prompt=encode_prompt)
 
 
 def conversation_sample(assembler: TokenAssembler, messages: Sequence[dict[str, str]],

@@ -198,12 +198,16 @@ class Tokenizer(ABC):
         """The id of a token string (a vocabulary entry), or None."""
 
     @abstractmethod
-    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        """The conversation as the text that :meth:`apply_chat_template` tokenizes."""
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                    tools: Sequence[dict] | None = None) -> str:
+        """The conversation as the text that :meth:`apply_chat_template` tokenizes; ``tools``
+        (OpenAI function schemas) go to templates that describe tools (Hugging Face
+        templates)."""
 
     @abstractmethod
     def apply_chat_template(self, messages: Sequence[Message],
-                            add_generation_prompt: bool = True) -> list[int]: ...
+                            add_generation_prompt: bool = True,
+                            tools: Sequence[dict] | None = None) -> list[int]: ...
 
     @abstractmethod
     def save(self, directory: str | os.PathLike) -> Path:
@@ -306,12 +310,17 @@ class SentencePieceTokenizer(Tokenizer):
         i = self.sp.piece_to_id(token)
         return None if (i == self.sp.unk_id() and token != self.sp.id_to_piece(i)) else i
 
-    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                    tools: Sequence[dict] | None = None) -> str:
+        if tools:
+            raise ValueError("megarlhf's format-string chat template cannot describe tools; use "
+                             "a Hugging Face tokenizer whose chat template takes `tools`")
         return self.chat_template.render(messages, add_generation_prompt)
 
     def apply_chat_template(self, messages: Sequence[Message],
-                            add_generation_prompt: bool = True) -> list[int]:
-        text = self.render_chat(messages, add_generation_prompt)
+                            add_generation_prompt: bool = True,
+                            tools: Sequence[dict] | None = None) -> list[int]:
+        text = self.render_chat(messages, add_generation_prompt, tools)
         return self.encode(text, add_bos=self.chat_template.add_bos and self.bos_id is not None)
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -384,23 +393,28 @@ class HFTokenizer(Tokenizer):
             return None
         return i
 
-    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                    tools: Sequence[dict] | None = None) -> str:
         for i, m in enumerate(messages):
             _check_message(m, i)
         if self.has_chat_template:
             return self.tok.apply_chat_template(
                 [dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
-                tokenize=False,
+                tokenize=False, tools=list(tools) if tools else None,
             )
+        if tools:
+            raise ValueError(f"the tokenizer in {self.path} has no chat template of its own, so "
+                             "it cannot describe tools")
         text = self.fallback_template.render(messages, add_generation_prompt)
         if self.fallback_template.add_bos and self.tok.bos_token:
             text = self.tok.bos_token + text
         return text
 
     def apply_chat_template(self, messages: Sequence[Message],
-                            add_generation_prompt: bool = True) -> list[int]:
+                            add_generation_prompt: bool = True,
+                            tools: Sequence[dict] | None = None) -> list[int]:
         # The rendered text holds the special tokens (e.g. bos) as strings; encode parses them.
-        return self.encode(self.render_chat(messages, add_generation_prompt))
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools))
 
     def save(self, directory: str | os.PathLike) -> Path:
         d = Path(directory)

@@ -401,3 +401,60 @@ def test_function_tools_parsed_by_vllms_hermes_parser(chatml_tokenizer):
     with pytest.raises(EnvError, match="not an importable module:function"):
         make_env_factory("tools", {"tools": {"calc": "megarlhf.agents.calc:nothing"},
                                    "tokenizer": str(chatml_tokenizer.path)})
+
+
+def test_tool_schemas_are_rendered_into_every_prompt(tmp_path, chatml_tokenizer):
+    """If this fails, the model is never told which tools exist (the schemas the chat template
+    renders from `tools`), the trajectory's renderings disagree about them (not token-exact),
+    or a prompt that the schemas push past data.max_prompt_len starts."""
+    import shutil
+
+    from megarlhf.config.base import ConfigError, from_dict
+    from megarlhf.config.schema import JobConfig
+    from megarlhf.controller.agent import AgentRollouts
+    from megarlhf.data.job_data import PromptItem
+    from megarlhf.data.tokenizer import HFTokenizer
+
+    d = tmp_path / "tok"
+    shutil.copytree(chatml_tokenizer.path, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    with_tools = ("{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t | tojson }}\n"
+                  "{% endfor %}<|im_end|>\n{% endif %}" + CHATML)
+    (d / "chat_template.jinja").write_text(with_tools)  # where transformers 5 reads it
+    cfg["chat_template"] = with_tools
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = HFTokenizer(str(d))
+    agent = {"env": "tools", "max_tokens": 256, "options": {
+        "tools": {"calc": "megarlhf.agents.calc:evaluate"}, "tokenizer": str(d)}}
+    job = from_dict(JobConfig, {"kind": "grpo", "actor": {"model": {"arch": {}}},
+                                "rollout": {"max_new_tokens": 64, "agent": agent},
+                                "reward": {"sources": {"env": 1.0}},
+                                "data": {"max_prompt_len": 512}})
+    ag = AgentRollouts(job, tok)
+    item = PromptItem(ids=tok.apply_chat_template([{"role": "user", "content": "12*(7+3)?"}]),
+                      prompt="12*(7+3)?", answer=120)
+    ids = ag.prompt_ids(item)
+    assert '"name": "calc"' in tok.decode(ids, skip_special_tokens=False)
+    call = '<tool_call>\n{"name": "calc", "arguments": {"text": "12*(7+3)"}}\n</tool_call>'
+
+    class Engine:
+        replies = [call, "answer: 120"]
+
+        def generate(self, contexts, params):
+            out = []
+            for c in contexts:
+                g = tok.encode(self.replies.pop(0)) + [tok.eos_id]
+                out.append(RolloutOutput(c, (Sample(g, [-0.1] * len(g), "stop"),)))
+            return out
+
+    outs, m, [t] = ag.run(Engine(), [item], SamplingParams(max_new_tokens=64))
+    assert t.finish == "done" and t.reward == 1.0 and m["agent/tool_calls_mean"] == 1
+    assert outs[0].samples[0].prompt_ids == tuple(ids)
+    full = tok.render_chat(t.messages, add_generation_prompt=False, tools=ag.tools)
+    assert full == tok.decode(t.prompt_ids + t.ids, skip_special_tokens=False) + "\n"
+    short = from_dict(JobConfig, {"kind": "grpo", "actor": {"model": {"arch": {}}},
+                                  "rollout": {"max_new_tokens": 64, "agent": agent},
+                                  "reward": {"sources": {"env": 1.0}},
+                                  "data": {"max_prompt_len": 16}})
+    with pytest.raises(ConfigError, match="with the environment's tool schemas is"):
+        AgentRollouts(short, tok).check_prompts([item])
