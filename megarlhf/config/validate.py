@@ -284,10 +284,6 @@ def _check_agent(job: JobConfig, errors: list[str]) -> None:
     if "env" not in sources:
         errors.append("rollout.agent: the trajectories' reward is the environment's: add "
                       "reward.sources.env (e.g. reward.sources={env: 1.0})")
-    if job.asynchronous.enabled:
-        errors.append("rollout.agent with asynchronous.enabled: trajectories that span a weight "
-                      "update are not handled yet (per-turn weight versions); set "
-                      "asynchronous.enabled=false")
     if not job.data.apply_chat_template:
         errors.append("rollout.agent: the turns of a trajectory are laid out by the chat "
                       "template; set data.apply_chat_template=true")

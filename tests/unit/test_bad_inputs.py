@@ -655,10 +655,6 @@ AGENT_CASES = {
                                               "do not fit CalculatorEnv"),
     "agent rewarded by a verifier only": ({"reward.sources": {"math": 1.0}},
                                           "add reward.sources.env"),
-    "asynchronous agent": ({"asynchronous.enabled": True,
-                            "algorithm.use_behaviour_logprobs": True,
-                            "cluster.placement": "split"},
-                           "rollout.agent with asynchronous.enabled"),
     "no chat template": ({"data.apply_chat_template": False},
                          "set data.apply_chat_template=true"),
     "overlong shaping of a trajectory": ({"algorithm.overlong_buffer": 8},
@@ -694,8 +690,14 @@ def test_env_reward_without_an_environment_is_refused(inputs, tmp_path, capsys):
     cfg = write_config(str(tmp_path / "g.yaml"), job)
     expect(run_cli(["validate", cfg], inputs, tmp_path, capsys), 2,
            "reward.sources uses 'env' (an environment's reward), but there is no environment")
-    # the valid agent job passes
+    # the valid agent job passes, asynchronous too (a batch's trajectories share one version)
     job = set_dotted(grpo_config(inputs, str(tmp_path / "run")), dict(AGENT))
     cfg = write_config(str(tmp_path / "ok.yaml"), job)
+    code, err = run_cli(["validate", cfg, "--quiet"], inputs, tmp_path, capsys)
+    assert code == 0, err
+    job = set_dotted(job, {"asynchronous.enabled": True, "cluster.gpus_per_node": 3,
+                           "algorithm.use_behaviour_logprobs": True,
+                           "cluster.placement": "split"})
+    cfg = write_config(str(tmp_path / "async.yaml"), job)
     code, err = run_cli(["validate", cfg, "--quiet"], inputs, tmp_path, capsys)
     assert code == 0, err
