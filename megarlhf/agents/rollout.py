@@ -48,6 +48,7 @@ class AgentSettings:
     max_tokens_per_turn: int = 256
     step_timeout_s: float = 30.0
     fault_reward: float = 0.0
+    max_prompt_tokens: int | None = None  # a prompt an environment extends must fit
 
 
 @dataclass
@@ -114,8 +115,18 @@ def run_agent_rollouts(
         envs.append(env)
         if extra:  # opening messages of the environment: part of the prompt
             t.messages.extend(extra)
-            t.prompt_ids = assembler.encode_prompt(t.messages)
+            try:
+                t.prompt_ids = assembler.encode_prompt(t.messages)
+            except TemplateError as e:
+                _end(t, env, "template", settings, counts, str(e))
+                continue
             t.extended_prompt = True
+            limit = settings.max_prompt_tokens
+            if limit is not None and len(t.prompt_ids) > limit:
+                _end(t, env, "env_error", settings, counts,
+                     f"the environment's opening messages make the prompt "
+                     f"{len(t.prompt_ids)} tokens, over data.max_prompt_len = {limit}")
+                continue
         waiting.append(i)
 
     call = 0

@@ -35,7 +35,8 @@ class AgentRollouts:
         self.settings = AgentSettings(max_turns=a.max_turns, max_tokens=a.max_tokens,
                                       max_tokens_per_turn=job.rollout.max_new_tokens,
                                       step_timeout_s=a.step_timeout_s,
-                                      fault_reward=a.fault_reward)
+                                      fault_reward=a.fault_reward,
+                                      max_prompt_tokens=job.data.max_prompt_len)
         self.tokenizer = tokenizer
         self.max_prompt_len = job.data.max_prompt_len
         # The environment's tool schemas (if any) are in every rendering of a trajectory.

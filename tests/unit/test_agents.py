@@ -458,3 +458,30 @@ def test_tool_schemas_are_rendered_into_every_prompt(tmp_path, chatml_tokenizer)
                                   "data": {"max_prompt_len": 16}})
     with pytest.raises(ConfigError, match="with the environment's tool schemas is"):
         AgentRollouts(short, tok).check_prompts([item])
+
+
+class Opening(GuessEnv):
+    """Adds a system message before the first turn."""
+
+    def reset(self, row):
+        GuessEnv.reset(self, row)
+        return [{"role": "system", "content": "guess a number " * int(row.get("repeat", 1))}]
+
+
+def test_opening_messages_extend_the_prompt_within_its_limit(sp_tokenizer):
+    """If this fails, an environment's opening messages are dropped, the sample does not carry
+    its own prompt, or an opening that makes the prompt too long reaches the engine."""
+    tok = sp_tokenizer
+    asm = assembler_for(tok, [tok.eos_id])
+    base = _start(tok, "guess", 7)
+    long = (base[0], base[1], {"answer": 7, "repeat": 50})
+    engine = ScriptedEngine(tok, ["7"], tok.eos_id)
+    trajs, m = run_agent_rollouts(engine, [base, long], Opening, asm, SamplingParams(),
+                                  AgentSettings(max_prompt_tokens=64))
+    assert trajs[0].finish == "done" and trajs[0].extended_prompt
+    assert "guess a number" in tok.decode(trajs[0].prompt_ids)
+    assert len(engine.calls) == 1 and engine.calls[0][0] == trajs[0].prompt_ids
+    assert trajs[1].finish == "env_error" and "over data.max_prompt_len = 64" in \
+        trajs[1].info["fault"] and m["agent/env_errors"] == 1
+    [out] = trajectory_outputs(trajs, n=2)
+    assert out.samples[0].prompt_ids == tuple(trajs[0].prompt_ids)
