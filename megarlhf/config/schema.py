@@ -182,9 +182,13 @@ class AgentConfig:
     of assistant turns and the environment's observations, trained token-exactly (the loss on
     the generated tokens only) with the environment's reward (reward.sources: {env: 1.0})."""
 
-    # A built-in environment (calculator, python, guess) or module:Class (an
+    # A built-in environment (calculator, python, guess, tools) or module:Class (an
     # megarlhf.agents.Environment subclass importable on the driver).
     env: str = ""
+    # Or an agent program written against the OpenAI chat API: module:function called as
+    # f(base_url, trajectory_id, row) -> reward, talking to megarlhf's OpenAI-compatible
+    # endpoint (megarlhf.agents.openai_server). Exclusive with env.
+    program: str | None = None
     # Keyword arguments of the environment's constructor.
     options: dict[str, Any] = field(default_factory=dict)
     max_turns: int = 8  # assistant messages per trajectory
@@ -197,9 +201,11 @@ class AgentConfig:
     fault_reward: float = 0.0
 
     def __post_init__(self):
-        check(isinstance(self.env, str) and bool(self.env.strip()),
-              "rollout.agent.env: name an environment (calculator, python, guess, or "
-              "module:Class)")
+        check(isinstance(self.env, str) and (bool(self.env.strip()) != bool(self.program)),
+              "rollout.agent: give exactly one of env (calculator, python, guess, tools, or "
+              "module:Class) and program (module:function, an OpenAI-API agent)")
+        check(not (self.program and self.options),
+              "rollout.agent.options are an environment's; an agent program takes none")
         check(isinstance(self.options, dict), "rollout.agent.options must be a mapping of the "
               "environment's keyword arguments")
         check(self.max_turns >= 1, "rollout.agent.max_turns must be >= 1")

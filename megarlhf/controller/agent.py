@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from megarlhf.agents.env import make_env_factory
+from megarlhf.agents.openai_server import program_function, run_program_rollouts
 from megarlhf.agents.rollout import AgentSettings, run_agent_rollouts, trajectory_outputs
 from megarlhf.agents.trajectory import Trajectory, assembler_for, check_template
 from megarlhf.config.base import ConfigError
@@ -31,7 +32,8 @@ class AgentRollouts:
 
     def __init__(self, job: JobConfig, tokenizer):
         a = job.rollout.agent
-        self.make_env = make_env_factory(a.env, dict(a.options))
+        self.program = program_function(a.program) if a.program else None
+        self.make_env = None if a.program else make_env_factory(a.env, dict(a.options))
         self.settings = AgentSettings(max_turns=a.max_turns, max_tokens=a.max_tokens,
                                       max_tokens_per_turn=job.rollout.max_new_tokens,
                                       step_timeout_s=a.step_timeout_s,
@@ -83,8 +85,12 @@ class AgentRollouts:
                 return engine.generate(contexts, sp)
             return engine.generate(contexts, sp, weight_version=weight_version)
 
-        trajs, metrics = run_agent_rollouts(generate, starts, self.make_env, self.assembler,
-                                            params, self.settings)
+        if self.program is not None:  # an OpenAI-API agent drives its own conversation
+            trajs, metrics = run_program_rollouts(generate, starts, self.program,
+                                                  self.assembler, params, self.settings)
+        else:
+            trajs, metrics = run_agent_rollouts(generate, starts, self.make_env,
+                                                self.assembler, params, self.settings)
         if self.tools:  # the prompts differ from the data's ids: each sample carries its own
             for t in trajs:
                 t.extended_prompt = True

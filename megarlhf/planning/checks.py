@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from megarlhf.agents.env import EnvError, make_env_factory
+from megarlhf.agents.openai_server import program_function
 from megarlhf.config.base import ConfigError
 from megarlhf.config.schema import JobConfig, ModelConfig
 from megarlhf.config.validate import (
@@ -187,7 +188,10 @@ def agent_errors(job: JobConfig) -> list[str]:
     if a is None:
         return []
     try:
-        make_env_factory(a.env, dict(a.options))
+        if a.program:
+            program_function(a.program)
+        else:
+            make_env_factory(a.env, dict(a.options))
     except EnvError as e:
         return [str(e)]
     return []

@@ -485,3 +485,57 @@ def test_opening_messages_extend_the_prompt_within_its_limit(sp_tokenizer):
         trajs[1].info["fault"] and m["agent/env_errors"] == 1
     [out] = trajectory_outputs(trajs, n=2)
     assert out.samples[0].prompt_ids == tuple(trajs[0].prompt_ids)
+
+
+@pytest.mark.parametrize("which", ["chatml", "sentencepiece"])
+def test_openai_api_agent_programs_are_trained_token_exactly(which, chatml_tokenizer,
+                                                             sp_tokenizer):
+    """If this fails, an agent written against the OpenAI chat API (the `openai` client) cannot
+    be trained unchanged: its conversation is not recorded token-exactly through megarlhf's
+    endpoint, its return value is not the reward, or a program that rewrites the conversation,
+    crashes or returns garbage ends more than its own trajectory."""
+    import agent_programs as P
+
+    from megarlhf.agents.openai_server import run_program_rollouts
+
+    tok = chatml_tokenizer if which == "chatml" else sp_tokenizer
+    asm = assembler_for(tok, [tok.eos_id])
+    replies = ["let me use the tool <tool>calc: 12*(7+3)</tool>", "answer: 120"]
+    engine = ScriptedEngine(tok, list(replies), tok.eos_id)
+    row = {"prompt": "what is 12*(7+3)?", "answer": 120}
+    [t], m = run_program_rollouts(engine, [([], [], row)], P.solve, asm, SamplingParams(),
+                                  AgentSettings())
+    assert t.finish == "done" and t.reward == 1.0 and t.turns == 2, t.info
+    assert [i for i, g in zip(t.ids, t.generated) if g] == engine.returned[0] + \
+        engine.returned[1]
+    conv = [{"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": replies[0]},
+            {"role": "tool", "content": "<result>120</result>"},
+            {"role": "assistant", "content": replies[1]}]
+    assert t.messages == conv and t.prompt_ids == tok.apply_chat_template(conv[:1])
+    assert engine.calls[1][0] == t.prompt_ids + t.ids[:len(t.ids) - len(engine.returned[1])]
+    # faults: each ends its own trajectory; the good one next to them completes
+    class ByContext(ScriptedEngine):
+        """Replies by what the context holds (requests of two threads arrive in any order)."""
+
+        def __call__(self, contexts, params):
+            self.replies = []
+            for c in contexts:
+                text = tok.decode(c, skip_special_tokens=False)
+                self.replies.append("answer: 120" if "<result>" in text else
+                                    "hello" if "bad" in text else replies[0])
+            return ScriptedEngine.__call__(self, contexts, params)
+
+    for bad, counter in ((P.rewrites_history, "agent/env_errors"),
+                         (P.crashes, "agent/env_errors"), (P.no_number, "agent/env_garbage")):
+        engine = ByContext(tok, [], tok.eos_id)
+
+        def program(base_url, tid, r, bad=bad):
+            return bad(base_url, tid, r) if r.get("bad") else P.solve(base_url, tid, r)
+
+        trajs, m = run_program_rollouts(
+            engine, [([], [], dict(row, bad=True, prompt="bad " + row["prompt"])),
+                     ([], [], row)], program, asm,
+            SamplingParams(), AgentSettings(fault_reward=-1.0))
+        assert trajs[0].reward == -1.0 and m[counter] == 1, (bad, trajs[0].info)
+        assert trajs[1].finish == "done"

@@ -665,6 +665,13 @@ AGENT_CASES = {
                                       "data.max_prompt_len + rollout.agent.max_tokens = 24 + "
                                       "300 = 324 tokens"),
     "zero turns": ({"rollout.agent.max_turns": 0}, "rollout.agent.max_turns must be >= 1"),
+    "environment and program": ({"rollout.agent.program": "agent_programs:solve"},
+                                "give exactly one of env"),
+    "program not importable": ({"rollout.agent.env": "", "rollout.agent.program":
+                                "no_such_module:solve"},
+                               "rollout.agent.program = 'no_such_module:solve': cannot import"),
+    "program without module": ({"rollout.agent.env": "", "rollout.agent.program": "solve"},
+                               "give module:function"),
 }
 
 
