@@ -88,9 +88,10 @@ def test_only_the_vllm_adapter_imports_vllm():
     root = pathlib.Path(__file__).resolve().parents[2] / "megarlhf"
     pattern = re.compile(r"^\s*(import vllm|from vllm)\b", re.M)
     # The adapter (engine, outputs, the worker side of the weight transfer), the compat layer,
-    # and the NCCL wire (vLLM's communicator; a GPU machine has vLLM).
+    # the NCCL wire (vLLM's communicator; a GPU machine has vLLM), and the agents' tool-call
+    # parsers (vLLM's, imported when a `tools` environment is built).
     allowed = {"rollout/vllm_engine.py", "rollout/vllm_outputs.py", "rollout/vllm_transfer.py",
-               "compat/vllm.py", "weights/transfer.py"}
+               "compat/vllm.py", "weights/transfer.py", "agents/tools.py"}
     offenders = [
         str(path.relative_to(root))
         for path in root.rglob("*.py")
@@ -99,6 +100,7 @@ def test_only_the_vllm_adapter_imports_vllm():
     assert offenders == []
     code = (
         "import sys, megarlhf.rollout, megarlhf.rollout.hf_engine, megarlhf.rollout.vllm_engine\n"
+        "import megarlhf.agents, megarlhf.agents.tools, megarlhf.agents.openai_server\n"
         "assert 'vllm' not in sys.modules, 'importing megarlhf.rollout imported vllm'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
