@@ -38,12 +38,11 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Sequence
 
 from megarlhf.agents.env import EnvError
-from megarlhf.agents.rollout import SEED_STRIDE, AgentSettings, _metrics
+from megarlhf.agents.rollout import AgentSettings, _metrics, turn_params
 from megarlhf.agents.trajectory import TemplateError, TokenAssembler, Trajectory
 from megarlhf.rollout.base import RolloutOutput, SamplingParams
 
@@ -104,9 +103,7 @@ class _Batcher:
             for it in items:
                 groups.setdefault(it[1], []).append(it)
             for max_new, group in groups.items():
-                p = replace(self.params, n=1, max_new_tokens=max_new,
-                            seed=None if self.params.seed is None
-                            else self.params.seed + self.calls * SEED_STRIDE)
+                p = turn_params(self.params, max_new, self.calls)
                 self.calls += 1
                 try:
                     outs = self.generate([c for c, _, _ in group], p)

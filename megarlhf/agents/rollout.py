@@ -51,6 +51,13 @@ class AgentSettings:
     max_prompt_tokens: int | None = None  # a prompt an environment extends must fit
 
 
+def turn_params(params: SamplingParams, max_new_tokens: int, call: int) -> SamplingParams:
+    """The sampling of engine call number ``call`` of an agent rollout: one sample per context,
+    the turn's budget, and the call's own seed (``seed + call * SEED_STRIDE``)."""
+    return replace(params, n=1, max_new_tokens=max_new_tokens,
+                   seed=None if params.seed is None else params.seed + call * SEED_STRIDE)
+
+
 @dataclass
 class _Pending:
     traj: Trajectory
@@ -140,10 +147,9 @@ def run_agent_rollouts(
                 budgets.setdefault(room, []).append(i)
             waiting = []
             for room, batch in sorted(budgets.items(), reverse=True):
-                p = replace(params, n=1, max_new_tokens=room,
-                            seed=None if params.seed is None else params.seed + call * SEED_STRIDE)
+                outs = generate([trajs[i].context for i in batch],
+                                turn_params(params, room, call))
                 call += 1
-                outs = generate([trajs[i].context for i in batch], p)
                 for i, out in zip(batch, outs, strict=True):
                     _after_turn(i, trajs[i], envs[i], out.samples[0], assembler, settings,
                                 counts, stepping)

@@ -44,6 +44,7 @@ class AgentRollouts:
         # The environment's tool schemas (if any) are in every rendering of a trajectory.
         self.tools = getattr(self.make_env, "tool_schemas", None)
         self.assembler = assembler_for(tokenizer, [tokenizer.eos_id], self.tools)
+        self._with_tools: dict[tuple[int, ...], tuple[int, ...]] = {}  # prompt_ids' cache
         check_template(self.assembler)
 
     def prompt_ids(self, p: PromptItem) -> list[int]:
@@ -51,12 +52,16 @@ class AgentRollouts:
         environment's tools rendered in (then checked against ``data.max_prompt_len``)."""
         if not self.tools:
             return list(p.ids)
+        key = tuple(p.ids)  # the same prompt comes back every epoch: tokenized once
+        if key in self._with_tools:
+            return list(self._with_tools[key])
         ids = self.assembler.encode_prompt(prompt_messages(
             p.prompt if p.prompt is not None else p.text))
         if len(ids) > self.max_prompt_len:
             raise ConfigError(f"data.max_prompt_len = {self.max_prompt_len}: a prompt with the "
                               f"environment's tool schemas is {len(ids)} tokens; raise "
                               "data.max_prompt_len (the schemas are part of every prompt)")
+        self._with_tools[key] = tuple(ids)
         return ids
 
     def check_prompts(self, prompts: list[PromptItem]) -> None:
