@@ -16,6 +16,13 @@ token count (MoE, also on GPU)     ``get_tokens_per_expert_and_token_count`` (us
                                    aux loss's scale is TP x CP too large (TP2 + SP moved the
                                    post-step log-probs 0.04 from the single-process run). The
                                    replacement reduces a copy.
+expert bias padding (MoE)          ``TopKRouter._apply_expert_bias`` (sigmoid routing with
+                                   expert bias: glm4_moe, deepseek_v3) masks padding with
+                                   ``routing_map & ~padding_mask``: a ``(tokens, experts)`` map
+                                   against a ``(tokens,)`` mask, which fails (or, with as many
+                                   tokens as experts, masks the wrong axis). The replacement
+                                   masks rows. Installed only where the source still has the
+                                   line; a fixed megatron keeps its own.
 router replay (MoE)                megarlhf's routing replay replaces a router's
                                    ``router_replay`` and takes megatron's instance out of the
                                    class-level ``RouterReplay.global_router_replay_instances``
@@ -118,6 +125,55 @@ def fix_token_count() -> None:
     get_tokens_per_expert_and_token_count._megarlhf_original = original
     router.get_tokens_per_expert_and_token_count = get_tokens_per_expert_and_token_count
     moe_utils.get_tokens_per_expert_and_token_count = get_tokens_per_expert_and_token_count
+
+
+# ---------------------------------------------------------------------- expert bias padding
+_BIAS_BUG = "routing_map = routing_map & (~padding_mask)"
+
+
+def fix_expert_bias_padding() -> None:
+    """Installs the expert-bias padding fix where megatron still has the bug (idempotent)."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    current = TopKRouter.__dict__.get("_apply_expert_bias")
+    if getattr(current, "_megarlhf_fixed", False):
+        return
+    if current is None or "TopKRouter.routing" not in _method_callers(TopKRouter,
+                                                                      "_apply_expert_bias"):
+        raise _fail("expert bias padding", "TopKRouter.routing no longer calls "
+                    "_apply_expert_bias")
+    original = getattr(current, "__wrapped__", None) or getattr(current, "_torchdynamo_orig_callable",
+                                                                 None) or current
+    try:
+        source = inspect.getsource(original)
+    except (OSError, TypeError) as e:
+        raise _fail("expert bias padding", f"the source of TopKRouter._apply_expert_bias cannot "
+                    f"be read ({e})") from None
+    if _BIAS_BUG not in source:
+        return  # fixed upstream: megatron's own code masks correctly
+    if _params(original) != ["self", "routing_map", "padding_mask"]:
+        raise _fail("expert bias padding", f"TopKRouter._apply_expert_bias takes "
+                    f"{_params(original)}")
+
+    def _apply_expert_bias(self, routing_map, padding_mask=None):
+        if self.enable_expert_bias and torch.is_grad_enabled():
+            with torch.no_grad():
+                if padding_mask is not None:
+                    routing_map = routing_map & (~padding_mask.reshape(-1, 1))
+                self.local_tokens_per_expert += routing_map.sum(dim=0)
+
+    _apply_expert_bias._megarlhf_fixed = True
+    _apply_expert_bias._megarlhf_original = current
+    TopKRouter._apply_expert_bias = _apply_expert_bias
+
+
+def _method_callers(cls, name: str) -> list[str]:
+    out = []
+    for mn, m in vars(cls).items():
+        f = getattr(m, "__wrapped__", m)
+        if inspect.isfunction(f) and name in f.__code__.co_names:
+            out.append(f"{cls.__name__}.{mn}")
+    return out
 
 
 # -------------------------------------------------------------------------- router replay

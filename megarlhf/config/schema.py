@@ -54,6 +54,11 @@ class ModelConfig:
     # for each token (field `routed_experts` of the batch, see megarlhf/engine/moe.py)
     # instead of its own top-k, so train and rollout route identically.
     moe_routing_replay: bool = False
+    # Sigmoid-routed families (glm4_moe, deepseek_v3): the router's expert bias moves by this
+    # much per optimizer step towards balanced load (+rate for experts below the mean load,
+    # -rate above; DeepSeek-V3's aux-loss-free balancing, megatron's expert-bias update). 0 keeps
+    # the checkpoint's bias. Ignored by other families.
+    moe_expert_bias_update_rate: float = 1e-3
 
     def __post_init__(self):
         check(
@@ -68,6 +73,9 @@ class ModelConfig:
         check(self.moe_aux_loss_coeff is None or self.moe_aux_loss_coeff >= 0,
               "model.moe_aux_loss_coeff must be >= 0 (or null: the HF config's "
               "router_aux_loss_coef)")
+        check(0 <= self.moe_expert_bias_update_rate < 1,
+              "model.moe_expert_bias_update_rate must be in [0, 1) (DeepSeek-V3 used 1e-3; 0 "
+              "keeps the expert bias fixed)")
 
 
 @dataclass

@@ -104,6 +104,8 @@ class MoEHooks:
         from megatron.core.transformer.moe.router import TopKRouter
 
         megatron_compat.fix_token_count()  # the aux loss's token count (compat.megatron)
+        if bundle.spec.moe.expert_bias:
+            megatron_compat.fix_expert_bias_padding()  # expert loads without padding (compat)
 
         self.bundle = bundle
         self.ctx = bundle.ctx

@@ -188,12 +188,32 @@ def moe_kwargs(spec: ArchSpec, model_cfg: ModelConfig, lay, *, te: bool) -> dict
         raise ModelBuildError(
             "model.moe_token_dispatcher=allgather does not support the variable micro-batch "
             "lengths of pipeline parallelism; use alltoall (it runs on CPU too)")
+    kw: dict[str, Any] = {}
+    if mo.score_function == "sigmoid":
+        # DeepSeek-V3 routing (see families): sigmoid scores, top-k on score + expert bias, the
+        # chosen scores renormalised (megatron always does for sigmoid, k > 1), times the
+        # routed scaling factor. The bias moves by ``rate * sign(mean load - load)`` after every
+        # optimizer step (finalize_model_grads); rate 0 keeps it as loaded.
+        kw.update(moe_router_score_function="sigmoid", moe_router_pre_softmax=False,
+                  moe_router_enable_expert_bias=mo.expert_bias,
+                  moe_router_bias_update_rate=float(model_cfg.moe_expert_bias_update_rate),
+                  moe_router_topk_scaling_factor=mo.routed_scaling
+                  if mo.routed_scaling != 1.0 else None)
+        if mo.num_groups > 1:
+            kw.update(moe_router_num_groups=mo.num_groups, moe_router_group_topk=mo.group_topk)
+    else:
+        kw.update(moe_router_score_function="softmax",
+                  moe_router_pre_softmax=not mo.norm_topk_prob)
+    if mo.shared_ffn_hidden_size:
+        kw.update(moe_shared_expert_intermediate_size=mo.shared_ffn_hidden_size)
+    if mo.first_dense_layers:
+        kw.update(moe_layer_freq=[0 if i < mo.first_dense_layers else 1
+                                  for i in range(spec.num_layers)])
     return dict(
+        **kw,
         num_moe_experts=mo.num_experts,
         moe_ffn_hidden_size=mo.ffn_hidden_size,
         moe_router_topk=mo.topk,
-        moe_router_score_function="softmax",
-        moe_router_pre_softmax=not mo.norm_topk_prob,
         moe_router_dtype="fp32",
         moe_router_load_balancing_type="aux_loss" if coeff > 0 else "none",
         moe_aux_loss_coeff=float(coeff),
@@ -221,32 +241,71 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 
 
+def _stage_layers(config, vp_stage) -> range:
+    """Global (0-based) numbers of the layers this pipeline stage / virtual chunk builds."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    first = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    return range(first, first + get_num_layers_to_build(config, vp_stage=vp_stage))
+
+
 def _local_layer_spec(spec: ArchSpec, config, vp_stage):
-    """megatron's local layer spec (MoE layers with ``SequentialMLP``); with SP, as a block
-    spec whose norms are :class:`SequenceParallelRMSNorm` (final norm included)."""
+    """megatron's local layer spec (MoE layers with ``SequentialMLP``); a block spec when the
+    layers differ (leading dense layers) or with SP, whose norms are then
+    :class:`SequenceParallelRMSNorm` (final norm included)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-    layer = get_gpt_layer_local_spec(
-        num_experts=spec.moe.num_experts if spec.moe is not None else None,
-        moe_grouped_gemm=False, normalization="RMSNorm", qk_layernorm=spec.qk_norm)
-    if not config.sequence_parallel:
+    def layer_spec(moe: bool):
+        layer = get_gpt_layer_local_spec(
+            num_experts=spec.moe.num_experts if moe else None,
+            moe_grouped_gemm=False, normalization="RMSNorm", qk_layernorm=spec.qk_norm)
+        if config.sequence_parallel:
+            sub = layer.submodules
+            sub.input_layernorm = SequenceParallelRMSNorm
+            sub.pre_mlp_layernorm = SequenceParallelRMSNorm
+            if spec.qk_norm:
+                # q/k norms act on whole (all-gathered) sequences; megatron sums their gradients
+                # over TP by name (qk_layernorm), so they need no mark - any norm class without
+                # the SP refusal will do.
+                sub.self_attention.submodules.q_layernorm = SequenceParallelRMSNorm
+                sub.self_attention.submodules.k_layernorm = SequenceParallelRMSNorm
         return layer
-    from megatron.core.transformer.transformer_block import (
-        TransformerBlockSubmodules,
-        get_num_layers_to_build,
-    )
 
-    sub = layer.submodules
-    sub.input_layernorm = SequenceParallelRMSNorm
-    sub.pre_mlp_layernorm = SequenceParallelRMSNorm
-    if spec.qk_norm:
-        # q/k norms act on whole (all-gathered) sequences; megatron sums their gradients over
-        # TP by name (qk_layernorm), so they need no mark - any norm class without the SP
-        # refusal will do.
-        sub.self_attention.submodules.q_layernorm = SequenceParallelRMSNorm
-        sub.self_attention.submodules.k_layernorm = SequenceParallelRMSNorm
-    n = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=SequenceParallelRMSNorm)
+    mixed = spec.moe is not None and spec.moe.first_dense_layers > 0
+    if not mixed and not config.sequence_parallel:
+        return layer_spec(spec.moe is not None)
+    specs = {moe: layer_spec(moe) for moe in {spec.is_moe_layer(i)
+                                              for i in _stage_layers(config, vp_stage)}}
+    layers = [specs[spec.is_moe_layer(i)] for i in _stage_layers(config, vp_stage)]
+    if not config.sequence_parallel:
+        from megatron.core.transformer.transformer_block import LayerNormImpl
+
+        # The final norm megatron builds for a single layer spec.
+        return TransformerBlockSubmodules(layer_specs=layers, layer_norm=LayerNormImpl)
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=SequenceParallelRMSNorm)
+
+
+def _te_layer_spec(spec: ArchSpec, config, vp_stage):
+    """Transformer Engine's layer spec (grouped experts); a block spec of dense and MoE layers
+    when the family has leading dense layers."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    def layer_spec(moe: bool):
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=spec.moe.num_experts if moe else None, moe_grouped_gemm=moe,
+            qk_layernorm=spec.qk_norm)
+
+    if spec.moe is None or not spec.moe.first_dense_layers:
+        return layer_spec(spec.moe is not None)
+    from megatron.core.extensions.transformer_engine import TENorm
+
+    specs = {moe: layer_spec(moe) for moe in (False, True)}
+    return TransformerBlockSubmodules(
+        layer_specs=[specs[spec.is_moe_layer(i)] for i in _stage_layers(config, vp_stage)],
+        layer_norm=TENorm)
 
 
 class ScalarHead(torch.nn.Module):
@@ -317,7 +376,6 @@ def build_model(model_cfg: ModelConfig, ctx: ParallelContext, *, head: Head = "l
         use_distributed_optimizer: DDP buffer layout for megatron's DistributedOptimizer.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     from megarlhf.platform import current_platform
@@ -342,19 +400,13 @@ def build_model(model_cfg: ModelConfig, ctx: ParallelContext, *, head: Head = "l
     if spec.moe is not None and spec.moe.num_experts % lay.ep:
         raise ModelBuildError(f"{spec.moe.num_experts} experts are not divisible by ep={lay.ep}")
     config = transformer_config(spec, model_cfg, ctx, te=te, init_weights=init_weights, cpu=cpu)
-    n_experts = spec.moe.num_experts if spec.moe is not None else None
-    if te:
-        layer_spec = get_gpt_layer_with_transformer_engine_spec(
-            num_experts=n_experts, moe_grouped_gemm=n_experts is not None,
-            qk_layernorm=spec.qk_norm)
     padded_vocab = spec.padded_vocab_size(lay.tp, model_cfg.vocab_multiple)
     inv_freq = hf_inv_freq(spec)
 
     chunks = []
     for vp in range(lay.vpp):
         vp_stage = vp if lay.vpp > 1 else None
-        if not te:
-            layer_spec = _local_layer_spec(spec, config, vp_stage)
+        layer_spec = (_te_layer_spec if te else _local_layer_spec)(spec, config, vp_stage)
         pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         m = GPTModel(
@@ -367,7 +419,7 @@ def build_model(model_cfg: ModelConfig, ctx: ParallelContext, *, head: Head = "l
             parallel_output=True,
             share_embeddings_and_output_weights=spec.tie_word_embeddings and head == "lm",
             position_embedding_type="rope",
-            rotary_percent=1.0,
+            rotary_percent=spec.rotary_percent,
             rotary_base=int(spec.rope_theta) if float(spec.rope_theta).is_integer()
             else spec.rope_theta,
             pg_collection=ctx.pg_collection,

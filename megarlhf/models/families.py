@@ -28,9 +28,36 @@ mixtral     as mistral               softmax, top-k (2 of 8),    block_sparse_mo
                                                                  {w1,w3,w2} (gate, up, down)
 ==========  =======================  ==========================  ==============================
 
-No shared experts, no grouped (node-limited) routing, no MLA, every layer MoE: configs asking
-for any of those are refused naming the field (:data:`UNSUPPORTED_MOE_FIELDS`). The router runs
+Neither has shared experts, grouped routing or dense layers: a qwen3_moe / mixtral config asking
+for any of those is refused naming the field (:data:`UNSUPPORTED_MOE_FIELDS`). The router runs
 in fp32 (``moe_router_dtype``), as transformers computes its softmax.
+
+The DeepSeek-V3 lineage routes differently (``glm4_moe`` here; ``deepseek_v3`` adds multi-head
+latent attention):
+
+==========  =============================  ====================================================
+glm4_moe    attention                      GQA, q/k/v bias (``attention_bias``), optional
+                                           qk-norm, RoPE on the first ``partial_rotary_factor``
+                                           of each head (rotate-half, not interleaved)
+            layers                         the first ``first_k_dense_replace`` layers dense
+                                           (``intermediate_size``), the rest MoE
+            routing                        sigmoid scores; top-k chosen on score + expert bias
+                                           (``mlp.gate.e_score_correction_bias``, fp32),
+                                           optionally within the best ``topk_group`` of
+                                           ``n_group`` groups; the chosen k scores (without the
+                                           bias) renormalised, times ``routed_scaling_factor``
+            shared experts                 ``mlp.shared_experts.{gate,up,down}_proj``, width
+                                           ``moe_intermediate_size * n_shared_experts``, added
+                                           to every MoE layer's output (no gate)
+            multi-token prediction         the ``num_nextn_predict_layers`` layers after the
+                                           last (``model.layers.{N..}``) are not built: their
+                                           tensors are carried unchanged from the source
+                                           checkpoint into every export (:data:`ArchSpec.mtp_layers`)
+==========  =============================  ====================================================
+
+The expert bias is not trained by gradients: megatron adds ``rate * sign(mean load - load)`` to
+it after every optimizer step (``moe_router_enable_expert_bias``, the aux-loss-free balancing of
+DeepSeek-V3), from the tokens each expert received in that step.
 
 HF names: the contract is the names a checkpoint holds *on disk* (one tensor per expert, as
 above). transformers 5 keeps the experts of a layer fused in memory (``mlp.experts.gate_up_proj``
@@ -52,8 +79,10 @@ from typing import Any
 
 import torch
 
-_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
-MOE_FAMILIES = ("qwen3_moe", "mixtral")
+_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "glm4_moe")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "glm4_moe")
+# Families routed as DeepSeek-V3 (sigmoid + expert bias, shared experts, leading dense layers).
+SIGMOID_FAMILIES = ("glm4_moe",)
 
 # MoE model types transformers knows but megarlhf does not build, with what they need.
 _UNSUPPORTED_MOE_TYPES = {
@@ -62,7 +91,6 @@ _UNSUPPORTED_MOE_TYPES = {
                    "(n_shared_experts) and grouped routing (n_group, topk_group)",
     "deepseek_v3": "multi-head latent attention (kv_lora_rank), shared experts "
                    "(n_shared_experts) and grouped routing (n_group, topk_group)",
-    "glm4_moe": "shared experts (n_shared_experts) and grouped routing (n_group, topk_group)",
     "gpt_oss": "attention sinks, biased experts and a clamped SwiGLU",
 }
 
@@ -115,6 +143,14 @@ class MoESpec:
         aux_loss_coeff: the HF config's ``router_aux_loss_coef``.
         hf_block: HF module of the MoE block on disk (``mlp`` or ``block_sparse_moe``).
         hf_gate_up_down: HF names of an expert's gate, up and down projections.
+        score_function: ``softmax`` or ``sigmoid`` (DeepSeek-V3 lineage).
+        expert_bias: the router has a per-expert bias used for choosing experts only
+            (``e_score_correction_bias``; megatron's ``expert_bias`` buffer, fp32).
+        num_groups: expert groups of grouped (node-limited) routing (1: not grouped).
+        group_topk: groups each token may choose from (1 when not grouped).
+        routed_scaling: factor on the routed experts' weights (1.0: none).
+        shared_ffn_hidden_size: width of the shared experts' MLP (0: no shared experts).
+        first_dense_layers: the first this many layers have a dense MLP (not MoE).
     """
 
     num_experts: int
@@ -124,6 +160,17 @@ class MoESpec:
     aux_loss_coeff: float
     hf_block: str
     hf_gate_up_down: tuple[str, str, str]
+    score_function: str = "softmax"
+    expert_bias: bool = False
+    num_groups: int = 1
+    group_topk: int = 1
+    routed_scaling: float = 1.0
+    shared_ffn_hidden_size: int = 0
+    first_dense_layers: int = 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether global layer ``layer`` (0-based) has the MoE block (else a dense MLP)."""
+        return layer >= self.first_dense_layers
 
 
 @dataclass(frozen=True)
@@ -148,6 +195,18 @@ class ArchSpec:
     init_std: float
     hf_config: Any  # the transformers PretrainedConfig it was read from
     moe: MoESpec | None = None  # None for dense models
+    rotary_percent: float = 1.0  # the share of each head's dims RoPE rotates (the first ones)
+    mtp_layers: int = 0  # multi-token-prediction layers after the last: carried, not built
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether global layer ``layer`` (0-based) has an MoE block."""
+        return self.moe is not None and self.moe.is_moe_layer(layer)
+
+    @property
+    def dense_ffn_hidden_size(self) -> int:
+        """Width of the dense layers' MLP (``ffn_hidden_size``; for an MoE family whose layers
+        are all MoE it is the experts' width and no dense layer exists)."""
+        return self.ffn_hidden_size
 
     def padded_vocab_size(self, tp: int, multiple: int) -> int:
         """Vocabulary padded to a multiple of ``multiple * tp`` (megatron's convention)."""
@@ -176,11 +235,18 @@ def arch_spec(hf_config) -> ArchSpec:
         raise UnsupportedArchitecture(f"{mt}: mlp_bias=true is not supported")
     if mt == "qwen2":
         qkv_bias = True
-    elif mt in ("llama", "qwen3", "qwen3_moe"):
+    elif mt in ("llama", "qwen3", "qwen3_moe", "glm4_moe"):
         qkv_bias = bool(getattr(hf_config, "attention_bias", False))
     else:
         qkv_bias = False
     moe = _moe_spec(hf_config) if mt in MOE_FAMILIES else None
+    rotary_percent = float(rope.get("partial_rotary_factor",
+                                    getattr(hf_config, "partial_rotary_factor", 1.0)) or 1.0)
+    if not 0.0 < rotary_percent <= 1.0 or int(head_dim * rotary_percent) % 2:
+        raise UnsupportedArchitecture(
+            f"{mt}: partial_rotary_factor={rotary_percent} must be in (0, 1] and rotate an even "
+            f"number of each head's {head_dim} dims")
+    mtp = int(getattr(hf_config, "num_mtp_layers", 0) or 0) if mt in SIGMOID_FAMILIES else 0
     if mt in ("mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"):
         sw = getattr(hf_config, "sliding_window", None)
         use_sw = getattr(hf_config, "use_sliding_window", mt in ("mistral", "mixtral"))
@@ -194,7 +260,9 @@ def arch_spec(hf_config) -> ArchSpec:
         model_type=mt,
         num_layers=hf_config.num_hidden_layers,
         hidden_size=hf_config.hidden_size,
-        ffn_hidden_size=moe.ffn_hidden_size if moe else hf_config.intermediate_size,
+        # The dense MLP's width; in a family whose layers are all MoE, the experts' width.
+        ffn_hidden_size=moe.ffn_hidden_size if moe and not moe.first_dense_layers
+        else hf_config.intermediate_size,
         num_attention_heads=heads,
         num_query_groups=groups,
         head_dim=head_dim,
@@ -204,11 +272,14 @@ def arch_spec(hf_config) -> ArchSpec:
         rope_theta=float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))),
         rope_type=rope_type,
         qkv_bias=qkv_bias,
-        qk_norm=mt in ("qwen3", "qwen3_moe"),
+        qk_norm=mt in ("qwen3", "qwen3_moe") or (
+            mt == "glm4_moe" and bool(getattr(hf_config, "use_qk_norm", False))),
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         init_std=float(getattr(hf_config, "initializer_range", 0.02)),
         hf_config=hf_config,
         moe=moe,
+        rotary_percent=rotary_percent,
+        mtp_layers=mtp,
     )
 
 
@@ -219,8 +290,10 @@ def _is_off(value: Any, off: tuple) -> bool:
 
 
 def _moe_spec(hf_config) -> MoESpec:
-    """The MoE fields of a qwen3_moe / mixtral config; refuses variants naming the field."""
+    """The MoE fields of an MoE family's config; refuses variants naming the field."""
     mt = hf_config.model_type
+    if mt in SIGMOID_FAMILIES:
+        return _sigmoid_moe_spec(hf_config)
     for fname, (off, what) in UNSUPPORTED_MOE_FIELDS.items():
         v = getattr(hf_config, fname, None)
         if not _is_off(v, off):
@@ -262,6 +335,60 @@ def _moe_spec(hf_config) -> MoESpec:
                    hf_block=block, hf_gate_up_down=names)
 
 
+def _sigmoid_moe_spec(hf_config) -> MoESpec:
+    """The MoE fields of a DeepSeek-V3-style config (glm4_moe): sigmoid routing with expert bias,
+    optional groups, shared experts, leading dense layers. Refuses what megatron computes
+    differently from transformers, naming the field."""
+    mt = hf_config.model_type
+    n = getattr(hf_config, "n_routed_experts", None)
+    topk = getattr(hf_config, "num_experts_per_tok", None)
+    layers = hf_config.num_hidden_layers
+
+    def refuse(msg: str):
+        raise UnsupportedArchitecture(f"{mt}: {msg}")
+
+    if not n or not topk:
+        refuse("the config needs n_routed_experts and num_experts_per_tok")
+    n, topk = int(n), int(topk)
+    if topk > n:
+        refuse(f"num_experts_per_tok={topk} is larger than the {n} routed experts")
+    if not getattr(hf_config, "norm_topk_prob", True) and topk > 1:
+        refuse("norm_topk_prob=false with sigmoid routing is not supported: megatron always "
+               "renormalises the chosen experts' sigmoid scores; set norm_topk_prob=true")
+    if topk == 1:
+        refuse("num_experts_per_tok=1 with sigmoid routing is not supported (transformers "
+               "renormalises the one score to 1, megatron does not); use num_experts_per_tok>=2")
+    groups = int(getattr(hf_config, "n_group", 1) or 1)
+    gtopk = int(getattr(hf_config, "topk_group", 1) or 1)
+    if groups > 1 or gtopk > 1:
+        if n % groups:
+            refuse(f"n_routed_experts={n} is not divisible by n_group={groups}")
+        if not 1 <= gtopk <= groups:
+            refuse(f"topk_group={gtopk} must be between 1 and n_group={groups}")
+        # transformers scores a group by its 2 best experts; megatron by its topk/topk_group best.
+        if topk % gtopk or topk // gtopk != 2:
+            refuse(f"grouped routing with num_experts_per_tok={topk} and topk_group={gtopk} is "
+                   "not supported: transformers scores a group by the sum of its 2 best experts, "
+                   "megatron by its num_experts_per_tok/topk_group best, which agree only when "
+                   f"num_experts_per_tok = 2 * topk_group (e.g. topk_group={topk // 2})")
+        if gtopk * (n // groups) < topk:
+            refuse(f"topk_group={gtopk} groups of {n // groups} experts hold fewer than "
+                   f"num_experts_per_tok={topk} experts")
+    dense = int(getattr(hf_config, "first_k_dense_replace", 0) or 0)
+    if not 0 <= dense < layers:
+        refuse(f"first_k_dense_replace={dense} must leave at least one of the {layers} layers "
+               "MoE (a model without MoE layers is a dense model: use its dense family)")
+    shared = int(getattr(hf_config, "n_shared_experts", 0) or 0)
+    width = int(hf_config.moe_intermediate_size)
+    return MoESpec(num_experts=n, ffn_hidden_size=width, topk=topk, norm_topk_prob=True,
+                   aux_loss_coeff=0.0, hf_block="mlp",
+                   hf_gate_up_down=("gate_proj", "up_proj", "down_proj"),
+                   score_function="sigmoid", expert_bias=True,
+                   num_groups=groups if groups > 1 else 1, group_topk=gtopk if groups > 1 else 1,
+                   routed_scaling=float(getattr(hf_config, "routed_scaling_factor", 1.0) or 1.0),
+                   shared_ffn_hidden_size=width * shared, first_dense_layers=dense)
+
+
 def hf_inv_freq(spec: ArchSpec) -> torch.Tensor | None:
     """RoPE inverse frequencies computed exactly as transformers does for scaled rope types.
 
@@ -284,6 +411,8 @@ def hf_inv_freq(spec: ArchSpec) -> torch.Tensor | None:
 #
 # kind: how a megatron tensor relates to its HF tensor(s) and how it is split over TP ranks.
 #   replicated   same tensor on every TP rank (norms, scalar head)
+#   fp32         replicated, and fp32 on every path (the router's expert bias: its updates are
+#                finer than bf16 resolves)
 #   vocab        rows = vocabulary, padded to the padded vocab size, split by rows
 #   column       split by rows (output features)               (unused by these families)
 #   row          split by columns (input features): o_proj, down_proj
@@ -302,8 +431,10 @@ class ParamMap:
     expert: bool = False  # an expert weight: split over etp ranks; "{i}" is the local expert
 
 
-def layer_param_maps(spec: ArchSpec, te: bool) -> list[ParamMap]:
-    """Per-layer entries (templates with {l} / {L})."""
+def layer_param_maps(spec: ArchSpec, te: bool, moe_layer: bool | None = None) -> list[ParamMap]:
+    """Per-layer entries (templates with {l} / {L}) of an MoE layer (``moe_layer``) or a dense
+    one (:meth:`ArchSpec.is_moe_layer` says which a layer is); ``None``: MoE for an MoE family."""
+    moe_layer = spec.moe is not None and (moe_layer is None or moe_layer)
     p = "decoder.layers.{l}."
     h = "model.layers.{L}."
     m = [
@@ -314,7 +445,7 @@ def layer_param_maps(spec: ArchSpec, te: bool) -> list[ParamMap]:
                   h + "self_attn.v_proj.weight"), "qkv"),
         ParamMap(p + "self_attention.linear_proj.weight", (h + "self_attn.o_proj.weight",), "row"),
     ]
-    if spec.moe is not None:
+    if moe_layer:
         # An MoE layer keeps its pre-MLP norm as a module of its own in both specs; the router
         # is replicated over TP (fp32 logits; TP ranks see the same, or their SP share of, tokens).
         b = h + spec.moe.hf_block + "."
@@ -323,6 +454,19 @@ def layer_param_maps(spec: ArchSpec, te: bool) -> list[ParamMap]:
                      "replicated"),
             ParamMap(p + "mlp.router.weight", (b + "gate.weight",), "replicated"),
         ]
+        if spec.moe.expert_bias:
+            # A buffer, not a parameter: changed by megatron from the experts' load, kept fp32.
+            m.append(ParamMap(p + "mlp.router.expert_bias", (b + "gate.e_score_correction_bias",),
+                              "fp32"))
+        if spec.moe.shared_ffn_hidden_size:
+            # Shared experts are a dense MLP inside the MoE block: split over TP, not EP/ETP.
+            m += [
+                ParamMap(p + "mlp.shared_experts.linear_fc1.weight",
+                         (b + "shared_experts.gate_proj.weight", b + "shared_experts.up_proj.weight"),
+                         "gate_up"),
+                ParamMap(p + "mlp.shared_experts.linear_fc2.weight",
+                         (b + "shared_experts.down_proj.weight",), "row"),
+            ]
     else:
         m += [
             ParamMap(p + ("mlp.linear_fc1.layer_norm_weight" if te else "pre_mlp_layernorm.weight"),

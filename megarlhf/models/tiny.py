@@ -36,7 +36,7 @@ def tiny_arch(family: str = "llama", *, vocab_size: int = 256, hidden_size: int 
         arch["use_sliding_window"] = False
     if family == "qwen3":
         arch["head_dim"] = hidden_size // num_heads
-    if family in ("qwen3_moe", "mixtral"):
+    if family in ("qwen3_moe", "mixtral", "glm4_moe"):
         arch.update(tiny_moe_fields(family))
     arch.update(extra)
     return arch
@@ -54,6 +54,17 @@ def tiny_moe_fields(family: str, num_experts: int = 8, topk: int = 2,
     if family == "qwen3_moe":
         out.update(num_experts=num_experts, moe_intermediate_size=expert_ffn,
                    norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+    elif family == "glm4_moe":
+        # GLM-4.5's shape in miniature: the first layer dense, a shared expert, sigmoid routing
+        # with expert bias, scaled weights, qkv bias, RoPE on half of each head; routing in 2
+        # groups of 4 experts of which each token takes the best 1 (DeepSeek-V3's grouped
+        # routing; GLM-4.5 itself has one group). No MTP layer (tests add one).
+        out.update(n_routed_experts=num_experts, moe_intermediate_size=expert_ffn,
+                   num_experts_per_tok=topk, n_shared_experts=1, first_k_dense_replace=1,
+                   n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                   attention_bias=True, use_qk_norm=False, partial_rotary_factor=0.5,
+                   num_nextn_predict_layers=0)
+        out.pop("router_aux_loss_coef")
     else:
         out.update(num_local_experts=num_experts, intermediate_size=expert_ffn,
                    router_jitter_noise=0.0)
@@ -84,6 +95,9 @@ def build_hf_model(arch: dict[str, Any], seed: int = 0, head: str = "lm"):
                 # An MoE router: widen the gaps between expert scores so that top-k choices do
                 # not hinge on rounding (1e-7 changes) when implementations are compared.
                 p.normal_(0.0, 0.5, generator=g)
+        for n, b in model.named_buffers():
+            if n.endswith("e_score_correction_bias"):  # sigmoid routing's expert bias
+                b.copy_(0.05 * torch.randn(b.shape, generator=g))
     return model.eval()
 
 

@@ -55,7 +55,9 @@ def local_params(bundle: ModelBundle) -> list[LocalParam]:
     ctx = bundle.ctx
     lay = ctx.layout
     tp, tpr = lay.tp, ctx.tp_rank
-    layer_maps = {m.megatron.split("{l}.", 1)[1]: m for m in layer_param_maps(spec, bundle.te)}
+    # Per kind of layer (dense, MoE: families with leading dense layers have both).
+    layer_maps = {moe: {m.megatron.split("{l}.", 1)[1]: m for m in layer_param_maps(
+        spec, bundle.te, moe)} for moe in (False, True)}
     expert_maps = {_expert_key(m): m for grouped in (False, True)
                    for m in expert_param_maps(spec, grouped)}
     n_local = spec.moe.num_experts // lay.ep if spec.moe is not None else 0
@@ -65,7 +67,7 @@ def local_params(bundle: ModelBundle) -> list[LocalParam]:
     result: list[LocalParam] = []
     for ci, model in enumerate(bundle.unwrapped()):
         layers = model.decoder.layers if hasattr(model, "decoder") else []
-        for name, p in model.named_parameters():
+        for name, p in _tensors(model):
             m = _LAYER.match(name)
             if m:
                 li, suffix = int(m.group(1)), m.group(2)
@@ -86,7 +88,7 @@ def local_params(bundle: ModelBundle) -> list[LocalParam]:
                     result.append(LocalParam(ci, name, p, pm.kind, hf, gl, lay.expert_tp,
                                              ctx.etp_rank, True))
                     continue
-                pm = layer_maps.get(suffix)
+                pm = layer_maps[spec.is_moe_layer(gl)].get(suffix)
                 if pm is None:
                     raise UnmappedParameterError(
                         f"megatron parameter {name!r} has no HF counterpart in the "
@@ -109,6 +111,16 @@ def local_params(bundle: ModelBundle) -> list[LocalParam]:
                     f"megatron parameter {name!r} has no HF counterpart in the "
                     f"{spec.model_type} table")
     return result
+
+
+def _tensors(model: torch.nn.Module):
+    """The parameters of ``model`` and the persistent buffers weights are made of (the router's
+    ``expert_bias``: not trained by gradients, but part of the model megarlhf converts and
+    syncs)."""
+    yield from model.named_parameters()
+    for name, b in model.named_buffers():
+        if name.endswith(".router.expert_bias") and b is not None:
+            yield name, b
 
 
 def _expert_key(pm: ParamMap) -> tuple[str, str]:
@@ -135,9 +147,9 @@ def hf_names_for(spec: ArchSpec, head: str) -> list[str]:
     experts = expert_param_maps(spec, False)
     n = spec.moe.num_experts if spec.moe is not None else 0
     for layer in range(spec.num_layers):
-        for pm in layer_param_maps(spec, False):
+        for pm in layer_param_maps(spec, False, spec.is_moe_layer(layer)):
             names.extend(h.replace("{L}", str(layer)) for h in pm.hf)
-        for e in range(n):
+        for e in range(n if spec.is_moe_layer(layer) else 0):
             for pm in experts:
                 names.extend(h.replace("{L}", str(layer)).replace("{E}", str(e)) for h in pm.hf)
     names.extend(final_norm_param_map().hf)

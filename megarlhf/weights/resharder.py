@@ -60,6 +60,7 @@ from megarlhf.models.builder import ModelBundle
 from megarlhf.models.families import ArchSpec
 from megarlhf.weights.mapping import expected_hf_names, local_params
 from megarlhf.weights.transforms import (
+    REPLICATED,
     ShardPiece,
     hf_shapes,
     megatron_full_shape,
@@ -157,7 +158,10 @@ class ReshardPlan:
         self._buffer = None
 
     def out_dtype(self, entry: HFEntry, dtype: torch.dtype | None) -> torch.dtype:
-        return dtype or self.units[entry.unit].dtype
+        unit = self.units[entry.unit]
+        if unit.kind == "fp32":
+            return torch.float32
+        return dtype or unit.dtype
 
     def nbytes(self, entry: HFEntry, dtype: torch.dtype | None = None) -> int:
         """Bytes of one HF tensor in the output dtype."""
@@ -285,7 +289,7 @@ def plan_hf_weights(bundle: ModelBundle) -> ReshardPlan:
                 continue
         elif ctx.dp_rank != 0 or ctx.cp_rank != 0:
             continue
-        split = lp.kind != "replicated" and lp.split_size > 1
+        split = lp.kind not in REPLICATED and lp.split_size > 1
         if not split and lp.split_rank != 0:
             continue
         mine.append(dict(hf_names=lp.hf_names, kind=lp.kind, shape=tuple(lp.param.shape),
@@ -558,7 +562,7 @@ def _send(plan, transfers, dtype, rank, dst_rank, local) -> None:
         if u.sources[tr.shard] != rank:
             continue
         e_shape = u.hf_shapes[tr.geom.hf_index]
-        out_dtype = dtype or u.dtype
+        out_dtype = torch.float32 if u.kind == "fp32" else dtype or u.dtype
         data = _local_region(plan, tr, local, out_dtype, tr.geom.region_shape(e_shape))
         data = data.contiguous()
         keep.append(data)

@@ -7,6 +7,7 @@ engine, checkpoint conversion) goes through these functions, keyed by a :class:`
 kind        megatron tensor (TP=1)                            split over TP ranks
 =========== ======================================================================================
 replicated  = the HF tensor                                   none (identical on every rank)
+fp32        = the HF tensor, fp32 on every path (expert bias)  none
 vocab       HF rows padded with zeros to the padded vocab      rows, contiguous blocks
 row         = the HF tensor                                   columns (input features)
 qkv         per query group g: [q heads of g; k_g; v_g]        rows = whole query groups
@@ -24,6 +25,10 @@ import torch
 from megarlhf.models.families import ArchSpec
 
 
+# Kinds held whole by every TP rank. ``fp32`` tensors also keep fp32 in every output dtype.
+REPLICATED = ("replicated", "fp32")
+
+
 class WeightLayoutError(ValueError):
     """A tensor's shape does not fit the architecture; the message names the tensor."""
 
@@ -38,7 +43,7 @@ def hf_to_megatron_full(kind: str, hf: Sequence[torch.Tensor], spec: ArchSpec,
                         padded_vocab: int, names: Sequence[str] = ()) -> torch.Tensor:
     """The megatron tensor of a TP=1 model from its HF tensor(s)."""
     name = ",".join(names) or kind
-    if kind in ("replicated", "row", "column"):
+    if kind in ("replicated", "fp32", "row", "column"):
         (t,) = hf
         return t
     if kind == "vocab":
@@ -73,7 +78,7 @@ def hf_to_megatron_full(kind: str, hf: Sequence[torch.Tensor], spec: ArchSpec,
 
 def shard(kind: str, full: torch.Tensor, tp: int, tp_rank: int) -> torch.Tensor:
     """This TP rank's shard of a megatron tensor (as built for TP=1)."""
-    if tp == 1 or kind == "replicated":
+    if tp == 1 or kind in REPLICATED:
         return full
     if kind in ("vocab", "qkv", "column"):
         return full.chunk(tp, dim=0)[tp_rank]
@@ -87,7 +92,7 @@ def shard(kind: str, full: torch.Tensor, tp: int, tp_rank: int) -> torch.Tensor:
 
 def unshard(kind: str, shards: Sequence[torch.Tensor]) -> torch.Tensor:
     """The TP=1 megatron tensor from all TP ranks' shards (in rank order)."""
-    if len(shards) == 1 or kind == "replicated":
+    if len(shards) == 1 or kind in REPLICATED:
         return shards[0]
     if kind in ("vocab", "qkv", "column"):
         return torch.cat(list(shards), dim=0)
@@ -101,7 +106,7 @@ def unshard(kind: str, shards: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def megatron_full_to_hf(kind: str, full: torch.Tensor, spec: ArchSpec) -> list[torch.Tensor]:
     """The HF tensor(s) of a TP=1 megatron tensor (inverse of :func:`hf_to_megatron_full`)."""
-    if kind in ("replicated", "row", "column"):
+    if kind in ("replicated", "fp32", "row", "column"):
         return [full]
     if kind == "vocab":
         return [full[: spec.vocab_size]]
@@ -168,7 +173,7 @@ class ShardPiece:
 def megatron_full_shape(kind: str, shard_shape: Sequence[int], tp: int) -> tuple[int, ...]:
     """Shape of the TP=1 megatron tensor whose TP shards have ``shard_shape``."""
     s = list(shard_shape)
-    if tp == 1 or kind == "replicated":
+    if tp == 1 or kind in REPLICATED:
         return tuple(s)
     if kind in ("vocab", "qkv", "column", "gate_up"):
         s[0] *= tp
@@ -196,7 +201,7 @@ def shard_pieces(kind: str, shard: torch.Tensor, spec: ArchSpec, tp: int,
         WeightLayoutError: the shard's shape does not fit the architecture and TP size.
     """
     n = shard.shape[0]
-    if kind == "replicated" or tp == 1 and kind in ("row", "column"):
+    if kind in REPLICATED or tp == 1 and kind in ("row", "column"):
         return [ShardPiece(0, (0, n), None, shard)]
     if kind == "column":
         return [ShardPiece(0, (tp_rank * n, (tp_rank + 1) * n), None, shard)]
