@@ -47,9 +47,11 @@ from megarlhf.models.families import arch_spec
 from megarlhf.parallel.layout import ParallelLayout, initialize_parallel
 from megarlhf.platform.launch import run_distributed
 from megarlhf.weights.hf_io import (
+    CARRIED_FILE,
     copy_hf_assets,
     parse_size,
     shard_file_name,
+    write_carried,
     write_index,
     write_safetensors_shard,
 )
@@ -335,7 +337,16 @@ def export_hf(bundle, out_dir: str, *, shard_bytes: int, dtype: torch.dtype | No
     bar.close()
     if not mine:
         return {}
-    if count > 1:
+    # Multi-token-prediction tensors (not built) from the source, unchanged, in a file of their
+    # own listed by the index (HF loaders read a second file only through an index).
+    spec = bundle.spec
+    carried = write_carried(hf_files_from, os.path.join(out_dir, CARRIED_FILE),
+                            spec.num_layers, spec.mtp_layers)
+    if carried:
+        for name in carried:
+            weight_map[name] = CARRIED_FILE
+        total += os.path.getsize(os.path.join(out_dir, CARRIED_FILE))
+    if count > 1 or carried:
         write_index(out_dir, weight_map, total)
     if hf_files_from is not None:
         copy_hf_assets(hf_files_from, out_dir, skip=("config.json",))

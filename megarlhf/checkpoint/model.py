@@ -45,7 +45,7 @@ from megarlhf.checkpoint.atomic import publish, temp_dir_for
 from megarlhf.models.arch import hf_config_from_dict
 from megarlhf.models.builder import ModelBundle
 from megarlhf.models.families import arch_spec
-from megarlhf.weights.hf_io import copy_hf_assets
+from megarlhf.weights.hf_io import CARRIED_FILE, copy_hf_assets, write_carried
 
 FORMAT = "megarlhf.model_checkpoint"
 FORMAT_VERSION = 1
@@ -224,6 +224,11 @@ def save_model_checkpoint(bundle: ModelBundle, ckpt_dir: str, *,
             hf_dir = os.path.join(tmp, HF_SUBDIR)
             if hf_files_from is not None:
                 hf_files = copy_hf_assets(hf_files_from, hf_dir)
+                # Multi-token-prediction layers megarlhf does not build travel unchanged.
+                spec = bundle.spec
+                if write_carried(hf_files_from, os.path.join(hf_dir, CARRIED_FILE),
+                                 spec.num_layers, spec.mtp_layers):
+                    hf_files.append(CARRIED_FILE)
             else:
                 os.makedirs(hf_dir, exist_ok=True)
                 with open(os.path.join(hf_dir, "config.json"), "w", encoding="utf-8") as f:

@@ -251,6 +251,16 @@ class RolloutConfig:
     # changed since the previous sync, what a bf16 delta sync would send. Each owner rank keeps
     # a bf16 host copy of its share of the model for it.
     weight_sync_measure_delta: bool = False
+    # Delta sync: every sync after the first sends, per tensor, only the elements whose value
+    # (in the sync dtype) changed since the previous sync, as (flat index, value) patches, when
+    # that is smaller than the tensor (bf16: under a third of its elements changed), each
+    # checked by a checksum of the tensor's new values after it is applied; a mismatch fails
+    # the sync loudly and the next sync is full. Use it when few elements change per step (RL
+    # learning rates ~1e-6: ~1% measured, docs/benchmarks.md) and the link is the bottleneck.
+    # Costs host memory: each owner rank keeps its share of the model in the sync dtype, and
+    # every rollout worker the whole model (235B bf16: ~470 GB per worker). Split placement
+    # only (the colocated CUDA IPC wire moves no bytes over a link and refuses it).
+    weight_sync_delta: bool = False
     # The actor's log-probs of every rollout are compared with the engine's; over a threshold
     # the run warns or stops. Thresholds on max and mean |logp_rollout - logp_actor| per batch;
     # null takes the default of the model's dtype (LOGPROB_CHECK_DEFAULTS: the figures they rest
@@ -273,6 +283,8 @@ class RolloutConfig:
         check(self.weight_sync_bucket_mib >= 1, "rollout.weight_sync_bucket_mib must be >= 1")
         check(self.weight_sync_timeout_s > 0, "rollout.weight_sync_timeout_s must be > 0 "
               "(seconds a weight sync waits for a silent peer)")
+        check(isinstance(self.weight_sync_delta, bool),
+              "rollout.weight_sync_delta must be true or false")
         check(self.kv_cache_gib is None or self.kv_cache_gib * 2**30 >= 2**20,
               "rollout.kv_cache_gib must be at least 1 MiB (e.g. 1.0), or null for vLLM's default")
         check(self.logprob_check_samples >= 0, "rollout.logprob_check_samples must be >= 0")

@@ -367,6 +367,8 @@ class RLTrainer(Trainer):
                     for k, v in res.phases().items()})
         if res.changed_fraction is not None:
             out["perf/weight_sync_changed_frac"] = res.changed_fraction
+        if res.sent_fraction is not None:
+            out["perf/weight_sync_sent_frac"] = res.sent_fraction
         return out
 
     # ---------------------------------------------------------------- the updates

@@ -76,6 +76,11 @@ def arch_summary(model: ModelConfig) -> dict[str, Any]:
         spec = arch_spec(cfg)
     except UnsupportedArchitecture as e:
         raise ArchError(str(e)) from None
+    if model.arch is not None and spec.mtp_layers:
+        raise ArchError(
+            f"model.arch has num_nextn_predict_layers={spec.mtp_layers}: a model built from "
+            "scratch has no multi-token-prediction weights to carry (megarlhf does not build "
+            "MTP layers); set num_nextn_predict_layers: 0")
     heads = cfg.num_attention_heads
     return {
         "model_type": cfg.model_type,

@@ -457,6 +457,10 @@ class RolloutEngine(abc.ABC):
             w.close()
         self._transfer_timeout_s = float(init_info.get("timeout_s", 600.0))
         self._transfer_wire = init_info.get("wire", "gloo")
+        from megarlhf.weights.delta import DeltaMirror
+
+        self._delta_mirror = DeltaMirror()  # delta sync: the tensors last received (host)
+        self._delta_pending = None
         self._transfer_wires = [] if self._transfer_wire == "ipc" else open_receiver_wires(
             init_info["rendezvous"], int(init_info["rank_offset"]), int(init_info["world_size"]),
             self._transfer_wire, self._transfer_timeout_s)
@@ -470,12 +474,27 @@ class RolloutEngine(abc.ABC):
 
     def receive_weights(self, update_info: dict) -> None:
         """Receive one transfer (``update_info["spec"]``) from the owners and load it."""
-        from megarlhf.weights.transfer import TransferSpec, iter_received
+        from megarlhf.weights.transfer import TransferSpec, delta_mirror_for, iter_received
 
         if not hasattr(self, "_transfer_wires"):
             raise RuntimeError(f"{type(self).__name__}: receive_weights before "
                                "init_weight_transfer")
         spec = TransferSpec.from_dict(update_info["spec"])
+        where = f"{type(self).__name__}, weight version {update_info.get('version')}"
+        mirror = delta_mirror_for(update_info, getattr(self, "_delta_mirror", None), where)
+        if mirror is not None:
+            self._delta_pending = update_info.get("version")
+            try:
+                self._transfer_parts.append(self.update_weights(iter_received(
+                    spec, self._transfer_wires, device=getattr(self, "device", "cpu"),
+                    timeout_s=self._transfer_timeout_s, where=where, delta=mirror)))
+            except BaseException:
+                mirror.drop()  # partly updated: the next sync must be full
+                self._delta_pending = None
+                raise
+            return
+        if getattr(self, "_delta_mirror", None) is not None:
+            self._delta_mirror.drop()  # a full sync without delta: the copy is stale now
         if self._transfer_wire == "ipc":
             from megarlhf.weights.transfer import decode_ipc, receive_ipc
 
@@ -486,9 +505,7 @@ class RolloutEngine(abc.ABC):
             return
         stream = iter_received(spec, self._transfer_wires,
                                device=getattr(self, "device", "cpu"),
-                               timeout_s=self._transfer_timeout_s,
-                               where=f"{type(self).__name__}, weight version "
-                                     f"{update_info.get('version')}")
+                               timeout_s=self._transfer_timeout_s, where=where)
         self._transfer_parts.append(self.update_weights(stream))
 
     def finish_weight_update(self, version: str | None) -> WeightUpdateStats:
@@ -496,6 +513,9 @@ class RolloutEngine(abc.ABC):
         import time
 
         parts = getattr(self, "_transfer_parts", [])
+        if getattr(self, "_delta_pending", None) is not None:  # the copy now holds this version
+            self._delta_mirror.version = int(self._delta_pending)
+            self._delta_pending = None
         missing = None
         if parts and all(p.missing is not None for p in parts):
             missing = tuple(sorted(set.intersection(*(set(p.missing) for p in parts))))

@@ -23,6 +23,12 @@ lifecycle of vLLM's NCCL and IPC engines) it checks what vLLM does not:
   embedding into a tied ``lm_head``: measured 0.19 nats off after an update);
 * on CPU, reloaded MoE experts are repacked (:mod:`megarlhf.compat.vllm`).
 
+Delta sync (``rollout.weight_sync_delta``, :mod:`megarlhf.weights.delta`): the worker keeps a
+host copy of every tensor it last received, applies each owner's patches to it, checks the
+owners' checksums, and loads the updated tensors through the same layer-wise reload as a full
+sync (vLLM's in-place ``load_checkpoint_weight_patches`` is not usable on its CPU worker, whose
+linear weights are prepacked for its GEMM kernels; see that module).
+
 The report of the last update (vLLM's parameters no tensor wrote, tensors and bytes received,
 time waiting for the wire and loading) is read with ``collective_rpc("megarlhf_weight_report")``.
 """
@@ -47,6 +53,7 @@ from megarlhf.weights.transfer import (
     TransferSpec,
     WeightTransferError,
     decode_ipc,
+    delta_mirror_for,
     open_receiver_wires,
     receive_all,
     receive_ipc,
@@ -84,6 +91,7 @@ class MegarlhfUpdateInfo(WeightTransferUpdateInfo):
     spec: dict = field(default_factory=dict)
     version: int | None = None
     ipc_handles: bytes | None = None  # wire "ipc": the trainer ranks' handles of the bucket
+    delta: dict | None = None  # delta sync: {"base": version the patches apply to, or None}
 
 
 class _Consumption:
@@ -138,6 +146,10 @@ class MegarlhfWeightTransferEngine(WeightTransferEngine[MegarlhfInitInfo, Megarl
         self.rank = -1
         self.report: dict[str, Any] | None = None
         self._active = False
+        from megarlhf.weights.delta import DeltaMirror
+
+        self.mirror = DeltaMirror()  # delta sync: the tensors last received (host)
+        self._mirror_version: int | None = None  # the version being received into it
 
     # ------------------------------------------------------------------ rendezvous
     def init_transfer_engine(self, init_info: MegarlhfInitInfo) -> None:
@@ -148,6 +160,7 @@ class MegarlhfWeightTransferEngine(WeightTransferEngine[MegarlhfInitInfo, Megarl
             raise ValueError(f"megarlhf weight transfer: worker rank {self.rank} is outside the "
                              f"groups of {init_info.world_size}")
         self.timeout_s = float(init_info.timeout_s)
+        self.mirror.drop()  # a new trainer: its first sync is full
         self.wire = init_info.wire
         if init_info.wire != "ipc":
             self.wires = open_receiver_wires(init_info.rendezvous, self.rank,
@@ -168,6 +181,7 @@ class MegarlhfWeightTransferEngine(WeightTransferEngine[MegarlhfInitInfo, Megarl
         self._received = ReceiveStats()
         self._tied = bool(getattr(self.model_config.hf_config, "tie_word_embeddings", False))
         self._active = True
+        self._mirror_version = None
         self.report = None
 
     def receive_weights(self, update_info: MegarlhfUpdateInfo) -> None:
@@ -178,14 +192,27 @@ class MegarlhfWeightTransferEngine(WeightTransferEngine[MegarlhfInitInfo, Megarl
             raise RuntimeError("megarlhf weight transfer: update_weights before "
                                "init_weight_transfer_engine")
         spec = TransferSpec.from_dict(update_info.spec)
-        if self.wire == "ipc":
+        where = f"vLLM worker (transfer rank {self.rank}), weight version {update_info.version}"
+        mirror = delta_mirror_for({"delta": update_info.delta} if update_info.delta is not None
+                                  else {}, self.mirror, where)
+        if mirror is not None:
+            if self.wire == "ipc":
+                raise WeightTransferError(f"{where}: a delta sync over the CUDA IPC wire")
+            self._mirror_version = update_info.version
+            try:
+                stats = receive_all(spec, self.wires, self._load, device=self.device,
+                                    timeout_s=self.timeout_s, where=where, delta=mirror)
+            except BaseException:
+                mirror.drop()  # partly updated: the next sync must be full
+                self._mirror_version = None
+                raise
+        elif self.wire == "ipc":
             stats = receive_ipc(spec, decode_ipc(update_info.ipc_handles), self._load,
                                 device=self.device)
         else:
+            self.mirror.drop()  # a full sync without delta: the copy is stale now
             stats = receive_all(spec, self.wires, self._load, device=self.device,
-                                timeout_s=self.timeout_s,
-                                where=f"vLLM worker (transfer rank {self.rank}), weight "
-                                      f"version {update_info.version}")
+                                timeout_s=self.timeout_s, where=where)
         r = self._received
         r.tensors += stats.tensors
         r.bytes += stats.bytes
@@ -228,6 +255,9 @@ class MegarlhfWeightTransferEngine(WeightTransferEngine[MegarlhfInitInfo, Megarl
             done = processed.stop() if processed is not None else set()
             self._processed = None
             self._active = False
+            if self._mirror_version is not None:  # the copy now holds this version
+                self.mirror.version = int(self._mirror_version)
+                self._mirror_version = None
         compat.prepack_reloaded_cpu_experts(model, done)
         torch.accelerator.synchronize()
         unconsumed = consumption.unconsumed()
@@ -238,7 +268,7 @@ class MegarlhfWeightTransferEngine(WeightTransferEngine[MegarlhfInitInfo, Megarl
         self.report = dict(missing=missing, unconsumed=unconsumed, incomplete=incomplete,
                            tensors=r.tensors, bytes=r.bytes, buckets=r.buckets,
                            receive_s=r.seconds, wait_s=r.wait_s, load_s=r.load_s,
-                           buffer_bytes=r.buffer_bytes,
+                           buffer_bytes=r.buffer_bytes, mirror_bytes=self.mirror.nbytes,
                            finish_s=time.perf_counter() - t0)
 
     def shutdown(self) -> None:

@@ -223,3 +223,58 @@ def copy_hf_assets(src_dir: str, dst_dir: str, skip: Sequence[str] = ()) -> list
         fsync_path(dst)
         copied.append(name)
     return copied
+
+
+# ------------------------------------------------------------------ carried (MTP) tensors
+# Multi-token-prediction layers (DeepSeek-V3, GLM-4.5: ``num_nextn_predict_layers`` layers after
+# the last decoder layer) are not built by megarlhf; their tensors travel unchanged from the
+# source checkpoint into every checkpoint (``hf/mtp.safetensors``) and every HF export.
+CARRIED_FILE = "mtp.safetensors"
+
+
+def mtp_layer_of(name: str, num_layers: int, mtp_layers: int) -> int | None:
+    """The MTP layer (0-based) an HF tensor name belongs to, None for a name of the model."""
+    if mtp_layers <= 0 or not name.startswith("model.layers."):
+        return None
+    part = name.split(".", 3)[2]
+    if not part.isdigit():
+        return None
+    i = int(part) - num_layers
+    return i if 0 <= i < mtp_layers else None
+
+
+def carried_tensors(src_dir: str, num_layers: int, mtp_layers: int
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The MTP tensors of ``src_dir``: a megarlhf checkpoint's ``hf/`` (its
+    :data:`CARRIED_FILE`) or an HF model directory (the names of layers ``num_layers`` ..
+    ``num_layers + mtp_layers - 1`` in its weights). Nothing when there are none."""
+    if mtp_layers <= 0 or src_dir is None:
+        return
+    own = os.path.join(src_dir, CARRIED_FILE)
+    if os.path.isfile(own):
+        from safetensors import safe_open
+
+        with _opened(safe_open, own) as f:
+            for name in sorted(f.keys()):
+                yield name, f.get_tensor(name)
+        return
+    try:
+        reader = HFCheckpointReader(src_dir)
+    except HFCheckpointError:
+        return  # no weights here (e.g. a tokenizer directory)
+    for name in reader.names():
+        if mtp_layer_of(name, num_layers, mtp_layers) is not None:
+            yield name, reader.get(name)
+
+
+def write_carried(src_dir: str | None, dst_path: str, num_layers: int,
+                  mtp_layers: int) -> list[str]:
+    """Writes the MTP tensors of ``src_dir`` (see :func:`carried_tensors`) to one safetensors
+    file at ``dst_path``, unchanged; returns their names (none: no file is written)."""
+    if src_dir is None:
+        return []
+    tensors = list(carried_tensors(src_dir, num_layers, mtp_layers))
+    if not tensors:
+        return []
+    write_safetensors_shard(dst_path, tensors)
+    return [n for n, _ in tensors]

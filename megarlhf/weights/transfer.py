@@ -35,6 +35,15 @@ size their buffers from it and the owners check every bucket they send against i
 Memory: an owner holds one bucket of its own (packed, reused); a rollout worker holds at most
 one bucket per owner in flight, so the per-owner bucket is the configured bucket divided by the
 number of owners (``bucket_bytes // len(owners)``; a larger tensor travels alone).
+
+Delta sync (``TrainerInitInfo.delta``, config ``rollout.weight_sync_delta``; the encoding and
+its memory cost are in :mod:`megarlhf.weights.delta`): per bucket the owner broadcasts a small
+header (per tensor: dense or the size of its patch, and a checksum of its new dense values) and
+then the payload (dense tensors and patches); the receivers apply it to their copy of the last
+received tensors, check every checksum, and load the updated tensors as in a full sync. The
+first sync, and the first after any failure (the trainer rebuilds its transfer engine), is
+dense; a checksum mismatch fails the sync loudly (the replica then serves nothing until a full
+sync, as after any failed sync). Not with the CUDA IPC wire (it moves no bytes over a link).
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ from typing import Any, Protocol
 import torch
 
 from megarlhf.compat.torch import storage_users
+from megarlhf.weights import delta as deltas
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +326,8 @@ class ReceiveStats:
 def receive_all(spec: TransferSpec, wires: Sequence[Wire],
                 load: Callable[[list[tuple[str, torch.Tensor]]], None], *,
                 device: torch.device | str = "cpu", timeout_s: float = 600.0,
-                where: str = "rollout worker") -> ReceiveStats:
+                where: str = "rollout worker",
+                delta: deltas.DeltaMirror | None = None) -> ReceiveStats:
     """Receives every bucket of ``spec`` (from all owners at once) and hands each to ``load``.
 
     One thread per owner receives that owner's buckets in order and waits until the loader has
@@ -325,6 +336,10 @@ def receive_all(spec: TransferSpec, wires: Sequence[Wire],
     owner's broadcast waits with it). ``load``
     runs in the calling thread, in arrival order. A failure in any thread (a peer gone: the
     wire times out) stops the update with an error naming the owner.
+
+    ``delta``: the update is a delta sync (:mod:`megarlhf.weights.delta`): each bucket arrives
+    as a header and a payload, is applied to this receiver's copy ``delta`` (checked by
+    checksum: a mismatch fails the update naming the tensor) and the updated copies are loaded.
 
     Buffers: the engine may keep the tensors of a bucket (or views of them) until their layer
     is complete (vLLM's layer-wise reload does), so a buffer is reused only once nothing
@@ -347,8 +362,12 @@ def receive_all(spec: TransferSpec, wires: Sequence[Wire],
                 while not budget.reserve(b.nbytes, timeout=0.5):
                     if stop.is_set():
                         return
-                flat = pool.take(b.nbytes)
-                wires[k].broadcast(flat)
+                if delta is not None:
+                    flat = _receive_delta_bucket(wires[k], b, i, k, spec, pool, delta, device,
+                                                 stats)
+                else:
+                    flat = pool.take(b.nbytes)
+                    wires[k].broadcast(flat)
                 taken = threading.Event()
                 ready.put((i, flat, taken))
                 del flat
@@ -380,14 +399,18 @@ def receive_all(spec: TransferSpec, wires: Sequence[Wire],
                     f"{wires[k].where}) failed: {flat!r}") from flat
             b = spec.buckets[i]
             t0 = time.perf_counter()
-            views = b.views(flat)
-            pool.handed_out(flat)
+            if isinstance(flat, list):  # delta: the receiver's updated copies
+                views = flat
+            else:
+                views = b.views(flat)
+                pool.handed_out(flat)
             load(views)
             del views, flat  # before the budget admits the next: its buffer may come back
             budget.release(b.nbytes)
             stats.load_s += time.perf_counter() - t0
             stats.tensors += len(b.names)
-            stats.bytes += b.nbytes
+            if delta is None:
+                stats.bytes += b.nbytes
             stats.buckets += 1
             taken.set()
             remaining -= 1
@@ -398,6 +421,61 @@ def receive_all(spec: TransferSpec, wires: Sequence[Wire],
     stats.seconds = time.perf_counter() - start
     stats.buffer_bytes = pool.allocated
     return stats
+
+
+def _receive_delta_bucket(wire: Wire, b: BucketSpec, i: int, k: int, spec: TransferSpec,
+                          pool: "_BufferPool", mirror: deltas.DeltaMirror, device,
+                          stats: ReceiveStats) -> list[tuple[str, torch.Tensor]]:
+    """Delta sync: receives bucket ``i`` (header, then payload) from owner ``k``, applies it
+    to ``mirror`` and returns the updated ``(name, tensor)`` pairs (on ``device``)."""
+    wire_dev = torch.device(device) if wire.kind != "gloo" else torch.device("cpu")
+    header = torch.empty((len(b.names), 2), dtype=torch.int64, device=wire_dev)
+    wire.broadcast(header)
+    header = header.cpu()
+    numels, sizes = [], []
+    for dt, shape in zip(b.dtypes, b.shapes):
+        n = 1
+        for d in shape:
+            n *= d
+        numels.append(n)
+        sizes.append(getattr(torch, dt).itemsize)
+    size = deltas.payload_nbytes(header, numels, sizes)
+    flat = pool.take(size) if size else torch.empty(0, dtype=torch.uint8, device=wire_dev)
+    if size:
+        wire.broadcast(flat)
+    host = flat.cpu()
+    pool.handed_out(flat)
+    del flat
+    try:
+        targets = mirror.targets(b.names, b.dtypes, b.shapes, header)
+        tensors = deltas.apply(header, host, targets, b.names)
+    except (deltas.ChecksumMismatch, ValueError) as e:
+        raise WeightTransferError(
+            f"delta sync: bucket {i} from trainer rank {spec.owners[k]} (owner {k}): {e}. "
+            "The sync fails (no fallback within it); the replica serves nothing until the next "
+            "sync, which is full") from e
+    with mirror.lock:
+        stats.bytes += header.numel() * 8 + size
+    dev = torch.device(device)
+    return [(n, t if dev.type == "cpu" else t.to(dev)) for n, t in zip(b.names, tensors)]
+
+
+def delta_mirror_for(update_info: dict[str, Any], mirror: deltas.DeltaMirror | None,
+                     where: str) -> deltas.DeltaMirror | None:
+    """The receiver's copy to apply a delta update to (None: the update is not a delta
+    sync); raises when the update is a delta against another version than the copy holds."""
+    d = update_info.get("delta")
+    if d is None:
+        return None
+    if mirror is None:
+        raise WeightTransferError(f"{where}: a delta weight sync, but this receiver keeps no "
+                                  "copy of the weights to apply it to")
+    base = d.get("base")
+    if base is not None and mirror.version != int(base):
+        raise WeightTransferError(
+            f"{where}: a delta against weight version {base}, but this receiver's copy is of "
+            f"version {mirror.version} (it restarted or missed a sync): a full sync is needed")
+    return mirror
 
 
 class _Budget:
@@ -561,6 +639,9 @@ class TrainerInitInfo:
         measure_delta: count the elements of each owner's share whose bf16 value changed since
             the previous sync (what a bf16 delta sync would send). Keeps a host copy of the
             owner's share in bf16.
+        delta: delta sync (:mod:`megarlhf.weights.delta`): each owner sends per tensor only
+            the elements changed since the previous sync when that is smaller. Keeps a host
+            copy of the owner's share in the wire dtype; every receiver keeps the whole model.
     """
 
     rank: int
@@ -572,6 +653,7 @@ class TrainerInitInfo:
     wire: str = "gloo"
     timeout_s: float = 600.0
     measure_delta: bool = False
+    delta: bool = False
     backend: str = field(default=BACKEND_NAME, init=False)
 
     @property
@@ -592,8 +674,10 @@ class SendStats:
     wire_s: float = 0.0
     seconds: float = 0.0
     replicas: list[Any] = field(default_factory=list)  # rank 0: each replica's finish report
-    changed: int = 0  # measure_delta: elements that differ from the previous sync
-    elements: int = 0  # measure_delta: elements compared (0 on the first sync)
+    changed: int = 0  # measure_delta / delta: elements that differ from the previous sync
+    elements: int = 0  # measure_delta / delta: elements compared (0 on a full sync)
+    dense_bytes: int = 0  # what a full sync would have sent (equal to bytes without delta)
+    delta: str = "off"  # "off", "full" (a delta sync with no base: all dense), "delta"
 
     def to_dict(self) -> dict[str, Any]:
         """As a dict (the replicas' reports kept as they are)."""
@@ -616,6 +700,7 @@ class OwnersTrainerEngine:
         self.wire = wire  # this rank's own group, when it is an owner
         self.owner_index = spec.owners.index(info.rank) if info.rank in spec.owners else None
         self._previous: dict[int, list] = {}  # measure_delta: bucket -> its bf16 bits (host)
+        self._delta = deltas.DeltaBase()  # delta: what this owner last sent
 
     @classmethod
     def trainer_init(cls, info: TrainerInitInfo, bundle, *, client: WeightSyncClient | None
@@ -634,6 +719,12 @@ class OwnersTrainerEngine:
 
         if info.wire not in WIRES:
             raise ValueError(f"weight transfer wire must be one of {WIRES}, got {info.wire!r}")
+        if info.delta and info.wire == "ipc":
+            raise ValueError(
+                "rollout.weight_sync_delta: the colocated CUDA IPC wire hands the rollout "
+                "workers handles to the trainer's own buffers, it moves no bytes over a link: a "
+                "delta would save nothing. Use placement: split (NCCL or gloo wire), or "
+                "weight_sync_delta: false")
         if info.is_sender and client is None:
             raise ValueError("trainer rank 0 drives the weight transfer: it needs a client")
         plan = plan_hf_weights(bundle)
@@ -678,11 +769,20 @@ class OwnersTrainerEngine:
             return stats
         bound = _bucket_bound(self.info, len(self.spec.owners))
         pool = future = None
+        update_info: dict[str, Any] = {"version": int(version), "spec": self.spec.to_dict()}
+        full = True
+        if self.info.delta:
+            # Every rank must agree: a delta only when every owner's base is of one version.
+            bases = _all_gather(self._delta.version)
+            full = any(v is None for v in bases) or len(set(bases)) != 1
+            update_info["delta"] = {"base": None if full else bases[0]}
+            stats.delta = "full" if full else "delta"
+            if full:
+                self._delta.drop()
         if self.client is not None:
             self.client.start_weight_update()
             pool = ThreadPoolExecutor(max_workers=1)
-            future = pool.submit(self.client.update_weights,
-                                 {"version": int(version), "spec": self.spec.to_dict()})
+            future = pool.submit(self.client.update_weights, update_info)
         try:
             t0 = time.perf_counter()
             for bucket in iter_owned_buckets(self.bundle, bucket_bytes=bound,
@@ -697,7 +797,10 @@ class OwnersTrainerEngine:
                 if future is not None and future.done():
                     future.result()  # the rollout side failed already: do not wait on it
                 try:
-                    self.wire.broadcast(bucket.flat)
+                    if self.info.delta:
+                        self._send_delta(expected, bucket.flat, bucket.index, full, stats)
+                    else:
+                        self.wire.broadcast(bucket.flat)
                 except Exception as e:
                     raise WeightTransferError(
                         f"trainer rank {self.info.rank} (owner {self.owner_index}): sending "
@@ -707,17 +810,43 @@ class OwnersTrainerEngine:
                     self._count_changes(expected, bucket.flat, bucket.index, stats)
                 t0 = time.perf_counter()
                 stats.wire_s += t0 - t1
-                stats.bytes += bucket.nbytes
+                if not self.info.delta:
+                    stats.bytes += bucket.nbytes
+                stats.dense_bytes += bucket.nbytes
                 stats.buckets += 1
                 del bucket
             if future is not None:
                 future.result()
                 stats.replicas = list(self.client.finish_weight_update(str(int(version))) or [])
+            if self.info.delta:
+                # This owner's share went out: its base moves on. A rank that failed drops its
+                # base (below), and the agreement at the start of the next sync makes it full.
+                self._delta.commit(int(version))
+        except BaseException:
+            self._delta.drop()  # the next sync is full
+            raise
         finally:
             if pool is not None:
                 pool.shutdown(wait=False)  # a receiver stuck on a dead peer must not hang us
         stats.seconds = time.perf_counter() - start
         return stats
+
+    def _send_delta(self, spec: BucketSpec, flat: torch.Tensor, index: int, full: bool,
+                    stats: SendStats) -> None:
+        """Delta sync: one bucket as header + payload against this owner's base (all dense
+        when ``full``); the bucket's host copy becomes the base once the sync succeeds."""
+        host = flat.to("cpu", copy=True)
+        tensors = [t for _, t in spec.views(host)]
+        enc = deltas.encode(tensors, None if full else self._delta.get(index))
+        dev = flat.device
+        self.wire.broadcast(enc.header.to(dev))
+        if enc.payload.numel():
+            self.wire.broadcast(enc.payload.to(dev))
+        self._delta.record(index, tensors)
+        stats.bytes += enc.nbytes
+        if not full and not self.info.measure_delta:
+            stats.changed += enc.changed
+            stats.elements += enc.elements
 
     def _count_changes(self, spec: BucketSpec, flat: torch.Tensor, index: int,
                        stats: SendStats) -> None:

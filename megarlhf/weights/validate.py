@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from megarlhf.models.families import ArchSpec
+from megarlhf.weights.hf_io import mtp_layer_of
 from megarlhf.weights.mapping import hf_names_for
 
 # What a ``*For...`` class in config.json's ``architectures`` means for the head.
@@ -80,10 +81,16 @@ def expected_hf_shapes(spec: ArchSpec, head: str) -> dict[str, tuple[int, ...]]:
     if spec.moe is not None:
         mo = spec.moe
         gate, up, down = mo.hf_gate_up_down
-        layer[f"{mo.hf_block}.gate.weight"] = (mo.num_experts, h)
-        layer[f"{mo.hf_block}.experts.*.{gate}.weight"] = (f, h)
-        layer[f"{mo.hf_block}.experts.*.{up}.weight"] = (f, h)
-        layer[f"{mo.hf_block}.experts.*.{down}.weight"] = (h, f)
+        fe, b = mo.ffn_hidden_size, mo.hf_block
+        layer[f"{b}.gate.weight"] = (mo.num_experts, h)
+        layer[f"{b}.gate.e_score_correction_bias"] = (mo.num_experts,)
+        layer[f"{b}.experts.*.{gate}.weight"] = (fe, h)
+        layer[f"{b}.experts.*.{up}.weight"] = (fe, h)
+        layer[f"{b}.experts.*.{down}.weight"] = (h, fe)
+        fs = mo.shared_ffn_hidden_size
+        layer[f"{b}.shared_experts.gate_proj.weight"] = (fs, h)
+        layer[f"{b}.shared_experts.up_proj.weight"] = (fs, h)
+        layer[f"{b}.shared_experts.down_proj.weight"] = (h, fs)
     top = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,),
            "lm_head.weight": (v, h), "score.weight": (1, h)}
     out = {}
@@ -108,7 +115,8 @@ def name_problems(spec: ArchSpec, head: str,
     rotary ``inv_freq`` buffers, and - for a scalar model started from an LM checkpoint - a
     missing ``score.weight`` with an ``lm_head.weight`` that is dropped.
     """
-    available = {n for n in available if not n.endswith("rotary_emb.inv_freq")}
+    available = {n for n in available if not n.endswith("rotary_emb.inv_freq")
+                 and mtp_layer_of(n, spec.num_layers, spec.mtp_layers) is None}
     if head == "lm" and spec.tie_word_embeddings:
         available.discard("lm_head.weight")
     expected = set(hf_names_for(spec, head))
@@ -162,18 +170,31 @@ def diagnose_shapes(spec: ArchSpec, head: str,
                         f"model.layers.0.mlp.gate_proj.weight has {g[0]} rows")
     if spec.moe is not None:
         mo = spec.moe
-        width = "moe_intermediate_size" if spec.model_type == "qwen3_moe" else \
-            "intermediate_size"
-        r = shapes.get(f"model.layers.0.{mo.hf_block}.gate.weight")
+        width = "intermediate_size" if spec.model_type == "mixtral" else "moe_intermediate_size"
+        n_name = {"qwen3_moe": "num_experts", "mixtral": "num_local_experts"}.get(
+            spec.model_type, "n_routed_experts")
+        first = f"model.layers.{mo.first_dense_layers}.{mo.hf_block}"  # the first MoE layer
+        r = shapes.get(f"{first}.gate.weight")
         if r is not None and len(r) == 2 and r[0] != mo.num_experts:
-            problems.append(f"experts: config.json has num_experts={mo.num_experts} but "
-                            f"model.layers.0.{mo.hf_block}.gate.weight (the router) has {r[0]} "
-                            "rows")
-        eg = shapes.get(f"model.layers.0.{mo.hf_block}.experts.0.{mo.hf_gate_up_down[0]}.weight")
+            problems.append(f"experts: config.json has {n_name}={mo.num_experts} but "
+                            f"{first}.gate.weight (the router) has {r[0]} rows")
+        eg = shapes.get(f"{first}.experts.0.{mo.hf_gate_up_down[0]}.weight")
         if eg is not None and len(eg) == 2 and eg[0] != mo.ffn_hidden_size:
             problems.append(f"expert width: config.json has {width}={mo.ffn_hidden_size} but "
-                            f"model.layers.0.{mo.hf_block}.experts.0.{mo.hf_gate_up_down[0]}"
-                            f".weight has {eg[0]} rows")
+                            f"{first}.experts.0.{mo.hf_gate_up_down[0]}.weight has {eg[0]} rows")
+        sg = shapes.get(f"{first}.shared_experts.gate_proj.weight")
+        if sg is not None and len(sg) == 2 and sg[0] != mo.shared_ffn_hidden_size:
+            problems.append(
+                f"shared experts: config.json has n_shared_experts * moe_intermediate_size = "
+                f"{mo.shared_ffn_hidden_size} but {first}.shared_experts.gate_proj.weight has "
+                f"{sg[0]} rows")
+        dense = [n for n in shapes if n.startswith(f"model.layers.{mo.first_dense_layers}.mlp.")
+                 and n.endswith(".gate_proj.weight") and ".experts." not in n
+                 and ".shared_experts." not in n]
+        if mo.first_dense_layers and dense:
+            problems.append(f"layer {mo.first_dense_layers} has a dense MLP ({dense[0]}) but "
+                            f"config.json has first_k_dense_replace={mo.first_dense_layers}: "
+                            "count the dense layers again")
         fused = [n for n in shapes if n.endswith((".experts.gate_up_proj", ".experts.down_proj"))]
         if fused:
             problems.append(
@@ -265,6 +286,13 @@ def inspect_hf_dir(hf_dir: str, head: str = "auto") -> HFModelInfo:
                 "scalar head (reward model / critic) has exactly one output")
 
     problems = diagnose_shapes(spec, head, shapes)
+    for i in range(spec.mtp_layers):
+        if not any(mtp_layer_of(n, spec.num_layers, spec.mtp_layers) == i for n in names):
+            problems.append(
+                f"config.json has num_nextn_predict_layers={spec.mtp_layers} but the weights "
+                f"hold no model.layers.{spec.num_layers + i}.* tensors (multi-token prediction "
+                "layer "f"{i}); set num_nextn_predict_layers to the layers the checkpoint has "
+                "(megarlhf carries them unchanged, it does not build them)")
     missing, unexpected = name_problems(spec, head, names)
     if missing:
         problems.append(_listing("missing tensors", missing))

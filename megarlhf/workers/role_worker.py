@@ -245,7 +245,8 @@ class RoleWorker:
     def init_weight_transfer(self, rollout_actors: list, rollout_ranks: list[RankInfo],
                              workers_per_replica: int, bucket_bytes: int, dtype, wire: str,
                              timeout_s: float, colocated: bool = False,
-                             measure_delta: bool = False) -> dict[str, Any]:
+                             measure_delta: bool = False, delta: bool = False
+                             ) -> dict[str, Any]:
         """Collective: opens the transfer groups (every owner its own) and, on rank 0, has
         every rollout worker join them (:meth:`OwnersTrainerEngine.trainer_init`). Wire "auto":
         gloo on CPU, NCCL between GPUs, CUDA IPC when the rollout shares this role's GPUs."""
@@ -263,7 +264,8 @@ class RoleWorker:
                                num_receivers=len(rollout_actors) * workers_per_replica,
                                workers_per_replica=workers_per_replica,
                                bucket_bytes=bucket_bytes, dtype=dtype, wire=wire,
-                               timeout_s=timeout_s, measure_delta=measure_delta)
+                               timeout_s=timeout_s, measure_delta=measure_delta,
+                               delta=delta)
         if self._transfer is not None:
             self._transfer.shutdown()
             self._transfer = None
@@ -388,7 +390,8 @@ class WorkerGroup(ActorGroup):
             self.__dict__["_transfer_info"] = self.init_weight_transfer(
                 rollout.actors, rollout.ranks, wpr, rollout.bucket_bytes, dtype,
                 rollout.spec.weight_wire, sync_timeout, colocated,
-                rollout.spec.weight_sync_measure_delta, timeout_s=timeout)
+                rollout.spec.weight_sync_measure_delta,
+                getattr(rollout.spec, "weight_sync_delta", False), timeout_s=timeout)
             self.__dict__["_transfer_target"] = id(rollout)
         try:
             per_rank = self.send_weights(int(version), timeout_s=timeout)
@@ -426,6 +429,15 @@ class SyncResult:
         None when nothing was compared)."""
         n = sum(r["elements"] for r in self.ranks)
         return sum(r["changed"] for r in self.ranks) / n if n else None
+
+    @property
+    def sent_fraction(self) -> float | None:
+        """Delta sync (``rollout.weight_sync_delta``): bytes the owners sent / bytes a full
+        sync sends (1.0 on a full one); None without delta sync."""
+        if all(r.get("delta", "off") == "off" for r in self.ranks):
+            return None
+        dense = sum(r.get("dense_bytes", 0) for r in self.ranks)
+        return sum(r["bytes"] for r in self.ranks) / dense if dense else None
 
     def phases(self) -> dict[str, float]:
         """Seconds per phase: the slowest owner's gather and wire time, the slowest worker's

@@ -69,6 +69,7 @@ class RolloutSpec:
         weight_wire: the transfer groups' wire: "gloo", "nccl", "ipc", or "auto" (gloo on CPU,
             NCCL between GPUs, CUDA IPC when colocated on GPUs).
         weight_sync_measure_delta: count the elements each sync changes (rollout config).
+        weight_sync_delta: delta sync (rollout config; :mod:`megarlhf.weights.delta`).
         seed: base seed; replica ``k`` uses ``seed + k``.
         dtype: vLLM dtype (the transformers engine runs fp32 on CPU).
         kv_cache_bytes: vLLM's explicit KV-cache size per replica; None: its GPU-memory share
@@ -85,6 +86,7 @@ class RolloutSpec:
     weight_sync_timeout_s: float = 600.0
     weight_wire: str = "auto"
     weight_sync_measure_delta: bool = False
+    weight_sync_delta: bool = False
     seed: int = 0
     dtype: str = "bfloat16"
     kv_cache_bytes: int | None = None
@@ -101,7 +103,8 @@ class RolloutSpec:
             max_model_len=sequence_tokens(job)[0],
             weight_bucket_bytes=r.weight_sync_bucket_mib * 2**20,
             weight_sync_timeout_s=r.weight_sync_timeout_s,
-            weight_sync_measure_delta=r.weight_sync_measure_delta, seed=job.seed,
+            weight_sync_measure_delta=r.weight_sync_measure_delta,
+            weight_sync_delta=r.weight_sync_delta, seed=job.seed,
             dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[m.dtype],
             kv_cache_bytes=None if r.kv_cache_gib is None else int(r.kv_cache_gib * 2**30))
 

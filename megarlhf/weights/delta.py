@@ -1,0 +1,279 @@
+"""Delta weight sync (``rollout.weight_sync_delta``): per bucket, only the elements that changed.
+
+Between two RL steps at a typical learning rate most bf16 weights do not change at all
+(measured: 1.17% of the elements at lr 1e-6, 44.6% at the demo's lr 1e-4; docs/benchmarks.md,
+"changed"). A delta sync sends, for every tensor of a bucket, either the whole tensor (dense) or
+a *patch*: the flat indices of the elements whose bits differ from the previous sync and their
+new values, whichever is smaller; and a checksum of the tensor's new dense values.
+
+Owner side (:class:`DeltaBase`): each owner keeps the bytes it last sent of its own share, in
+the wire dtype, in host memory (its share of the model once more: for a 235B bf16 model at 16
+owners about 29 GB per owner). The first sync, and every sync after the base was dropped (a new
+transfer engine: start, resume, or a failed sync), is dense.
+
+Receiver side (:class:`DeltaMirror`): every rollout worker keeps the tensors it last received
+(host memory: the whole model in the wire dtype, per worker), applies each patch to its copy,
+checks the checksum of the result against the owner's, and hands the whole updated tensor to
+the engine's normal (layer-wise) load. vLLM 0.32 also has an in-place path
+(``vllm.model_executor.model_loader.checkpoint_weight_patch.load_checkpoint_weight_patches``,
+used by its ``sparse_nccl`` engine: NaN-masked ``copy_`` into the live parameters), but its
+contract is "a final same-shaped floating-point ``copy_`` into the runtime parameter", which
+vLLM's CPU worker breaks: it prepacks every linear weight for oneDNN / its SGL kernels
+(``dispatch_cpu_unquantized_gemm``) and may drop the unpacked one, so an in-place write there
+is silently not seen by the GEMM. The mirror reconstructs the dense tensor instead, which works
+with every engine, on every device, through the same load (and layer-wise reload) as a full
+sync; its cost is the host copy.
+
+Wire format of one bucket of ``n`` tensors (both broadcast on the owner's group):
+
+* header: int64 ``[n, 2]``: per tensor ``count`` (-1: dense) and ``checksum``;
+* payload: uint8, per tensor in bucket order, each piece 64-byte aligned: dense -> the tensor's
+  bytes; patch -> ``count`` indices (int32, int64 for tensors of 2**31 elements or more) then
+  ``count`` values (the tensor's dtype).
+
+A patch is chosen only when it is strictly smaller than the dense tensor, alignment included
+(about ``count * (index size + element size) < numel * element size``; for bf16 with int32
+indices: fewer than a third of the elements changed).
+
+Checksum (:func:`checksum`): ``sum_i bits_i * w_i mod 2**64`` over the tensor's elements as
+integers of their own width, with odd position weights ``w_i``: any single changed element, and
+any pair of swapped elements of different value, changes it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+ALIGN = 64
+DENSE = -1
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
+_CHUNK = 1 << 22  # elements per checksum chunk (bounds the temporaries: 32 MiB of int64)
+_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` flat, its bits as integers of its own width (a view)."""
+    return t.reshape(-1).view(_INTS[t.element_size()])
+
+
+def checksum(t: torch.Tensor) -> int:
+    """Position-weighted sum of the bits of ``t``'s elements, mod 2**64 (as a signed int64)."""
+    bits = as_bits(t.contiguous())
+    n = bits.numel()
+    total = torch.zeros((), dtype=torch.int64, device=bits.device)
+    for start in range(0, n, _CHUNK):
+        x = bits[start: start + _CHUNK].to(torch.int64)
+        w = torch.arange(start, start + x.numel(), dtype=torch.int64, device=bits.device)
+        w.mul_(_GOLDEN).bitwise_or_(1)
+        total += (x * w).sum()
+    return int(total)
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def patch_is_smaller(count: int, numel: int, itemsize: int) -> bool:
+    """A patch of ``count`` elements is sent instead of the dense tensor: strictly fewer
+    bytes, alignment included."""
+    return piece_nbytes(count, numel, itemsize) < piece_nbytes(DENSE, numel, itemsize)
+
+
+def piece_nbytes(count: int, numel: int, itemsize: int) -> int:
+    """Aligned payload bytes of one tensor: dense (``count`` = -1) or a patch."""
+    if count == DENSE:
+        return _align(numel * itemsize)
+    return _align(count * index_dtype(numel).itemsize) + _align(count * itemsize)
+
+
+def payload_nbytes(header: torch.Tensor, numels: Sequence[int], itemsizes: Sequence[int]) -> int:
+    return sum(piece_nbytes(int(c), n, s) for c, n, s in zip(header[:, 0].tolist(), numels,
+                                                              itemsizes))
+
+
+@dataclass
+class EncodedBucket:
+    """One bucket as a delta sync sends it."""
+
+    header: torch.Tensor  # int64 [n, 2]: count (-1 dense), checksum
+    payload: torch.Tensor  # uint8
+    dense_bytes: int  # what a full sync sends of this bucket
+    changed: int  # elements sent as patches + elements of dense tensors that changed (or all)
+    elements: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.header.numel() * 8 + self.payload.numel()
+
+
+def encode(tensors: Sequence[torch.Tensor], previous: Sequence[torch.Tensor] | None
+           ) -> EncodedBucket:
+    """Encodes one bucket's tensors (host, contiguous) against the ``previous`` sync's (same
+    shapes and dtypes; None: all dense)."""
+    n = len(tensors)
+    header = torch.empty((n, 2), dtype=torch.int64)
+    pieces: list[tuple[torch.Tensor, ...]] = []
+    size = dense = changed = elements = 0
+    for k, t in enumerate(tensors):
+        numel, isz = t.numel(), t.element_size()
+        dense += numel * isz
+        elements += numel
+        header[k, 1] = checksum(t)
+        idx = None
+        if previous is not None:
+            before = previous[k]
+            if before.shape != t.shape or before.dtype != t.dtype:
+                raise ValueError(f"delta base of tensor {k} is {before.dtype}{list(before.shape)}"
+                                 f", the tensor {t.dtype}{list(t.shape)}")
+            diff = as_bits(t) != as_bits(before)
+            count = int(diff.sum())
+            changed += count
+            if patch_is_smaller(count, numel, isz):
+                idx = diff.nonzero().reshape(-1).to(index_dtype(numel))
+        else:
+            changed += numel
+        if idx is None:
+            header[k, 0] = DENSE
+            pieces.append((as_bits(t).view(torch.uint8),))
+            size += piece_nbytes(DENSE, numel, isz)
+        else:
+            header[k, 0] = idx.numel()
+            values = t.reshape(-1)[idx.long()]
+            pieces.append((idx.view(torch.uint8), as_bits(values).view(torch.uint8)))
+            size += piece_nbytes(idx.numel(), numel, isz)
+    payload = torch.empty(size, dtype=torch.uint8)
+    off = 0
+    for piece in pieces:
+        for part in piece:
+            payload[off: off + part.numel()].copy_(part)
+            off += _align(part.numel())
+    return EncodedBucket(header=header, payload=payload, dense_bytes=dense, changed=changed,
+                         elements=elements)
+
+
+class ChecksumMismatch(RuntimeError):
+    """A tensor's checksum after applying a delta differs from the owner's."""
+
+
+def apply(header: torch.Tensor, payload: torch.Tensor, targets: Sequence[torch.Tensor | None],
+          names: Sequence[str]) -> list[torch.Tensor]:
+    """Applies one encoded bucket to ``targets`` (the receiver's copies, updated in place; a
+    None target takes a dense tensor only) and checks every tensor's checksum.
+
+    Returns the updated tensors. Raises :class:`ChecksumMismatch` naming the tensor (the copies
+    already updated stay updated: the caller drops the whole mirror), or ValueError for a patch
+    without a copy to apply it to.
+    """
+    out = []
+    off = 0
+    payload = payload.reshape(-1)
+    for k, (name, t) in enumerate(zip(names, targets, strict=True)):
+        count, want = int(header[k, 0]), int(header[k, 1])
+        if t is None:
+            raise ValueError(f"{name}: no received copy to apply a delta to (a full sync "
+                             "must come first)")
+        numel, isz = t.numel(), t.element_size()
+        flat = t.reshape(-1)
+        if count == DENSE:
+            n = numel * isz
+            as_bits(flat).view(torch.uint8).copy_(payload[off: off + n])
+            off += _align(n)
+        else:
+            if not 0 <= count <= numel:
+                raise ValueError(f"{name}: a patch of {count} elements for {numel}")
+            idt = index_dtype(numel)
+            n = count * idt.itemsize
+            idx = payload[off: off + n].view(idt).long()
+            off += _align(n)
+            n = count * isz
+            values = payload[off: off + n].view(_INTS[isz]).view(t.dtype)
+            off += _align(n)
+            if count and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+                raise ValueError(f"{name}: patch indices outside its {numel} elements")
+            flat[idx] = values
+        got = checksum(t)
+        if got != want:
+            raise ChecksumMismatch(f"{name}: checksum {got:#x} after applying the "
+                                   f"{'dense tensor' if count == DENSE else f'patch of {count} elements'}"
+                                   f", the owner's {want:#x}")
+        out.append(t)
+    return out
+
+
+class DeltaBase:
+    """Owner side: the bytes of each bucket this owner last sent (host), valid for one version.
+
+    ``version`` is the weight version the base holds (None: no base, the next sync is dense).
+    Buckets are recorded as they are sent and become the base only with :meth:`commit` (the
+    whole sync succeeded); :meth:`drop` forgets everything.
+    """
+
+    def __init__(self):
+        self.version: int | None = None
+        self._base: dict[int, list[torch.Tensor]] = {}
+        self._next: dict[int, list[torch.Tensor]] = {}
+
+    def get(self, index: int) -> list[torch.Tensor] | None:
+        return self._base.get(index) if self.version is not None else None
+
+    def record(self, index: int, tensors: list[torch.Tensor]) -> None:
+        self._next[index] = tensors
+
+    def commit(self, version: int) -> None:
+        self._base.update(self._next)
+        self._next = {}
+        self.version = version
+
+    def drop(self) -> None:
+        self._base, self._next, self.version = {}, {}, None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in self._base.values() for t in ts)
+
+
+class DeltaMirror:
+    """Receiver side: the tensors last received (host), by HF name, and the version they are.
+
+    Thread-safe for the receive threads of different owners (disjoint names).
+    """
+
+    def __init__(self):
+        self.version: int | None = None
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.lock = threading.Lock()
+
+    def targets(self, names: Sequence[str], dtypes: Sequence[str],
+                shapes: Sequence[Sequence[int]], header: torch.Tensor
+                ) -> list[torch.Tensor | None]:
+        """The copies to apply a bucket to: existing ones (a new one for a dense tensor whose
+        copy is missing or of another shape/dtype; None for a patch without a copy)."""
+        out: list[torch.Tensor | None] = []
+        with self.lock:
+            for k, (name, dt, shape) in enumerate(zip(names, dtypes, shapes)):
+                dtype = getattr(torch, dt)
+                t = self.tensors.get(name)
+                if t is not None and (t.dtype != dtype or tuple(t.shape) != tuple(shape)):
+                    t = None
+                if t is None and int(header[k, 0]) == DENSE:
+                    t = torch.empty(tuple(shape), dtype=dtype)
+                    self.tensors[name] = t
+                out.append(t)
+        return out
+
+    def drop(self) -> None:
+        with self.lock:
+            self.tensors = {}
+            self.version = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
