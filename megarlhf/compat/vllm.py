@@ -174,6 +174,13 @@ def record_processed_layers(on_process=None) -> ProcessedLayers:
     return ProcessedLayers(drop_packed_kernels=current_platform.is_cpu(), on_process=on_process)
 
 
+def buffers_loads(param: torch.Tensor) -> bool:
+    """Whether ``param``'s weight loader is the layer-wise reload's buffering wrapper (its
+    loads are replayed when the layer completes) rather than a loader that copies at once."""
+    return getattr(getattr(param, "weight_loader", None), "__name__", "") == \
+        "online_process_loader"
+
+
 def buffered_tensors(info) -> list[torch.Tensor]:
     """The tensors a layer's buffered loader calls hold (``info.loaded_weights``: the
     arguments vLLM's weight loaders were called with, replayed when the layer completes)."""

@@ -95,5 +95,9 @@ def arch_summary(model: ModelConfig) -> dict[str, Any]:
         "num_experts": spec.moe.num_experts if spec.moe else 0,
         "moe_ffn_hidden_size": spec.moe.ffn_hidden_size if spec.moe else 0,
         "moe_topk": spec.moe.topk if spec.moe else 0,
+        "moe_groups": spec.moe.num_groups if spec.moe else 1,
+        "moe_group_topk": spec.moe.group_topk if spec.moe else 1,
+        "moe_shared_ffn_hidden_size": spec.moe.shared_ffn_hidden_size if spec.moe else 0,
+        "moe_first_dense_layers": spec.moe.first_dense_layers if spec.moe else 0,
         "max_position_embeddings": spec.max_position_embeddings,
     }

@@ -165,6 +165,24 @@ def _check_experts(name: str, p, model: ModelConfig, arch: dict[str, Any], dp: i
             f"pipeline stage (tp*cp*dp = {p.tp}*{p.cp}*{dp}) as etp*ep*edp, but etp*ep = "
             f"{etp}*{p.ep} = {etp * p.ep} does not divide {stage_ranks}; choose ep (and etp) so "
             "that it does, or give the role more GPUs")
+    groups = arch.get("moe_groups", 1)
+    if groups > 1 and experts % p.ep == 0:
+        # Grouped routing exists to bound each token's experts to topk_group groups = devices
+        # (or nodes): a group must be whole EP ranks, or an EP rank whole groups.
+        per_group, per_rank = experts // groups, experts // p.ep
+        if per_group % per_rank and per_rank % per_group:
+            errors.append(
+                f"{name}.parallel.ep = {p.ep}: the model routes in n_group = {groups} groups of "
+                f"{per_group} experts (each token picks {arch['moe_group_topk']} groups, to "
+                f"bound the devices it reaches), but ep = {p.ep} puts {per_rank} experts on each "
+                "rank, so groups straddle ranks; choose ep so that groups are whole ranks or "
+                f"ranks whole groups (ep dividing {groups}, or a multiple of it dividing "
+                f"{experts})")
+    shared = arch.get("moe_shared_ffn_hidden_size", 0)
+    if shared and shared % p.tp:
+        errors.append(f"{name}.parallel.tp = {p.tp} does not divide the shared experts' width "
+                      f"{shared} (n_shared_experts * moe_intermediate_size); choose tp from "
+                      f"{_divisors(shared)}")
     if arch["moe_ffn_hidden_size"] % etp:
         errors.append(f"{name}.parallel.etp = {etp} does not divide the experts' width "
                       f"{arch['moe_ffn_hidden_size']}; choose etp from "

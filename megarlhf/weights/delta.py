@@ -24,6 +24,13 @@ is silently not seen by the GEMM. The mirror reconstructs the dense tensor inste
 with every engine, on every device, through the same load (and layer-wise reload) as a full
 sync; its cost is the host copy.
 
+On GPUs (split placement) the same patches travel over megarlhf's own backend on NCCL (every
+owner broadcasts its buckets' headers and payloads on its group; the receivers copy them to
+the host copy): vLLM's ``sparse_nccl`` backend is not used, because it has one sender (trainer
+rank 0 holding every patch: no multi-owner sync) and applies patches in place, which needs the
+contract above. The colocated CUDA IPC wire refuses delta sync (it moves no bytes over a link).
+Not yet run on a GPU (tests/gpu/test_gpu_weight_delta.py checks the receive side on CUDA).
+
 Wire format of one bucket of ``n`` tensors (both broadcast on the owner's group):
 
 * header: int64 ``[n, 2]``: per tensor ``count`` (-1: dense) and ``checksum``;
@@ -35,9 +42,8 @@ A patch is chosen only when it is strictly smaller than the dense tensor, alignm
 (about ``count * (index size + element size) < numel * element size``; for bf16 with int32
 indices: fewer than a third of the elements changed).
 
-Checksum (:func:`checksum`): ``sum_i bits_i * w_i mod 2**64`` over the tensor's elements as
-integers of their own width, with odd position weights ``w_i``: any single changed element, and
-any pair of swapped elements of different value, changes it.
+Checksum (:func:`checksum`): CRC-32 and Adler-32 of the tensor's bytes (64 bits; CRC-32
+catches every single-element change, and misses any other change with odds of about 2**-32).
 """
 
 from __future__ import annotations
@@ -50,8 +56,6 @@ import torch
 
 ALIGN = 64
 DENSE = -1
-_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
-_CHUNK = 1 << 22  # elements per checksum chunk (bounds the temporaries: 32 MiB of int64)
 _INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -65,16 +69,15 @@ def as_bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def checksum(t: torch.Tensor) -> int:
-    """Position-weighted sum of the bits of ``t``'s elements, mod 2**64 (as a signed int64)."""
-    bits = as_bits(t.contiguous())
-    n = bits.numel()
-    total = torch.zeros((), dtype=torch.int64, device=bits.device)
-    for start in range(0, n, _CHUNK):
-        x = bits[start: start + _CHUNK].to(torch.int64)
-        w = torch.arange(start, start + x.numel(), dtype=torch.int64, device=bits.device)
-        w.mul_(_GOLDEN).bitwise_or_(1)
-        total += (x * w).sum()
-    return int(total)
+    """CRC-32 and Adler-32 of the bytes of ``t``'s elements (contiguous, on the host), as one
+    signed int64: ~3 GB/s per core with zlib (a position-weighted int64 sum in torch ran 36x
+    slower: 4 s per 200M elements, measured on the benchmark's model)."""
+    import zlib
+
+    bits = as_bits(t.detach().contiguous()).cpu()
+    data = memoryview(bits.numpy()).cast("B")
+    v = (zlib.crc32(data) << 32) | zlib.adler32(data)
+    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -134,7 +137,7 @@ def encode(tensors: Sequence[torch.Tensor], previous: Sequence[torch.Tensor] | N
                 raise ValueError(f"delta base of tensor {k} is {before.dtype}{list(before.shape)}"
                                  f", the tensor {t.dtype}{list(t.shape)}")
             diff = as_bits(t) != as_bits(before)
-            count = int(diff.sum())
+            count = int(torch.count_nonzero(diff))
             changed += count
             if patch_is_smaller(count, numel, isz):
                 idx = diff.nonzero().reshape(-1).to(index_dtype(numel))

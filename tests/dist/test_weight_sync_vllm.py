@@ -136,7 +136,9 @@ def hf_dirs(tmp_path_factory):
                                         num_heads=4, num_kv_heads=2), seed=4)
     moe = str(tmp_path_factory.mktemp("moe_actor"))  # 8 experts, top-2, per-expert HF names
     save_tiny_hf_model(moe, tiny_arch("qwen3_moe", num_layers=2, vocab_size=200), seed=4)
-    return {"qwen2": dense, "qwen3_moe": moe}
+    glm = str(tmp_path_factory.mktemp("glm4_moe_actor"))  # + a dense layer, shared expert, bias
+    save_tiny_hf_model(glm, tiny_arch("glm4_moe", num_layers=4, vocab_size=200), seed=4)
+    return {"qwen2": dense, "qwen3_moe": moe, "glm4_moe": glm}
 
 
 @pytest.mark.parametrize("family, layout_kw, rollout_tp, n_tensors", [
@@ -144,7 +146,11 @@ def hf_dirs(tmp_path_factory):
     ("qwen2", dict(pp=2, vpp=2), 2, 4 * 12 + 3),
     # experts split over 2 EP ranks, gathered by the resharder: 8 experts x 3 + 9 per layer
     ("qwen3_moe", dict(pp=2, ep=2), 1, 2 * (8 * 3 + 9) + 3),
-], ids=["actor_tp2pp2-vllm_tp1", "actor_pp2vpp2-vllm_tp2", "moe_actor_pp2ep2-vllm_tp1"])
+    # a dense layer (12 tensors), then MoE layers with qkv biases, the fp32 expert bias and a
+    # shared expert: 8 experts x 3 + 14 per layer; vLLM's grouped sigmoid routing on CPU
+    ("glm4_moe", dict(pp=2, ep=2), 1, 12 + 3 * (8 * 3 + 14) + 3),
+], ids=["actor_tp2pp2-vllm_tp1", "actor_pp2vpp2-vllm_tp2", "moe_actor_pp2ep2-vllm_tp1",
+        "glm4_moe_actor_pp2ep2-vllm_tp1"])
 def test_sync_megatron_actor_into_vllm(hf_dirs, family, layout_kw, rollout_tp, n_tensors):
     """If this fails, the owners -> vLLM weight-transfer path drops, corrupts or silently skips
     tensors (vLLM keeps stale weights; for MoE on vLLM's CPU build: experts left unpacked after
