@@ -23,6 +23,11 @@ expert bias padding (MoE)          ``TopKRouter._apply_expert_bias`` (sigmoid ro
                                    tokens as experts, masks the wrong axis). The replacement
                                    masks rows. Installed only where the source still has the
                                    line; a fixed megatron keeps its own.
+MLA without TE (also on GPU)       ``multi_latent_attention.HAVE_TE`` is True whenever megatron's
+                                   TE extension module imports - which it does without Transformer
+                                   Engine (its classes become mocks) - and ``MultiLatentAttention``
+                                   then calls ``isinstance(x, <mock>)``: TypeError at build. Set to
+                                   False where ``transformer_engine`` is not importable.
 router replay (MoE)                megarlhf's routing replay replaces a router's
                                    ``router_replay`` and takes megatron's instance out of the
                                    class-level ``RouterReplay.global_router_replay_instances``
@@ -174,6 +179,22 @@ def _method_callers(cls, name: str) -> list[str]:
         if inspect.isfunction(f) and name in f.__code__.co_names:
             out.append(f"{cls.__name__}.{mn}")
     return out
+
+
+# -------------------------------------------------------------------------- MLA without TE
+def fix_mla_without_te() -> None:
+    """Clears ``multi_latent_attention.HAVE_TE`` where Transformer Engine is not importable."""
+    import importlib.util
+
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        return
+    if not hasattr(mla, "HAVE_TE"):
+        raise _fail("MLA without TE", "multi_latent_attention.HAVE_TE is gone")
+    if "MultiLatentAttention.__init__" not in callers(mla, "HAVE_TE"):
+        raise _fail("MLA without TE", "MultiLatentAttention.__init__ no longer reads HAVE_TE")
+    mla.HAVE_TE = False
 
 
 # -------------------------------------------------------------------------- router replay

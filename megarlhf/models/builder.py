@@ -108,7 +108,10 @@ def check_fp8(model_cfg: ModelConfig) -> None:
 def transformer_config(spec: ArchSpec, model_cfg: ModelConfig, ctx: ParallelContext,
                        *, te: bool, init_weights: bool, cpu: bool):
     """The megatron TransformerConfig for ``spec`` on ``ctx``'s layout."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import (
+        MLATransformerConfig,
+        TransformerConfig,
+    )
 
     lay = ctx.layout
     dtype = torch.float32 if cpu else _DTYPES[model_cfg.dtype]
@@ -162,6 +165,18 @@ def transformer_config(spec: ArchSpec, model_cfg: ModelConfig, ctx: ParallelCont
     )
     if spec.moe is not None:
         kw.update(moe_kwargs(spec, model_cfg, lay, te=te))
+    if spec.mla is not None:
+        ml = spec.mla
+        kw.update(
+            multi_latent_attention=True, q_lora_rank=ml.q_lora_rank,
+            kv_lora_rank=ml.kv_lora_rank, qk_head_dim=ml.qk_nope_head_dim,
+            qk_pos_emb_head_dim=ml.qk_rope_head_dim, v_head_dim=ml.v_head_dim,
+            # The local core attention views its output as kv_channels * heads.
+            kv_channels=ml.v_head_dim,
+            # The latent norms come from the layer spec; with the config flag megatron would sum
+            # q_layernorm's gradient over TP by name, but MLA's is complete on every rank already.
+            qk_layernorm=False,
+            **dict(ml.rope))
     if model_cfg.recompute == "full":
         kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif model_cfg.recompute == "selective":
@@ -169,7 +184,7 @@ def transformer_config(spec: ArchSpec, model_cfg: ModelConfig, ctx: ParallelCont
     if model_cfg.fp8 is not None:
         check_fp8(model_cfg)
         kw.update(fp8=model_cfg.fp8, fp8_recipe="delayed")
-    return TransformerConfig(**kw)
+    return (MLATransformerConfig if spec.mla is not None else TransformerConfig)(**kw)
 
 
 def moe_kwargs(spec: ArchSpec, model_cfg: ModelConfig, lay, *, te: bool) -> dict[str, Any]:
@@ -258,14 +273,27 @@ def _local_layer_spec(spec: ArchSpec, config, vp_stage):
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     def layer_spec(moe: bool):
+        mla = spec.mla is not None
         layer = get_gpt_layer_local_spec(
             num_experts=spec.moe.num_experts if moe else None,
-            moe_grouped_gemm=False, normalization="RMSNorm", qk_layernorm=spec.qk_norm)
+            moe_grouped_gemm=False, normalization="RMSNorm",
+            qk_layernorm=spec.qk_norm or mla, multi_latent_attention=mla)
+        if mla:
+            from megarlhf.models.mla import mla_core_attention
+
+            layer.submodules.self_attention.submodules.core_attention = mla_core_attention()
         if config.sequence_parallel:
             sub = layer.submodules
             sub.input_layernorm = SequenceParallelRMSNorm
             sub.pre_mlp_layernorm = SequenceParallelRMSNorm
-            if spec.qk_norm:
+            if mla:
+                # The latent norms see this rank's share of the sequence: partial gradients,
+                # summed over TP by finalize_model_grads as SP norms.
+                attn = sub.self_attention.submodules
+                if spec.mla.q_lora_rank is not None:
+                    attn.q_layernorm = SequenceParallelRMSNorm
+                attn.kv_layernorm = SequenceParallelRMSNorm
+            elif spec.qk_norm:
                 # q/k norms act on whole (all-gathered) sequences; megatron sums their gradients
                 # over TP by name (qk_layernorm), so they need no mark - any norm class without
                 # the SP refusal will do.
@@ -273,6 +301,10 @@ def _local_layer_spec(spec: ArchSpec, config, vp_stage):
                 sub.self_attention.submodules.k_layernorm = SequenceParallelRMSNorm
         return layer
 
+    if spec.mla is not None:
+        from megarlhf.compat import megatron as megatron_compat
+
+        megatron_compat.fix_mla_without_te()
     mixed = spec.moe is not None and spec.moe.first_dense_layers > 0
     if not mixed and not config.sequence_parallel:
         return layer_spec(spec.moe is not None)
@@ -296,7 +328,8 @@ def _te_layer_spec(spec: ArchSpec, config, vp_stage):
     def layer_spec(moe: bool):
         return get_gpt_layer_with_transformer_engine_spec(
             num_experts=spec.moe.num_experts if moe else None, moe_grouped_gemm=moe,
-            qk_layernorm=spec.qk_norm)
+            qk_layernorm=spec.qk_norm or spec.mla is not None,
+            multi_latent_attention=spec.mla is not None)
 
     if spec.moe is None or not spec.moe.first_dense_layers:
         return layer_spec(spec.moe is not None)
@@ -399,6 +432,14 @@ def build_model(model_cfg: ModelConfig, ctx: ParallelContext, *, head: Head = "l
             f"{spec.num_layers} layers are not divisible by pp*vpp = {lay.pp * lay.vpp}")
     if spec.moe is not None and spec.moe.num_experts % lay.ep:
         raise ModelBuildError(f"{spec.moe.num_experts} experts are not divisible by ep={lay.ep}")
+    if spec.mla is not None and te and for_training and lay.tp > 1 \
+            and not lay.sequence_parallel:
+        # megatron's MLA never sums the shared rope key's gradient over TP (Megatron-LM#1699);
+        # with SP, Transformer Engine's spec does it in the sequence all-gather's backward.
+        raise ModelBuildError(
+            f"multi-latent attention trained at tp={lay.tp} with Transformer Engine needs "
+            "sequence parallelism (without it megatron-core 0.16.1 drops part of the rope key's "
+            "gradient); set parallel.sequence_parallel=true")
     config = transformer_config(spec, model_cfg, ctx, te=te, init_weights=init_weights, cpu=cpu)
     padded_vocab = spec.padded_vocab_size(lay.tp, model_cfg.vocab_multiple)
     inv_freq = hf_inv_freq(spec)

@@ -79,17 +79,16 @@ from typing import Any
 
 import torch
 
-_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "glm4_moe")
-MOE_FAMILIES = ("qwen3_moe", "mixtral", "glm4_moe")
+_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "glm4_moe",
+             "deepseek_v3")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3")
 # Families routed as DeepSeek-V3 (sigmoid + expert bias, shared experts, leading dense layers).
-SIGMOID_FAMILIES = ("glm4_moe",)
+SIGMOID_FAMILIES = ("glm4_moe", "deepseek_v3")
 
 # MoE model types transformers knows but megarlhf does not build, with what they need.
 _UNSUPPORTED_MOE_TYPES = {
     "qwen2_moe": "shared experts (shared_expert_intermediate_size)",
     "deepseek_v2": "multi-head latent attention (kv_lora_rank), shared experts "
-                   "(n_shared_experts) and grouped routing (n_group, topk_group)",
-    "deepseek_v3": "multi-head latent attention (kv_lora_rank), shared experts "
                    "(n_shared_experts) and grouped routing (n_group, topk_group)",
     "gpt_oss": "attention sinks, biased experts and a clamped SwiGLU",
 }
@@ -174,6 +173,28 @@ class MoESpec:
 
 
 @dataclass(frozen=True)
+class MLASpec:
+    """Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2): queries through a low-rank
+    ``q_lora_rank`` latent (or a plain projection when None), keys and values from one shared
+    ``kv_lora_rank`` latent plus a ``qk_rope_head_dim`` RoPE key shared by all heads.
+
+    Attributes:
+        q_lora_rank: the query latent's width, None for a direct q projection.
+        kv_lora_rank: the key/value latent's width.
+        qk_nope_head_dim / qk_rope_head_dim: each head's query/key dims without / with RoPE.
+        v_head_dim: each head's value dims.
+        rope: megatron's rope fields (``rope_type`` rope or yarn and the yarn parameters).
+    """
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope: tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """Everything megarlhf needs to build a family member on megatron."""
 
@@ -197,6 +218,7 @@ class ArchSpec:
     moe: MoESpec | None = None  # None for dense models
     rotary_percent: float = 1.0  # the share of each head's dims RoPE rotates (the first ones)
     mtp_layers: int = 0  # multi-token-prediction layers after the last: carried, not built
+    mla: MLASpec | None = None  # multi-head latent attention (deepseek_v3) instead of GQA
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether global layer ``layer`` (0-based) has an MoE block."""
@@ -227,21 +249,28 @@ def arch_spec(hf_config) -> ArchSpec:
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
     rope = dict(getattr(hf_config, "rope_parameters", None) or {})
     rope_type = rope.get("rope_type", "default")
-    if rope_type not in ("default", "linear", "llama3"):
+    mla = _mla_spec(hf_config, rope) if mt == "deepseek_v3" else None
+    if mla is not None:
+        heads = hf_config.num_attention_heads
+        groups = heads  # every head has its own keys (from the shared latent)
+        head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
+    elif rope_type not in ("default", "linear", "llama3"):
         raise UnsupportedArchitecture(
             f"{mt}: rope_type={rope_type!r} is not supported (default, linear, llama3)"
         )
     if getattr(hf_config, "mlp_bias", False):
         raise UnsupportedArchitecture(f"{mt}: mlp_bias=true is not supported")
-    if mt == "qwen2":
+    if mla is not None:
+        qkv_bias = False
+    elif mt == "qwen2":
         qkv_bias = True
     elif mt in ("llama", "qwen3", "qwen3_moe", "glm4_moe"):
         qkv_bias = bool(getattr(hf_config, "attention_bias", False))
     else:
         qkv_bias = False
     moe = _moe_spec(hf_config) if mt in MOE_FAMILIES else None
-    rotary_percent = float(rope.get("partial_rotary_factor",
-                                    getattr(hf_config, "partial_rotary_factor", 1.0)) or 1.0)
+    rotary_percent = 1.0 if mla is not None else float(rope.get(
+        "partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0)) or 1.0)
     if not 0.0 < rotary_percent <= 1.0 or int(head_dim * rotary_percent) % 2:
         raise UnsupportedArchitecture(
             f"{mt}: partial_rotary_factor={rotary_percent} must be in (0, 1] and rotate an even "
@@ -280,7 +309,63 @@ def arch_spec(hf_config) -> ArchSpec:
         moe=moe,
         rotary_percent=rotary_percent,
         mtp_layers=mtp,
+        mla=mla,
     )
+
+
+def _mla_spec(hf_config, rope: dict) -> MLASpec:
+    """The attention fields of a deepseek_v3 config as megatron's MLA computes them (exactly
+    transformers' DeepseekV3Attention: interleaved RoPE on the rope dims, yarn's frequencies,
+    cos/sin factor and softmax scale); refuses what megatron computes differently."""
+    mt = hf_config.model_type
+
+    def refuse(msg: str):
+        raise UnsupportedArchitecture(f"{mt}: {msg}")
+
+    if getattr(hf_config, "attention_bias", False):
+        refuse("attention_bias=true is not supported: megatron's multi-latent attention has no "
+               "biases on its q/kv projections; set attention_bias: false")
+    if not getattr(hf_config, "rope_interleave", True):
+        refuse("rope_interleave=false is not supported (DeepSeek-V3, R1 and Kimi-K2 interleave "
+               "their rope dims, as megatron's MLA does); set rope_interleave: true")
+    eps = float(hf_config.rms_norm_eps)
+    if abs(eps - 1e-6) > 1e-12:
+        refuse(f"rms_norm_eps={eps} is not supported: transformers' q/kv latent norms always "
+               "use 1e-6 and megatron's use rms_norm_eps, so they agree only at 1e-6")
+    rope_type = rope.get("rope_type", "default")
+    theta = float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+    if rope_type == "default":
+        # mscale_all_dim 0: megatron applies yarn's softmax factor even to plain rope otherwise.
+        kw: dict[str, Any] = dict(rope_type="rope", rotary_base=theta, rotary_scaling_factor=1.0,
+                                  mscale=1.0, mscale_all_dim=0.0)
+    elif rope_type == "yarn":
+        orig = rope.get("original_max_position_embeddings")
+        if not orig:
+            refuse("yarn rope_parameters need original_max_position_embeddings")
+        factor = rope.get("factor") or hf_config.max_position_embeddings / orig
+        m, mad = rope.get("mscale"), rope.get("mscale_all_dim")
+        if rope.get("attention_factor") is not None:
+            refuse("yarn with an explicit attention_factor is not supported by megatron's MLA; "
+                   "remove it (it is derived from factor and mscale)")
+        if rope.get("truncate", True) is not True:
+            refuse("yarn with truncate=false is not supported by megatron's MLA")
+        if not mad:
+            m, mad = 1.0, 0.0  # transformers scales cos/sin by get_mscale(factor) only
+        elif not m:
+            refuse("yarn with mscale_all_dim but no mscale is not supported; set mscale")
+        kw = dict(rope_type="yarn", rotary_base=theta, rotary_scaling_factor=float(factor),
+                  mscale=float(m), mscale_all_dim=float(mad),
+                  original_max_position_embeddings=int(orig),
+                  beta_fast=float(rope.get("beta_fast") or 32),
+                  beta_slow=float(rope.get("beta_slow") or 1))
+    else:
+        refuse(f"rope_type={rope_type!r} is not supported with multi-latent attention "
+               "(default, yarn)")
+    q = getattr(hf_config, "q_lora_rank", None)
+    return MLASpec(q_lora_rank=int(q) if q else None, kv_lora_rank=int(hf_config.kv_lora_rank),
+                   qk_nope_head_dim=int(hf_config.qk_nope_head_dim),
+                   qk_rope_head_dim=int(hf_config.qk_rope_head_dim),
+                   v_head_dim=int(hf_config.v_head_dim), rope=tuple(sorted(kw.items())))
 
 
 def _is_off(value: Any, off: tuple) -> bool:
@@ -395,7 +480,7 @@ def hf_inv_freq(spec: ArchSpec) -> torch.Tensor | None:
     Megatron only implements llama3 scaling with fixed low/high frequency factors; to match any
     config we overwrite its ``inv_freq`` with transformers' own. None for plain rope.
     """
-    if spec.rope_type == "default":
+    if spec.rope_type == "default" or spec.mla is not None:  # MLA: megatron's own rope / yarn
         return None
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -437,14 +522,19 @@ def layer_param_maps(spec: ArchSpec, te: bool, moe_layer: bool | None = None) ->
     moe_layer = spec.moe is not None and (moe_layer is None or moe_layer)
     p = "decoder.layers.{l}."
     h = "model.layers.{L}."
-    m = [
-        ParamMap(p + ("self_attention.linear_qkv.layer_norm_weight" if te else "input_layernorm.weight"),
-                 (h + "input_layernorm.weight",), "replicated"),
-        ParamMap(p + "self_attention.linear_qkv.weight",
-                 (h + "self_attn.q_proj.weight", h + "self_attn.k_proj.weight",
-                  h + "self_attn.v_proj.weight"), "qkv"),
-        ParamMap(p + "self_attention.linear_proj.weight", (h + "self_attn.o_proj.weight",), "row"),
-    ]
+    if spec.mla is not None:
+        m = _mla_param_maps(spec, te)
+    else:
+        m = [
+            ParamMap(p + ("self_attention.linear_qkv.layer_norm_weight" if te
+                          else "input_layernorm.weight"),
+                     (h + "input_layernorm.weight",), "replicated"),
+            ParamMap(p + "self_attention.linear_qkv.weight",
+                     (h + "self_attn.q_proj.weight", h + "self_attn.k_proj.weight",
+                      h + "self_attn.v_proj.weight"), "qkv"),
+            ParamMap(p + "self_attention.linear_proj.weight", (h + "self_attn.o_proj.weight",),
+                     "row"),
+        ]
     if moe_layer:
         # An MoE layer keeps its pre-MLP norm as a module of its own in both specs; the router
         # is replicated over TP (fp32 logits; TP ranks see the same, or their SP share of, tokens).
@@ -484,6 +574,37 @@ def layer_param_maps(spec: ArchSpec, te: bool, moe_layer: bool | None = None) ->
                           (h + "self_attn.q_norm.weight",), "replicated"))
         m.append(ParamMap(p + "self_attention.k_layernorm.weight",
                           (h + "self_attn.k_norm.weight",), "replicated"))
+    return m
+
+
+def _mla_param_maps(spec: ArchSpec, te: bool) -> list[ParamMap]:
+    """Multi-latent attention's entries: every tensor is the HF one unchanged (per head
+    [nope; rope] rows for q, [k_nope; v] for kv_up, [kv latent; rope key] for the kv
+    down-projection). The down-projections are split by rows over TP in megatron's local spec
+    (and gathered inside the layer: whole-row chunks, ``column``), replicated in Transformer
+    Engine's; there the latent norms are fused into the up-projections."""
+    p = "decoder.layers.{l}.self_attention."
+    h = "model.layers.{L}."
+    a = h + "self_attn."
+    down = "replicated" if te else "column"
+    m = [ParamMap("decoder.layers.{l}.input_layernorm.weight", (h + "input_layernorm.weight",),
+                  "replicated")]
+    if spec.mla.q_lora_rank is None:
+        m.append(ParamMap(p + "linear_q_proj.weight", (a + "q_proj.weight",), "column"))
+    else:
+        m += [
+            ParamMap(p + "linear_q_down_proj.weight", (a + "q_a_proj.weight",), down),
+            ParamMap(p + ("linear_q_up_proj.layer_norm_weight" if te else "q_layernorm.weight"),
+                     (a + "q_a_layernorm.weight",), "replicated"),
+            ParamMap(p + "linear_q_up_proj.weight", (a + "q_b_proj.weight",), "column"),
+        ]
+    m += [
+        ParamMap(p + "linear_kv_down_proj.weight", (a + "kv_a_proj_with_mqa.weight",), down),
+        ParamMap(p + ("linear_kv_up_proj.layer_norm_weight" if te else "kv_layernorm.weight"),
+                 (a + "kv_a_layernorm.weight",), "replicated"),
+        ParamMap(p + "linear_kv_up_proj.weight", (a + "kv_b_proj.weight",), "column"),
+        ParamMap(p + "linear_proj.weight", (a + "o_proj.weight",), "row"),
+    ]
     return m
 
 

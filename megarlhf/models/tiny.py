@@ -36,7 +36,7 @@ def tiny_arch(family: str = "llama", *, vocab_size: int = 256, hidden_size: int 
         arch["use_sliding_window"] = False
     if family == "qwen3":
         arch["head_dim"] = hidden_size // num_heads
-    if family in ("qwen3_moe", "mixtral", "glm4_moe"):
+    if family in ("qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3"):
         arch.update(tiny_moe_fields(family))
     arch.update(extra)
     return arch
@@ -54,6 +54,15 @@ def tiny_moe_fields(family: str, num_experts: int = 8, topk: int = 2,
     if family == "qwen3_moe":
         out.update(num_experts=num_experts, moe_intermediate_size=expert_ffn,
                    norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+    elif family == "deepseek_v3":
+        # DeepSeek-V3 in miniature: GLM-4.5's routing below, and multi-latent attention (a
+        # 32-wide query latent, a 16-wide key/value latent, per head 16 + 8 rope query/key dims
+        # and 16 value dims; every head its own keys).
+        out.update(tiny_moe_fields("glm4_moe", num_experts, topk, expert_ffn))
+        for k in ("head_dim", "attention_bias", "use_qk_norm", "partial_rotary_factor"):
+            out.pop(k)
+        out.update(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
+                   qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, rope_interleave=True)
     elif family == "glm4_moe":
         # GLM-4.5's shape in miniature: the first layer dense, a shared expert, sigmoid routing
         # with expert bias, scaled weights, qkv bias, RoPE on half of each head; routing in 2

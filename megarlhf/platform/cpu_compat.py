@@ -90,6 +90,11 @@ class CPUDeviceMode(TorchFunctionMode):
                 target = "torch." + target[len("torch.cuda.") :]
                 return func(args[0], target)
             return func(*args, **kwargs)
+        if func is torch.device and len(args) == 1 and not kwargs \
+                and isinstance(args[0], int) and not isinstance(args[0], bool):
+            # torch.device(torch.cuda.current_device()): megatron's yarn rotary embedding
+            # (multi-latent attention) enters it as a device context.
+            return _CPU
         if "device" in kwargs:
             kwargs["device"] = _fix_device(kwargs["device"])
         if func is _TENSOR_TO and len(args) > 1 and _is_cuda_device(args[1]):

@@ -204,9 +204,9 @@ def apply(header: torch.Tensor, payload: torch.Tensor, targets: Sequence[torch.T
             flat[idx] = values
         got = checksum(t)
         if got != want:
-            raise ChecksumMismatch(f"{name}: checksum {got:#x} after applying the "
-                                   f"{'dense tensor' if count == DENSE else f'patch of {count} elements'}"
-                                   f", the owner's {want:#x}")
+            what = "dense tensor" if count == DENSE else f"patch of {count} elements"
+            raise ChecksumMismatch(f"{name}: checksum {got:#x} after applying the {what}, "
+                                   f"the owner's {want:#x}")
         out.append(t)
     return out
 

@@ -78,6 +78,20 @@ def expected_hf_shapes(spec: ArchSpec, head: str) -> dict[str, tuple[int, ...]]:
         "mlp.up_proj.weight": (f, h),
         "mlp.down_proj.weight": (h, f),
     }
+    if spec.mla is not None:
+        ml, n = spec.mla, spec.num_attention_heads
+        qk = ml.qk_nope_head_dim + ml.qk_rope_head_dim
+        layer.update({
+            "self_attn.q_a_proj.weight": (ml.q_lora_rank or 0, h),
+            "self_attn.q_a_layernorm.weight": (ml.q_lora_rank or 0,),
+            "self_attn.q_b_proj.weight": (n * qk, ml.q_lora_rank or 0),
+            "self_attn.q_proj.weight": (n * qk, h),
+            "self_attn.kv_a_proj_with_mqa.weight": (ml.kv_lora_rank + ml.qk_rope_head_dim, h),
+            "self_attn.kv_a_layernorm.weight": (ml.kv_lora_rank,),
+            "self_attn.kv_b_proj.weight": (n * (ml.qk_nope_head_dim + ml.v_head_dim),
+                                           ml.kv_lora_rank),
+            "self_attn.o_proj.weight": (h, n * ml.v_head_dim),
+        })
     if spec.moe is not None:
         mo = spec.moe
         gate, up, down = mo.hf_gate_up_down
@@ -158,6 +172,17 @@ def diagnose_shapes(spec: ArchSpec, head: str,
             f"model.layers.0.self_attn.q_proj.weight has {q[0]} rows"
             + (f" = {q[0] // hd} heads of head_dim {hd}" if q[0] % hd == 0 else ""))
     k = shapes.get("model.layers.0.self_attn.k_proj.weight")
+    kv = shapes.get("model.layers.0.self_attn.kv_b_proj.weight")
+    if spec.mla is not None and kv is not None and len(kv) == 2:
+        ml = spec.mla
+        per = ml.qk_nope_head_dim + ml.v_head_dim
+        if kv[0] != spec.num_attention_heads * per or kv[1] != ml.kv_lora_rank:
+            problems.append(
+                f"latent attention: config.json has num_attention_heads="
+                f"{spec.num_attention_heads}, qk_nope_head_dim + v_head_dim = {per} and "
+                f"kv_lora_rank={ml.kv_lora_rank} (kv_b_proj should be "
+                f"{(spec.num_attention_heads * per, ml.kv_lora_rank)}) but "
+                f"model.layers.0.self_attn.kv_b_proj.weight is {tuple(kv)}")
     if k is not None and len(k) == 2 and k[0] != spec.num_query_groups * hd:
         problems.append(
             f"query groups: config.json has num_key_value_heads={spec.num_query_groups} "

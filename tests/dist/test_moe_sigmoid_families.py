@@ -1,10 +1,11 @@
-"""DeepSeek-V3-style MoE families (glm4_moe) on gloo ranks against transformers and a
-single-process megatron run from the same weights.
+"""DeepSeek-V3-style MoE families (glm4_moe, deepseek_v3) on gloo ranks against transformers and
+a single-process megatron run from the same weights.
 
-Model: a tiny GLM-4.5 (:func:`megarlhf.models.tiny.tiny_arch` "glm4_moe": 4 layers, the first
-dense, 8 routed experts in 2 groups (each token picks its best group, then its top-2 there),
+Models (:func:`megarlhf.models.tiny.tiny_arch`, 4 layers): a tiny GLM-4.5 (the first layer
+dense, 8 routed experts in 2 groups - each token picks its best group, then its top-2 there -,
 one shared expert, sigmoid scores + a random expert bias, routed scaling 2.5, qkv bias, RoPE on
-half of each head) plus one multi-token-prediction layer's tensors in the checkpoint (carried).
+half of each head) and a tiny DeepSeek-V3 (the same routing; multi-latent attention with a
+query latent), each with one multi-token-prediction layer's tensors in the checkpoint (carried).
 Oracles and tolerances:
 
 * transformers' forward: per-token log-probs within 1e-4 (fp32 agrees to ~1e-6);
@@ -124,13 +125,13 @@ MTP = {  # one multi-token-prediction layer (model.layers.4.*) as GLM-4.5 stores
 }
 
 
-@pytest.fixture(scope="module")
-def glm(tmp_path_factory):
-    """A tiny glm4_moe checkpoint with one MTP layer's tensors added (as real ones carry)."""
+@pytest.fixture(scope="module", params=["glm4_moe", "deepseek_v3"])
+def glm(request, tmp_path_factory):
+    """A tiny checkpoint of the family with one MTP layer's tensors added (as real ones carry)."""
     from megarlhf.models.tiny import save_tiny_hf_model, tiny_arch
 
-    d = str(tmp_path_factory.mktemp("glm4_moe"))
-    model = save_tiny_hf_model(d, tiny_arch("glm4_moe", num_layers=4), seed=3)
+    d = str(tmp_path_factory.mktemp(request.param))
+    model = save_tiny_hf_model(d, tiny_arch(request.param, num_layers=4), seed=3)
     g = torch.Generator().manual_seed(7)
     mtp = {n: torch.randn(s, generator=g) for n, s in MTP.items()}
     save_file(mtp, os.path.join(d, "mtp-extra.safetensors"), metadata={"format": "pt"})
@@ -174,10 +175,10 @@ def single(glm):
     return run_distributed(rank_train, 1, glm[0], {}, timeout=300)[0]
 
 
-def test_glm4_moe_matches_transformers_and_trains_its_expert_bias(glm, single):
-    """If this fails, glm4_moe computes something else than transformers (sigmoid routing, the
+def test_family_matches_transformers_and_trains_its_expert_bias(glm, single):
+    """If this fails, the family computes something else than transformers (sigmoid routing, the
     expert bias, grouped top-k, routed scaling, the shared expert, the dense first layer, partial
-    RoPE, qkv bias), or its expert bias is not updated from the step's expert loads the way
+    RoPE and qkv bias of glm4_moe, deepseek_v3's latent attention), or its expert bias is not updated from the step's expert loads the way
     DeepSeek-V3 does it (padding counted, wrong sign, wrong rate, updated twice)."""
     d, model, _ = glm
     batch = _batch()
@@ -196,11 +197,12 @@ def test_glm4_moe_matches_transformers_and_trains_its_expert_bias(glm, single):
     assert "moe/layer_0/load_imbalance" not in single["moe"]
 
 
-def test_glm4_moe_tp2_pp2_ep2_matches_single_process_and_converts_bit_exact(glm, single,
-                                                                            tmp_path):
-    """If this fails, tensor / pipeline / expert parallelism changes what glm4_moe computes or
+def test_family_tp2_pp2_ep2_matches_single_process_and_converts_bit_exact(glm, single,
+                                                                           tmp_path):
+    """If this fails, tensor / pipeline / expert parallelism changes what the family computes or
     how its expert bias trains (the load all-reduce, a stage's dense layer, shared experts under
-    TP + SP), or conversion at TP2/PP2/EP2 loses a tensor (the fp32 expert bias, the carried
+    TP + SP, latent attention's TP-split down-projections and shared rope key gradient), or
+    conversion at TP2/PP2/EP2 loses a tensor (the fp32 expert bias, the carried
     multi-token-prediction layer, shared experts, the dense layer)."""
     import test_moe
     from transformers import AutoModelForCausalLM
