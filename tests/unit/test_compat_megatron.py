@@ -126,3 +126,48 @@ def test_auto_layers_without_transformer_engine_on_a_gpu_warn(monkeypatch, caplo
         assert builder.use_transformer_engine(cfg) is False
     (rec,) = caplog.records
     assert "does not import" in rec.getMessage() and "local layers" in rec.getMessage()
+
+
+def test_expert_bias_padding_fix_masks_rows_and_is_checked(monkeypatch):
+    """Broken: megatron 0.16.1's expert-bias load count (sigmoid families) fails on padded
+    micro-batches, or counts padding, or the fix is installed on a megatron whose method has
+    another shape, or over a megatron that fixed it."""
+    import torch
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    original = TopKRouter.__dict__["_apply_expert_bias"]
+    try:
+        compat.fix_expert_bias_padding()
+        fixed = TopKRouter.__dict__["_apply_expert_bias"]
+        assert fixed._megarlhf_fixed
+        compat.fix_expert_bias_padding()  # idempotent
+        assert TopKRouter.__dict__["_apply_expert_bias"] is fixed
+
+        class R:
+            enable_expert_bias = True
+            local_tokens_per_expert = torch.zeros(3)
+
+        r = R()
+        routing = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 0]], dtype=torch.bool)
+        pad = torch.tensor([False, True, False])  # (tokens,): the second token is padding
+        with torch.enable_grad():
+            fixed(r, routing, pad)
+        assert r.local_tokens_per_expert.tolist() == [2.0, 1.0, 1.0]
+    finally:
+        monkeypatch.setattr(TopKRouter, "_apply_expert_bias", original)
+    monkeypatch.setattr(TopKRouter, "routing", lambda self, logits, padding_mask=None: None)
+    with pytest.raises(compat.MegatronCompatError, match="'expert bias padding'"):
+        compat.fix_expert_bias_padding()
+
+
+def test_mla_without_te_item_is_checked(monkeypatch):
+    """Broken: building multi-latent attention without Transformer Engine raises a TypeError
+    in megatron (its mocked TE classes), or the item no longer finds what it sets."""
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    monkeypatch.setattr(mla, "HAVE_TE", True)
+    compat.fix_mla_without_te()
+    assert mla.HAVE_TE is False
+    monkeypatch.delattr(mla, "HAVE_TE")
+    with pytest.raises(compat.MegatronCompatError, match="'MLA without TE'"):
+        compat.fix_mla_without_te()

@@ -95,16 +95,130 @@ def test_unsupported_moe_variant_is_refused_naming_the_field(field, value, what)
 
 
 def test_unsupported_moe_model_types_say_what_they_need():
-    """If this fails, a DeepSeek-V3 / Qwen2-MoE config gets a generic refusal that does not
+    """If this fails, a Qwen2-MoE / DeepSeek-V2 config gets a generic refusal that does not
     say which feature is missing."""
     from megarlhf.models.arch import ArchError
 
-    with pytest.raises(ArchError, match="multi-head latent attention"):
-        hf_config_from_dict({"model_type": "deepseek_v3"})
     with pytest.raises(ArchError, match=r"shared experts \(shared_expert_intermediate_size\)"):
         hf_config_from_dict({"model_type": "qwen2_moe"})
-    _rejects(_job(**{"actor.model.arch": {"model_type": "deepseek_v3"}}),
+    _rejects(_job(**{"actor.model.arch": {"model_type": "deepseek_v2"}}),
              "actor.model", "grouped routing (n_group, topk_group)")
+
+
+# --------------------------------------------------------------------------- sigmoid families
+
+DEEPSEEK_V3 = {  # config.json of deepseek-ai/DeepSeek-V3 (fields megarlhf reads)
+    "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168,
+    "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+    "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1,
+    "n_routed_experts": 256, "routed_scaling_factor": 2.5, "kv_lora_rank": 512,
+    "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
+    "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8, "first_k_dense_replace": 3,
+    "norm_topk_prob": True, "hidden_act": "silu", "max_position_embeddings": 163840,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 10000,
+    "rope_scaling": {"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1,
+                     "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096},
+    "num_nextn_predict_layers": 1, "attention_bias": False,
+}
+GLM_4_5 = {  # config.json of zai-org/GLM-4.5
+    "model_type": "glm4_moe", "vocab_size": 151552, "hidden_size": 5120,
+    "intermediate_size": 12288, "moe_intermediate_size": 1536, "num_hidden_layers": 92,
+    "num_attention_heads": 96, "num_key_value_heads": 8, "head_dim": 128,
+    "n_shared_experts": 1, "n_routed_experts": 160, "routed_scaling_factor": 2.5,
+    "n_group": 1, "topk_group": 1, "num_experts_per_tok": 8, "first_k_dense_replace": 3,
+    "norm_topk_prob": True, "hidden_act": "silu", "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5, "rope_theta": 1000000, "partial_rotary_factor": 0.5,
+    "attention_bias": True, "use_qk_norm": True, "tie_word_embeddings": False,
+    "num_nextn_predict_layers": 1,
+}
+
+
+def test_sigmoid_families_read_the_real_configs():
+    """If this fails, DeepSeek-V3's or GLM-4.5's config is read wrongly (routing, grouping,
+    scaling, shared experts, dense layers, latent attention, yarn, partial rotary, MTP) and the
+    model megatron builds is not the checkpoint's."""
+    from megarlhf.config.schema import ModelConfig
+    from megarlhf.models.builder import moe_kwargs
+    from megarlhf.parallel.layout import ParallelLayout
+
+    d = arch_spec(hf_config_from_dict(DEEPSEEK_V3))
+    mo, ml = d.moe, d.mla
+    assert (mo.num_experts, mo.topk, mo.ffn_hidden_size, d.ffn_hidden_size) == (256, 8, 2048,
+                                                                                  18432)
+    assert (mo.score_function, mo.expert_bias, mo.num_groups, mo.group_topk) == ("sigmoid", True,
+                                                                                 8, 4)
+    assert (mo.routed_scaling, mo.shared_ffn_hidden_size, mo.first_dense_layers) == (2.5, 2048, 3)
+    assert (ml.q_lora_rank, ml.kv_lora_rank, ml.qk_nope_head_dim, ml.qk_rope_head_dim,
+            ml.v_head_dim) == (1536, 512, 128, 64, 128)
+    rope = dict(ml.rope)
+    assert rope["rope_type"] == "yarn" and rope["rotary_scaling_factor"] == 40
+    assert (rope["mscale"], rope["mscale_all_dim"]) == (1.0, 1.0)
+    assert rope["original_max_position_embeddings"] == 4096
+    assert d.mtp_layers == 1 and not d.qkv_bias and d.head_dim == 192
+    assert [d.is_moe_layer(i) for i in (0, 2, 3, 60)] == [False, False, True, True]
+    lay = ParallelLayout(tp=1, dp=64, ep=64, etp=1)
+    kw = moe_kwargs(d, ModelConfig(arch=DEEPSEEK_V3), lay, te=False)
+    assert kw["moe_router_score_function"] == "sigmoid" and kw["moe_router_enable_expert_bias"]
+    assert kw["moe_router_topk_scaling_factor"] == 2.5 and kw["moe_router_bias_update_rate"] == 1e-3
+    assert (kw["moe_router_num_groups"], kw["moe_router_group_topk"]) == (8, 4)
+    assert kw["moe_layer_freq"] == [0] * 3 + [1] * 58
+    assert kw["moe_shared_expert_intermediate_size"] == 2048
+    assert kw["moe_aux_loss_coeff"] == 0.0  # aux-loss-free: the expert bias balances
+
+    g = arch_spec(hf_config_from_dict(GLM_4_5))
+    assert (g.moe.num_experts, g.moe.num_groups, g.moe.first_dense_layers) == (160, 1, 3)
+    assert g.qkv_bias and g.qk_norm and g.rotary_percent == 0.5 and g.head_dim == 128
+    assert g.mla is None and g.mtp_layers == 1
+    kw = moe_kwargs(g, ModelConfig(arch=GLM_4_5), lay, te=False)
+    assert "moe_router_num_groups" not in kw  # one group: plain top-k
+
+
+@pytest.mark.parametrize("family,fields,needle", [
+    ("glm4_moe", dict(norm_topk_prob=False), "norm_topk_prob=false"),
+    ("glm4_moe", dict(num_experts_per_tok=1), "num_experts_per_tok=1"),
+    ("glm4_moe", dict(n_group=2, topk_group=2), "num_experts_per_tok = 2 * topk_group"),
+    ("glm4_moe", dict(n_group=3), "not divisible by n_group=3"),
+    ("glm4_moe", dict(first_k_dense_replace=4), "first_k_dense_replace=4"),
+    ("glm4_moe", dict(partial_rotary_factor=0.3), "partial_rotary_factor"),
+    ("deepseek_v3", dict(attention_bias=True), "attention_bias=true"),
+    ("deepseek_v3", dict(rope_interleave=False), "rope_interleave=false"),
+    ("deepseek_v3", dict(rms_norm_eps=1e-5), "rms_norm_eps=1e-05"),
+    ("deepseek_v3", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                          "original_max_position_embeddings": 64,
+                                          "attention_factor": 1.2}), "attention_factor"),
+    ("deepseek_v3", dict(rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                          "rope_theta": 1e4}), "rope_type='linear'"),
+])
+def test_sigmoid_family_variants_megatron_computes_differently_are_refused(family, fields,
+                                                                          needle):
+    """If this fails, a config whose routing or attention megatron computes differently from
+    transformers (unnormalised sigmoid top-k, top-1, group scores of another width, attention
+    biases in MLA, non-interleaved rope, latent-norm eps, yarn variants) is accepted and trains
+    another model, or the refusal does not name the field."""
+    with pytest.raises(UnsupportedArchitecture, match=re.escape(needle)):
+        _spec(family, num_layers=4, **fields)
+    _rejects(_job(**{"actor.model.arch": tiny_arch(family, num_layers=4, **fields)}), needle)
+
+
+def test_sigmoid_family_layouts_and_mtp_from_scratch_are_checked_before_any_worker():
+    """If this fails, expert parallelism that splits routing groups across ranks, a shared-expert
+    width TP does not divide, or a from-scratch model claiming MTP layers is accepted and fails
+    (or trains something else) later."""
+    arch = tiny_arch("glm4_moe", num_layers=4)  # 8 experts in 2 groups of 4
+    ok = _job(**{"actor.model.arch": arch, "actor.parallel.ep": 2})
+    validate(from_dict(JobConfig, ok))
+    # 12 experts in 3 groups of 4, 6 per EP rank: the second group straddles both ranks.
+    _rejects(_job(**{"actor.model.arch": dict(arch, n_routed_experts=12, n_group=3),
+                     "actor.parallel.ep": 2}), "groups straddle ranks")
+    validate(from_dict(JobConfig, _job(**{"actor.model.arch": dict(
+        arch, n_routed_experts=12, n_group=3), "actor.parallel.ep": 3, "actor.num_gpus": 3,
+        "batch.train_prompts_global": 6, "batch.rollout_prompts_global": 12})))
+    _rejects(_job(**{"actor.model.arch": dict(arch, moe_intermediate_size=30),
+                     "actor.parallel.tp": 4, "actor.parallel.sequence_parallel": True}),
+             "shared experts' width 30")
+    _rejects(_job(**{"actor.model.arch": dict(arch, num_nextn_predict_layers=1)}),
+             "num_nextn_predict_layers: 0")
 
 
 # --------------------------------------------------------------------------- names

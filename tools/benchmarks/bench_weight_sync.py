@@ -23,6 +23,16 @@ bf16 on the wire and in vLLM), one warm-up sync, then ``--repeats`` timed syncs.
 ``--baseline`` is a commit (checked out into a temporary git worktree) or a directory holding
 an older megarlhf tree; without it only this tree is measured.
 
+    python tools/benchmarks/bench_weight_sync.py --delta --model medium
+
+delta sync (``rollout.weight_sync_delta``) against a full sync, side by side in one run: one
+trainer rank (the only owner) into vLLM's CPU build (TP1, bf16) in the same process, gloo wire
+on loopback; the actor's weights are changed between syncs so that about 1% and about 45% of
+their bf16 elements differ (each a new random draw of the elements), and each update is synced
+by the full path and by the delta path: seconds (median of ``--repeats``), bytes the owner put
+on the wire, and the delta path's phases (encode on the owner; apply + checksum + load on the
+receiver) and its host copies.
+
     python tools/benchmarks/bench_weight_sync.py --cost-model
 
 prints ``megarlhf plan``'s weight-sync cost model (bytes per link, seconds at the stated
@@ -47,6 +57,9 @@ MODELS = {
     # llama-shaped, 1.03B parameters (the resharder and vLLM benchmarks' model).
     "1b": dict(vocab_size=32000, hidden_size=2048, num_layers=20, num_heads=16, num_kv_heads=4,
                ffn=5632, max_pos=1024),
+    # ~0.2B parameters (the delta benchmark's default: a few minutes on 2 cores)
+    "medium": dict(vocab_size=32000, hidden_size=1024, num_layers=12, num_heads=16,
+                   num_kv_heads=4, ffn=2816, max_pos=512),
     # a quick check of the script (~40M parameters)
     "small": dict(vocab_size=8000, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4,
                   ffn=1408, max_pos=512),
@@ -192,6 +205,104 @@ def _child(args) -> dict:
     return out
 
 
+def _perturb(bundle, fraction: float, seed: int) -> None:
+    """Changes about ``fraction`` of every parameter's elements by 3% (enough to change their
+    bf16 value; zeros become 1e-3)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for chunk in bundle.chunks:
+            for p in chunk.parameters():
+                mask = torch.rand(p.shape, generator=g) < fraction
+                p.copy_(torch.where(mask, torch.where(p == 0, 1e-3, p * 1.03), p))
+
+
+def _delta_rank(model_dir: str, repeats: int, bucket_mib: int) -> dict:
+    """One trainer rank + vLLM (TP1) in this process: full and delta syncs of the same kind of
+    update (run_distributed rank)."""
+    import statistics
+
+    import torch
+
+    from megarlhf.config.schema import ModelConfig
+    from megarlhf.models.builder import build_model
+    from megarlhf.parallel.layout import ParallelLayout, initialize_parallel
+    from megarlhf.rollout.base import LocalSyncClient
+    from megarlhf.rollout.vllm_engine import VLLMRolloutEngine
+    from megarlhf.weights.loader import load_hf_dir
+    from megarlhf.weights.transfer import OwnersTrainerEngine, TrainerInitInfo
+
+    ctx = initialize_parallel(ParallelLayout())
+    bundle = build_model(ModelConfig(hf_dir=model_dir, dtype="fp32"), ctx, init_weights=False)
+    load_hf_dir(bundle, model_dir)
+    engine = VLLMRolloutEngine.create(model_dir, load_format="dummy", dtype="bfloat16",
+                                      max_model_len=64, kv_cache_bytes=1 << 28)
+    client = LocalSyncClient([engine])
+    out: dict = {"rows": []}
+    version = 0
+    for mode in ("full", "delta"):
+        info = TrainerInitInfo(rank=0, host="127.0.0.1", num_receivers=1,
+                               workers_per_replica=1, bucket_bytes=bucket_mib << 20,
+                               dtype=torch.bfloat16, wire="gloo", timeout_s=600,
+                               delta=mode == "delta")
+        transfer = OwnersTrainerEngine.trainer_init(info, bundle, client=client)
+        version += 1
+        transfer.send_weights(version)  # warm-up (delta: the first sync is full)
+        for fraction in (0.01, 0.45):
+            runs = []
+            for k in range(repeats):
+                _perturb(bundle, fraction, seed=1000 * version + k)
+                version += 1
+                t = time.perf_counter()
+                s = transfer.send_weights(version)
+                dt = time.perf_counter() - t
+                runs.append(dict(seconds=dt, bytes=s.bytes, dense=s.dense_bytes,
+                                 changed=s.changed / s.elements if s.elements else None,
+                                 wire_s=s.wire_s, gather_s=s.gather_s,
+                                 phases=s.replicas[0].phases, kind=s.delta))
+            out["rows"].append(dict(mode=mode, fraction=fraction, runs=runs,
+                                    seconds=statistics.median(r["seconds"] for r in runs)))
+        if mode == "delta":
+            out["base_bytes"] = transfer._delta.nbytes
+            out["mirror_bytes"] = engine._llm.collective_rpc(
+                "megarlhf_weight_report")[0]["mirror_bytes"]
+        transfer.shutdown()
+    engine.close()
+    return out
+
+
+def delta_bench(args) -> None:
+    sys.path.insert(0, ROOT)
+    from megarlhf.platform.launch import run_distributed
+
+    model_dir, _ = _make_model(args.model)
+    r = run_distributed(_delta_rank, 1, model_dir, args.repeats, args.bucket_mib,
+                        timeout=3600, daemon=False)[0]
+    mib = 2**20
+    print(f"\ndelta vs full sync, model {args.model}, one owner -> vLLM TP1 (CPU, bf16, gloo "
+          f"loopback), median of {args.repeats}")
+    print("| update | path | bf16 elements changed | bytes sent (MiB) | of a full sync | "
+          "seconds | owner wire+encode s | vLLM wait / load / finish s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in r["rows"]:
+        runs = row["runs"]
+        sent = statistics.median(x["bytes"] for x in runs)
+        dense = runs[0]["dense"]
+        ch = [x["changed"] for x in runs if x["changed"] is not None]
+        ph = {k: statistics.median(x["phases"][k] for x in runs) for k in runs[0]["phases"]}
+        print(f"| ~{row['fraction']:.0%} | {row['mode']} | "
+              f"{(100 * statistics.median(ch)):.2f}% | " if ch else
+              f"| ~{row['fraction']:.0%} | {row['mode']} | (not compared) | ", end="")
+        print(f"{sent / mib:.1f} | {sent / dense:.3f} | {row['seconds']:.2f} | "
+              f"{statistics.median(x['wire_s'] for x in runs):.2f} | "
+              f"{ph.get('wait_s', 0):.2f} / {ph.get('load_s', 0):.2f} / "
+              f"{ph.get('finish_s', 0):.2f} |")
+    print(f"host copies: owner base {r['base_bytes'] / mib:.0f} MiB, vLLM worker mirror "
+          f"{r['mirror_bytes'] / mib:.0f} MiB (the model in bf16: {runs[0]['dense'] / mib:.0f} "
+          "MiB)")
+
+
 def _make_model(name: str) -> tuple[str, int]:
     import torch
 
@@ -303,6 +414,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bucket-mib", type=int, default=512)
     ap.add_argument("--cost-model", action="store_true", help="print plan's cost model only")
+    ap.add_argument("--delta", action="store_true",
+                    help="delta sync against full sync at ~1%% and ~45%% changed elements")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -311,6 +424,9 @@ def main() -> None:
         return
     if args.cost_model:
         cost_model()
+        return
+    if args.delta:
+        delta_bench(args)
         return
     model_dir, largest = _make_model(args.model)
     trees = [("this tree", ROOT)]
