@@ -104,6 +104,13 @@ def check_layout(spec: ArchSpec, tp: int, pp: int, vpp: int, ep: int = 1,
         problems.append(f"intermediate_size {spec.ffn_hidden_size} is not divisible by --tp {tp}")
     if spec.num_layers % (pp * vpp):
         problems.append(f"{spec.num_layers} layers are not divisible by pp*vpp = {pp * vpp}")
+    if spec.mla is not None:  # megatron's local MLA splits its down-projections by rows
+        ml = spec.mla
+        if ml.q_lora_rank is not None and ml.q_lora_rank % tp:
+            problems.append(f"q_lora_rank {ml.q_lora_rank} is not divisible by --tp {tp}")
+        if (ml.kv_lora_rank + ml.qk_rope_head_dim) % tp:
+            problems.append(f"kv_lora_rank + qk_rope_head_dim = "
+                            f"{ml.kv_lora_rank + ml.qk_rope_head_dim} is not divisible by --tp {tp}")
     if spec.moe is None:
         if ep > 1 or etp is not None:
             problems.append(f"--ep/--etp split experts, but {spec.model_type} is dense")
@@ -114,6 +121,9 @@ def check_layout(spec: ArchSpec, tp: int, pp: int, vpp: int, ep: int = 1,
         if spec.moe.ffn_hidden_size % e:
             problems.append(f"the experts' width {spec.moe.ffn_hidden_size} is not divisible "
                             f"by the expert tensor-parallel size {e}")
+        if spec.moe.shared_ffn_hidden_size % tp:
+            problems.append(f"the shared experts' width {spec.moe.shared_ffn_hidden_size} is "
+                            f"not divisible by --tp {tp}")
     if problems:
         raise ConversionError("layout not possible for this model: " + "; ".join(problems))
 

@@ -2,7 +2,9 @@
 
 A user's tool for chasing log-prob mismatches (trainer vs rollout engine, one layout vs
 another): it runs megarlhf's own scoring path (megatron GPTModel, pipeline schedule,
-vocabulary-parallel log-probs) on ``tp * pp`` local ranks.
+vocabulary-parallel log-probs) on ``pp`` stages of ``lcm(tp, ep)`` local ranks (mixture-of-experts models: ``--ep`` splits the
+experts over expert-parallel ranks, expert TP 1, with sequence parallelism at ``--tp`` > 1 as
+megatron routes MoE layers).
 
 Input: a jsonl file, one sequence per line, ``{"input_ids": [...]}`` or ``{"text": "..."}``
 (tokenized with the model's tokenizer). Output: jsonl with ``input_ids`` and ``logprobs``
@@ -30,6 +32,8 @@ def register(sub) -> None:
                    help="replace an existing --output written by `megarlhf score`")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1,
+                   help="expert-parallel ranks (mixture-of-experts models)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--entropy", action="store_true", help="also write per-token entropy")
     p.add_argument("--micro-batch-size", type=int, default=4)
@@ -120,8 +124,8 @@ def _check_request(args):
     from megarlhf.models.families import arch_spec
     from megarlhf.checkpoint.convert import ConversionError, check_layout
 
-    if args.tp < 1 or args.pp < 1:
-        raise UsageError("--tp and --pp must be >= 1")
+    if args.tp < 1 or args.pp < 1 or args.ep < 1:
+        raise UsageError("--tp, --pp and --ep must be >= 1")
     if not (math.isfinite(args.temperature) and args.temperature > 0):
         raise UsageError(f"--temperature {args.temperature}: must be a finite number > 0")
     if args.micro_batch_size < 1:
@@ -148,7 +152,7 @@ def _check_request(args):
                              "model); `megarlhf score` scores language models")
         spec = arch_spec(hf_config_from_dict(meta.hf_config))
     try:
-        check_layout(spec, args.tp, args.pp, 1)
+        check_layout(spec, args.tp, args.pp, 1, args.ep, 1 if spec.moe is not None else None)
     except ConversionError as e:
         raise UsageError(str(e)) from None
     if args.output != "-":
@@ -161,7 +165,7 @@ def _check_request(args):
     return spec
 
 
-def _rank_score(source: dict, seqs, tp, pp, temperature, entropy, mbs):
+def _rank_score(source: dict, seqs, tp, pp, temperature, entropy, mbs, ep=1):
     import torch
 
     from megarlhf.config.schema import ModelConfig
@@ -170,8 +174,13 @@ def _rank_score(source: dict, seqs, tp, pp, temperature, entropy, mbs):
     from megarlhf.models.builder import build_model
     from megarlhf.parallel.layout import ParallelLayout, initialize_parallel
 
-    ctx = initialize_parallel(ParallelLayout.for_world(torch.distributed.get_world_size(),
-                                                       tp=tp, pp=pp))
+    world = torch.distributed.get_world_size()
+    if source.get("moe"):  # megatron routes MoE layers per TP rank's share of the sequence
+        lay = ParallelLayout.for_world(world, tp=tp, pp=pp, ep=ep, etp=1,
+                                       sequence_parallel=tp > 1)
+    else:
+        lay = ParallelLayout.for_world(world, tp=tp, pp=pp)
+    ctx = initialize_parallel(lay)
     if "hf_dir" in source:
         from megarlhf.weights.loader import load_hf_dir
 
@@ -217,9 +226,14 @@ def run(args) -> int:
                          f"the model's {spec.max_position_embeddings} positions, "
                          "max_position_embeddings): log-probs past the context are not the "
                          "model's; shorten or drop them")
+    from megarlhf.checkpoint.convert import conversion_world
+
     source = {"hf_dir": args.hf_dir} if args.hf_dir else {"ckpt": args.ckpt}
-    res = run_distributed(_rank_score, args.tp * args.pp, source, seqs, args.tp, args.pp,
-                          args.temperature, args.entropy, args.micro_batch_size,
+    source["moe"] = spec.moe is not None
+    world = conversion_world(args.tp, args.pp, args.ep, 1) if spec.moe is not None \
+        else args.tp * args.pp
+    res = run_distributed(_rank_score, world, source, seqs, args.tp, args.pp,
+                          args.temperature, args.entropy, args.micro_batch_size, args.ep,
                           timeout=3600)[0]
     tmp = None if args.output == "-" else f"{args.output}.tmp-{os.getpid()}"
     f = sys.stdout if tmp is None else open(tmp, "w", encoding="utf-8")
@@ -250,5 +264,5 @@ def run(args) -> int:
                 diffs.append((lp - res["logp"][i, 1: len(s)]).abs())
         d = torch.cat(diffs)
         print(f"megarlhf vs transformers: max |dlogp| = {d.max():.3e}, mean = {d.mean():.3e} "
-              f"over {d.numel()} tokens (TP{args.tp}/PP{args.pp})", file=sys.stderr)
+              f"over {d.numel()} tokens (TP{args.tp}/PP{args.pp}/EP{args.ep})", file=sys.stderr)
     return 0
