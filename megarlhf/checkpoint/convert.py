@@ -62,8 +62,17 @@ from megarlhf.weights.validate import inspect_hf_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _MODEL_CFG_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
-                 "qwen3_moe": "Qwen3Moe", "mixtral": "Mixtral"}
+
+
+def _class_prefix(model_type: str | None) -> str:
+    """transformers' class-name prefix of ``model_type`` (``glm4_moe`` -> ``Glm4Moe``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type or "")
+    if name is None or not name.endswith("ForCausalLM"):
+        raise ConversionError(f"model_type {model_type!r} has no causal-LM class in transformers")
+    return name[: -len("ForCausalLM")]
+
 DEFAULT_TIMEOUT_S = 24 * 3600.0
 
 
@@ -178,7 +187,7 @@ def hf_export_config(hf_config: dict[str, Any], head: str, dtype: torch.dtype) -
                 break
         if prefix:
             break
-    prefix = prefix or _CLASS_PREFIX.get(mt, (mt or "").capitalize())
+    prefix = prefix or _class_prefix(mt)
     if head == "scalar":
         cfg["architectures"] = [prefix + "ForSequenceClassification"]
         cfg["id2label"] = {"0": "LABEL_0"}

@@ -122,7 +122,22 @@ def resolved_rollout_engine(job: JobConfig) -> str:
 
     if job.rollout.engine != "auto":
         return job.rollout.engine
-    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    if importlib.util.find_spec("vllm") is None:
+        return "hf"
+    if vllm_runs_on_cpu(job) and _latent_attention(job):
+        return "hf"  # vLLM's CPU build does not run multi-head latent attention
+    return "vllm"
+
+
+def _latent_attention(job: JobConfig) -> bool:
+    """The actor's model has multi-head latent attention (deepseek_v3: ``kv_lora_rank``). An
+    unreadable architecture says no (its own check reports it)."""
+    from megarlhf.models.arch import ArchError, arch_summary
+
+    try:
+        return bool(arch_summary(job.actor.model)["mla"])
+    except (ArchError, OSError, ValueError):
+        return False
 
 
 def vllm_runs_on_cpu(job: JobConfig) -> bool:
@@ -236,6 +251,11 @@ def config_warnings(job: JobConfig) -> list[str]:
     names the option. ``validate``, ``plan``, ``train`` and ``eval`` print them before they
     start (:func:`megarlhf.commands.print_config_warnings`)."""
     out: list[str] = []
+    if generates(job) and job.rollout.engine == "auto" and resolved_rollout_engine(job) == "hf" \
+            and _latent_attention(job):
+        out.append("rollout.engine=auto: vLLM's CPU build does not run multi-head latent "
+                   "attention (this deepseek_v3 model), so the transformers engine generates "
+                   "here (slower; on GPUs, vLLM); set rollout.engine=hf to say so, or run on GPUs")
     if job.kind not in POLICY_KINDS:
         return out
     a, default = job.algorithm, AlgorithmConfig()

@@ -59,7 +59,8 @@ def tiny_moe_fields(family: str, num_experts: int = 8, topk: int = 2,
         # 32-wide query latent, a 16-wide key/value latent, per head 16 + 8 rope query/key dims
         # and 16 value dims; every head its own keys).
         out.update(tiny_moe_fields("glm4_moe", num_experts, topk, expert_ffn))
-        for k in ("head_dim", "attention_bias", "use_qk_norm", "partial_rotary_factor"):
+        for k in ("head_dim", "attention_bias", "use_qk_norm", "partial_rotary_factor",
+                  "router_aux_loss_coef"):
             out.pop(k)
         out.update(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
                    qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, rope_interleave=True)

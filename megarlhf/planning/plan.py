@@ -152,7 +152,16 @@ class PlanError(ConfigError):
 # ------------------------------------------------------------------------------ model shape
 @dataclass(frozen=True)
 class ModelShape:
-    """The numbers of an architecture the estimate needs."""
+    """The numbers of an architecture the estimate needs.
+
+    MoE models: ``ffn`` is an expert's width; the first ``first_dense_layers`` layers have a
+    dense MLP of width ``dense_ffn`` instead (DeepSeek-V3 lineage), and every MoE layer may add
+    shared experts (a dense MLP of width ``shared_ffn``) and an fp32 expert bias of ``E``.
+    ``mla``: multi-head latent attention ``(q_lora_rank or None, kv_lora_rank,
+    qk_nope_head_dim, qk_rope_head_dim, v_head_dim)`` instead of GQA; ``te``: Transformer
+    Engine's layer spec (there MLA's two down-projections are replicated over TP; in megatron's
+    local spec they are split by rows).
+    """
 
     num_layers: int
     hidden: int
@@ -164,63 +173,156 @@ class ModelShape:
     tied: bool
     qkv_bias: bool
     qk_norm: bool
-    num_experts: int = 0  # 0: dense; else every layer's MLP is MoE and ``ffn`` an expert's width
+    num_experts: int = 0  # 0: dense; else MoE layers' MLPs are MoE and ``ffn`` an expert's width
     topk: int = 0
+    dense_ffn: int = 0  # the leading dense layers' MLP width (MoE models with dense layers)
+    first_dense_layers: int = 0
+    shared_ffn: int = 0  # shared experts' width in every MoE layer (0: none)
+    expert_bias: bool = False  # an fp32 buffer of E per MoE layer (weights only: no grads)
+    mla: tuple[int | None, int, int, int, int] | None = None
+    te: bool = True
 
     @staticmethod
     def from_model(model: ModelConfig) -> "ModelShape":
         """Reads the HF config (config.json or ``arch``); no weights."""
         s = arch_spec(load_hf_config(model))
-        return ModelShape(s.num_layers, s.hidden_size, s.ffn_hidden_size, s.num_attention_heads,
-                          s.num_query_groups, s.head_dim, s.vocab_size, s.tie_word_embeddings,
-                          s.qkv_bias, s.qk_norm, s.moe.num_experts if s.moe else 0,
-                          s.moe.topk if s.moe else 0)
+        mo, ml = s.moe, s.mla
+        dense = bool(mo and mo.first_dense_layers)
+        return ModelShape(
+            s.num_layers, s.hidden_size, mo.ffn_hidden_size if mo else s.ffn_hidden_size,
+            s.num_attention_heads, s.num_query_groups, s.head_dim, s.vocab_size,
+            s.tie_word_embeddings, s.qkv_bias, s.qk_norm,
+            num_experts=mo.num_experts if mo else 0, topk=mo.topk if mo else 0,
+            dense_ffn=s.ffn_hidden_size if dense else 0,
+            first_dense_layers=mo.first_dense_layers if mo else 0,
+            shared_ffn=mo.shared_ffn_hidden_size if mo else 0,
+            expert_bias=bool(mo and mo.expert_bias),
+            mla=(ml.q_lora_rank, ml.kv_lora_rank, ml.qk_nope_head_dim, ml.qk_rope_head_dim,
+                 ml.v_head_dim) if ml else None,
+            te=model.transformer_impl != "local")
 
-    def layer_params(self) -> tuple[int, int]:
-        """``(split over TP, replicated)`` parameters of one layer (experts excluded)."""
-        h, a, g, d = self.hidden, self.heads, self.kv_groups, self.head_dim
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether global layer ``layer`` (0-based) has the MoE block."""
+        return bool(self.num_experts) and layer >= self.first_dense_layers
+
+    @property
+    def moe_layers(self) -> int:
+        return self.num_layers - self.first_dense_layers if self.num_experts else 0
+
+    def mla_down_params(self) -> int:
+        """MLA's two down-projections (``q_a_proj``, ``kv_a_proj_with_mqa``) of one layer."""
+        if self.mla is None:
+            return 0
+        ql, kvl, _, dr, _ = self.mla
+        return self.hidden * (ql or 0) + self.hidden * (kvl + dr)
+
+    def attention_params(self) -> tuple[int, int]:
+        """``(split over TP, replicated)`` attention parameters of one layer (with its input
+        norm; MLA: the latent norms, and the down-projections where TE replicates them)."""
+        h = self.hidden
+        if self.mla is not None:
+            ql, kvl, dn, dr, dv = self.mla
+            n = self.heads
+            split = (ql * n * (dn + dr) if ql else h * n * (dn + dr))  # q_b_proj / q_proj
+            split += kvl * n * (dn + dv) + n * dv * h  # kv_b_proj, o_proj
+            rep = h + (ql or 0) + kvl  # input norm, q_a / kv_a latent norms
+            if self.te:
+                rep += self.mla_down_params()
+            else:
+                split += self.mla_down_params()
+            return split, rep
+        a, g, d = self.heads, self.kv_groups, self.head_dim
         split = 2 * h * a * d + 2 * h * g * d
-        if not self.num_experts:
-            split += 3 * h * self.ffn
         if self.qkv_bias:
             split += a * d + 2 * g * d
-        replicated = 2 * h + (2 * d if self.qk_norm else 0)
-        if self.num_experts:
+        return split, h + (2 * d if self.qk_norm else 0)
+
+    def layer_params(self, moe_layer: bool | None = None) -> tuple[int, int]:
+        """``(split over TP, replicated)`` parameters of one layer (experts and the expert-bias
+        buffer excluded); ``moe_layer`` None: an MoE layer for an MoE model."""
+        moe_layer = bool(self.num_experts) and (moe_layer is None or moe_layer)
+        h = self.hidden
+        split, replicated = self.attention_params()
+        replicated += h  # the pre-MLP norm
+        if moe_layer:
             replicated += self.num_experts * h  # the router
+            split += 3 * h * self.shared_ffn  # shared experts: a dense MLP split over TP
+        else:
+            split += 3 * h * (self.dense_ffn if self.num_experts else self.ffn)
         return split, replicated
 
     def expert_layer_params(self) -> int:
-        """Expert parameters of one layer (all experts), split over ep*etp ranks."""
+        """Expert parameters of one MoE layer (all experts), split over ep*etp ranks."""
         return 3 * self.hidden * self.ffn * self.num_experts
+
+    def bias_layer_params(self) -> int:
+        """The fp32 expert-bias buffer of one MoE layer (replicated; no grads or optimizer)."""
+        return self.num_experts if self.expert_bias else 0
 
     def padded_vocab(self, tp: int, multiple: int) -> int:
         m = multiple * tp
         return -(-self.vocab // m) * m
 
     def total_params(self, head: str = "lm") -> int:
-        """Parameters of the whole model (HF count: unpadded vocabulary, one tied copy)."""
-        split, rep = self.layer_params()
-        n = self.num_layers * (split + rep + self.expert_layer_params()) \
-            + self.vocab * self.hidden + self.hidden
+        """Parameters of the whole model (HF count: unpadded vocabulary, one tied copy; expert
+        biases included; multi-token-prediction layers, not built, excluded)."""
+        n = self.vocab * self.hidden + self.hidden
+        for layer in range(self.num_layers):
+            moe = self.is_moe_layer(layer)
+            n += sum(self.layer_params(moe))
+            if moe:
+                n += self.expert_layer_params() + self.bias_layer_params()
         if head == "lm":
             n += 0 if self.tied else self.vocab * self.hidden
         else:
             n += self.hidden
         return n
 
+    def bias_params(self) -> int:
+        """The expert-bias buffers of the whole model (fp32 on every path)."""
+        return self.moe_layers * self.bias_layer_params()
+
+    def rollout_replicated_params(self) -> int:
+        """Parameters vLLM replicates on every TP rank beyond the norms and routers (which the
+        estimate leaves split, under 0.1%): MLA's down-projections (ReplicatedLinear)."""
+        return self.num_layers * self.mla_down_params()
+
+    def kv_elements_per_token(self, tp: int, engine: str = "vllm") -> int:
+        """KV-cache elements one GPU of a rollout replica stores per token (all layers).
+
+        GQA: keys and values of ``ceil(g / tp)`` groups. MLA in vLLM: the compressed latent
+        ``kv_lora_rank + qk_rope_head_dim``, one copy per TP rank (not split by heads); the
+        transformers engine caches every head's keys and values after the up-projection."""
+        if self.mla is not None:
+            _, kvl, dn, dr, dv = self.mla
+            if engine == "vllm":
+                return self.num_layers * (kvl + dr)
+            return self.num_layers * math.ceil(self.heads / tp) * (dn + dr + dv)
+        return 2 * self.num_layers * math.ceil(self.kv_groups / tp) * self.head_dim
+
+
+def stage_layers(shape: ModelShape, layout: ParallelLayout) -> list[list[int]]:
+    """The global layers each pipeline stage holds (with ``vpp`` chunks: chunk ``v`` of stage
+    ``i`` is the model's chunk ``v * pp + i``)."""
+    pp, vpp = layout.pp, layout.vpp
+    per = shape.num_layers // (pp * vpp)
+    return [[(v * pp + i) * per + k for v in range(vpp) for k in range(per)]
+            for i in range(pp)]
+
 
 def stage_params(shape: ModelShape, head: str, layout: ParallelLayout,
                  vocab_multiple: int = 128) -> list[int]:
-    """Parameters on one GPU of each pipeline stage, experts excluded (see
-    :func:`stage_expert_params`)."""
+    """Parameters on one GPU of each pipeline stage, experts and expert-bias buffers excluded
+    (see :func:`stage_expert_params`, :func:`stage_buffer_params`)."""
     tp, pp = layout.tp, layout.pp
-    split, rep = shape.layer_params()
-    per_layer = split // tp + rep
-    layers = shape.num_layers // pp
+    per_layer = {}
+    for moe in (False, True):
+        split, rep = shape.layer_params(moe)
+        per_layer[moe] = split // tp + rep
     emb = shape.padded_vocab(tp, vocab_multiple) * shape.hidden // tp
     out = []
-    for i in range(pp):
-        n = layers * per_layer
+    for i, layers in enumerate(stage_layers(shape, layout)):
+        n = sum(per_layer[shape.is_moe_layer(layer)] for layer in layers)
         if i == 0:
             n += emb
         if i == pp - 1:
@@ -234,9 +336,17 @@ def stage_params(shape: ModelShape, head: str, layout: ParallelLayout,
 
 
 def stage_expert_params(shape: ModelShape, layout: ParallelLayout) -> list[int]:
-    """Expert parameters on one GPU of each pipeline stage (0 for dense models)."""
+    """Expert parameters on one GPU of each pipeline stage (0 for dense models and for the
+    stage's dense layers)."""
     per_gpu = shape.expert_layer_params() // (layout.ep * layout.expert_tp)
-    return [shape.num_layers // layout.pp * per_gpu] * layout.pp
+    return [sum(shape.is_moe_layer(layer) for layer in layers) * per_gpu
+            for layers in stage_layers(shape, layout)]
+
+
+def stage_buffer_params(shape: ModelShape, layout: ParallelLayout) -> list[int]:
+    """Expert-bias elements on one GPU of each pipeline stage (fp32, replicated, no grads)."""
+    return [sum(shape.is_moe_layer(layer) for layer in layers) * shape.bias_layer_params()
+            for layers in stage_layers(shape, layout)]
 
 
 def state_bytes(params: int, dtype: str, optimizer: OptimizerConfig | None,
@@ -255,20 +365,32 @@ def state_bytes(params: int, dtype: str, optimizer: OptimizerConfig | None,
 
 
 def layer_activation_bytes(shape: ModelShape, s: int, b: int, layout: ParallelLayout, *,
-                           recompute: str, flash: bool) -> float:
-    """``A``: one layer's stored activations for one micro-batch on one GPU (see module doc)."""
-    h, a, g, d, F = shape.hidden, shape.heads, shape.kv_groups, shape.head_dim, shape.ffn
+                           recompute: str, flash: bool, moe_layer: bool | None = None) -> float:
+    """``A``: one layer's stored activations for one micro-batch on one GPU (see module doc);
+    ``moe_layer`` None: an MoE layer for an MoE model, else the layer's kind."""
+    h, a, g, d = shape.hidden, shape.heads, shape.kv_groups, shape.head_dim
     t, cp = layout.tp, layout.cp
     s_loc = s / cp
     u = 0.0 if layout.sequence_parallel else 10.0
-    if shape.num_experts:
-        E, k, et = shape.num_experts, shape.topk, layout.expert_tp
-        c = 4 + (3 + 4 * a * d / h + 4 * g * d / h)
-        moe = 3 + 8 * E / h + k * (4 + 8 * F / (h * et))
-        per = u + (c - u) / t + (moe / t if layout.sequence_parallel else moe)
+    moe_layer = bool(shape.num_experts) and (moe_layer is None or moe_layer)
+    latent = 0.0  # MLA's latents: not split over TP
+    if shape.mla is not None:
+        ql, kvl, dn, dr, dv = shape.mla
+        attn = 3 + 4 * a * (dn + dr) / h + 4 * a * dv / h
+        latent = (4 * (ql or 0) + 2 * (kvl + dr) + 2 * kvl) / h
     else:
-        c = 4 + (3 + 4 * a * d / h + 4 * g * d / h) + (3 + 8 * F / h)
+        attn = 3 + 4 * a * d / h + 4 * g * d / h
+    if moe_layer:
+        E, k, et = shape.num_experts, shape.topk, layout.expert_tp
+        c = 4 + attn
+        moe = 3 + 8 * E / h + k * (4 + 8 * shape.ffn / (h * et))
+        per = u + (c - u) / t + (moe / t if layout.sequence_parallel else moe)
+        per += 8 * shape.shared_ffn / (h * t)  # shared experts: a TP-split dense MLP
+    else:
+        F = shape.dense_ffn if shape.num_experts else shape.ffn
+        c = 4 + attn + (3 + 8 * F / h)
         per = u + (c - u) / t
+    per += latent
     if not flash and recompute == "none":
         per += 5 * a * s / (h * t)
     return s_loc * b * h * per
@@ -289,6 +411,7 @@ class StageMemory:
     optimizer: float
     activations: float
     expert_params: int = 0  # of which expert parameters (state sharded over edp)
+    buffer_params: int = 0  # of which expert-bias buffers (fp32 weights only)
 
     @property
     def resident(self) -> float:
@@ -427,32 +550,45 @@ def estimate_role(job: JobConfig, name: str) -> RoleEstimate:
     else:
         b, s = rc.micro_batch_size_per_rank, seq
         n_mb = max(1, global_batch_sequences(job) // (lay.dp * b)) if trained else lay.pp
-    a_layer = layer_activation_bytes(shape, s, b, lay, recompute=model.recompute,
-                                     flash=_flash(model))
+    a_layer = {moe: layer_activation_bytes(shape, s, b, lay, recompute=model.recompute,
+                                           flash=_flash(model), moe_layer=moe)
+               for moe in (False, True)}
     logits = logits_bytes(shape, s, b, lay, model.vocab_multiple) if head == "lm" else 0.0
-    layers = shape.num_layers // lay.pp
     inter = 1 + (lay.pp - 1) / (lay.pp * lay.vpp) if lay.vpp > 1 else 1.0
     stages = []
     experts = stage_expert_params(shape, lay)
+    buffers = stage_buffer_params(shape, lay)
+    layers_of = stage_layers(shape, lay)
     for i, p in enumerate(stage_params(shape, head, lay, model.vocab_multiple)):
         w, g, o = state_bytes(p, model.dtype, opt, lay.dp * lay.cp)
         we, ge, oe = state_bytes(experts[i], model.dtype, opt, lay.edp)
-        w, g, o = w + we, g + ge, o + oe
+        w, g, o = w + we + 4 * buffers[i], g + ge, o + oe  # expert bias: fp32, no grads
         last = i == lay.pp - 1
+        acts = [a_layer[shape.is_moe_layer(layer)] for layer in layers_of[i]]
         if trained:
             flight = min(lay.pp - i, n_mb) * inter
             if model.recompute == "full":
                 kept = 2 * s / lay.cp * b * shape.hidden / (
                     lay.tp if lay.sequence_parallel else 1)
-                act = layers * kept * flight + a_layer
+                act = len(acts) * kept * flight + max(acts)
             else:
-                act = layers * a_layer * flight
+                act = sum(acts) * flight
         else:
-            act = a_layer  # forward only: one layer's tensors at a time
+            act = max(acts)  # forward only: one layer's tensors at a time
         act += logits if last else 0.0
-        stages.append(StageMemory(i, p + experts[i], w, g, o, act, experts[i]))
+        stages.append(StageMemory(i, p + experts[i] + buffers[i], w, g, o, act, experts[i],
+                                  buffers[i]))
     return RoleEstimate(name, lay, head, trained, rc.offload, shape.total_params(head), seq,
                         (b, s), min(lay.pp, n_mb), stages, model.recompute, _flash(model))
+
+
+def rollout_weight_bytes(shape: ModelShape, tp: int, dtype_bytes: int) -> float:
+    """One rollout GPU's weights: the model split over ``tp`` at ``dtype_bytes``, plus what the
+    engine replicates on every TP rank (MLA's down-projections), the expert bias in fp32."""
+    bias = shape.bias_params()
+    rep = shape.rollout_replicated_params()
+    split = shape.total_params("lm") - bias
+    return (split * dtype_bytes / tp + rep * dtype_bytes * (tp - 1) / tp + bias * 4)
 
 
 def estimate_rollout(job: JobConfig) -> RolloutEstimate:
@@ -462,19 +598,18 @@ def estimate_rollout(job: JobConfig) -> RolloutEstimate:
     seq = _seq_len(job)
     params = shape.total_params("lm")
     replicas = r.num_replicas
-    kv_heads = math.ceil(shape.kv_groups / r.tp)
     if r.engine == "hf":
-        weights = params * 4 / r.tp
+        weights = rollout_weight_bytes(shape, r.tp, 4)
         rows = min(64, max(1, job.batch.rollout_prompts_global * job.batch.n_samples_per_prompt
                            // max(replicas, 1)))
-        per_token = 2 * shape.num_layers * kv_heads * shape.head_dim * 4
+        per_token = shape.kv_elements_per_token(r.tp, "hf") * 4
         kv = rows * seq * per_token
         return RolloutEstimate("hf", replicas, r.tp, seq, params, weights + kv, weights, kv,
                                kv / per_token)
     share = r.gpu_memory_utilization * job.cluster.gpu_memory_gib * GIB
-    weights = params * _DTYPE_BYTES.get(model.dtype, 2) / r.tp
+    weights = rollout_weight_bytes(shape, r.tp, _DTYPE_BYTES.get(model.dtype, 2))
     kv = share - weights - VLLM_WORKSPACE_GIB * GIB
-    per_token = 2 * shape.num_layers * kv_heads * shape.head_dim * 2
+    per_token = shape.kv_elements_per_token(r.tp, "vllm") * 2
     return RolloutEstimate("vllm", replicas, r.tp, seq, params, share, weights, kv,
                            max(kv, 0.0) / per_token)
 
@@ -485,7 +620,8 @@ def estimate_sync(job: JobConfig, placement: PlacementPlan, actor: RoleEstimate,
     model = job.actor.model
     shape = ModelShape.from_model(model)
     wire_bytes = _DTYPE_BYTES.get(model.dtype, 2) if rollout.engine == "vllm" else 4
-    total = float(shape.total_params("lm")) * wire_bytes
+    bias = shape.bias_params()  # the expert bias travels in fp32 on every path
+    total = float(shape.total_params("lm") - bias) * wire_bytes + bias * 4.0
     lay = actor.layout
     owners = lay.pp * (lay.ep if shape.num_experts else 1)
     colocated = placement.role("actor").pool == placement.role("rollout").pool

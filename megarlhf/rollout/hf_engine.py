@@ -84,6 +84,18 @@ def _iter_safetensors(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+def _on_disk_names(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """The model's tensors under checkpoint (on-disk) names: transformers 5 keeps an MoE
+    layer's experts fused in memory (``experts.gate_up_proj`` ``(E, 2F, H)``), checkpoints and
+    megarlhf's stream name each expert; each on-disk name maps to a view of the fused tensor
+    (written in place). Dense models pass unchanged."""
+    from megarlhf.models.families import MOE_FAMILIES, arch_spec, hf_experts_fused_to_disk
+
+    if getattr(config, "model_type", None) not in MOE_FAMILIES:
+        return state
+    return hf_experts_fused_to_disk(state, arch_spec(config))
+
+
 class HFRolloutEngine(RolloutEngine):
     """Batched sampling with a KV cache on a ``transformers`` causal LM.
 
@@ -124,7 +136,8 @@ class HFRolloutEngine(RolloutEngine):
 
         # HF name -> parameter; tied parameters (lm_head.weight = embed_tokens.weight) appear
         # under every name and map to one canonical name (the first in state_dict order).
-        self._params: dict[str, torch.Tensor] = dict(self.model.state_dict(keep_vars=True))
+        self._params: dict[str, torch.Tensor] = _on_disk_names(
+            dict(self.model.state_dict(keep_vars=True)), config)
         first_name: dict[int, str] = {}
         self._canonical: dict[str, str] = {}
         for name, tensor in self._params.items():

@@ -147,7 +147,7 @@ class RolloutWorker:
         cpu = os.environ.get("MEGARLHF_FORCE_CPU") == "1" or not torch.cuda.is_available()
         kind = spec.engine
         if kind == "auto":
-            kind = default_rollout_kind()
+            kind = default_rollout_kind(spec.model, cpu=cpu)
         self.kind = kind
         self._config_dir: str | None = None
         if kind == "vllm":
