@@ -258,7 +258,9 @@ class RolloutConfig:
     # the sync loudly and the next sync is full. Use it when few elements change per step (RL
     # learning rates ~1e-6: ~1% measured, docs/benchmarks.md) and the link is the bottleneck.
     # Costs host memory: each owner rank keeps its share of the model in the sync dtype, and
-    # every rollout worker the whole model (235B bf16: ~470 GB per worker). Split placement
+    # every rollout worker the whole model (235B bf16: ~470 GB per worker: not for 200B-class
+    # models; a copy over 80% of the host's available memory is refused at the first sync).
+    # On CPU loopback it measured slower than a full sync (encoding dominates). Split placement
     # only (the colocated CUDA IPC wire moves no bytes over a link and refuses it).
     weight_sync_delta: bool = False
     # The actor's log-probs of every rollout are compared with the engine's; over a threshold

@@ -483,6 +483,10 @@ class RolloutEngine(abc.ABC):
         where = f"{type(self).__name__}, weight version {update_info.get('version')}"
         mirror = delta_mirror_for(update_info, getattr(self, "_delta_mirror", None), where)
         if mirror is not None:
+            if not mirror.tensors:  # the first (full) sync of a delta run fills the copy
+                from megarlhf.weights.delta import check_host_room
+
+                check_host_room(spec.total_bytes, "a copy of the whole model", where)
             self._delta_pending = update_info.get("version")
             try:
                 self._transfer_parts.append(self.update_weights(iter_received(

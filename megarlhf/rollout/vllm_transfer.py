@@ -198,6 +198,10 @@ class MegarlhfWeightTransferEngine(WeightTransferEngine[MegarlhfInitInfo, Megarl
         if mirror is not None:
             if self.wire == "ipc":
                 raise WeightTransferError(f"{where}: a delta sync over the CUDA IPC wire")
+            if not mirror.tensors:  # the first (full) sync of a delta run fills the copy
+                from megarlhf.weights.delta import check_host_room
+
+                check_host_room(spec.total_bytes, "a copy of the whole model", where)
             self._mirror_version = update_info.version
             try:
                 stats = receive_all(spec, self.wires, self._load, device=self.device,

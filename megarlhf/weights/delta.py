@@ -280,3 +280,36 @@ class DeltaMirror:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def host_available_bytes() -> int | None:
+    """Memory the kernel says a new allocation can take (``MemAvailable``), None off Linux."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_host_room(nbytes: int, what: str, where: str, available: int | None = None) -> None:
+    """Refuses to start a delta-sync copy of ``nbytes`` that the host cannot hold (more than 80%
+    of its available memory), before the first sync fills it, with the fix; the copy is the
+    whole model per rollout worker, so large models on split placement hit this first."""
+    avail = host_available_bytes() if available is None else available
+    if avail is None:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s: cannot read the host's available memory; the delta-sync copy (%.1f GiB) is "
+            "not checked", where, nbytes / 2**30)
+        return
+    if nbytes > 0.8 * avail:
+        from megarlhf.weights.transfer import WeightTransferError
+
+        raise WeightTransferError(
+            f"{where}: rollout.weight_sync_delta keeps {what} in host memory ({nbytes / 2**30:.1f} "
+            f"GiB), more than 80% of the {avail / 2**30:.1f} GiB available here; set "
+            "rollout.weight_sync_delta: false (the full sync needs no copy)")

@@ -701,6 +701,9 @@ class OwnersTrainerEngine:
         self.owner_index = spec.owners.index(info.rank) if info.rank in spec.owners else None
         self._previous: dict[int, list] = {}  # measure_delta: bucket -> its bf16 bits (host)
         self._delta = deltas.DeltaBase()  # delta: what this owner last sent
+        if info.delta and self.owner_index is not None:
+            deltas.check_host_room(spec.owner_bytes()[self.owner_index],
+                                   "this owner's share of the model", f"trainer rank {info.rank}")
 
     @classmethod
     def trainer_init(cls, info: TrainerInitInfo, bundle, *, client: WeightSyncClient | None
