@@ -33,6 +33,9 @@ def _raw_config(model: ModelConfig) -> dict[str, Any]:
         raise ArchError(f"{path}: not valid JSON ({e})") from None
 
 
+MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
+
+
 def hf_config_from_dict(raw: dict[str, Any]):
     """A transformers ``PretrainedConfig`` for the config fields in ``raw`` (offline)."""
     from transformers import AutoConfig
@@ -41,6 +44,9 @@ def hf_config_from_dict(raw: dict[str, Any]):
 
     raw = dict(raw)
     model_type = raw.pop("model_type", None)
+    # Checkpoints of these model types are another family's architecture under their own name
+    # (Kimi-K2's config.json: model_type kimi_k2, architectures DeepseekV3ForCausalLM).
+    model_type = MODEL_TYPE_ALIASES.get(model_type, model_type)
     if model_type is None:
         raise ArchError("the model config has no model_type; add e.g. model_type: llama "
                         f"(supported: {', '.join(supported_model_types())})")

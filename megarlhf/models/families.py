@@ -420,6 +420,19 @@ def _moe_spec(hf_config) -> MoESpec:
                    hf_block=block, hf_gate_up_down=names)
 
 
+# Fields of DeepSeek-V3 / GLM-4.5 configs (their remote code's, which real config.json files
+# carry) that would change the model, each with the values megarlhf builds and what else needs.
+SIGMOID_FAMILY_FIELDS = {
+    "scoring_func": ((None, "sigmoid"), "a router score other than sigmoid"),
+    "topk_method": ((None, "noaux_tc"), "a routing method other than DeepSeek-V3's bias-corrected "
+                                        "(noaux_tc) grouped top-k"),
+    "moe_layer_freq": ((None, 1), "MoE layers other than every layer after the dense ones"),
+    "quantization_config": ((None,), "quantized weights (DeepSeek-V3 ships FP8 blocks): convert "
+                                     "them to bf16 first (e.g. DeepSeek's fp8_cast_bf16.py), "
+                                     "then drop quantization_config"),
+}
+
+
 def _sigmoid_moe_spec(hf_config) -> MoESpec:
     """The MoE fields of a DeepSeek-V3-style config (glm4_moe): sigmoid routing with expert bias,
     optional groups, shared experts, leading dense layers. Refuses what megatron computes
@@ -432,6 +445,12 @@ def _sigmoid_moe_spec(hf_config) -> MoESpec:
     def refuse(msg: str):
         raise UnsupportedArchitecture(f"{mt}: {msg}")
 
+    for fname, (on, what) in SIGMOID_FAMILY_FIELDS.items():
+        v = getattr(hf_config, fname, None)
+        if not _is_off(v, on):
+            refuse(f"{fname}={v!r} asks for {what}, which megarlhf does not build"
+                   + ("" if fname == "quantization_config" else
+                      f"; remove it (or set it to {on[-1]!r})"))
     if not n or not topk:
         refuse("the config needs n_routed_experts and num_experts_per_tok")
     n, topk = int(n), int(topk)

@@ -142,7 +142,9 @@ def test_sigmoid_families_read_the_real_configs():
     from megarlhf.models.builder import moe_kwargs
     from megarlhf.parallel.layout import ParallelLayout
 
-    d = arch_spec(hf_config_from_dict(DEEPSEEK_V3))
+    # What deepseek-ai/DeepSeek-V3's config.json also says (its remote code's fields), bf16.
+    d = arch_spec(hf_config_from_dict(dict(DEEPSEEK_V3, topk_method="noaux_tc",
+                                           scoring_func="sigmoid", moe_layer_freq=1)))
     mo, ml = d.moe, d.mla
     assert (mo.num_experts, mo.topk, mo.ffn_hidden_size, d.ffn_hidden_size) == (256, 8, 2048,
                                                                                   18432)
@@ -166,6 +168,16 @@ def test_sigmoid_families_read_the_real_configs():
     assert kw["moe_shared_expert_intermediate_size"] == 2048
     assert kw["moe_aux_loss_coeff"] == 0.0  # aux-loss-free: the expert bias balances
 
+    # moonshotai/Kimi-K2-Instruct: DeepSeek-V3's architecture under its own model_type.
+    k = arch_spec(hf_config_from_dict(dict(
+        DEEPSEEK_V3, model_type="kimi_k2", num_attention_heads=64, num_key_value_heads=64,
+        n_routed_experts=384, n_group=1, topk_group=1, first_k_dense_replace=1,
+        routed_scaling_factor=2.827, rope_scaling=dict(DEEPSEEK_V3["rope_scaling"], factor=32.0),
+        vocab_size=163840)))
+    assert (k.model_type, k.moe.num_experts, k.moe.num_groups, k.moe.routed_scaling) == (
+        "deepseek_v3", 384, 1, 2.827)
+    assert dict(k.mla.rope)["rotary_scaling_factor"] == 32.0
+
     g = arch_spec(hf_config_from_dict(GLM_4_5))
     assert (g.moe.num_experts, g.moe.num_groups, g.moe.first_dense_layers) == (160, 1, 3)
     assert g.qkv_bias and g.qk_norm and g.rotary_percent == 0.5 and g.head_dim == 128
@@ -182,6 +194,10 @@ def test_sigmoid_families_read_the_real_configs():
     ("glm4_moe", dict(first_k_dense_replace=4), "first_k_dense_replace=4"),
     ("glm4_moe", dict(partial_rotary_factor=0.3), "partial_rotary_factor"),
     ("deepseek_v3", dict(attention_bias=True), "attention_bias=true"),
+    ("deepseek_v3", dict(scoring_func="softmax"), "scoring_func='softmax'"),
+    ("deepseek_v3", dict(topk_method="group_limited_greedy"), "topk_method="),
+    ("deepseek_v3", dict(moe_layer_freq=2), "moe_layer_freq=2"),
+    ("deepseek_v3", dict(quantization_config={"quant_method": "fp8"}), "convert them to bf16"),
     ("deepseek_v3", dict(rope_interleave=False), "rope_interleave=false"),
     ("deepseek_v3", dict(rms_norm_eps=1e-5), "rms_norm_eps=1e-05"),
     ("deepseek_v3", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
