@@ -55,6 +55,14 @@ glm4_moe    attention                      GQA, q/k/v bias (``attention_bias``),
                                            checkpoint into every export (:data:`ArchSpec.mtp_layers`)
 ==========  =============================  ====================================================
 
+``deepseek_v3`` (DeepSeek-V3/R1; Kimi-K2's ``kimi_k2`` configs read as it) routes the same way
+and replaces GQA with multi-head latent attention (:class:`MLASpec`): ``q_a_proj`` ->
+``q_a_layernorm`` -> ``q_b_proj`` (or ``q_proj`` without a query latent), ``kv_a_proj_with_mqa``
+(the key/value latent and one RoPE key shared by all heads) -> ``kv_a_layernorm`` ->
+``kv_b_proj`` (per head [k_nope; v]), ``o_proj``: megatron's MLA with the same tensors
+unchanged, interleaved RoPE on the rope dims, default or yarn rope (softmax scale included).
+vLLM's CPU build does not run MLA: on CPU its rollouts use the transformers engine.
+
 The expert bias is not trained by gradients: megatron adds ``rate * sign(mean load - load)`` to
 it after every optimizer step (``moe_router_enable_expert_bias``, the aux-loss-free balancing of
 DeepSeek-V3), from the tokens each expert received in that step.
