@@ -132,12 +132,19 @@ def resolved_rollout_engine(job: JobConfig) -> str:
 def _latent_attention(job: JobConfig) -> bool:
     """The actor's model has multi-head latent attention (deepseek_v3: ``kv_lora_rank``). An
     unreadable architecture says no (its own check reports it)."""
-    from megarlhf.models.arch import ArchError, arch_summary
+    import json
+    import os
 
+    m = job.actor.model
+    if m.arch is not None:
+        return m.arch.get("kv_lora_rank") is not None
+    path = os.path.join(m.hf_dir, "config.json")
     try:
-        return bool(arch_summary(job.actor.model)["mla"])
-    except (ArchError, OSError, ValueError):
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
         return False
+    return isinstance(raw, dict) and raw.get("kv_lora_rank") is not None
 
 
 def vllm_runs_on_cpu(job: JobConfig) -> bool:

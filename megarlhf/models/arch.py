@@ -8,6 +8,7 @@ through transformers so every family sees the same normalised view (transformers
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Any
@@ -42,7 +43,7 @@ def hf_config_from_dict(raw: dict[str, Any]):
 
     from megarlhf.models.families import supported_model_types
 
-    raw = dict(raw)
+    raw = copy.deepcopy(dict(raw))  # transformers fills nested dicts (rope_scaling) in place
     model_type = raw.pop("model_type", None)
     # Checkpoints of these model types are another family's architecture under their own name
     # (Kimi-K2's config.json: model_type kimi_k2, architectures DeepseekV3ForCausalLM).

@@ -12,6 +12,26 @@ Parameters per GPU (megatron's sharding)
     and the LM head ``Vp*h/tp`` (untied, or tied with ``pp > 1``: megatron keeps a copy there)
     or a scalar head ``h``.
 
+Multi-head latent attention (DeepSeek-V3; ``n`` heads, ``q_lora`` / ``kv_lora`` latent ranks,
+``dn`` / ``dr`` / ``dv`` per-head no-RoPE / RoPE / value dims) replaces q, k, v, o by
+    ``q_a_proj h*q_lora`` + ``q_a_layernorm q_lora`` + ``q_b_proj q_lora*n*(dn+dr)`` (or
+    ``q_proj h*n*(dn+dr)`` without a query latent), ``kv_a_proj_with_mqa h*(kv_lora+dr)`` +
+    ``kv_a_layernorm kv_lora`` + ``kv_b_proj kv_lora*n*(dn+dv)``, ``o_proj n*dv*h``. The up-
+    projections and ``o_proj`` are split over TP; the two down-projections (``q_a``, ``kv_a``)
+    are replicated on every TP rank in Transformer Engine's layer spec (what GPUs build,
+    ``transformer_impl`` auto / transformer_engine) and split by rows in megatron's local spec;
+    the latent norms are replicated.
+
+DeepSeek-V3-lineage MoE models (glm4_moe, deepseek_v3)
+    The first ``first_k_dense_replace`` layers have a dense SwiGLU MLP of width
+    ``intermediate_size`` (split over TP, no experts, no router); the rest are MoE layers
+    (below) that also hold shared experts, a dense MLP ``3*h*F_s`` split over TP
+    (``F_s = n_shared_experts * moe_intermediate_size``), and the router's expert bias, an fp32
+    buffer of ``E`` (replicated; 4 bytes each, no grads or optimizer state). A stage's layers
+    are counted one by one, so the stage holding the dense layers (stage 0, or with ``vpp`` the
+    first chunk's stage) has fewer expert parameters and more dense ones than the others.
+    Multi-token-prediction layers are not built (their tensors are carried on disk): not counted.
+
 Bytes per parameter (``P`` = the stage's parameters; ``d`` = DP*CP, the group megatron's
 DistributedOptimizer shards over)
     weights: 2 (bf16/fp16) or 4 (fp32). Trained roles add: grads 4 (megatron DDP's grad buffer
@@ -36,8 +56,17 @@ Models", generalised to GQA and SwiGLU; bf16 activations)
     recomputation and with fused (flash) attention, i.e. whenever Transformer Engine is used
     (``model.transformer_impl`` auto or transformer_engine; only ``local`` stores scores).
     Full recomputation keeps each layer's input ``2*s*b*h`` (``/t`` with SP) plus one layer's
-    ``A`` while it is recomputed. megarlhf trains with dropout 0, so the masks make this slightly
-    conservative.
+    ``A`` (the stage's largest) while it is recomputed. megarlhf trains with dropout 0, so the
+    masks make this slightly conservative.
+
+    Multi-head latent attention (an estimate built the same way, not a published formula): the
+    attention term becomes ``3 + 4*n*(dn+dr)/h + 4*n*dv/h`` (down-projection input and dropout
+    mask; q and k of ``dn+dr`` per head; v and the context of ``dv`` per head; split over TP
+    with the heads, so for ``dn+dr = dv = d`` it is the GQA term with ``g = a``), plus the
+    latents ``(4*q_lora + 2*(kv_lora+dr) + 2*kv_lora)/h`` (the query latent and its norm's
+    output, the kv down-projection's output and the kv latent norm's output) counted whole on
+    every TP rank: Transformer Engine computes them with the replicated down-projections and
+    the up-projections take them gathered over the sequence, so this is an upper bound.
 
 Mixture-of-experts layers (``E`` experts of width ``F_e``, top-``k``; megatron's expert layout:
 ``ep`` expert-parallel x ``etp`` expert-tensor-parallel ranks, ``edp = tp*cp*dp/(ep*etp)``)
@@ -51,7 +80,9 @@ Mixture-of-experts layers (``E`` experts of width ``F_e``, top-``k``; megatron's
     token: the dispatched input, the expert's gate/up outputs, SiLU and product, the expert
     output before the weighted combine), assuming balanced routing (each rank's experts get
     its share of the routed tokens; a skewed router needs more). With SP the MoE term is split
-    over TP like the rest (each TP rank routes its share of the sequence).
+    over TP like the rest (each TP rank routes its share of the sequence). Shared experts add
+    ``8*F_s/(h*t)`` (their gate/up outputs, SiLU and product; their input is the router's). The
+    leading dense layers of the DeepSeek-V3 lineage use the dense formula with their own ``F``.
 
     Pipeline stage ``i`` of a training step holds ``min(pp - i, micro-batches)`` micro-batches in
     flight (1F1B), times ``1 + (pp-1)/(pp*vpp)`` with the interleaved schedule; each of
@@ -62,14 +93,20 @@ Rollout engine
     vLLM takes ``gpu_memory_utilization * gpu_memory_gib`` of each of its GPUs: weights (bf16,
     ``params * 2 / rollout.tp``), a fixed 2 GiB for its profiled activations and CUDA graphs, and
     the rest as KV cache, ``2 * L * ceil(g / tp) * d * 2`` bytes per token per GPU; it must hold
-    at least one sequence of ``data.max_prompt_len + rollout.max_new_tokens`` tokens. The
-    transformers engine (``rollout.engine=hf``) holds fp32 weights and the KV cache of its batch.
+    at least one sequence of ``data.max_prompt_len + rollout.max_new_tokens`` tokens. With
+    multi-head latent attention vLLM caches the compressed latent, ``L * (kv_lora + dr) * 2``
+    bytes per token, whole on every TP rank (not split by heads), and keeps MLA's two
+    down-projections whole on every TP rank too (counted on top of ``params * 2 / tp``; the
+    norms and routers it also replicates are under 0.1% and left out). The expert bias is fp32
+    on every path. The transformers engine (``rollout.engine=hf``) holds fp32 weights and the
+    KV cache of its batch (MLA: every head's keys and values after the up-projection,
+    ``n*(dn+dr+dv)`` per token and layer).
 
 Weight sync (actor -> rollout engine, megarlhf/weights/transfer.py)
     Owners: TP rank 0 of each pipeline stage, and under expert parallelism every expert-
     parallel rank of the stage (``pp * ep`` owners, ``pp`` for a dense model); each sends its
-    share ``S_k ~ B / owners`` of the model's ``B`` bytes (rollout dtype) in buckets of
-    ``rollout.weight_sync_bucket_mib / owners``. During a sync a GPU holds:
+    share ``S_k ~ B / owners`` of the model's ``B`` bytes (rollout dtype; the expert bias
+    fp32) in buckets of ``rollout.weight_sync_bucket_mib / owners``. During a sync a GPU holds:
 
     * colocated with the rollout (CUDA IPC): the actor's weights (its gradients and optimizer
       state stay offloaded), one bucket of the actor (every rank gets every bucket: vLLM's

@@ -282,6 +282,10 @@ class DeltaMirror:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+class HostMemoryError(RuntimeError):
+    """A delta-sync host copy would not fit this host's memory; the message names the option."""
+
+
 def host_available_bytes() -> int | None:
     """Memory the kernel says a new allocation can take (``MemAvailable``), None off Linux."""
     try:
@@ -307,9 +311,7 @@ def check_host_room(nbytes: int, what: str, where: str, available: int | None = 
             "not checked", where, nbytes / 2**30)
         return
     if nbytes > 0.8 * avail:
-        from megarlhf.weights.transfer import WeightTransferError
-
-        raise WeightTransferError(
+        raise HostMemoryError(
             f"{where}: rollout.weight_sync_delta keeps {what} in host memory ({nbytes / 2**30:.1f} "
             f"GiB), more than 80% of the {avail / 2**30:.1f} GiB available here; set "
             "rollout.weight_sync_delta: false (the full sync needs no copy)")

@@ -2,9 +2,12 @@
 
 Oracles: transformers itself (its configs, and the names and layout ``save_pretrained`` writes
 for MoE checkpoints), megatron's parameter names (TE grouped experts are checked by name only:
-Transformer Engine does not run here), and hand calculations of Qwen3-30B-A3B's memory.
+Transformer Engine does not run here), and hand calculations of the memory `megarlhf plan` gives
+Qwen3-30B-A3B, DeepSeek-V3 and GLM-4.5 (docs/benchmarks.md, "Plan memory: DeepSeek-V3 and
+GLM-4.5").
 """
 
+import copy
 import os
 import re
 
@@ -132,6 +135,8 @@ GLM_4_5 = {  # config.json of zai-org/GLM-4.5
     "attention_bias": True, "use_qk_norm": True, "tie_word_embeddings": False,
     "num_nextn_predict_layers": 1,
 }
+# As written (transformers adds rope_theta / rope_type to a rope_scaling dict it reads).
+_CONFIG_JSON = {"deepseek_v3": copy.deepcopy(DEEPSEEK_V3), "glm4_moe": copy.deepcopy(GLM_4_5)}
 
 
 def test_sigmoid_families_read_the_real_configs():
@@ -450,8 +455,9 @@ def test_plan_shards_experts_by_ep_hand_calculation():
 
 
 def test_shipped_moe_configs_are_the_real_models():
-    """If this fails, the Qwen3-30B-A3B or Qwen3-235B-A22B config no longer describes the real
-    model, or the 235B one stopped being the dense 200B-class config's sibling on 16 nodes."""
+    """If this fails, the Qwen3-30B-A3B, Qwen3-235B-A22B, DeepSeek-V3 or GLM-4.5 config no
+    longer describes the real model (its config.json), or the 235B one stopped being the dense
+    200B-class config's sibling on 16 nodes."""
     from megarlhf.config import load_config
     from megarlhf.planning.plan import ModelShape
 
@@ -461,3 +467,172 @@ def test_shipped_moe_configs_are_the_real_models():
     assert small.cluster.num_nodes == 1 and small.actor.parallel.ep == 8
     assert 234.9e9 < ModelShape.from_model(big.actor.model).total_params() < 235.2e9
     assert big.cluster.num_nodes == 16 and big.actor.parallel.ep == 64
+    # The DeepSeek-V3 lineage: the real config.json of each (but the MTP layer a model given by
+    # `arch` cannot carry), sized as published.
+    for name, real, low, high, nodes in (
+            ("deepseek_v3_671b_grpo_32nodes.yaml", _CONFIG_JSON["deepseek_v3"], 671.0e9, 671.1e9,
+             32),
+            ("glm45_355b_grpo_16nodes.yaml", _CONFIG_JSON["glm4_moe"], 352.7e9, 352.9e9, 16)):
+        job = load_config(os.path.join(REPO, "configs", name))
+        assert dict(job.actor.model.arch) == dict(real, num_nextn_predict_layers=0), name
+        assert low < ModelShape.from_model(job.actor.model).total_params() < high
+        assert job.cluster.num_nodes == nodes and job.rollout.engine == "vllm"
+
+
+def _gib(x):
+    return x / 2**30
+
+
+def test_plan_counts_deepseek_v3_by_hand():
+    """If this fails, `megarlhf plan` miscounts DeepSeek-V3 (configs/deepseek_v3_671b_grpo_32nodes
+    .yaml) against the hand calculation of docs/benchmarks.md ("Plan memory: DeepSeek-V3 and
+    GLM-4.5"): multi-head latent attention (down-projections replicated over TP by Transformer
+    Engine), the 3 dense layers, shared experts, the fp32 expert bias, MLA's latent KV cache in
+    vLLM, and accepts layouts that run out of memory (or refuses ones that fit)."""
+    from megarlhf.config import load_config
+    from megarlhf.planning.plan import GIB, ModelShape, make_plan
+
+    job = load_config(os.path.join(REPO, "configs", "deepseek_v3_671b_grpo_32nodes.yaml"))
+    h, n, ql, kvl, dn, dr, dv = 7168, 128, 1536, 512, 128, 64, 128
+    Fd, Fe, E, L, dense_layers, V = 18432, 2048, 256, 61, 3, 129280
+    up = ql * n * (dn + dr) + kvl * n * (dn + dv) + n * dv * h  # q_b, kv_b, o: split over TP
+    down = h * ql + h * (kvl + dr)  # q_a, kv_a: replicated over TP (Transformer Engine)
+    norms = h + ql + kvl + h  # input, q latent, kv latent, pre-MLP
+    assert (up, down) == (171_966_464, 15_138_816)
+    dense_mlp, shared, router, experts = 3 * h * Fd, 3 * h * Fe, E * h, E * 3 * h * Fe
+    dense_layer = up + down + norms + dense_mlp  # 583,483,392
+    moe_layer = up + down + norms + shared + router + experts + E  # + the expert bias
+    total = dense_layers * dense_layer + (L - dense_layers) * moe_layer + 2 * V * h + h
+    assert total == 671_026_419_200  # DeepSeek-V3's published 671B (without its 14B MTP layer)
+    assert ModelShape.from_model(job.actor.model).total_params() == total
+
+    plan = make_plan(job)
+    assert plan.fits, plan.problems
+    # TP8 x DP32 (PP1), experts EP256 x ETP1 (expert-DP 1): one expert of each MoE layer per GPU.
+    t, moe_layers = 8, L - dense_layers
+    vp = 130_048  # 129280 padded to a multiple of 128 * 8
+    per_dense = (up + dense_mlp) // t + down + norms  # 86,196,224
+    per_moe = (up + shared) // t + down + norms + router  # 43,991,040
+    dense = dense_layers * per_dense + moe_layers * per_moe + 2 * (vp * h // t) + h
+    exp = moe_layers * experts // 256  # 2,554,331,136
+    bias = moe_layers * E  # 14,848 fp32
+    assert (dense, exp) == (3_043_122_176, 2_554_331_136)
+    actor = plan.roles["actor"]
+    (st,) = actor.stages
+    assert (st.params, st.expert_params, st.buffer_params) == (dense + exp + bias, exp, bias)
+    assert st.weights == 2 * (dense + exp) + 4 * bias  # 10.43 GiB
+    assert st.grads == 4 * (dense + exp)  # 20.85 GiB
+    assert st.optimizer == 12 * dense / 32 + 12 * exp / 1  # 29.61 GiB
+    # Activations (full recompute, 4096 tokens, SP over TP8, one micro-batch in flight at PP1):
+    # every layer's input, the largest layer's tensors (an MoE layer's), the logits.
+    s = 4096
+    attn = 3 + 4 * n * (dn + dr) / h + 4 * n * dv / h
+    latent = (4 * ql + 2 * (kvl + dr) + 2 * kvl) / h
+    moe = 3 + 8 * E / h + 8 * (4 + 8 * Fe / h)
+    a_moe = s * h * ((4 + attn) / t + moe / t + 8 * Fe / (h * t) + latent)
+    assert a_moe > s * h * ((4 + attn + 3 + 8 * Fd / h) / t + latent)  # the dense layer's
+    act = L * 2 * s * h / t + a_moe + s * vp / t * 6
+    assert st.activations == pytest.approx(act)
+    assert _gib(st.total) == pytest.approx(62.0, abs=0.05)
+    ref = plan.roles["reference"].stages[0]  # forward only, 8192 tokens
+    assert ref.activations == pytest.approx(2 * a_moe + 2 * s * vp / t * 6)
+
+    # vLLM TP8: the model / 8 in bf16, MLA's down-projections whole on every rank, the expert
+    # bias in fp32; the KV cache is the latent (kv_lora + rope dims) per token and layer, whole
+    # on every TP rank.
+    r = plan.rollout
+    weights = (total - bias) * 2 / t + L * down * 2 * (t - 1) / t + bias * 4
+    assert r.weights == weights == 169_372_729_088  # 157.74 GiB
+    share = 0.94 * 178 * GIB
+    assert r.kv == pytest.approx(share - weights - 2 * GIB)
+    assert r.kv_tokens == pytest.approx((share - weights - 2 * GIB) / (L * (kvl + dr) * 2))
+    # The weight sync: every byte once (bf16, the bias fp32); colocated, so its phase holds the
+    # actor's weights, vLLM's weights and a bucket on each side.
+    assert plan.sync.total_bytes == (total - bias) * 2 + bias * 4
+    phases = {p.active: p for p in plan.phases}
+    assert phases["weight sync"].total == pytest.approx(
+        st.weights + weights + 2 * 1024 * 2**20 + 3 * GIB)
+    assert _gib(phases["weight sync"].total) == pytest.approx(173.17, abs=0.01)
+    assert _gib(phases["rollout"].total) == pytest.approx(0.94 * 178 + 3)
+
+
+def test_plan_counts_glm45_by_hand():
+    """If this fails, `megarlhf plan` miscounts GLM-4.5 (configs/glm45_355b_grpo_16nodes.yaml)
+    against the hand calculation of docs/benchmarks.md: stage 0 holds the 3 dense layers (dense
+    MLPs, no experts), the other stages only MoE layers; shared experts split over TP; q/k/v
+    bias and qk-norm; the expert bias."""
+    from megarlhf.config import load_config
+    from megarlhf.planning.plan import GIB, ModelShape, make_plan
+
+    job = load_config(os.path.join(REPO, "configs", "glm45_355b_grpo_16nodes.yaml"))
+    h, a, g, d, Fd, Fe, E, L, V = 5120, 96, 8, 128, 12288, 1536, 160, 92, 151552
+    attn = 2 * h * a * d + 2 * h * g * d + a * d + 2 * g * d  # q, o, k, v, q/k/v bias
+    norms = 2 * h + 2 * d  # input and pre-MLP norms, q/k norms
+    dense_mlp, shared, router, experts = 3 * h * Fd, 3 * h * Fe, E * h, E * 3 * h * Fe
+    total = 3 * (attn + norms + dense_mlp) + 89 * (attn + norms + shared + router + experts + E) \
+        + 2 * V * h + h
+    assert total == ModelShape.from_model(job.actor.model).total_params() == 352_797_829_024
+
+    plan = make_plan(job)
+    assert plan.fits, plan.problems
+    # TP8 x PP4 x DP4: 23 layers per stage; experts EP32 x ETP1 (expert-DP 1), 5 per GPU.
+    t, emb = 8, V * h // 8  # 151552 is a multiple of 128 * 8 already
+    per_dense = (attn + dense_mlp) // t + norms
+    per_moe = (attn + shared) // t + norms + router
+    exp_layer = experts // 32
+    want = [  # (dense params, expert params, expert bias) per stage
+        (3 * per_dense + 20 * per_moe + emb, 20 * exp_layer, 20 * E),
+        (23 * per_moe, 23 * exp_layer, 23 * E),
+        (23 * per_moe, 23 * exp_layer, 23 * E),
+        (23 * per_moe + h + emb, 23 * exp_layer, 23 * E),
+    ]
+    actor = plan.roles["actor"]
+    got = [(st.params - st.expert_params - st.buffer_params, st.expert_params, st.buffer_params)
+           for st in actor.stages]
+    assert got == want
+    for st, (dn, ex, b) in zip(actor.stages, want):
+        assert st.weights == 2 * (dn + ex) + 4 * b
+        assert st.grads == 4 * (dn + ex)
+        assert st.optimizer == 12 * dn / 4 + 12 * ex  # DP*CP 4; expert-DP 1
+    # Full recompute, 4096 tokens, 4 micro-batches in flight on stage 0, 1 on the last.
+    s = 4096
+    a_moe = s * h * ((4 + 3 + 4 * a * d / h + 4 * g * d / h) / t
+                     + (3 + 8 * E / h + 8 * (4 + 8 * Fe / h)) / t + 8 * Fe / (h * t))
+    kept = 23 * 2 * s * h / t
+    assert actor.stages[0].activations == pytest.approx(4 * kept + a_moe)
+    assert actor.stages[3].activations == pytest.approx(kept + a_moe + s * V / t * 6)
+    assert actor.worst is actor.stages[3]
+    assert _gib(actor.worst.total) == pytest.approx(51.04, abs=0.01)
+    # vLLM TP8 (GQA: 8 KV groups, one per GPU): weights 82.1 GiB, KV 2*92*1*128*2 bytes a token.
+    r = plan.rollout
+    bias = 89 * E
+    assert r.weights == (total - bias) * 2 / t + bias * 4
+    assert r.kv_tokens == pytest.approx((0.85 * 139 * GIB - r.weights - 2 * GIB)
+                                        / (2 * L * 1 * d * 2))
+    phases = {p.active: p for p in plan.phases}
+    assert _gib(phases["rollout"].total) == pytest.approx(0.85 * 139 + 3)
+    assert phases["weight sync"].total == pytest.approx(
+        actor.stages[3].weights + r.weights + 2 * 4096 * 2**20 + 3 * GIB)
+
+
+def test_plan_mla_down_projections_follow_the_layer_spec():
+    """If this fails, plan counts MLA's two down-projections as megatron does not place them:
+    split by rows over TP in the local spec, whole on every TP rank with Transformer Engine;
+    and MLA without a query latent (q_proj) is miscounted."""
+    from megarlhf.config.schema import ModelConfig
+    from megarlhf.planning.plan import ModelShape
+
+    arch = dict(DEEPSEEK_V3, num_nextn_predict_layers=0)
+    te = ModelShape.from_model(ModelConfig(arch=arch))
+    local = ModelShape.from_model(ModelConfig(arch=arch, transformer_impl="local"))
+    down = 7168 * 1536 + 7168 * 576
+    assert te.attention_params()[1] - local.attention_params()[1] == down
+    assert local.attention_params()[0] - te.attention_params()[0] == down
+    assert te.total_params() == local.total_params()
+    no_q_latent = ModelShape.from_model(ModelConfig(arch=dict(arch, q_lora_rank=None)))
+    split, rep = no_q_latent.attention_params()
+    assert split == 7168 * 128 * 192 + 512 * 128 * 256 + 128 * 128 * 7168
+    assert rep == 7168 + 512 + 7168 * 576
+    # vLLM caches the latent, the transformers engine every head's keys and values.
+    assert te.kv_elements_per_token(8, "vllm") == 61 * 576
+    assert te.kv_elements_per_token(8, "hf") == 61 * 16 * (192 + 128)

@@ -129,11 +129,10 @@ def test_a_delta_copy_the_host_cannot_hold_is_refused_before_the_first_sync():
     """If this fails, delta sync on a model whose copy does not fit the host (a 200B-class model
     keeps ~470 GB per rollout worker) runs until the host runs out of memory mid-sync instead of
     refusing at the start with the option to change."""
-    from megarlhf.weights.delta import check_host_room, host_available_bytes
-    from megarlhf.weights.transfer import WeightTransferError
+    from megarlhf.weights.delta import HostMemoryError, check_host_room, host_available_bytes
 
     check_host_room(10 << 30, "a copy", "here", available=100 << 30)  # fits
-    with pytest.raises(WeightTransferError, match="rollout.weight_sync_delta: false"):
+    with pytest.raises(HostMemoryError, match="rollout.weight_sync_delta: false"):
         check_host_room(470 << 30, "a copy of the whole model", "vLLM worker",
                         available=2 << 40 >> 3)
     assert host_available_bytes() is None or host_available_bytes() > 0
