@@ -163,14 +163,6 @@ def _hf_routing(model, batch):
     return {li: idx[real] for li, idx in chosen.items()}
 
 
-def _hf_logprobs(model, batch):
-    with torch.no_grad():
-        logits = model(batch.input_ids, attention_mask=batch.attention_mask.long()).logits
-    lp = torch.log_softmax(logits.float(), -1)[:, :-1].gather(
-        -1, batch.input_ids[:, 1:, None])[..., 0]
-    return torch.nn.functional.pad(lp, (1, 0)) * batch.attention_mask
-
-
 @pytest.fixture(scope="module")
 def single(glm):
     return run_distributed(rank_train, 1, glm[0], {}, timeout=300)[0]
@@ -181,9 +173,11 @@ def test_family_matches_transformers_and_trains_its_expert_bias(glm, single):
     expert bias, grouped top-k, routed scaling, the shared expert, the dense first layer, partial
     RoPE and qkv bias of glm4_moe, deepseek_v3's latent attention), or its expert bias is not updated from the step's expert loads the way
     DeepSeek-V3 does it (padding counted, wrong sign, wrong rate, updated twice)."""
+    import test_engine
+
     d, model, _ = glm
     batch = _batch()
-    err = (single["before"] - _hf_logprobs(model, batch)).abs().max().item()
+    err = (single["before"] - test_engine._hf_logprobs(model, batch)).abs().max().item()
     assert err < 1e-4, err
     assert sorted(single["bias_before"]) == [1, 2, 3]  # layer 0 is dense: no router
     E = model.config.n_routed_experts
