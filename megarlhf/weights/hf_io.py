@@ -258,10 +258,10 @@ def carried_tensors(src_dir: str, num_layers: int, mtp_layers: int
             for name in sorted(f.keys()):
                 yield name, f.get_tensor(name)
         return
-    try:
-        reader = HFCheckpointReader(src_dir)
-    except HFCheckpointError:
+    if not any(os.path.isfile(os.path.join(src_dir, f))
+               for f in ("model.safetensors", "model.safetensors.index.json")):
         return  # no weights here (e.g. a tokenizer directory)
+    reader = HFCheckpointReader(src_dir)  # a broken checkpoint raises, naming the file
     for name in reader.names():
         if mtp_layer_of(name, num_layers, mtp_layers) is not None:
             yield name, reader.get(name)
