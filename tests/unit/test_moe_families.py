@@ -136,7 +136,12 @@ GLM_4_5 = {  # config.json of zai-org/GLM-4.5
     "num_nextn_predict_layers": 1,
 }
 # As written (transformers adds rope_theta / rope_type to a rope_scaling dict it reads).
-_CONFIG_JSON = {"deepseek_v3": copy.deepcopy(DEEPSEEK_V3), "glm4_moe": copy.deepcopy(GLM_4_5)}
+GLM_4_5_AIR = dict(  # config.json of zai-org/GLM-4.5-Air: GLM-4.5's architecture, smaller
+    GLM_4_5, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408,
+    num_hidden_layers=46, n_routed_experts=128, routed_scaling_factor=1.0,
+    first_k_dense_replace=1, use_qk_norm=False)
+_CONFIG_JSON = {"deepseek_v3": copy.deepcopy(DEEPSEEK_V3), "glm4_moe": copy.deepcopy(GLM_4_5),
+                "glm4_moe_air": copy.deepcopy(GLM_4_5_AIR)}
 
 
 def test_sigmoid_families_read_the_real_configs():
@@ -455,7 +460,7 @@ def test_plan_shards_experts_by_ep_hand_calculation():
 
 
 def test_shipped_moe_configs_are_the_real_models():
-    """If this fails, the Qwen3-30B-A3B, Qwen3-235B-A22B, DeepSeek-V3 or GLM-4.5 config no
+    """If this fails, the Qwen3-30B-A3B, Qwen3-235B-A22B, DeepSeek-V3, GLM-4.5(-Air) config no
     longer describes the real model (its config.json), or the 235B one stopped being the dense
     200B-class config's sibling on 16 nodes."""
     from megarlhf.config import load_config
@@ -472,7 +477,9 @@ def test_shipped_moe_configs_are_the_real_models():
     for name, real, low, high, nodes in (
             ("deepseek_v3_671b_grpo_32nodes.yaml", _CONFIG_JSON["deepseek_v3"], 671.0e9, 671.1e9,
              32),
-            ("glm45_355b_grpo_16nodes.yaml", _CONFIG_JSON["glm4_moe"], 352.7e9, 352.9e9, 16)):
+            ("glm45_355b_grpo_16nodes.yaml", _CONFIG_JSON["glm4_moe"], 352.7e9, 352.9e9, 16),
+            ("glm45_air_106b_grpo_4nodes.yaml", _CONFIG_JSON["glm4_moe_air"], 106.8e9, 106.9e9,
+             4)):
         job = load_config(os.path.join(REPO, "configs", name))
         assert dict(job.actor.model.arch) == dict(real, num_nextn_predict_layers=0), name
         assert low < ModelShape.from_model(job.actor.model).total_params() < high
