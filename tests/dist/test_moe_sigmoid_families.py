@@ -14,7 +14,8 @@ Oracles and tolerances:
 * TP2 + SP / PP2 / EP2 (world 4) against the single-process run: log-probs before and after one
   SGD step within 1e-5, loss and grad norm within 1e-5 relative, router metrics within 1e-6,
   the updated expert bias exactly;
-* HF -> megatron (TP2/PP2/EP2) -> HF, and back at EP1/TP1 and at TP2/EP2/ETP2: bit-exact (torch.equal), the expert
+* HF -> megatron (TP2/PP2/EP2) -> HF, and back at EP1/TP1, TP2/EP2/ETP2 and PP2/VPP2/EP2 (the
+  dense layer in the first virtual chunk): bit-exact (torch.equal), the expert
   bias stays fp32 in a bf16 stream, the MTP tensors come back unchanged and transformers loads
   the export.
 """
@@ -107,7 +108,8 @@ def _convert(hf_dir, work):
     destroy_parallel()
     out = {}
     for name, kw in (("same", {}), ("tp1", dict(tp=1, pp=1, vpp=1, ep=1)),
-                     ("etp2", dict(tp=2, pp=1, vpp=1, ep=2, etp=2))):
+                     ("etp2", dict(tp=2, pp=1, vpp=1, ep=2, etp=2)),
+                     ("vpp2", dict(tp=1, pp=2, vpp=2, ep=2, etp=1))):
         hf = os.path.join(work, "hf_" + name)
         job = convert.prepare_megatron_to_hf(ck, hf, progress=False, tmp_dir=hf + ".tmp",
                                              shard_size="300KB", **kw)
