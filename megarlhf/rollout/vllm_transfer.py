@@ -237,15 +237,19 @@ class MegarlhfWeightTransferEngine(WeightTransferEngine[MegarlhfInitInfo, Megarl
             raise WeightTransferError(
                 f"vLLM could not load the weight bucket {[n for n, _ in pairs][:8]}: {e!r}"
             ) from e
-        self._loaded.update(loaded or ())
+        loaded = set(loaded or ())
+        self._loaded.update(loaded)
         # Parameters the layer-wise reload does not track (glm4_moe's expert bias, attached to
         # its gate after construction) are loaded at once by vLLM's default loader, not
         # buffered: taken if the live parameter now holds exactly what was streamed.
-        live = dict(self.model.named_parameters())
         for name, t in pairs:
-            p = live.get(name)
-            if name in (loaded or ()) and p is not None and p.device.type != "meta" \
-                    and not compat.buffers_loads(p) and p.shape == t.shape \
+            if name not in loaded:
+                continue
+            module, _, leaf = name.rpartition(".")
+            p = getattr(self.model.get_submodule(module), leaf, None)
+            if isinstance(p, torch.Tensor) and p.device.type != "meta" \
+                    and not compat.buffers_loads(p) \
+                    and p.shape == t.shape \
                     and torch.equal(p.data, t.to(device=p.device, dtype=p.dtype)):
                 self._consumption.taken([t])
 

@@ -48,11 +48,14 @@ catches every single-element change, and misses any other change with odds of ab
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 ALIGN = 64
 DENSE = -1
@@ -304,9 +307,7 @@ def check_host_room(nbytes: int, what: str, where: str, available: int | None = 
     whole model per rollout worker, so large models on split placement hit this first."""
     avail = host_available_bytes() if available is None else available
     if avail is None:
-        import logging
-
-        logging.getLogger(__name__).warning(
+        logger.warning(
             "%s: cannot read the host's available memory; the delta-sync copy (%.1f GiB) is "
             "not checked", where, nbytes / 2**30)
         return

@@ -857,16 +857,10 @@ class OwnersTrainerEngine:
         bf16 tensor bit-wise, a float32 one after rounding to bf16 (what a bf16 rollout
         engine would receive), others bit-wise."""
         now = []
-        for dt, shape, off in zip(spec.dtypes, spec.shapes, spec.offsets):
-            dtype = getattr(torch, dt)
-            n = 1
-            for d in shape:
-                n *= d
-            t = flat[off: off + n * dtype.itemsize].view(dtype)
-            if dtype == torch.float32:
+        for _, t in spec.views(flat):
+            if t.dtype == torch.float32:
                 t = t.to(torch.bfloat16)
-            ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-            now.append(t.view(ints[t.element_size()]).to("cpu", copy=True))
+            now.append(deltas.as_bits(t).to("cpu", copy=True))
         before = self._previous.get(index)
         if before is not None and len(before) == len(now):
             for a, b in zip(now, before):
